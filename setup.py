@@ -1,0 +1,39 @@
+"""Packaging for diffusers-delta: exemplar-based image editing (Delta-Adapter) for FLUX.2 [klein]."""
+
+from setuptools import find_packages, setup
+
+# Floors are the versions this package is tested against (see README.md, "Compatibility").
+install_requires = [
+    "torch>=2.13.0",
+    "diffusers>=0.42.1",
+    "transformers>=5.23.0",
+    "huggingface_hub>=1.0.0",
+    "safetensors>=0.6.0",
+    "accelerate>=1.10.0",
+    "peft>=0.18.0",
+    "numpy>=1.26",
+    "Pillow>=10.0",
+]
+
+extras_require = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "tokenizers>=0.22", "jinja2>=3.1"],
+}
+
+setup(
+    name="diffusers-delta",
+    version="0.1.0.dev0",
+    description="Delta-Adapter for diffusers: edit an image by example on FLUX.2 [klein], with no text.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

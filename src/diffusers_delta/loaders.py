@@ -1,0 +1,325 @@
+"""`DeltaAdapterMixin`: the Delta-Adapter lifecycle on a FLUX.2 pipeline, mirroring diffusers' IP-Adapter mixins.
+
+`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter` and
+`encode_exemplar`. Loading is atomic: everything is read and checked before the pipeline is touched, so a failed
+load leaves processors, components and outputs exactly as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import safetensors.torch
+import torch
+from diffusers.utils import _get_model_file
+from safetensors import SafetensorError
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
+from .image_inputs import ImageInput
+from .models.delta_adapter import DeltaAdapterModel
+from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
+
+
+EMPTY_PROMPT_EMBEDS_NAME = "empty_prompt_embeds.safetensors"
+ADAPTER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+ExemplarPair = tuple[ImageInput, ImageInput]
+
+
+def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
+    """A (source, target) pair or a non-empty list of pairs -> list of pairs; anything else raises."""
+    fix = "pass exemplar=(source, target), or a list of such pairs to average their edits"
+    if isinstance(exemplar, tuple) or (isinstance(exemplar, list) and exemplar and not isinstance(exemplar[0], (tuple, list))):
+        pairs = [exemplar]
+    elif isinstance(exemplar, list) and exemplar:
+        pairs = exemplar
+    else:
+        raise ValueError(f"exemplar must be a (source, target) pair; got {type(exemplar).__name__}: {fix}.")
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            count = len(pair) if isinstance(pair, (tuple, list)) else 1
+            raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {count}: {fix}.")
+    return [tuple(pair) for pair in pairs]
+
+
+def _default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
+    """SigLIP's standard preprocessing at the encoder's resolution, for encoders saved without one."""
+    size = image_encoder.config.image_size
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def _check_safetensors_only(folder: str) -> None:
+    """Refuses a local adapter folder that holds pickled weights instead of safetensors."""
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
+        return
+    unsafe = sorted(name for name in os.listdir(folder) if name.endswith(_UNSAFE_WEIGHT_SUFFIXES))
+    if unsafe:
+        raise ValueError(
+            f"{folder} holds {', '.join(unsafe)} but no {ADAPTER_WEIGHTS_NAME}. Delta-Adapter loads only safetensors "
+            "weights: convert the file with safetensors.torch.save_file and save it under that name."
+        )
+
+
+class DeltaAdapterMixin:
+    """Loads, scales, saves and unloads a Delta-Adapter on a pipeline with a `Flux2Transformer2DModel`.
+
+    The pipeline gains three components (`delta_adapter`, `image_encoder`, `feature_extractor`) and, when the adapter
+    folder has them, the empty prompt's embeddings, so that the text encoder need not be loaded.
+    """
+
+    #: Original attention processors, kept while an adapter is loaded so that unloading restores them exactly.
+    _delta_original_processors: dict | None = None
+    #: (1, L, D_txt) embeddings of the empty prompt, from the adapter folder or `compute_empty_prompt_embeds`.
+    empty_prompt_embeds: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load_delta_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        subfolder: str | None = None,
+        image_encoder_folder: str | None = "image_encoder",
+        adapter_config: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """Loads a Delta-Adapter and routes the transformer's attention through it.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a Hub repo id (e.g. `"org/delta-adapter"`), a local folder written
+                by `save_delta_adapter`, or a state dict of `DeltaAdapterModel` weights.
+            subfolder: the adapter's subfolder inside the repo or folder.
+            image_encoder_folder: where the SigLIP encoder lies, relative to the repo (a plain name is taken inside
+                `subfolder`). Used only when the pipeline has no `image_encoder` yet. `None` to require one already.
+            adapter_config: with a state dict, the `DeltaAdapterModel` config; defaults to the standard config for
+                this pipeline's transformer and image encoder.
+            kwargs: Hub arguments (`cache_dir`, `force_download`, `proxies`, `local_files_only`, `token`,
+                `revision`), passed to diffusers' and transformers' `from_pretrained`.
+        """
+        unknown = set(kwargs) - set(_HUB_KWARGS)
+        if unknown:
+            raise TypeError(f"load_delta_adapter() got unexpected arguments {sorted(unknown)}.")
+        hub_kwargs = dict(kwargs)
+        source = pretrained_model_name_or_path_or_dict
+
+        image_encoder, feature_extractor = self._resolve_image_encoder(source, subfolder, image_encoder_folder, hub_kwargs)
+        if isinstance(source, dict):
+            config = adapter_config or DeltaAdapterModel.config_for_transformer(
+                self.transformer, image_encoder.config.hidden_size
+            )
+            adapter = DeltaAdapterModel.from_config(config)
+            self._check_adapter_fits(adapter, image_encoder)
+            try:
+                adapter.load_state_dict(source, strict=True)
+            except RuntimeError as error:
+                raise ValueError(f"The state dict does not fit the adapter config: {error}") from None
+            empty_prompt_embeds = None
+        else:
+            adapter = self._load_adapter_model(str(source), subfolder, hub_kwargs)
+            self._check_adapter_fits(adapter, image_encoder)
+            empty_prompt_embeds = self._load_empty_prompt_embeds(str(source), subfolder, hub_kwargs)
+
+        for model in (adapter, image_encoder):
+            # Only cast when needed: diffusers warns on every dtype cast through `to()`.
+            dtype = None if model.dtype == self.transformer.dtype else self.transformer.dtype
+            model.to(device=self.transformer.device, dtype=dtype)
+            model.eval()
+            model.requires_grad_(False)
+
+        # Nothing has been changed so far; from here on nothing can fail.
+        if self._delta_original_processors is None:
+            self._delta_original_processors = dict(self.transformer.attn_processors)
+        self.register_modules(delta_adapter=adapter, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        if empty_prompt_embeds is not None:
+            self.empty_prompt_embeds = empty_prompt_embeds
+        self._attach_delta_processors(adapter)
+
+    def _resolve_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs):
+        """The pipeline's own encoder when it has one, else the one in the adapter repo."""
+        if getattr(self, "image_encoder", None) is not None:
+            feature_extractor = getattr(self, "feature_extractor", None) or _default_feature_extractor(self.image_encoder)
+            return self.image_encoder, feature_extractor
+        if isinstance(source, dict) or image_encoder_folder is None:
+            raise ValueError(
+                "This pipeline has no image encoder. Load the adapter from a folder or repo with an image_encoder/ "
+                "subfolder, or register one first: pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
+            )
+        if "/" in image_encoder_folder:
+            encoder_subfolder = image_encoder_folder
+        else:
+            encoder_subfolder = os.path.join(subfolder or "", image_encoder_folder).replace(os.sep, "/")
+        try:
+            image_encoder = SiglipVisionModel.from_pretrained(
+                source, subfolder=encoder_subfolder, use_safetensors=True, **hub_kwargs
+            )
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"Could not load the SigLIP image encoder from {source!r}, subfolder {encoder_subfolder!r} ({error}). "
+                "Pass image_encoder_folder= where it lies, or register an image_encoder on the pipeline first."
+            ) from None
+        try:
+            feature_extractor = SiglipImageProcessorPil.from_pretrained(source, subfolder=encoder_subfolder, **hub_kwargs)
+        except OSError:
+            feature_extractor = _default_feature_extractor(image_encoder)
+        return image_encoder, feature_extractor
+
+    @staticmethod
+    def _load_adapter_model(source: str, subfolder: str | None, hub_kwargs: dict) -> DeltaAdapterModel:
+        _check_safetensors_only(os.path.join(source, subfolder or ""))
+        try:
+            return DeltaAdapterModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs)
+        except (SafetensorError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"The Delta-Adapter weights in {source!r} are corrupt or do not match its config.json ({error}). "
+                "Re-save the adapter with save_delta_adapter, or download it again with force_download=True."
+            ) from None
+        except OSError as error:
+            raise OSError(
+                f"No Delta-Adapter found at {source!r}{f' (subfolder {subfolder!r})' if subfolder else ''}: expected "
+                f"config.json and {ADAPTER_WEIGHTS_NAME} ({error})."
+            ) from None
+
+    @staticmethod
+    def _load_empty_prompt_embeds(source: str, subfolder: str | None, hub_kwargs: dict) -> torch.Tensor | None:
+        try:
+            path = _get_model_file(source, weights_name=EMPTY_PROMPT_EMBEDS_NAME, subfolder=subfolder, **hub_kwargs)
+        except OSError:
+            return None  # optional: the pipeline then needs its text encoder
+        try:
+            return safetensors.torch.load_file(path)["prompt_embeds"]
+        except (SafetensorError, KeyError) as error:
+            raise ValueError(
+                f"{EMPTY_PROMPT_EMBEDS_NAME} in {source!r} is corrupt ({error}). Recompute it with "
+                "diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
+            ) from None
+
+    def _check_adapter_fits(self, adapter: DeltaAdapterModel, image_encoder: SiglipVisionModel) -> None:
+        mismatches = adapter.signature_mismatches(self.transformer, image_encoder.config.hidden_size)
+        if mismatches:
+            raise ValueError(
+                "This Delta-Adapter was made for another backbone (" + "; ".join(mismatches) + "). Load an adapter "
+                "trained for this transformer and image encoder."
+            )
+
+    def _attach_delta_processors(self, adapter: DeltaAdapterModel) -> None:
+        processors = {}
+        for name in self._delta_original_processors:
+            block_type, index = name.split(".")[:2]
+            if block_type == "transformer_blocks":
+                processors[name] = Flux2DeltaAttnProcessor(adapter.double_blocks[int(index)])
+            elif block_type == "single_transformer_blocks":
+                processors[name] = Flux2DeltaParallelSelfAttnProcessor(adapter.single_blocks[int(index)])
+            else:
+                raise ValueError(f"Unexpected attention layer {name} in a FLUX.2 transformer.")
+        # Keep any attention backend the user chose on the original processors.
+        for name, processor in processors.items():
+            processor._attention_backend = self._delta_original_processors[name]._attention_backend
+            processor._parallel_config = self._delta_original_processors[name]._parallel_config
+        self.transformer.set_attn_processor(processors)
+
+    # ------------------------------------------------------------------ using
+
+    @property
+    def delta_processors(self) -> dict:
+        """The transformer's Delta-Adapter processors by layer name (empty when no adapter is loaded)."""
+        return {
+            name: processor
+            for name, processor in self.transformer.attn_processors.items()
+            if isinstance(processor, (Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor))
+        }
+
+    def set_delta_adapter_scale(self, scale: float | dict[str, Sequence[float]]) -> None:
+        """Sets the strength of the decoupled branch, for all blocks or per block.
+
+        Args:
+            scale: one float for every block, or `{"double": [...], "single": [...]}` with one float per double- and
+                per single-stream block (either key may be left out to keep those blocks as they are).
+        """
+        processors = self.delta_processors
+        if not processors:
+            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
+        double = [p for n, p in processors.items() if n.startswith("transformer_blocks.")]
+        single = [p for n, p in processors.items() if n.startswith("single_transformer_blocks.")]
+        if isinstance(scale, (int, float)):
+            scales = {"double": [scale] * len(double), "single": [scale] * len(single)}
+        elif isinstance(scale, dict):
+            unknown = set(scale) - {"double", "single"}
+            if unknown:
+                raise ValueError(f"Scale keys must be 'double' and/or 'single', got {sorted(unknown)}.")
+            scales = {"double": scale.get("double", [p.scale for p in double]),
+                      "single": scale.get("single", [p.scale for p in single])}
+        else:
+            raise TypeError(f"scale must be a float or a dict of lists, got {type(scale).__name__}.")
+        for key, group in (("double", double), ("single", single)):
+            if len(scales[key]) != len(group):
+                raise ValueError(
+                    f"{len(scales[key])} {key}-block scales given, but the transformer has {len(group)} {key}-stream "
+                    f"blocks: pass one scale per block."
+                )
+        for processor, value in zip(double + single, list(scales["double"]) + list(scales["single"])):
+            processor.scale = float(value)
+
+    def unload_delta_adapter(self) -> None:
+        """Removes the adapter, its image encoder and stored embeddings; restores the original processors."""
+        if self._delta_original_processors is None:
+            return
+        self.transformer.set_attn_processor(dict(self._delta_original_processors))
+        self._delta_original_processors = None
+        self.empty_prompt_embeds = None
+        self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)
+
+    @torch.no_grad()
+    def encode_exemplar(
+        self, exemplar: ExemplarPair | list[ExemplarPair], device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Edit tokens of an exemplar pair, or of several pairs whose semantic deltas are averaged.
+
+        Encode once and pass the result as `delta_embeds=` to edit many queries without re-encoding.
+
+        Args:
+            exemplar: `(source, target)` images (PIL, numpy or torch), or a list of such pairs.
+            device: where to compute; defaults to the pipeline's execution device.
+
+        Returns:
+            (1, N, D_edit) edit tokens, in the adapter's dtype.
+        """
+        if getattr(self, "delta_adapter", None) is None:
+            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
+        pairs = _as_exemplar_pairs(exemplar)
+        device = device or self._execution_device
+        preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
+        sources = images_to_siglip_pixels([pair[0] for pair in pairs], preprocessor, "exemplar source")
+        targets = images_to_siglip_pixels([pair[1] for pair in pairs], preprocessor, "exemplar target")
+        encoder_dtype = self.image_encoder.dtype
+        deltas = semantic_delta(
+            self.image_encoder, sources.to(device, encoder_dtype), targets.to(device, encoder_dtype)
+        )  # (K, P, D_enc)
+        mean_delta = deltas.mean(dim=0, keepdim=True).to(self.delta_adapter.dtype)  # (1, P, D_enc)
+        return self.delta_adapter(mean_delta)  # (1, N, D_edit)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_delta_adapter(self, save_directory: str | os.PathLike, save_image_encoder: bool = True) -> None:
+        """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only).
+
+        Args:
+            save_directory: the folder to write (created if missing).
+            save_image_encoder: also write `image_encoder/` (with its preprocessing config), so the folder is
+                self-contained.
+        """
+        if getattr(self, "delta_adapter", None) is None:
+            raise RuntimeError("No Delta-Adapter is loaded: nothing to save.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.delta_adapter.save_pretrained(save_directory, safe_serialization=True)
+        if save_image_encoder:
+            encoder_dir = os.path.join(save_directory, "image_encoder")
+            self.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+            self.feature_extractor.save_pretrained(encoder_dir)
+        if self.empty_prompt_embeds is not None:
+            safetensors.torch.save_file(
+                {"prompt_embeds": self.empty_prompt_embeds.detach().to("cpu").contiguous()},
+                os.path.join(save_directory, EMPTY_PROMPT_EMBEDS_NAME),
+            )

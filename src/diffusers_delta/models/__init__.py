@@ -1,0 +1,4 @@
+from .delta_adapter import DeltaAdapterModel, DeltaBlockProjection
+
+
+__all__ = ["DeltaAdapterModel", "DeltaBlockProjection"]

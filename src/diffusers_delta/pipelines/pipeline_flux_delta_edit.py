@@ -1,0 +1,385 @@
+"""`FluxDeltaEditPipeline`: edit a query image the way an exemplar pair shows, on FLUX.2 [klein], with no text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import get_module_execution_device
+from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
+
+from ..image_inputs import ImageInput, to_rgb_image
+from ..loaders import DeltaAdapterMixin, ExemplarPair
+from ..models.delta_adapter import DeltaAdapterModel
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers.utils import load_image
+        >>> from diffusers_delta import FluxDeltaEditPipeline
+
+        >>> pipe = FluxDeltaEditPipeline.from_pretrained(
+        ...     "black-forest-labs/FLUX.2-klein-4B", text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16
+        ... )
+        >>> pipe.load_delta_adapter("org/delta-adapter")  # also brings SigLIP and the empty prompt's embeddings
+        >>> pipe.to("cuda")
+        >>> source, target = load_image("exemplar_before.png"), load_image("exemplar_after.png")
+        >>> edited = pipe(load_image("query.png"), exemplar=(source, target)).images[0]
+        >>> edited.save("edited.png")
+        ```
+"""
+
+
+@torch.no_grad()
+def compute_empty_prompt_embeds(
+    pipe: Flux2KleinPipeline, max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] = (9, 18, 27)
+) -> torch.Tensor:
+    """The empty prompt's embeddings, computed once with the pipeline's text encoder.
+
+    Store them with `pipe.empty_prompt_embeds = ...` and `save_delta_adapter` writes them to
+    `empty_prompt_embeds.safetensors`; pipelines that load that adapter then run without a text encoder.
+
+    Args:
+        pipe: a FLUX.2 [klein] pipeline with its `text_encoder` and `tokenizer`.
+        max_sequence_length: the padded prompt length the pipeline uses (512 for klein).
+        text_encoder_out_layers: the Qwen3 layers whose hidden states are stacked (klein's default).
+
+    Returns:
+        (1, max_sequence_length, D_txt) on the CPU, in the text encoder's dtype.
+    """
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        raise ValueError("compute_empty_prompt_embeds needs the pipeline's text_encoder and tokenizer.")
+    prompt_embeds, _ = pipe.encode_prompt(
+        prompt="",
+        device=pipe._execution_device,
+        max_sequence_length=max_sequence_length,
+        text_encoder_out_layers=text_encoder_out_layers,
+    )
+    return prompt_embeds.to("cpu")
+
+
+class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
+    r"""Exemplar-based image editing with Delta-Adapter on FLUX.2 [klein].
+
+    The query image rides as FLUX.2's reference image; the exemplar pair's semantic delta, turned into edit tokens by
+    the `delta_adapter`, reaches every transformer block through a decoupled cross-attention branch. Defaults fit the
+    step-distilled klein-4B: 4 steps, guidance 1, the empty prompt.
+
+    Args:
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the flow-matching scheduler.
+        vae ([`AutoencoderKLFlux2`]): FLUX.2's VAE.
+        text_encoder ([`Qwen3ForCausalLM`], *optional*): only needed when the adapter has no stored empty-prompt
+            embeddings, or for a non-empty `prompt`.
+        tokenizer (`Qwen2TokenizerFast`, *optional*): the text encoder's tokenizer.
+        transformer ([`Flux2Transformer2DModel`]): the frozen FLUX.2 transformer.
+        image_encoder ([`SiglipVisionModel`], *optional*): the exemplar encoder, set by `load_delta_adapter`.
+        feature_extractor ([`SiglipImageProcessorPil`], *optional*): the encoder's preprocessing settings.
+        delta_adapter ([`DeltaAdapterModel`], *optional*): the adapter, set by `load_delta_adapter`.
+        is_distilled (`bool`): whether the transformer is step-distilled (guidance is then ignored).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "feature_extractor", "delta_adapter"]
+    # The processors call the adapter's per-block weights inside the transformer's forward, so the (small) adapter
+    # stays on the accelerator instead of being offloaded as a model of its own.
+    _exclude_from_cpu_offload = ["delta_adapter"]
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLFlux2,
+        text_encoder: Qwen3ForCausalLM | None,
+        tokenizer: Qwen2TokenizerFast | None,
+        transformer: Flux2Transformer2DModel,
+        image_encoder: SiglipVisionModel | None = None,
+        feature_extractor: SiglipImageProcessorPil | None = None,
+        delta_adapter: DeltaAdapterModel | None = None,
+        is_distilled: bool = False,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
+        self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor, delta_adapter=delta_adapter)
+        if delta_adapter is not None:
+            if image_encoder is None:
+                raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
+            self._check_adapter_fits(delta_adapter, image_encoder)
+            self._delta_original_processors = dict(transformer.attn_processors)
+            self._attach_delta_processors(delta_adapter)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _preprocess_queries(self, image: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """Query images -> (B, 3, H, W) in [-1, 1], sized as `Flux2KleinPipeline` sizes its reference image."""
+        queries = image if isinstance(image, list) else [image]
+        if not queries:
+            raise ValueError("image must be a query image or a non-empty list of them.")
+        processed = []
+        for index, query in enumerate(queries):
+            rgb = to_rgb_image(query, name=f"query {index}" if len(queries) > 1 else "query")
+            self.image_processor.check_image_input(rgb)
+            if rgb.width * rgb.height > 1024 * 1024:
+                rgb = self.image_processor._resize_to_target_area(rgb, 1024 * 1024)
+            multiple_of = self.vae_scale_factor * 2
+            width, height = (rgb.width // multiple_of) * multiple_of, (rgb.height // multiple_of) * multiple_of
+            processed.append(self.image_processor.preprocess(rgb, height=height, width=width, resize_mode="crop"))
+        sizes = {tuple(p.shape[-2:]) for p in processed}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
+                "size, or call the pipeline once per size."
+            )
+        return torch.cat(processed, dim=0)
+
+    def _edit_tokens(
+        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device
+    ) -> torch.Tensor:
+        """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
+        if (exemplar is None) == (delta_embeds is None):
+            raise ValueError(
+                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
+            )
+        if getattr(self, "delta_adapter", None) is None:
+            raise RuntimeError("No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) first.")
+        if delta_embeds is None:
+            delta_embeds = self.encode_exemplar(exemplar, device=device)
+        expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)
+        if delta_embeds.ndim != 3 or tuple(delta_embeds.shape[1:]) != expected:
+            raise ValueError(
+                f"delta_embeds must have shape (1 or batch, {expected[0]}, {expected[1]}) as returned by "
+                f"encode_exemplar, got {tuple(delta_embeds.shape)}."
+            )
+        if delta_embeds.shape[0] == 1:
+            delta_embeds = delta_embeds.expand(batch_size, -1, -1)
+        elif delta_embeds.shape[0] != batch_size:
+            raise ValueError(f"delta_embeds has batch {delta_embeds.shape[0]}, expected 1 or {batch_size}.")
+        return delta_embeds.to(device=device, dtype=self.delta_adapter.dtype)
+
+    def _prompt_embeds(
+        self, prompt: str, prompt_embeds: torch.Tensor | None, max_sequence_length: int, text_encoder_out_layers
+    ) -> torch.Tensor:
+        """(1, L, D_txt) prompt embeddings: given, stored for the empty prompt, or from the text encoder."""
+        if prompt_embeds is not None:
+            return prompt_embeds
+        if prompt == "" and self.empty_prompt_embeds is not None:
+            return self.empty_prompt_embeds.to(self.transformer.dtype)
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose folder "
+                "has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
+            )
+        return self._get_qwen3_prompt_embeds(
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            prompt=prompt,
+            device=self._execution_device,
+            max_sequence_length=max_sequence_length,
+            hidden_states_layers=text_encoder_out_layers,
+        )
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: ImageInput | list[ImageInput] | None = None,
+        exemplar: ExemplarPair | list[ExemplarPair] | None = None,
+        delta_embeds: torch.Tensor | None = None,
+        delta_scale: float = 1.0,
+        prompt: str = "",
+        num_inference_steps: int = 4,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+    ) -> Flux2PipelineOutput | tuple:
+        r"""Applies the exemplar's edit to the query image(s).
+
+        Args:
+            image: the query: a PIL image, numpy array or tensor (values in [0, 1]), or a list of queries of one
+                size, edited as one batch.
+            exemplar: `(source, target)` showing the edit, or a list of such pairs (their semantic deltas are
+                averaged). Give this or `delta_embeds`.
+            delta_embeds: (1 or B, N, D_edit) edit tokens from `encode_exemplar`, to edit many queries with one
+                encoding.
+            delta_scale: edit strength; 0 gives the base model's output, 1 the trained strength.
+            prompt: an optional text prompt; Delta-Adapter is trained with the empty prompt.
+            num_inference_steps: denoising steps (4 for the step-distilled klein).
+            sigmas: custom sigmas for the scheduler.
+            guidance_scale: for non-distilled transformers only, guidance from "no edit" towards the exemplar's edit.
+            num_images_per_prompt: outputs per query.
+            generator: a generator, or one per output, for reproducible noise.
+            latents: pre-generated noise latents, (B, H/16 · W/16, C) packed.
+            prompt_embeds: pre-computed (1, L, D_txt) prompt embeddings.
+            output_type: `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict: return a `Flux2PipelineOutput` instead of a tuple.
+            attention_kwargs: extra kwargs for the attention processors (e.g. a LoRA `scale`).
+            callback_on_step_end: called after each step as in diffusers pipelines.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback.
+            max_sequence_length: prompt length for the text encoder.
+            text_encoder_out_layers: Qwen3 layers stacked into the prompt embeddings.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.flux2.Flux2PipelineOutput`] or `tuple` whose first element is the list of edited images.
+        """
+        # 1. Check inputs
+        if image is None:
+            raise ValueError("image (the query to edit) is required.")
+        if callback_on_step_end_tensor_inputs and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}.")
+        if attention_kwargs and {"delta_hidden_states", "delta_scale"} & set(attention_kwargs):
+            raise ValueError("Pass the edit through exemplar/delta_embeds/delta_scale, not attention_kwargs.")
+        self._guidance_scale = guidance_scale
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Preprocess the queries
+        query_pixels = self._preprocess_queries(image)  # (B, 3, H, W) in [-1, 1]
+        batch_size = query_pixels.shape[0]
+        total = batch_size * num_images_per_prompt
+        height, width = query_pixels.shape[-2:]
+
+        # 3. Edit tokens from the exemplar (or the given ones)
+        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device)  # (B, N, D_edit)
+        edit_tokens = edit_tokens.repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, N, D_edit)
+        self._attention_kwargs = {
+            **(attention_kwargs or {}),
+            "delta_hidden_states": edit_tokens,
+            "delta_scale": delta_scale,
+        }
+
+        # 4. Prompt embeddings (the empty prompt's, stored with the adapter, by default)
+        prompt_embeds = self._prompt_embeds(prompt, prompt_embeds, max_sequence_length, text_encoder_out_layers)
+        prompt_embeds, text_ids = self.encode_prompt(
+            prompt=None,
+            prompt_embeds=prompt_embeds.to(device).expand(total, -1, -1),
+            device=device,
+            max_sequence_length=max_sequence_length,
+        )  # (B * n, L, D_txt), (B * n, L, 4)
+
+        # 5. Reference latents of the queries, one reference per sample
+        query_latents = self._encode_vae_image(
+            query_pixels.to(device=device, dtype=self.vae.dtype), generator=generator
+        )  # (B, C, h, w), normalised and patchified
+        image_latent_ids = self._prepare_image_ids([query_latents[:1]]).to(device).repeat(total, 1, 1)  # (B * n, h * w, 4)
+        image_latents = self._pack_latents(query_latents).repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, h * w, C)
+
+        # 6. Noise latents
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latents, latent_ids = self.prepare_latents(
+            batch_size=total,
+            num_latents_channels=num_channels_latents,
+            height=height,
+            width=width,
+            dtype=prompt_embeds.dtype,
+            device=device,
+            generator=generator,
+            latents=latents,
+        )  # (B * n, h * w, C), (B * n, h * w, 4)
+
+        # 7. Timesteps
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=num_inference_steps)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        # 8. Denoising loop
+        unconditional_kwargs = {**self._attention_kwargs, "delta_scale": 0.0}
+        model_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)  # (B * n, 2 * h * w, 4)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B * n, 2 * h * w, C)
+
+                with self.transformer.cache_context("cond"):
+                    noise_pred = self.transformer(
+                        hidden_states=model_input,
+                        timestep=timestep / 1000,
+                        guidance=None,
+                        encoder_hidden_states=prompt_embeds,
+                        txt_ids=text_ids,
+                        img_ids=model_image_ids,
+                        joint_attention_kwargs=self._attention_kwargs,
+                        return_dict=False,
+                    )[0][:, : latents.size(1)]  # predictions for the noisy tokens only
+
+                if self.do_classifier_free_guidance:
+                    with self.transformer.cache_context("uncond"):
+                        unedited_pred = self.transformer(
+                            hidden_states=model_input,
+                            timestep=timestep / 1000,
+                            guidance=None,
+                            encoder_hidden_states=prompt_embeds,
+                            txt_ids=text_ids,
+                            img_ids=model_image_ids,
+                            joint_attention_kwargs=unconditional_kwargs,
+                            return_dict=False,
+                        )[0][:, : latents.size(1)]
+                    noise_pred = unedited_pred + guidance_scale * (noise_pred - unedited_pred)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        self._current_timestep = None
+
+        # 9. Decode
+        patch = self.vae_scale_factor * 2
+        latents = self._unpack_latents_with_ids(latents, latent_ids, height // patch, width // patch)  # (B * n, C, h, w)
+        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
+        latents = self._unpatchify_latents(latents * bn_std + bn_mean)  # (B * n, C / 4, 2h, 2w)
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(
+                latents.to(get_module_execution_device(self.vae), self.vae.dtype), return_dict=False
+            )[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return Flux2PipelineOutput(images=images)
