@@ -2,15 +2,15 @@
 
 import os
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny_components import tiny_adapter, tiny_image_encoder, tiny_klein_components  # noqa: E402
-
 from diffusers_delta import FluxDeltaEditPipeline  # noqa: E402
+from diffusers_delta.testing import tiny_adapter, tiny_image_encoder, tiny_klein_components  # noqa: E402
 
 
 torch.set_num_threads(1)
@@ -18,10 +18,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def delta_pipe():
-    """A tiny `FluxDeltaEditPipeline` with its text encoder, a fresh adapter and a SigLIP encoder loaded."""
-    components = tiny_klein_components()
-    pipe = FluxDeltaEditPipeline(**components)
+    """A tiny `FluxDeltaEditPipeline` with its text encoder, a SigLIP encoder and a fresh adapter loaded."""
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components())
     pipe.register_modules(image_encoder=tiny_image_encoder())
-    pipe.load_delta_adapter(tiny_adapter(pipe.transformer).state_dict(), adapter_config=dict(tiny_adapter(pipe.transformer).config))
+    adapter = tiny_adapter(pipe.transformer)
+    pipe.load_delta_adapter(adapter.state_dict(), adapter_config=dict(adapter.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe

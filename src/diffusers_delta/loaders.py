@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import safetensors.torch
 import torch
 from diffusers.utils import _get_model_file
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
@@ -33,7 +33,9 @@ ExemplarPair = tuple[ImageInput, ImageInput]
 def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
     """A (source, target) pair or a non-empty list of pairs -> list of pairs; anything else raises."""
     fix = "pass exemplar=(source, target), or a list of such pairs to average their edits"
-    if isinstance(exemplar, tuple) or (isinstance(exemplar, list) and exemplar and not isinstance(exemplar[0], (tuple, list))):
+    if isinstance(exemplar, tuple) or (
+        isinstance(exemplar, list) and exemplar and not isinstance(exemplar[0], (tuple, list))
+    ):
         pairs = [exemplar]
     elif isinstance(exemplar, list) and exemplar:
         pairs = exemplar
@@ -105,27 +107,39 @@ class DeltaAdapterMixin:
         hub_kwargs = dict(kwargs)
         source = pretrained_model_name_or_path_or_dict
 
-        image_encoder, feature_extractor = self._resolve_image_encoder(source, subfolder, image_encoder_folder, hub_kwargs)
         if isinstance(source, dict):
+            image_encoder, feature_extractor = self._resolve_image_encoder(
+                source, subfolder, image_encoder_folder, hub_kwargs
+            )
             config = adapter_config or DeltaAdapterModel.config_for_transformer(
                 self.transformer, image_encoder.config.hidden_size
             )
+            self._check_adapter_fits(config, image_encoder)
             adapter = DeltaAdapterModel.from_config(config)
-            self._check_adapter_fits(adapter, image_encoder)
             try:
-                adapter.load_state_dict(source, strict=True)
-            except RuntimeError as error:
-                raise ValueError(f"The state dict does not fit the adapter config: {error}") from None
+                loaded = adapter.load_state_dict(source, strict=False)
+            except RuntimeError as error:  # a shape that disagrees with the config
+                raise ValueError(f"The state dict does not fit the adapter config: {error}".strip()) from None
+            if loaded.missing_keys or loaded.unexpected_keys:
+                raise ValueError(
+                    f"The state dict does not fit the adapter config: missing keys {loaded.missing_keys[:5]}, "
+                    f"unexpected keys {loaded.unexpected_keys[:5]}. Pass the adapter_config of these weights."
+                )
             empty_prompt_embeds = None
         else:
-            adapter = self._load_adapter_model(str(source), subfolder, hub_kwargs)
-            self._check_adapter_fits(adapter, image_encoder)
-            empty_prompt_embeds = self._load_empty_prompt_embeds(str(source), subfolder, hub_kwargs)
+            source = str(source)
+            config = self._load_adapter_config(source, subfolder, hub_kwargs)
+            image_encoder, feature_extractor = self._resolve_image_encoder(
+                source, subfolder, image_encoder_folder, hub_kwargs
+            )
+            self._check_adapter_fits(config, image_encoder)
+            adapter = self._load_adapter_model(source, subfolder, hub_kwargs)
+            empty_prompt_embeds = self._load_empty_prompt_embeds(source, subfolder, hub_kwargs)
 
         for model in (adapter, image_encoder):
             # Only cast when needed: diffusers warns on every dtype cast through `to()`.
-            dtype = None if model.dtype == self.transformer.dtype else self.transformer.dtype
-            model.to(device=self.transformer.device, dtype=dtype)
+            cast = {} if model.dtype == self.transformer.dtype else {"dtype": self.transformer.dtype}
+            model.to(device=self.transformer.device, **cast)
             model.eval()
             model.requires_grad_(False)
 
@@ -140,14 +154,19 @@ class DeltaAdapterMixin:
     def _resolve_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs):
         """The pipeline's own encoder when it has one, else the one in the adapter repo."""
         if getattr(self, "image_encoder", None) is not None:
-            feature_extractor = getattr(self, "feature_extractor", None) or _default_feature_extractor(self.image_encoder)
+            feature_extractor = getattr(self, "feature_extractor", None) or _default_feature_extractor(
+                self.image_encoder
+            )
             return self.image_encoder, feature_extractor
         if isinstance(source, dict) or image_encoder_folder is None:
             raise ValueError(
                 "This pipeline has no image encoder. Load the adapter from a folder or repo with an image_encoder/ "
-                "subfolder, or register one first: pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
+                "subfolder, or register one first: "
+                "pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
             )
-        if "/" in image_encoder_folder:
+        if os.path.isdir(image_encoder_folder):  # a folder of its own, anywhere on disk
+            source, encoder_subfolder = image_encoder_folder, None
+        elif "/" in image_encoder_folder:  # a path inside the repo, as for IP-Adapters
             encoder_subfolder = image_encoder_folder
         else:
             encoder_subfolder = os.path.join(subfolder or "", image_encoder_folder).replace(os.sep, "/")
@@ -161,25 +180,37 @@ class DeltaAdapterMixin:
                 "Pass image_encoder_folder= where it lies, or register an image_encoder on the pipeline first."
             ) from None
         try:
-            feature_extractor = SiglipImageProcessorPil.from_pretrained(source, subfolder=encoder_subfolder, **hub_kwargs)
+            feature_extractor = SiglipImageProcessorPil.from_pretrained(
+                source, subfolder=encoder_subfolder, **hub_kwargs
+            )
         except OSError:
             feature_extractor = _default_feature_extractor(image_encoder)
         return image_encoder, feature_extractor
 
     @staticmethod
-    def _load_adapter_model(source: str, subfolder: str | None, hub_kwargs: dict) -> DeltaAdapterModel:
+    def _load_adapter_config(source: str, subfolder: str | None, hub_kwargs: dict) -> dict:
+        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         _check_safetensors_only(os.path.join(source, subfolder or ""))
         try:
-            return DeltaAdapterModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs)
-        except (SafetensorError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"The Delta-Adapter weights in {source!r} are corrupt or do not match its config.json ({error}). "
-                "Re-save the adapter with save_delta_adapter, or download it again with force_download=True."
-            ) from None
+            _get_model_file(source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+            return DeltaAdapterModel.load_config(source, subfolder=subfolder, **hub_kwargs)
         except OSError as error:
             raise OSError(
-                f"No Delta-Adapter found at {source!r}{f' (subfolder {subfolder!r})' if subfolder else ''}: expected "
-                f"config.json and {ADAPTER_WEIGHTS_NAME} ({error})."
+                f"No Delta-Adapter found at {where}: expected config.json and {ADAPTER_WEIGHTS_NAME} ({error})."
+            ) from None
+
+    @staticmethod
+    def _load_adapter_model(source: str, subfolder: str | None, hub_kwargs: dict) -> DeltaAdapterModel:
+        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        weights_path = _get_model_file(source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+        try:
+            with safe_open(weights_path, framework="pt"):
+                pass
+            return DeltaAdapterModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"The Delta-Adapter weights at {where} are corrupt or do not match its config.json ({error}). "
+                "Re-save the adapter with save_delta_adapter, or download it again with force_download=True."
             ) from None
 
     @staticmethod
@@ -196,8 +227,10 @@ class DeltaAdapterMixin:
                 "diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
             ) from None
 
-    def _check_adapter_fits(self, adapter: DeltaAdapterModel, image_encoder: SiglipVisionModel) -> None:
-        mismatches = adapter.signature_mismatches(self.transformer, image_encoder.config.hidden_size)
+    def _check_adapter_fits(self, adapter_config, image_encoder: SiglipVisionModel) -> None:
+        mismatches = DeltaAdapterModel.signature_mismatches(
+            adapter_config, self.transformer, image_encoder.config.hidden_size
+        )
         if mismatches:
             raise ValueError(
                 "This Delta-Adapter was made for another backbone (" + "; ".join(mismatches) + "). Load an adapter "
@@ -249,8 +282,10 @@ class DeltaAdapterMixin:
             unknown = set(scale) - {"double", "single"}
             if unknown:
                 raise ValueError(f"Scale keys must be 'double' and/or 'single', got {sorted(unknown)}.")
-            scales = {"double": scale.get("double", [p.scale for p in double]),
-                      "single": scale.get("single", [p.scale for p in single])}
+            scales = {
+                "double": scale.get("double", [p.scale for p in double]),
+                "single": scale.get("single", [p.scale for p in single]),
+            }
         else:
             raise TypeError(f"scale must be a float or a dict of lists, got {type(scale).__name__}.")
         for key, group in (("double", double), ("single", single)):

@@ -95,13 +95,18 @@ class PerceiverResampler(nn.Module):
         ff_mult: hidden-width multiplier of the feed-forward layers.
     """
 
-    def __init__(self, *, input_dim: int, dim: int, depth: int, heads: int, head_dim: int, num_latents: int, ff_mult: int):
+    def __init__(
+        self, *, input_dim: int, dim: int, depth: int, heads: int, head_dim: int, num_latents: int, ff_mult: int
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) / math.sqrt(dim))
         self.proj_in = nn.Linear(input_dim, dim)
         self.layers = nn.ModuleList(
             nn.ModuleList(
-                [PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim), PerceiverFeedForward(dim=dim, mult=ff_mult)]
+                [
+                    PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim),
+                    PerceiverFeedForward(dim=dim, mult=ff_mult),
+                ]
             )
             for _ in range(depth)
         )
@@ -263,14 +268,21 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         """A freshly initialised adapter for `transformer` (see `config_for_transformer` for the arguments)."""
         return cls(**cls.config_for_transformer(transformer, image_embed_dim, **overrides))
 
-    def signature_mismatches(self, transformer_config, image_embed_dim: int | None = None) -> list[str]:
-        """What in this adapter's config disagrees with a transformer (and image encoder width); empty if none."""
-        expected = self.config_for_transformer(transformer_config, image_embed_dim or self.config.image_embed_dim)
+    @classmethod
+    def signature_mismatches(cls, adapter_config, transformer_config, image_embed_dim: int) -> list[str]:
+        """What in an adapter config disagrees with a transformer and image encoder width; empty if nothing.
+
+        Args:
+            adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`).
+            transformer_config: a `Flux2Transformer2DModel` config (or the model itself).
+            image_embed_dim: the image encoder's hidden size.
+        """
+        expected = cls.config_for_transformer(transformer_config, image_embed_dim)
         expected.pop("edit_token_dim")  # free to differ: it only has to agree with the adapter's own K/V inputs
         return [
-            f"{key}: adapter has {self.config[key]}, backbone has {value}"
+            f"{key}: adapter has {adapter_config.get(key)}, backbone has {value}"
             for key, value in expected.items()
-            if self.config[key] != value
+            if adapter_config.get(key) != value
         ]
 
     def forward(self, semantic_delta: torch.Tensor) -> torch.Tensor:

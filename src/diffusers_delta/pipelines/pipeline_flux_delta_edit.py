@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
@@ -28,7 +27,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_delta import FluxDeltaEditPipeline
 
         >>> pipe = FluxDeltaEditPipeline.from_pretrained(
-        ...     "black-forest-labs/FLUX.2-klein-4B", text_encoder=None, tokenizer=None, torch_dtype=torch.bfloat16
+        ...     "black-forest-labs/FLUX.2-klein-4B", text_encoder=None, tokenizer=None, dtype=torch.bfloat16
         ... )
         >>> pipe.load_delta_adapter("org/delta-adapter")  # also brings SigLIP and the empty prompt's embeddings
         >>> pipe.to("cuda")
@@ -113,11 +112,13 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             transformer=transformer,
             is_distilled=is_distilled,
         )
-        self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor, delta_adapter=delta_adapter)
+        self.register_modules(
+            image_encoder=image_encoder, feature_extractor=feature_extractor, delta_adapter=delta_adapter
+        )
         if delta_adapter is not None:
             if image_encoder is None:
                 raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
-            self._check_adapter_fits(delta_adapter, image_encoder)
+            self._check_adapter_fits(delta_adapter.config, image_encoder)
             self._delta_original_processors = dict(transformer.attn_processors)
             self._attach_delta_processors(delta_adapter)
 
@@ -179,8 +180,8 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             return self.empty_prompt_embeds.to(self.transformer.dtype)
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(
-                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose folder "
-                "has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
+                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose "
+                "folder has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
             )
         return self._get_qwen3_prompt_embeds(
             text_encoder=self.text_encoder,
@@ -290,8 +291,12 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         query_latents = self._encode_vae_image(
             query_pixels.to(device=device, dtype=self.vae.dtype), generator=generator
         )  # (B, C, h, w), normalised and patchified
-        image_latent_ids = self._prepare_image_ids([query_latents[:1]]).to(device).repeat(total, 1, 1)  # (B * n, h * w, 4)
-        image_latents = self._pack_latents(query_latents).repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, h * w, C)
+        image_latent_ids = (
+            self._prepare_image_ids([query_latents[:1]]).to(device).repeat(total, 1, 1)
+        )  # (B * n, h * w, 4)
+        image_latents = self._pack_latents(query_latents).repeat_interleave(
+            num_images_per_prompt, dim=0
+        )  # (B * n, h * w, C)
 
         # 6. Noise latents
         num_channels_latents = self.transformer.config.in_channels // 4
@@ -311,7 +316,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         if getattr(self.scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=num_inference_steps)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -325,7 +332,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B * n, 2 * h * w, C)
+                model_input = torch.cat([latents, image_latents], dim=1).to(
+                    self.transformer.dtype
+                )  # (B * n, 2 * h * w, C)
 
                 with self.transformer.cache_context("cond"):
                     noise_pred = self.transformer(
@@ -365,7 +374,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
 
         # 9. Decode
         patch = self.vae_scale_factor * 2
-        latents = self._unpack_latents_with_ids(latents, latent_ids, height // patch, width // patch)  # (B * n, C, h, w)
+        latents = self._unpack_latents_with_ids(
+            latents, latent_ids, height // patch, width // patch
+        )  # (B * n, C, h, w)
         bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
             latents.device, latents.dtype

@@ -1,0 +1,217 @@
+"""Small, seeded instances of the real classes FLUX.2 [klein] and Delta-Adapter are made of, built in code.
+
+No download and no imitation: these are `Flux2Transformer2DModel`, `AutoencoderKLFlux2`, `SiglipVisionModel`,
+`Qwen3ForCausalLM` and a Qwen2 tokenizer at toy sizes, so tests and CPU benchmarks run the real code paths offline.
+Two sizes exist: `TINY` (the test suite: milliseconds per call) and `SMALL` (CPU benchmarks: big enough that
+attention and matmuls, not Python, dominate the time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from .models.delta_adapter import DeltaAdapterModel
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """The knobs that set the size of every component.
+
+    Args:
+        heads: transformer attention heads.
+        head_dim: transformer head width (split evenly over the 4 RoPE axes).
+        double_blocks: transformer double-stream blocks.
+        single_blocks: transformer single-stream blocks.
+        vae_channels: VAE block widths (3 levels: 4× downsampling).
+        qwen_hidden: tiny Qwen3 width (the transformer's text width is 3× this: 3 stacked layers).
+        siglip_hidden: SigLIP width.
+        siglip_layers: SigLIP depth.
+        siglip_image_size: SigLIP input side (patches of 8).
+        edit_tokens: adapter edit tokens N.
+        resampler_dim: adapter Perceiver width.
+        image_size: side of the test images.
+    """
+
+    heads: int = 2
+    head_dim: int = 16
+    double_blocks: int = 1
+    single_blocks: int = 2
+    vae_channels: tuple[int, ...] = (8, 16, 16)
+    qwen_hidden: int = 16
+    siglip_hidden: int = 32
+    siglip_layers: int = 2
+    siglip_image_size: int = 32
+    edit_tokens: int = 4
+    resampler_dim: int = 16
+    image_size: int = 64
+
+
+TINY = ModelSizes()
+SMALL = ModelSizes(
+    heads=4,
+    head_dim=64,
+    double_blocks=2,
+    single_blocks=4,
+    vae_channels=(32, 64, 64),
+    qwen_hidden=64,
+    siglip_hidden=128,
+    siglip_layers=4,
+    siglip_image_size=128,
+    edit_tokens=16,
+    resampler_dim=128,
+    image_size=256,
+)
+
+#: Keyword arguments every pipeline call on these models needs: the Qwen3 has 3 layers and short prompts.
+TEXT_KWARGS = {"max_sequence_length": 16, "text_encoder_out_layers": (1, 2, 3)}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> Qwen2TokenizerFast:
+    """A byte-level BPE tokenizer over lowercase letters with Qwen's special tokens and chat template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    symbols = list("abcdefghijklmnopqrstuvwxyz") + ["Ġ", "Ċ", "<", ">", "|", "_", "/"]
+    vocab = {token: index for index, token in enumerate(specials + symbols)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=sizes.qwen_hidden,
+        intermediate_size=2 * sizes.qwen_hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=sizes.qwen_hidden // 2,
+        max_position_embeddings=64,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_transformer(sizes: ModelSizes = TINY) -> Flux2Transformer2DModel:
+    """A FLUX.2 transformer over 4 latent channels patchified 2x2 (16 input channels)."""
+    torch.manual_seed(0)
+    axis = sizes.head_dim // 4
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=sizes.double_blocks,
+        num_single_layers=sizes.single_blocks,
+        attention_head_dim=sizes.head_dim,
+        num_attention_heads=sizes.heads,
+        joint_attention_dim=3 * sizes.qwen_hidden,
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(axis, axis, axis, axis),
+        guidance_embeds=False,
+    ).eval()
+
+
+def tiny_vae(sizes: ModelSizes = TINY) -> AutoencoderKLFlux2:
+    """4x downsampling, 4 latent channels: a 64x64 image becomes 8x8 = 64 transformer tokens."""
+    torch.manual_seed(0)
+    levels = len(sizes.vae_channels)
+    return AutoencoderKLFlux2(
+        block_out_channels=sizes.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sizes.image_size,
+    ).eval()
+
+
+def tiny_image_encoder(sizes: ModelSizes = TINY) -> SiglipVisionModel:
+    """SigLIP with 8x8 patches (TINY: 32x32 input, 16 patch tokens of 32 features)."""
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=sizes.siglip_hidden,
+        intermediate_size=2 * sizes.siglip_hidden,
+        num_hidden_layers=sizes.siglip_layers,
+        num_attention_heads=2,
+        image_size=sizes.siglip_image_size,
+        patch_size=8,
+    )
+    return SiglipVisionModel(config).eval()
+
+
+def tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.2 [klein]'s scheduler settings."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+
+
+def tiny_adapter(transformer: Flux2Transformer2DModel, sizes: ModelSizes = TINY, seed: int = 0) -> DeltaAdapterModel:
+    """A freshly initialised adapter for `transformer` (its output leaves the base model unchanged)."""
+    torch.manual_seed(seed)
+    return DeltaAdapterModel.from_transformer(
+        transformer,
+        image_embed_dim=sizes.siglip_hidden,
+        num_edit_tokens=sizes.edit_tokens,
+        resampler_dim=sizes.resampler_dim,
+        resampler_depth=1,
+        resampler_heads=2,
+        resampler_head_dim=sizes.resampler_dim // 2,
+        resampler_ff_mult=2,
+    ).eval()
+
+
+def randomize_(model: torch.nn.Module, seed: int = 1, std: float = 0.3) -> torch.nn.Module:
+    """Gives every parameter random non-zero values, as a trained adapter would have (scalars around 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * std
+            parameter.copy_(noise + (1.0 if parameter.ndim == 0 else 0.0))
+    return model
+
+
+def tiny_klein_components(sizes: ModelSizes = TINY) -> dict:
+    """The keyword arguments of `Flux2KleinPipeline` (and `FluxDeltaEditPipeline`), distilled like klein-4B."""
+    tokenizer = tiny_tokenizer()
+    return {
+        "scheduler": tiny_scheduler(),
+        "vae": tiny_vae(sizes),
+        "text_encoder": tiny_text_encoder(len(tokenizer), sizes),
+        "tokenizer": tokenizer,
+        "transformer": tiny_transformer(sizes),
+        "is_distilled": True,
+    }
+
+
+def tiny_klein_pipeline(sizes: ModelSizes = TINY) -> Flux2KleinPipeline:
+    pipe = Flux2KleinPipeline(**tiny_klein_components(sizes))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> PIL.Image.Image:
+    """A random RGB image of (width, height) = size."""
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))

@@ -1,0 +1,55 @@
+"""The examples run as a user runs them, on tiny models saved to local folders (the real loading code, offline)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers_delta import compute_empty_prompt_embeds
+from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_klein_pipeline
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import edit_with_exemplar  # noqa: E402
+
+
+def test_edit_with_exemplar_cli_matches_the_pipeline(delta_pipe, tmp_path):
+    randomize_(delta_pipe.delta_adapter)
+    delta_pipe.empty_prompt_embeds = compute_empty_prompt_embeds(delta_pipe, **TEXT_KWARGS)
+    delta_pipe.save_delta_adapter(tmp_path / "adapter")
+    tiny_klein_pipeline().save_pretrained(tmp_path / "base")
+    paths = {}
+    for name, seed in (("source", 1), ("target", 2), ("query", 0)):
+        paths[name] = tmp_path / f"{name}.png"
+        random_image(seed).save(paths[name])
+
+    edit_with_exemplar.main(
+        [
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--source",
+            str(paths["source"]),
+            "--target",
+            str(paths["target"]),
+            "--query",
+            str(paths["query"]),
+            "--output",
+            str(tmp_path / "edited.png"),
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+        ]
+    )
+
+    expected = delta_pipe(
+        PIL.Image.open(paths["query"]),
+        exemplar=(PIL.Image.open(paths["source"]), PIL.Image.open(paths["target"])),
+        prompt_embeds=delta_pipe.empty_prompt_embeds,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "edited.png")), np.asarray(expected))
