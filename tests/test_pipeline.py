@@ -191,3 +191,30 @@ def test_editing_without_an_adapter_says_to_load_one(delta_pipe):
 def test_output_is_pil_by_default(delta_pipe):
     image = delta_pipe(QUERY, exemplar=(SOURCE, TARGET), **TEXT_KWARGS).images[0]
     assert isinstance(image, PIL.Image.Image) and image.size == (64, 64)
+
+
+def test_model_cpu_offload_keeps_the_adapter_placed_and_the_output_unchanged(delta_pipe):
+    randomize_(delta_pipe.delta_adapter)
+    expected = edit(delta_pipe)
+    delta_pipe.enable_model_cpu_offload(device="cpu")  # the hooks and placement logic, on the only device here
+    hooked = {type(getattr(model, "_hf_hook", None)).__name__ for model in (delta_pipe.transformer, delta_pipe.vae)}
+    assert hooked == {"CpuOffload"} and not hasattr(delta_pipe.delta_adapter, "_hf_hook")
+    assert (edit(delta_pipe) == expected).all()
+
+
+def test_bfloat16_pipeline_edits(delta_pipe):
+    randomize_(delta_pipe.delta_adapter)
+    delta_pipe.to(torch.bfloat16)
+    images = edit(delta_pipe)
+    assert images.shape == (1, 64, 64, 3) and images.dtype.kind == "f"
+    assert delta_pipe.encode_exemplar((SOURCE, TARGET)).dtype == torch.bfloat16
+
+
+def test_whole_pipeline_save_and_from_pretrained_keeps_the_adapter(delta_pipe, tmp_path):
+    randomize_(delta_pipe.delta_adapter)
+    expected = edit(delta_pipe)
+    delta_pipe.save_pretrained(tmp_path)
+    reloaded = FluxDeltaEditPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert len(reloaded.delta_processors) == 3
+    assert (edit(reloaded) == expected).all()
