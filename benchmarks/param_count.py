@@ -46,11 +46,10 @@ def main() -> None:
         projection = refiner + perceiver + per_token
         blocks = count(adapter.double_blocks) + count(adapter.single_blocks)
         ratio = projection / RELATION_ADAPTER_POOLING_MLP
-        print(
-            f"{name:<9} {count(transformer) / 1e9:>11.2f}B {refiner / 1e6:>8.1f}M {perceiver / 1e6:>9.1f}M "
-            f"{per_token / 1e6:>9.1f}M {projection / 1e6:>10.1f}M {blocks / 1e6:>12.1f}M {count(adapter) / 1e6:>8.1f}M "
-            f"{ratio:>12.3f}"
-        )
+        millions = [value / 1e6 for value in (refiner, perceiver, per_token, projection, blocks, count(adapter))]
+        widths = (8, 9, 9, 10, 12, 8)
+        columns = " ".join(f"{value:>{width}.1f}M" for value, width in zip(millions, widths))
+        print(f"{name:<9} {count(transformer) / 1e9:>11.2f}B {columns} {ratio:>12.3f}")
         assert projection <= 0.5 * RELATION_ADAPTER_POOLING_MLP, f"{name}: projection above half of RelationAdapter's"
     print(
         f"goal: projection <= 0.5 x RelationAdapter's pooling-MLP ({RELATION_ADAPTER_POOLING_MLP / 1e9:.1f} B, quoted)"

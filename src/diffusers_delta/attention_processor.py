@@ -41,6 +41,28 @@ class _DeltaBranch:
             return 0.0
         return self.scale * (1.0 if delta_scale is None else float(delta_scale))
 
+    @staticmethod
+    def _heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """(B, S, H * D) each -> (B, S, H, D) each, with the block's own query and key norms."""
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        return query, key, value.unflatten(-1, (-1, attn.head_dim))
+
+    def _self_attention(self, query, key, value, image_rotary_emb, attention_mask) -> torch.Tensor:
+        """Upstream's attention with RoPE: (B, S, H, D) each -> (B, S, H * D)."""
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
     def _branch(self, query: torch.Tensor, delta_hidden_states: torch.Tensor, strength: float) -> torch.Tensor:
         """query (B, S, H, D) after norm_q, edit tokens (B, N, D_edit) -> branch output (B, S, H * D)."""
         key, value = self.block_projection(delta_hidden_states)  # (B, N, H, D) each
@@ -75,9 +97,7 @@ class Flux2DeltaAttnProcessor(_DeltaBranch):
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S_img, H, D)
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
+        query, key, value = self._heads(attn, query, key, value)  # (B, S_img, H, D) each
         image_query = query  # before RoPE and before the text tokens are joined
 
         if attn.added_kv_proj_dim is not None:
@@ -88,19 +108,7 @@ class Flux2DeltaAttnProcessor(_DeltaBranch):
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
 
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)  # (B, S_txt + S_img, H * D)
+        hidden_states = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -144,29 +152,12 @@ class Flux2DeltaParallelSelfAttnProcessor(_DeltaBranch):
         local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
         qkv, mlp_hidden_states = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
 
-        query, key, value = qkv.chunk(3, dim=-1)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, D)
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        unrotated_query = query
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        attn_output = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        attn_output = attn_output.flatten(2, 3).to(query.dtype)  # (B, S, H * D)
+        query, key, value = self._heads(attn, *qkv.chunk(3, dim=-1))  # (B, S, H, D) each
+        attn_output = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
 
         strength = self._strength(delta_hidden_states, delta_scale)
         if strength != 0.0:
-            attn_output = attn_output + self._branch(unrotated_query, delta_hidden_states, strength)
+            attn_output = attn_output + self._branch(query, delta_hidden_states, strength)
 
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))

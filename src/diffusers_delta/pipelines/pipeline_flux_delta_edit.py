@@ -324,42 +324,34 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             self.scheduler.set_begin_index(0)
 
         # 8. Denoising loop
-        unconditional_kwargs = {**self._attention_kwargs, "delta_scale": 0.0}
         model_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)  # (B * n, 2 * h * w, 4)
+
+        def predict_velocity(model_input, timestep, cache_name, attention_kwargs):
+            with self.transformer.cache_context(cache_name):
+                prediction = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    guidance=None,
+                    encoder_hidden_states=prompt_embeds,
+                    txt_ids=text_ids,
+                    img_ids=model_image_ids,
+                    joint_attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+            return prediction[:, : latents.size(1)]  # predictions for the noisy tokens only
+
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                model_input = torch.cat([latents, image_latents], dim=1).to(
-                    self.transformer.dtype
-                )  # (B * n, 2 * h * w, C)
+                model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B*n, 2hw, C)
 
-                with self.transformer.cache_context("cond"):
-                    noise_pred = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep / 1000,
-                        guidance=None,
-                        encoder_hidden_states=prompt_embeds,
-                        txt_ids=text_ids,
-                        img_ids=model_image_ids,
-                        joint_attention_kwargs=self._attention_kwargs,
-                        return_dict=False,
-                    )[0][:, : latents.size(1)]  # predictions for the noisy tokens only
-
+                noise_pred = predict_velocity(model_input, timestep, "cond", self._attention_kwargs)
                 if self.do_classifier_free_guidance:
-                    with self.transformer.cache_context("uncond"):
-                        unedited_pred = self.transformer(
-                            hidden_states=model_input,
-                            timestep=timestep / 1000,
-                            guidance=None,
-                            encoder_hidden_states=prompt_embeds,
-                            txt_ids=text_ids,
-                            img_ids=model_image_ids,
-                            joint_attention_kwargs=unconditional_kwargs,
-                            return_dict=False,
-                        )[0][:, : latents.size(1)]
+                    unedited_kwargs = {**self._attention_kwargs, "delta_scale": 0.0}
+                    unedited_pred = predict_velocity(model_input, timestep, "uncond", unedited_kwargs)
                     noise_pred = unedited_pred + guidance_scale * (noise_pred - unedited_pred)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
