@@ -32,7 +32,6 @@ setup(
     install_requires=install_requires,
     extras_require=extras_require,
     classifiers=[
-        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

@@ -33,18 +33,15 @@ ExemplarPair = tuple[ImageInput, ImageInput]
 def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
     """A (source, target) pair or a non-empty list of pairs -> list of pairs; anything else raises."""
     fix = "pass exemplar=(source, target), or a list of such pairs to average their edits"
-    if isinstance(exemplar, tuple) or (
-        isinstance(exemplar, list) and exemplar and not isinstance(exemplar[0], (tuple, list))
-    ):
-        pairs = [exemplar]
-    elif isinstance(exemplar, list) and exemplar:
+    if isinstance(exemplar, list) and exemplar and all(isinstance(pair, (tuple, list)) for pair in exemplar):
         pairs = exemplar
+    elif isinstance(exemplar, (tuple, list)):
+        pairs = [exemplar]
     else:
-        raise ValueError(f"exemplar must be a (source, target) pair; got {type(exemplar).__name__}: {fix}.")
+        raise ValueError(f"exemplar must be a (source, target) pair, got {type(exemplar).__name__}: {fix}.")
     for pair in pairs:
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            count = len(pair) if isinstance(pair, (tuple, list)) else 1
-            raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {count}: {fix}.")
+        if len(pair) != 2:
+            raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {len(pair)}: {fix}.")
     return [tuple(pair) for pair in pairs]
 
 
