@@ -13,10 +13,12 @@ install_requires = [
     "peft>=0.21.0",
     "numpy>=1.26",
     "Pillow>=10.0",
+    "Jinja2>=3.1",  # huggingface_hub renders model cards with it
 ]
 
 extras_require = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "tokenizers>=0.22", "jinja2>=3.1"],
+    "training": ["datasets>=5.2.0", "tensorboard>=2.21.0"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "datasets>=5.2.0", "tensorboard>=2.21.0"],
 }
 
 setup(
@@ -26,8 +28,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # The card templates live at the top level (hub_cards/) and install as diffusers_delta.hub_cards.
+    package_dir={"": "src", "diffusers_delta.hub_cards": "hub_cards"},
+    packages=find_packages("src") + ["diffusers_delta.hub_cards"],
+    package_data={"diffusers_delta.hub_cards": ["*.md"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,

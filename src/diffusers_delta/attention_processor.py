@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     _get_qkv_projections,
 )
 
-from .models.delta_adapter import DeltaBlockProjection
+from .models.delta_adapter import DeltaAdapterModel, DeltaBlockProjection
 
 
 class _DeltaBranch:
@@ -161,3 +161,29 @@ class Flux2DeltaParallelSelfAttnProcessor(_DeltaBranch):
 
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
+
+
+def delta_processors_for(transformer, adapter: DeltaAdapterModel) -> dict[str, _DeltaBranch]:
+    """One Delta-Adapter processor per attention layer of a FLUX.2 transformer, keeping each layer's backend.
+
+    Args:
+        transformer: the `Flux2Transformer2DModel` whose attention layers get the processors.
+        adapter: the `DeltaAdapterModel` whose per-block projections they use.
+
+    Returns:
+        A dict for `transformer.set_attn_processor`.
+    """
+    processors = {}
+    for name, original in transformer.attn_processors.items():
+        block_type, index = name.split(".")[:2]
+        if block_type == "transformer_blocks":
+            processor = Flux2DeltaAttnProcessor(adapter.double_blocks[int(index)])
+        elif block_type == "single_transformer_blocks":
+            processor = Flux2DeltaParallelSelfAttnProcessor(adapter.single_blocks[int(index)])
+        else:
+            raise ValueError(f"Unexpected attention layer {name} in a FLUX.2 transformer.")
+        # Keep any attention backend or parallel config the user chose for the layer.
+        processor._attention_backend = original._attention_backend
+        processor._parallel_config = original._parallel_config
+        processors[name] = processor
+    return processors

@@ -16,7 +16,7 @@ from diffusers.utils import _get_model_file
 from safetensors import SafetensorError, safe_open
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
-from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
+from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
 from .image_inputs import ImageInput
 from .models.delta_adapter import DeltaAdapterModel
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
@@ -24,6 +24,8 @@ from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semanti
 
 EMPTY_PROMPT_EMBEDS_NAME = "empty_prompt_embeds.safetensors"
 ADAPTER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA format, written by the training script
+LORA_ADAPTER_NAME = "delta_adapter"
 _UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
@@ -72,6 +74,8 @@ class DeltaAdapterMixin:
 
     #: Original attention processors, kept while an adapter is loaded so that unloading restores them exactly.
     _delta_original_processors: dict | None = None
+    #: Whether the loaded adapter brought a LoRA for the transformer (peft adapter `LORA_ADAPTER_NAME`).
+    _delta_lora_loaded: bool = False
     #: (1, L, D_txt) embeddings of the empty prompt, from the adapter folder or `compute_empty_prompt_embeds`.
     empty_prompt_embeds: torch.Tensor | None = None
 
@@ -122,7 +126,7 @@ class DeltaAdapterMixin:
                     f"The state dict does not fit the adapter config: missing keys {loaded.missing_keys[:5]}, "
                     f"unexpected keys {loaded.unexpected_keys[:5]}. Pass the adapter_config of these weights."
                 )
-            empty_prompt_embeds = None
+            empty_prompt_embeds = lora_state_dict = None
         else:
             source = str(source)
             config = self._load_adapter_config(source, subfolder, hub_kwargs)
@@ -132,6 +136,7 @@ class DeltaAdapterMixin:
             self._check_adapter_fits(config, image_encoder)
             adapter = self._load_adapter_model(source, subfolder, hub_kwargs)
             empty_prompt_embeds = self._load_empty_prompt_embeds(source, subfolder, hub_kwargs)
+            lora_state_dict = self._load_lora_state_dict(source, subfolder, hub_kwargs)
 
         for model in (adapter, image_encoder):
             # Only cast when needed: diffusers warns on every dtype cast through `to()`.
@@ -140,7 +145,13 @@ class DeltaAdapterMixin:
             model.eval()
             model.requires_grad_(False)
 
-        # Nothing has been changed so far; from here on nothing can fail.
+        # Nothing has been changed so far. The LoRA (if any) goes first: it is the one step that could still fail.
+        if self._delta_lora_loaded:
+            self.delete_adapters(LORA_ADAPTER_NAME)
+            self._delta_lora_loaded = False
+        if lora_state_dict is not None:
+            self.load_lora_weights(lora_state_dict, adapter_name=LORA_ADAPTER_NAME)
+            self._delta_lora_loaded = True
         if self._delta_original_processors is None:
             self._delta_original_processors = dict(self.transformer.attn_processors)
         self.register_modules(delta_adapter=adapter, image_encoder=image_encoder, feature_extractor=feature_extractor)
@@ -224,6 +235,19 @@ class DeltaAdapterMixin:
                 "diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
             ) from None
 
+    @staticmethod
+    def _load_lora_state_dict(source: str, subfolder: str | None, hub_kwargs: dict) -> dict | None:
+        try:
+            path = _get_model_file(source, weights_name=LORA_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+        except OSError:
+            return None  # optional: most adapters train no LoRA
+        try:
+            return safetensors.torch.load_file(path)
+        except SafetensorError as error:
+            raise ValueError(
+                f"{LORA_WEIGHTS_NAME} in {source!r} is corrupt ({error}). Download it again with force_download=True."
+            ) from None
+
     def _check_adapter_fits(self, adapter_config, image_encoder: SiglipVisionModel) -> None:
         mismatches = DeltaAdapterModel.signature_mismatches(
             adapter_config, self.transformer, image_encoder.config.hidden_size
@@ -235,20 +259,9 @@ class DeltaAdapterMixin:
             )
 
     def _attach_delta_processors(self, adapter: DeltaAdapterModel) -> None:
-        processors = {}
-        for name in self._delta_original_processors:
-            block_type, index = name.split(".")[:2]
-            if block_type == "transformer_blocks":
-                processors[name] = Flux2DeltaAttnProcessor(adapter.double_blocks[int(index)])
-            elif block_type == "single_transformer_blocks":
-                processors[name] = Flux2DeltaParallelSelfAttnProcessor(adapter.single_blocks[int(index)])
-            else:
-                raise ValueError(f"Unexpected attention layer {name} in a FLUX.2 transformer.")
-        # Keep any attention backend the user chose on the original processors.
-        for name, processor in processors.items():
-            processor._attention_backend = self._delta_original_processors[name]._attention_backend
-            processor._parallel_config = self._delta_original_processors[name]._parallel_config
-        self.transformer.set_attn_processor(processors)
+        """Routes every attention layer through the adapter (replacing the processors of an earlier adapter)."""
+        self.transformer.set_attn_processor(dict(self._delta_original_processors))
+        self.transformer.set_attn_processor(delta_processors_for(self.transformer, adapter))
 
     # ------------------------------------------------------------------ using
 
@@ -295,11 +308,14 @@ class DeltaAdapterMixin:
             processor.scale = float(value)
 
     def unload_delta_adapter(self) -> None:
-        """Removes the adapter, its image encoder and stored embeddings; restores the original processors."""
+        """Removes the adapter, its LoRA, image encoder and stored embeddings; restores the original processors."""
         if self._delta_original_processors is None:
             return
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self._delta_original_processors = None
+        if self._delta_lora_loaded:
+            self.delete_adapters(LORA_ADAPTER_NAME)
+            self._delta_lora_loaded = False
         self.empty_prompt_embeds = None
         self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)
 
@@ -334,24 +350,59 @@ class DeltaAdapterMixin:
 
     # ------------------------------------------------------------------ saving
 
-    def save_delta_adapter(self, save_directory: str | os.PathLike, save_image_encoder: bool = True) -> None:
+    def save_delta_adapter(
+        self, save_directory: str | os.PathLike, save_image_encoder: bool = True, model_card=None
+    ) -> None:
         """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only).
 
         Args:
             save_directory: the folder to write (created if missing).
             save_image_encoder: also write `image_encoder/` (with its preprocessing config), so the folder is
                 self-contained.
+            model_card: a `huggingface_hub.ModelCard` (see `diffusers_delta.hub.render_model_card`) to write as
+                `README.md`.
         """
         if getattr(self, "delta_adapter", None) is None:
             raise RuntimeError("No Delta-Adapter is loaded: nothing to save.")
-        os.makedirs(save_directory, exist_ok=True)
-        self.delta_adapter.save_pretrained(save_directory, safe_serialization=True)
-        if save_image_encoder:
-            encoder_dir = os.path.join(save_directory, "image_encoder")
-            self.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
-            self.feature_extractor.save_pretrained(encoder_dir)
-        if self.empty_prompt_embeds is not None:
-            safetensors.torch.save_file(
-                {"prompt_embeds": self.empty_prompt_embeds.detach().to("cpu").contiguous()},
-                os.path.join(save_directory, EMPTY_PROMPT_EMBEDS_NAME),
-            )
+        save_adapter_folder(
+            save_directory,
+            self.delta_adapter,
+            image_encoder=self.image_encoder if save_image_encoder else None,
+            feature_extractor=self.feature_extractor,
+            empty_prompt_embeds=self.empty_prompt_embeds,
+            model_card=model_card,
+        )
+
+
+def save_adapter_folder(
+    save_directory: str | os.PathLike,
+    adapter: DeltaAdapterModel,
+    image_encoder: SiglipVisionModel | None = None,
+    feature_extractor: SiglipImageProcessorPil | None = None,
+    empty_prompt_embeds: torch.Tensor | None = None,
+    model_card=None,
+) -> None:
+    """Writes an adapter folder: config and weights, and optionally `image_encoder/`, the empty prompt's embeddings
+    and the model card. `save_delta_adapter` and the training script both write through here.
+
+    Args:
+        save_directory: the folder (created if missing).
+        adapter: the adapter.
+        image_encoder: the SigLIP encoder to store in `image_encoder/`.
+        feature_extractor: its preprocessing config (SigLIP's default at the encoder's size if `None`).
+        empty_prompt_embeds: (1, L, D_txt) embeddings of the empty prompt.
+        model_card: a `huggingface_hub.ModelCard` to save as `README.md`.
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    adapter.save_pretrained(save_directory, safe_serialization=True)
+    if image_encoder is not None:
+        encoder_dir = os.path.join(save_directory, "image_encoder")
+        image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+        (feature_extractor or _default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
+    if empty_prompt_embeds is not None:
+        safetensors.torch.save_file(
+            {"prompt_embeds": empty_prompt_embeds.detach().to("cpu").contiguous()},
+            os.path.join(save_directory, EMPTY_PROMPT_EMBEDS_NAME),
+        )
+    if model_card is not None:
+        model_card.save(os.path.join(save_directory, "README.md"))

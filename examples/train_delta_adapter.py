@@ -1,0 +1,716 @@
+#!/usr/bin/env python
+"""Train a Delta-Adapter on FLUX.2 [klein] from single exemplar pairs.
+
+Each (source, target) pair supervises itself: the source is the query, the semantic delta of the pair conditions the
+frozen transformer through the adapter, and the target is reconstructed with flow matching, plus the semantic-delta
+consistency loss (Delta-Adapter, sections 4.1 and 4.4). Only adapter weights train (and, with --lora_rank, a LoRA on
+the transformer). Runs under accelerate on one or many GPUs (or CPU processes):
+
+    accelerate launch examples/train_delta_adapter.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.2-klein-4B \
+        --train_data_dir pairs/ --output_dir delta-adapter --max_train_steps 10000
+
+See examples/README.md for data layouts, multi-GPU runs, resuming and publishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import load_image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
+
+from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, compute_empty_prompt_embeds
+from diffusers_delta.data import (
+    HubPairDataset,
+    LocalPairDataset,
+    PairTransform,
+    SideBySideDataset,
+    StreamingHubPairDataset,
+    TransformedPairs,
+    TransformedStream,
+    collate_pairs,
+)
+from diffusers_delta.grids import make_edit_grid
+from diffusers_delta.hub import EXAMPLE_FILES, push_adapter_folder, render_model_card
+from diffusers_delta.loaders import save_adapter_folder
+from diffusers_delta.losses import loss_weighting, sample_sigmas
+from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
+from diffusers_delta.training import DeltaAdapterObjective, encode_latents
+
+
+logger = get_logger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Every attention projection of both block types (the double blocks' `to_out` is a ModuleList: take its Linear).
+LORA_TARGETS = (
+    r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a Delta-Adapter on FLUX.2 [klein] from single pairs.")
+    models = parser.add_argument_group("models")
+    models.add_argument("--pretrained_model_name_or_path", required=True, help="FLUX.2 [klein] Hub id or folder.")
+    models.add_argument("--revision", default=None, help="Revision of the base model.")
+    models.add_argument("--variant", default=None, help="Weight variant of the base model (e.g. 'bf16').")
+    models.add_argument("--image_encoder", default="google/siglip-so400m-patch14-384", help="SigLIP Hub id/folder.")
+    models.add_argument("--pretrained_adapter", default=None, help="Start from this adapter folder or Hub id.")
+    models.add_argument("--num_edit_tokens", type=int, default=32, help="Edit tokens N of a new adapter.")
+    models.add_argument("--resampler_dim", type=int, default=1280, help="Perceiver width of a new adapter.")
+    models.add_argument("--resampler_depth", type=int, default=4, help="Perceiver layers of a new adapter.")
+    models.add_argument("--resampler_heads", type=int, default=20, help="Perceiver heads of a new adapter.")
+    models.add_argument("--lora_rank", type=int, default=0, help="Also train a LoRA of this rank on the transformer.")
+    models.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (defaults to the rank).")
+    models.add_argument("--max_sequence_length", type=int, default=512, help="Padded length of the empty prompt.")
+    models.add_argument(
+        "--text_encoder_out_layers",
+        type=int,
+        nargs="+",
+        default=[9, 18, 27],
+        help="Qwen3 layers stacked into the prompt embeddings (klein's default).",
+    )
+
+    data = parser.add_argument_group("data (one source)")
+    data.add_argument("--dataset_name", default=None, help="A Hub dataset (or local dataset folder) for `datasets`.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--streaming", action="store_true", help="Stream the Hub dataset (needs --max_train_steps).")
+    data.add_argument("--source_column", default="source_image", help="Column of source images.")
+    data.add_argument("--target_column", default="edited_image", help="Column of target images.")
+    data.add_argument("--train_data_dir", default=None, help="Local pairs: source/ + target/, or metadata.jsonl.")
+    data.add_argument(
+        "--side_by_side_data_dir",
+        default=None,
+        help="Relation252K layout: TASK/NAME.jpg, each image source|target side by side.",
+    )
+    data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
+    data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every pair's latents and SigLIP features once before training.",
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="delta-adapter")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute the frozen transformer's (and VAE decoder's) activations in backward.",
+    )
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config; frozen models are cast to it.",
+    )
+    train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss (0: off).")
+    train.add_argument(
+        "--weighting_scheme", default="none", choices=["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
+    )
+    train.add_argument("--logit_mean", type=float, default=0.0)
+    train.add_argument("--logit_std", type=float, default=1.0)
+    train.add_argument("--mode_scale", type=float, default=1.29)
+
+    saving = parser.add_argument_group("checkpoints, logging, validation, publishing")
+    saving.add_argument("--checkpointing_steps", type=int, default=500)
+    saving.add_argument("--checkpoints_total_limit", type=int, default=None)
+    saving.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    saving.add_argument("--logging_dir", default="logs")
+    saving.add_argument("--report_to", default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'.")
+    saving.add_argument(
+        "--validation_exemplar",
+        nargs=3,
+        action="append",
+        metavar=("SOURCE", "TARGET", "QUERY"),
+        help="An exemplar pair and a query to render during training (repeatable).",
+    )
+    saving.add_argument("--validation_steps", type=int, default=500)
+    saving.add_argument("--validation_inference_steps", type=int, default=4)
+    saving.add_argument("--push_to_hub", action="store_true")
+    saving.add_argument("--hub_model_id", default=None, help="Repo to push to (defaults to the output folder name).")
+    saving.add_argument("--hub_token", default=None)
+    saving.add_argument("--license", default="apache-2.0", help="License of the trained adapter (for the card).")
+
+    args = parser.parse_args(input_args)
+    sources = [args.dataset_name, args.train_data_dir, args.side_by_side_data_dir]
+    if sum(source is not None for source in sources) != 1:
+        parser.error("Give exactly one of --dataset_name, --train_data_dir, --side_by_side_data_dir.")
+    if args.streaming and (args.dataset_name is None or args.max_train_steps is None or args.cache_latents):
+        parser.error("--streaming needs --dataset_name and --max_train_steps, and cannot --cache_latents.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
+    """The training pairs, transformed to tensors: a map-style dataset, or a stream already split per rank."""
+    if args.train_data_dir:
+        return TransformedPairs(LocalPairDataset(args.train_data_dir), transform)
+    if args.side_by_side_data_dir:
+        return TransformedPairs(SideBySideDataset(args.side_by_side_data_dir), transform)
+    import datasets  # only needed for Hub datasets
+
+    dataset = datasets.load_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        split=args.dataset_split,
+        cache_dir=args.cache_dir,
+        streaming=args.streaming,
+    )
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = split_dataset_by_node(
+            dataset.shuffle(seed=args.seed), rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+        return TransformedStream(StreamingHubPairDataset(dataset, args.source_column, args.target_column), transform)
+    return TransformedPairs(HubPairDataset(dataset, args.source_column, args.target_column), transform)
+
+
+def epoch_batches(num_items: int, epoch: int, args, accelerator: Accelerator) -> list[list[int]]:
+    """This rank's batches of dataset indices for an epoch: a seeded permutation, sharded, the last part dropped.
+
+    A pure function of (seed, epoch, rank), so a resumed run sees exactly the data the uninterrupted one would.
+    """
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    per_rank = num_items // accelerator.num_processes
+    shard = order[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+    usable = len(shard) // args.train_batch_size * args.train_batch_size
+    return [shard[i : i + args.train_batch_size] for i in range(0, usable, args.train_batch_size)]
+
+
+class EncodedPairs(torch.utils.data.Dataset):
+    """Pairs already encoded (latents and SigLIP features), kept on the CPU (`--cache_latents`)."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+@torch.no_grad()
+def encode_batch(batch: dict, vae, image_encoder, device) -> dict:
+    """Pixels -> latents and SigLIP features (a cached batch already holds them)."""
+    if "source_latents" in batch:
+        return {key: value.to(device) for key, value in batch.items() if key != "skipped"}
+    pixels = torch.cat([batch["source_pixels"], batch["target_pixels"]]).to(device)  # (2B, 3, R, R)
+    latents = encode_latents(vae, pixels)  # (2B, 4C, h, w)
+    siglip = torch.cat([batch["source_siglip"], batch["target_siglip"]]).to(device, image_encoder.dtype)
+    features = patch_features(image_encoder, siglip)  # (2B, P, D)
+    source_latents, target_latents = latents.chunk(2)
+    source_features, target_features = features.chunk(2)
+    return {
+        "source_latents": source_latents,
+        "target_latents": target_latents,
+        "source_features": source_features,
+        "target_features": target_features,
+    }
+
+
+def cache_encoded_pairs(pairs, vae, image_encoder, accelerator: Accelerator) -> EncodedPairs:
+    """Encodes every pair once (each rank encodes all of them: ranks then read any index)."""
+    items = []
+    for index in tqdm(range(len(pairs)), desc="Caching latents", disable=not accelerator.is_local_main_process):
+        item = pairs[index]
+        encoded = encode_batch(collate_pairs([item]), vae, image_encoder, accelerator.device)
+        items.append({**{key: value[0].cpu() for key, value in encoded.items()}, "skipped": item["skipped"]})
+    return EncodedPairs(items)
+
+
+def step_generator(args, step: int, micro_step: int, accelerator: Accelerator) -> torch.Generator:
+    """The noise and σ of a micro-step depend only on (seed, step, micro-step, rank): resumes are exact."""
+    key = f"{args.seed}/{step}/{micro_step}/{accelerator.process_index}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """Completed checkpoints in `output_dir`, oldest first (half-written `.tmp` folders are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if m)
+
+
+def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
+    """Writes `checkpoint-STEP` atomically (a temporary folder renamed when complete), then prunes old ones.
+
+    A run killed while saving leaves only a `.tmp` folder behind; the previous checkpoint stays whole.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process and os.path.isdir(temporary):
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if args.checkpoints_total_limit is not None:
+            for old in checkpoint_steps(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume(args) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    steps = checkpoint_steps(args.output_dir)
+    return os.path.join(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def render_validation(args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, step):
+    """Edits each validation query by its exemplar and returns the grid (exemplar src → tgt | query | output)."""
+    model = accelerator.unwrap_model(objective)
+    pipe = FluxDeltaEditPipeline(
+        scheduler=scheduler,
+        vae=model.vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=model.transformer,
+        image_encoder=model.image_encoder,
+        feature_extractor=feature_extractor,
+        delta_adapter=model.adapter,
+    )
+    pipe.empty_prompt_embeds = prompt_embeds
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for source, target, query in args.validation_exemplar:
+        source, target, query = load_image(source), load_image(target), load_image(query)
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+        with accelerator.autocast():
+            edited = pipe(
+                query.resize((args.resolution, args.resolution)),
+                exemplar=(source, target),
+                generator=generator,
+                num_inference_steps=args.validation_inference_steps,
+                max_sequence_length=args.max_sequence_length,
+            ).images[0]
+        rows.append([source, target, query, edited])
+    grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", "output"])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid)}, step=step)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> None:
+    project_config = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+
+    # 1. Frozen components, and the empty prompt's embeddings (then the text encoder goes)
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    base = args.pretrained_model_name_or_path
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+    vae = AutoencoderKLFlux2.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    transformer = Flux2Transformer2DModel.from_pretrained(base, subfolder="transformer", variant=args.variant, **hub)
+    image_encoder = SiglipVisionModel.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
+    try:
+        feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
+    except OSError:
+        size = image_encoder.config.image_size
+        feature_extractor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    text_pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=None,
+        transformer=None,
+        text_encoder=Qwen3ForCausalLM.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub).to(
+            device, weight_dtype
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub),
+    )
+    prompt_embeds = compute_empty_prompt_embeds(
+        text_pipe,
+        max_sequence_length=args.max_sequence_length,
+        text_encoder_out_layers=tuple(args.text_encoder_out_layers),
+    )  # (1, L, D_txt) on the CPU
+    del text_pipe
+
+    for model in (vae, transformer, image_encoder):
+        model.requires_grad_(False)
+        model.eval()
+        model.to(device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+
+    # 2. The adapter (float32 master weights) and the optional LoRA
+    if args.pretrained_adapter:
+        adapter = DeltaAdapterModel.from_pretrained(args.pretrained_adapter, cache_dir=args.cache_dir)
+    else:
+        adapter = DeltaAdapterModel.from_transformer(
+            transformer,
+            image_encoder.config.hidden_size,
+            num_edit_tokens=args.num_edit_tokens,
+            resampler_dim=args.resampler_dim,
+            resampler_depth=args.resampler_depth,
+            resampler_heads=args.resampler_heads,
+            resampler_head_dim=args.resampler_dim // args.resampler_heads,
+        )
+    adapter.to(device).train()
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()  # train LoRA in float32 under mixed precision
+
+    preprocessor = SiglipPreprocessor.from_feature_extractor(feature_extractor)
+    objective = DeltaAdapterObjective(
+        adapter, transformer, vae, image_encoder, preprocessor, prompt_embeds.to(device), args.lambda_delta
+    )
+    if accelerator.num_processes > 1:  # DDP syncs only what trains; the frozen billions are never broadcast
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, objective.frozen_state_names())
+    trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # 3. Checkpoints hold the adapter in its release format (plus LoRA), never the frozen model
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(models[0])
+            save_adapter_folder(output_dir, model.adapter, empty_prompt_embeds=prompt_embeds)
+            if args.lora_rank:
+                save_lora(model.transformer, output_dir)
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        loaded = DeltaAdapterModel.from_pretrained(input_dir)
+        model.adapter.load_state_dict(loaded.state_dict())
+        if args.lora_rank:
+            load_lora(model.transformer, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # 4. Data
+    transform = PairTransform(
+        args.resolution, preprocessor, multiple_of=2 * 2 ** (len(vae.config.block_out_channels) - 1)
+    )
+    pairs = load_pairs(args, accelerator, transform)
+    streaming = isinstance(pairs, torch.utils.data.IterableDataset)
+    if args.cache_latents:
+        pairs = cache_encoded_pairs(pairs, vae, image_encoder, accelerator)
+    if streaming:
+        batches_per_epoch = None
+    else:
+        batches_per_epoch = len(pairs) // accelerator.num_processes // args.train_batch_size
+        if batches_per_epoch == 0:
+            raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {args.train_batch_size} per process.")
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    steps_per_epoch = (
+        math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else args.max_train_steps
+    )
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("delta-adapter", config={k: str(v) for k, v in vars(args).items()})
+
+    # 5. Resume
+    global_step = 0
+    resume_path = resolve_resume(args)
+    if resume_path:
+        accelerator.load_state(resume_path)
+        global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
+        logger.info(f"Resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"Training {sum(p.numel() for p in trainable):,} parameters for {args.max_train_steps} steps, "
+        f"{pairs_per_step} pairs per step."
+    )
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # its training σ grid
+    summary = {"skipped_pairs": 0, "nonfinite_steps": [], "losses": {}, "data_order": {}}
+
+    # 6. Train
+    epoch = global_step // steps_per_epoch
+    objective.train()
+    while global_step < args.max_train_steps:
+        micro_batches = iterate_epoch(args, accelerator, pairs, streaming, epoch, global_step, steps_per_epoch)
+        for micro_step, (indices, batch) in enumerate(micro_batches):
+            summary["skipped_pairs"] += batch.pop("skipped")
+            with accelerator.accumulate(objective):
+                encoded = encode_batch(batch, vae, image_encoder, device)
+                batch_size = encoded["target_latents"].shape[0]
+                generator = step_generator(
+                    args, global_step, micro_step % args.gradient_accumulation_steps, accelerator
+                )
+                sigmas = sample_sigmas(
+                    noise_scheduler,
+                    batch_size,
+                    args.weighting_scheme,
+                    args.logit_mean,
+                    args.logit_std,
+                    args.mode_scale,
+                    generator=generator,
+                )
+                noise = torch.randn(encoded["target_latents"].shape, generator=generator).to(
+                    device, encoded["target_latents"].dtype
+                )
+                losses = objective(
+                    **encoded,
+                    noise=noise,
+                    sigmas=sigmas.to(device),
+                    loss_weights=loss_weighting(args.weighting_scheme, sigmas),
+                )
+                loss = losses["loss"]
+                # All ranks skip together, or DDP would wait forever on the one that stepped.
+                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
+                if not finite:
+                    # Backpropagate a zero through every trainable weight: DDP's reduction stays in step and the
+                    # gradients are exactly zero; the optimizer and LR scheduler do not step.
+                    loss = sum(parameter.sum() * 0.0 for parameter in trainable)
+                accelerator.backward(loss)
+                if finite and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                if finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not finite:
+                summary["nonfinite_steps"].append(global_step + 1)
+                logger.warning(f"Non-finite loss at step {global_step + 1}: step skipped.")
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                logs = {
+                    "loss": loss.detach().item(),
+                    "flow_matching": losses["flow_matching"].item(),
+                    "delta_consistency": losses["delta_consistency"].item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "skipped_pairs": summary["skipped_pairs"],
+                }
+                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+                accelerator.log(logs, step=global_step)
+                summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
+                summary["data_order"][global_step] = indices
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if (
+                    args.validation_exemplar
+                    and global_step % args.validation_steps == 0
+                    and accelerator.is_main_process
+                ):
+                    render_validation(
+                        args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+                    )
+                if global_step >= args.max_train_steps:
+                    break
+        epoch += 1
+
+    # 7. The release folder: adapter, SigLIP, empty prompt, LoRA, validation grid, model card
+    accelerator.wait_for_everyone()
+    fingerprint = adapter_fingerprint(accelerator.unwrap_model(objective).adapter).to(device)
+    fingerprints = accelerator.gather(fingerprint.unsqueeze(0))  # (ranks, 2)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(objective)
+        grid = None
+        if args.validation_exemplar:
+            grid = render_validation(
+                args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+            )
+        save_release(args, model, feature_extractor, prompt_embeds, grid, global_step, accelerator.num_processes)
+        summary["rank_fingerprints"] = fingerprints.tolist()
+        summary["ranks_identical"] = bool((fingerprints == fingerprints[0]).all())
+        summary["global_step"] = global_step
+        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
+            json.dump(summary, file, indent=1)
+        if summary["skipped_pairs"]:
+            logger.warning(f"Skipped {summary['skipped_pairs']} unreadable pairs in all.")
+        if not summary["ranks_identical"]:
+            raise RuntimeError(f"Adapter weights differ across ranks: {fingerprints.tolist()}")
+    accelerator.end_training()
+
+
+def iterate_epoch(args, accelerator, pairs, streaming: bool, epoch: int, global_step: int, steps_per_epoch: int):
+    """(indices, batch) pairs of one epoch for this rank, starting where `global_step` left off."""
+    if streaming:
+        pairs.set_epoch(epoch)
+        loader = DataLoader(
+            pairs, batch_size=args.train_batch_size, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers
+        )
+        done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        return ((None, batch) for batch in itertools.islice(loader, done, None))
+    batches = epoch_batches(len(pairs), epoch, args, accelerator)
+    done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps  # micro-batches already used
+    remaining = batches[done:]
+    loader = DataLoader(
+        pairs, batch_sampler=remaining, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers
+    )
+    return zip(remaining, loader)
+
+
+def adapter_fingerprint(adapter: DeltaAdapterModel) -> torch.Tensor:
+    """(2,) float64 summary of all weights; equal on every rank when DDP kept them in sync."""
+    flat = torch.cat([parameter.detach().double().flatten() for parameter in adapter.parameters()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 97
+    return torch.stack([flat.sum(), (flat * weights).sum()])
+
+
+def save_lora(transformer, folder: str) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    Flux2KleinPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
+
+
+def load_lora(transformer, folder: str) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = Flux2KleinPipeline.lora_state_dict(folder)
+    state_dict = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+    set_peft_model_state_dict(transformer, state_dict)
+
+
+def save_release(args, model, feature_extractor, prompt_embeds, grid, global_step: int, num_processes: int) -> None:
+    """Writes the folder `load_delta_adapter` reads into `--output_dir`, with its card; pushes it if asked."""
+    output_dir = Path(args.output_dir)
+    has_examples = bool(args.validation_exemplar)
+    if has_examples:
+        grid.save(output_dir / "validation.png")
+        (output_dir / "examples").mkdir(exist_ok=True)
+        for path, name in zip(args.validation_exemplar[0], EXAMPLE_FILES):
+            load_image(path).save(output_dir / name)
+    repo_id = args.hub_model_id or output_dir.name
+    card = render_model_card(
+        model.adapter,
+        repo_id=repo_id,
+        base_model=args.pretrained_model_name_or_path,
+        image_encoder=args.image_encoder,
+        license=args.license,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        training={
+            "steps": global_step,
+            "pairs per step (per device × devices × accumulation)": " × ".join(
+                str(n) for n in (args.train_batch_size, num_processes, args.gradient_accumulation_steps)
+            ),
+            "learning rate": args.learning_rate,
+            "λ_delta": args.lambda_delta,
+            "resolution": args.resolution,
+            "timestep sampling": args.weighting_scheme,
+            "mixed precision": args.mixed_precision or "no",
+            "LoRA rank": args.lora_rank or "none",
+        },
+        validation_grid="validation.png" if has_examples else None,
+        example_files=has_examples,
+    )
+    save_adapter_folder(
+        output_dir, model.adapter, model.image_encoder, feature_extractor, prompt_embeds, model_card=card
+    )
+    if args.lora_rank:
+        save_lora(model.transformer, str(output_dir))
+    if args.push_to_hub:
+        url = push_adapter_folder(output_dir, repo_id, token=args.hub_token)
+        logger.info(f"Pushed to {url}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,1 @@
+"""Model-card templates, installed as the `diffusers_delta.hub_cards` package (see setup.py)."""

@@ -1,0 +1,255 @@
+"""Exemplar-pair datasets for training: a local folder, Relation252K's side-by-side layout, or a Hub dataset.
+
+Every dataset yields `{"source": PIL, "target": PIL}` items, or `None` for a pair that cannot be read. The
+transformed views (`TransformedPairs`, `TransformedStream`) skip those and count them in each item's `skipped`, so a
+batch always has its full size (every rank of a distributed run steps together) and the count reaches the log.
+
+Local folder layouts (`LocalPairDataset`):
+
+    root/source/NAME.png + root/target/NAME.png      (any image suffix; pairs matched by NAME)
+    root/metadata.jsonl                              one {"source": "a.png", "target": "b.png"} per line,
+                                                     paths relative to root
+
+Relation252K layout (`SideBySideDataset`): `root/TASK/NAME.jpg`, each file the source (left half) and the target
+(right half) side by side; each folder is one editing task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import PIL.Image
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from .image_inputs import pil_to_tensor, to_rgb_image
+from .semantic_delta import SiglipPreprocessor
+
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+_UNREADABLE = (OSError, ValueError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError)
+
+
+def split_side_by_side(image: PIL.Image.Image) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """Cuts a side-by-side pair into (left = source, right = target); an odd middle column is dropped."""
+    half = image.width // 2
+    return image.crop((0, 0, half, image.height)), image.crop((image.width - half, 0, image.width, image.height))
+
+
+def _open_rgb(path: Path) -> PIL.Image.Image | None:
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return to_rgb_image(image, name=str(path), min_side=1)
+    except _UNREADABLE as error:
+        logger.warning("Skipping unreadable image %s: %s", path, error)
+        return None
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+class LocalPairDataset(Dataset):
+    """Pairs from a local folder (`source/` + `target/`, or `metadata.jsonl`; see the module docstring).
+
+    Args:
+        root: the folder.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        metadata = self.root / "metadata.jsonl"
+        if metadata.is_file():
+            records = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+            pairs = [(self.root / r["source"], self.root / r["target"]) for r in records]
+        elif (self.root / "source").is_dir() and (self.root / "target").is_dir():
+            sources, targets = _image_files(self.root / "source"), _image_files(self.root / "target")
+            pairs = [(sources[name], targets[name]) for name in sorted(sources.keys() & targets.keys())]
+            unmatched = len(sources.keys() ^ targets.keys())
+            if unmatched:
+                logger.warning("Skipped %d images of %s without a counterpart.", unmatched, self.root)
+        else:
+            raise ValueError(
+                f"{self.root} is not a pair folder: expected source/ and target/ subfolders with matching file "
+                'names, or a metadata.jsonl with one {"source": ..., "target": ...} per line.'
+            )
+        self.pairs = [(s, t) for s, t in pairs if s.is_file() and t.is_file()]
+        if len(self.pairs) < len(pairs):
+            logger.warning("Skipped %d pairs of %s whose files are missing.", len(pairs) - len(self.pairs), self.root)
+        if not self.pairs:
+            raise ValueError(f"No readable pairs in {self.root}.")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict | None:
+        source_path, target_path = self.pairs[index]
+        source, target = _open_rgb(source_path), _open_rgb(target_path)
+        return None if source is None or target is None else {"source": source, "target": target}
+
+
+class SideBySideDataset(Dataset):
+    """Relation252K's layout: `root/TASK/NAME.ext`, each image a source|target pair side by side.
+
+    Args:
+        root: the dataset folder (one subfolder per task).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.glob("*/*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"No side-by-side images in {self.root}: expected {self.root}/TASK/NAME.jpg files.")
+        self.tasks = sorted({p.parent.name for p in self.files})
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict | None:
+        image = _open_rgb(self.files[index])
+        if image is None or image.width < 2:
+            return None
+        source, target = split_side_by_side(image)
+        return {"source": source, "target": target}
+
+
+def _hub_pair(example: dict, source_column: str, target_column: str) -> dict | None:
+    try:
+        return {
+            "source": to_rgb_image(example[source_column], name=source_column, min_side=1),
+            "target": to_rgb_image(example[target_column], name=target_column, min_side=1),
+        }
+    except (*_UNREADABLE, TypeError, KeyError) as error:
+        logger.warning("Skipping an unreadable Hub example: %s", error)
+        return None
+
+
+class HubPairDataset(Dataset):
+    """A map-style `datasets.Dataset` with a source and a target image column.
+
+    Args:
+        dataset: the loaded `datasets.Dataset`.
+        source_column: the column holding source images.
+        target_column: the column holding target images.
+    """
+
+    def __init__(self, dataset, source_column: str, target_column: str):
+        missing = {source_column, target_column} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"The dataset has no column {sorted(missing)}; its columns are {dataset.column_names}.")
+        self.dataset, self.source_column, self.target_column = dataset, source_column, target_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return _hub_pair(self.dataset[index], self.source_column, self.target_column)
+
+
+class StreamingHubPairDataset(IterableDataset):
+    """A streaming `datasets.IterableDataset` with a source and a target image column (already split per rank).
+
+    Args:
+        dataset: the streaming dataset.
+        source_column: the column holding source images.
+        target_column: the column holding target images.
+    """
+
+    def __init__(self, dataset, source_column: str, target_column: str):
+        self.dataset, self.source_column, self.target_column = dataset, source_column, target_column
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        for example in self.dataset:
+            yield _hub_pair(example, self.source_column, self.target_column)
+
+
+class PairTransform:
+    """PIL pair -> tensors for the VAE (square, [-1, 1]) and for SigLIP (normalised).
+
+    Args:
+        resolution: side of the square training images (resized on the short side, centre-cropped).
+        siglip_preprocessor: SigLIP's preprocessing.
+        multiple_of: the VAE-and-patchify granularity the resolution must respect.
+    """
+
+    def __init__(self, resolution: int, siglip_preprocessor: SiglipPreprocessor, multiple_of: int = 16):
+        if resolution % multiple_of:
+            raise ValueError(f"--resolution must be a multiple of {multiple_of}, got {resolution}.")
+        self.resolution = resolution
+        self.siglip_preprocessor = siglip_preprocessor
+
+    def _square(self, image: PIL.Image.Image) -> torch.Tensor:
+        scale = self.resolution / min(image.size)
+        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        image = image.resize(size, PIL.Image.Resampling.BICUBIC)
+        left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        return pil_to_tensor(image)  # (3, R, R) in [0, 1]
+
+    def __call__(self, pair: dict | None) -> dict | None:
+        if pair is None:
+            return None
+        source, target = self._square(pair["source"]), self._square(pair["target"])  # (3, R, R) each
+        siglip = self.siglip_preprocessor(torch.stack([source, target]))  # (2, 3, S, S)
+        return {
+            "source_pixels": source * 2 - 1,
+            "target_pixels": target * 2 - 1,
+            "source_siglip": siglip[0],
+            "target_siglip": siglip[1],
+        }
+
+
+class TransformedPairs(Dataset):
+    """Applies a `PairTransform` to a map-style pair dataset; an unreadable pair is replaced by the next readable one.
+
+    The replacement is deterministic (the next index, wrapping around), so the data order of a run stays a pure
+    function of its seed, and `skipped` in the item counts the pairs passed over.
+    """
+
+    def __init__(self, pairs: Dataset, transform: PairTransform):
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.pairs)):
+            item = self.transform(self.pairs[(index + offset) % len(self.pairs)])
+            if item is not None:
+                return {**item, "skipped": offset}
+        raise ValueError("No pair of the dataset can be read.")
+
+
+class TransformedStream(IterableDataset):
+    """Applies a `PairTransform` to a streaming pair dataset, dropping unreadable pairs and counting them."""
+
+    def __init__(self, pairs: StreamingHubPairDataset, transform: PairTransform):
+        self.pairs, self.transform = pairs, transform
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pairs.set_epoch(epoch)
+
+    def __iter__(self):
+        skipped = 0
+        for pair in self.pairs:
+            item = self.transform(pair)
+            if item is None:
+                skipped += 1
+                continue
+            yield {**item, "skipped": skipped}
+            skipped = 0
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stacks a batch of transformed pairs; `skipped` sums the unreadable pairs passed over to fill it."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "skipped"}
+    batch["skipped"] = sum(item.get("skipped", 0) for item in items)
+    return batch

@@ -1,0 +1,96 @@
+import json
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_delta.data import (
+    HubPairDataset,
+    LocalPairDataset,
+    PairTransform,
+    SideBySideDataset,
+    TransformedPairs,
+    collate_pairs,
+    split_side_by_side,
+)
+from diffusers_delta.semantic_delta import SiglipPreprocessor
+from diffusers_delta.testing import random_image
+
+
+def test_split_side_by_side_recovers_both_halves():
+    source, target = np.asarray(random_image(1, (48, 32))), np.asarray(random_image(2, (48, 32)))
+    joined = PIL.Image.fromarray(np.concatenate([source, target], axis=1))  # as Relation252K stores a pair
+    left, right = split_side_by_side(joined)
+    assert np.array_equal(np.asarray(left), source) and np.array_equal(np.asarray(right), target)
+    odd = PIL.Image.fromarray(np.concatenate([source, np.zeros((32, 1, 3), np.uint8), target], axis=1))
+    left, right = split_side_by_side(odd)  # a 1-pixel divider is dropped
+    assert np.array_equal(np.asarray(left), source) and np.array_equal(np.asarray(right), target)
+
+
+def test_local_folder_layout_matches_names_and_skips_what_it_cannot_read(tmp_path, caplog):
+    for folder in ("source", "target"):
+        (tmp_path / folder).mkdir()
+    for name, seed in (("a", 0), ("b", 1), ("broken", 2)):
+        random_image(seed).save(tmp_path / "source" / f"{name}.png")
+        random_image(seed + 10).save(tmp_path / "target" / f"{name}.jpg")
+    random_image(5).save(tmp_path / "source" / "lonely.png")
+    (tmp_path / "source" / "broken.png").write_bytes(b"not an image")
+    dataset = LocalPairDataset(tmp_path)
+    assert [s.stem for s, _ in dataset.pairs] == ["a", "b", "broken"]
+    assert "1 images" in caplog.text  # lonely.png has no counterpart
+    assert dataset[0]["source"].size == (64, 64) and dataset[2] is None
+    transformed = TransformedPairs(dataset, PairTransform(64, SiglipPreprocessor(32)))
+    replaced = transformed[2]  # the broken pair gives way to the next readable one (wrapping to index 0)
+    assert replaced["skipped"] == 1 and torch.equal(replaced["source_pixels"], transformed[0]["source_pixels"])
+    assert collate_pairs([replaced, transformed[1]])["skipped"] == 1
+
+
+def test_local_metadata_jsonl_layout(tmp_path):
+    random_image(0).save(tmp_path / "x.png")
+    random_image(1).save(tmp_path / "y.png")
+    lines = [{"source": "x.png", "target": "y.png"}, {"source": "x.png", "target": "missing.png"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    dataset = LocalPairDataset(tmp_path)
+    assert len(dataset) == 1
+    assert np.array_equal(np.asarray(dataset[0]["target"]), np.asarray(random_image(1)))
+
+
+def test_local_folder_of_another_layout_says_which_layouts_work(tmp_path):
+    with pytest.raises(ValueError, match="source/ and target/.*metadata.jsonl"):
+        LocalPairDataset(tmp_path)
+
+
+def test_side_by_side_dataset_reads_tasks_from_folders(tmp_path):
+    for task in ("recolor", "sketch"):
+        (tmp_path / task).mkdir()
+        joined = np.concatenate([np.asarray(random_image(1)), np.asarray(random_image(2))], axis=1)
+        PIL.Image.fromarray(joined).save(tmp_path / task / "0001.png")
+    dataset = SideBySideDataset(tmp_path)
+    assert dataset.tasks == ["recolor", "sketch"] and len(dataset) == 2
+    assert np.array_equal(np.asarray(dataset[0]["source"]), np.asarray(random_image(1)))
+
+
+def test_hub_dataset_columns(tmp_path):
+    table = datasets.Dataset.from_dict(
+        {"before": [random_image(0), random_image(1)], "after": [random_image(2), random_image(3)]},
+        features=datasets.Features({"before": datasets.Image(), "after": datasets.Image()}),
+    )
+    dataset = HubPairDataset(table, "before", "after")
+    assert np.array_equal(np.asarray(dataset[1]["target"]), np.asarray(random_image(3)))
+    with pytest.raises(ValueError, match=r"no column \['edited'\]"):
+        HubPairDataset(table, "before", "edited")
+
+
+def test_pair_transform_shapes_and_ranges():
+    transform = PairTransform(64, SiglipPreprocessor(32))
+    item = TransformedPairs([{"source": random_image(0, (96, 64)), "target": random_image(1)}], transform)[0]
+    assert item["source_pixels"].shape == item["target_pixels"].shape == (3, 64, 64)
+    assert item["source_pixels"].min() >= -1 and item["source_pixels"].max() <= 1
+    assert item["source_siglip"].shape == (3, 32, 32) and item["skipped"] == 0
+    batch = collate_pairs([item, item])
+    assert batch["skipped"] == 0 and batch["target_pixels"].shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        PairTransform(72, SiglipPreprocessor(32))
+    assert torch.is_tensor(batch["source_siglip"])

@@ -1,0 +1,210 @@
+"""examples/train_delta_adapter.py on tiny models saved to folders: launched as users launch it, and in-process
+where a test must reach inside (a crash at a chosen step, a non-finite loss)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import SiglipImageProcessorPil
+
+from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.testing import TEXT_KWARGS, random_image, tiny_image_encoder, tiny_klein_components
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import train_delta_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny FLUX.2 [klein] folder, a tiny SigLIP folder, and training pairs in each supported layout."""
+    root = tmp_path_factory.mktemp("training")
+    components = tiny_klein_components()
+    from diffusers import Flux2KleinPipeline
+
+    Flux2KleinPipeline(**components).save_pretrained(root / "base")
+    tiny_image_encoder().save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
+    for folder in ("source", "target"):
+        (root / "pairs" / folder).mkdir(parents=True)
+    for i in range(5):
+        random_image(i).save(root / "pairs" / "source" / f"{i}.png")
+        random_image(100 + i).save(root / "pairs" / "target" / f"{i}.png")
+    (root / "pairs" / "source" / "9-broken.png").write_bytes(b"not an image")
+    random_image(9).save(root / "pairs" / "target" / "9-broken.png")
+    (root / "side_by_side" / "task").mkdir(parents=True)
+    for i in range(4):
+        joined = np.concatenate([np.asarray(random_image(i)), np.asarray(random_image(100 + i))], axis=1)
+        PIL.Image.fromarray(joined).save(root / "side_by_side" / "task" / f"{i}.png")
+    table = datasets.Dataset.from_dict(
+        {"before": [random_image(i) for i in range(4)], "after": [random_image(100 + i) for i in range(4)]},
+        features=datasets.Features({"before": datasets.Image(), "after": datasets.Image()}),
+    )
+    (root / "hub_dataset").mkdir()
+    table.to_parquet(str(root / "hub_dataset" / "train.parquet"))
+    return root
+
+
+def arguments(folders, output_dir, *extra) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(folders / "base"), "--image_encoder", str(folders / "siglip"),
+        "--resolution", "64", "--num_edit_tokens", "4", "--resampler_dim", "16", "--resampler_depth", "1",
+        "--resampler_heads", "2", "--max_sequence_length", "16", "--text_encoder_out_layers", "1", "2", "3",
+        "--output_dir", str(output_dir), "--report_to", "none", "--learning_rate", "1e-3", *extra,
+    ]  # fmt: skip
+
+
+def launch(args: list[str], *launcher: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_machines",
+        "1",
+        str(EXAMPLES / "train_delta_adapter.py"),
+        *args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def summary(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "training_summary.json").read_text())
+
+
+def adapter_weights(folder) -> dict:
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def test_launched_run_writes_a_folder_the_pipeline_loads(folders, tmp_path):
+    output = tmp_path / "run"
+    pair = [str(folders / "pairs" / name / "0.png") for name in ("source", "target", "source")]
+    launch(
+        arguments(folders, output, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "3",
+                  "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--validation_exemplar", *pair,
+                  "--validation_steps", "2", "--report_to", "tensorboard"),
+        "--num_processes", "1", "--cpu",
+    )  # fmt: skip
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (output / "validation.png").is_file() and (output / "examples" / "query.png").is_file()
+    assert list((output / "logs").rglob("events.out.tfevents.*"))  # both losses went to tensorboard
+    assert "library_name: diffusers" in (output / "README.md").read_text()
+    run = summary(output)
+    assert run["global_step"] == 3 and run["nonfinite_steps"] == []
+    assert all(set(losses) == {"flow_matching", "delta_consistency"} for losses in run["losses"].values())
+
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components())
+    pipe.load_delta_adapter(output)  # adapter, SigLIP and the empty prompt, from the release folder
+    assert pipe.empty_prompt_embeds.shape == (1, 16, 48)
+    trained = adapter_weights(output)
+    assert any(trained[k].abs().sum() > 0 for k in trained if "to_v_delta" in k)  # it learned something
+    query = random_image(7)
+    images = pipe(query, exemplar=(random_image(1), random_image(2)), output_type="np", **TEXT_KWARGS).images
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_unreadable_pairs_are_counted(folders, tmp_path):
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6",
+                  "--checkpointing_steps", "100")
+    ))  # fmt: skip
+    assert summary(tmp_path)["skipped_pairs"] == 1  # 9-broken.png, met once in an epoch of 6 pairs
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_is_exact(folders, tmp_path, monkeypatch):
+    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6", "--checkpointing_steps", "2",
+              "--gradient_accumulation_steps", "1", "--lr_scheduler", "linear"]  # fmt: skip
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
+
+    real_save = train_delta_adapter.save_checkpoint
+
+    def save_then_crash(accelerator, args, step):
+        real_save(accelerator, args, step)
+        if step == 4:
+            raise Crash
+
+    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *common)))
+    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", real_save)
+    (tmp_path / "resumed" / "checkpoint-6.tmp").mkdir()  # a save that was killed half-way
+    (tmp_path / "resumed" / "checkpoint-6.tmp" / "optimizer.bin").write_bytes(b"trunc")
+    train_delta_adapter.main(
+        train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *common, "--resume_from_checkpoint",
+                                                 "latest"))
+    )  # fmt: skip
+
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    whole_optimizer = torch.load(tmp_path / "whole" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    resumed_optimizer = torch.load(tmp_path / "resumed" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    for index, state in whole_optimizer["state"].items():
+        assert all(torch.equal(value, resumed_optimizer["state"][index][key]) for key, value in state.items())
+    whole_order, resumed_order = summary(tmp_path / "whole")["data_order"], summary(tmp_path / "resumed")["data_order"]
+    assert resumed_order == {step: whole_order[step] for step in ("5", "6")}
+    assert not (tmp_path / "resumed" / "checkpoint-6.tmp").exists()
+
+
+def test_non_finite_loss_skips_the_step(folders, tmp_path, monkeypatch):
+    forward = train_delta_adapter.DeltaAdapterObjective.forward
+    calls = []
+
+    def sometimes_nan(self, *args, **kwargs):
+        losses = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_delta_adapter.DeltaAdapterObjective, "forward", sometimes_nan)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "3",
+                  "--checkpointing_steps", "100")
+    ))  # fmt: skip
+    assert summary(tmp_path)["nonfinite_steps"] == [2] and summary(tmp_path)["global_step"] == 3
+    assert all(torch.isfinite(value).all() for value in adapter_weights(tmp_path).values())
+
+
+def test_hub_dataset_with_cached_latents(folders, tmp_path):
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--dataset_name", str(folders / "hub_dataset"), "--source_column", "before",
+                  "--target_column", "after", "--cache_latents", "--max_train_steps", "2", "--checkpointing_steps",
+                  "100", "--lambda_delta", "0")
+    ))  # fmt: skip
+    run = summary(tmp_path)
+    assert run["global_step"] == 2 and all(step["delta_consistency"] == 0 for step in run["losses"].values())
+
+
+def test_two_processes_keep_identical_weights(folders, tmp_path):
+    """ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 (gloo), on Relation252K's layout."""
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        launch(
+            arguments(folders, tmp_path, "--side_by_side_data_dir", str(folders / "side_by_side"),
+                      "--max_train_steps", "2", "--checkpointing_steps", "100"),
+            "--multi_gpu", "--num_processes", "2",
+        )  # fmt: skip
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    run = summary(tmp_path)
+    assert len(run["rank_fingerprints"]) == 2 and run["ranks_identical"]
+    assert run["rank_fingerprints"][0] != pytest.approx([0, 0])
