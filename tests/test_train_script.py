@@ -208,3 +208,35 @@ def test_two_processes_keep_identical_weights(folders, tmp_path):
     run = summary(tmp_path)
     assert len(run["rank_fingerprints"]) == 2 and run["ranks_identical"]
     assert run["rank_fingerprints"][0] != pytest.approx([0, 0])
+
+
+def test_lora_is_saved_in_diffusers_format_and_loaded_with_the_adapter(folders, tmp_path):
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "2",
+                  "--checkpointing_steps", "1", "--lora_rank", "2")
+    ))  # fmt: skip
+    lora = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert lora and all(key.startswith("transformer.") for key in lora)
+    assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components())
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(random_image(7), exemplar=(random_image(1), random_image(2)), delta_scale=0.0,
+                    generator=generator, output_type="np", **TEXT_KWARGS).images  # fmt: skip
+
+    pipe.load_delta_adapter(tmp_path)
+    with_lora = render()
+    assert pipe.get_list_adapters() == {"transformer": ["delta_adapter"]}
+    pipe.unload_delta_adapter()
+    assert pipe.get_list_adapters() == {}
+    pipe.load_delta_adapter(tmp_path, image_encoder_folder=str(tmp_path / "image_encoder"))
+    assert (render() == with_lora).all()
+    pipe.unload_delta_adapter()
+    base = pipe.__class__.__mro__[2].__call__(
+        pipe, image=random_image(7), prompt="", num_inference_steps=4, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0), output_type="np", **TEXT_KWARGS,
+    ).images  # fmt: skip
+    assert not (base == with_lora).all()  # the LoRA changed the transformer, and unloading removed it

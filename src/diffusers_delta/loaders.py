@@ -173,7 +173,7 @@ class DeltaAdapterMixin:
                 "pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
             )
         if os.path.isdir(image_encoder_folder):  # a folder of its own, anywhere on disk
-            source, encoder_subfolder = image_encoder_folder, None
+            source, encoder_subfolder = image_encoder_folder, ""
         elif "/" in image_encoder_folder:  # a path inside the repo, as for IP-Adapters
             encoder_subfolder = image_encoder_folder
         else:
