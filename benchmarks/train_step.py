@@ -34,9 +34,10 @@ def _rss_mb() -> float:
 
 def measure(lambda_delta: float, checkpointing: bool, steps: int, queue) -> None:
     from diffusers_delta.image_inputs import pil_to_tensor
+    from diffusers_delta.latents import encode_latents
     from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
     from diffusers_delta.testing import SMALL, random_image, tiny_adapter, tiny_image_encoder, tiny_klein_components
-    from diffusers_delta.training import DeltaAdapterObjective, encode_latents
+    from diffusers_delta.training import DeltaAdapterObjective
 
     components = tiny_klein_components(SMALL)
     transformer, vae, encoder = components["transformer"], components["vae"], tiny_image_encoder(SMALL)

@@ -51,10 +51,11 @@ from diffusers_delta.data import (
 )
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_adapter_folder, render_model_card
+from diffusers_delta.latents import encode_latents
 from diffusers_delta.loaders import save_adapter_folder
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
-from diffusers_delta.training import DeltaAdapterObjective, encode_latents
+from diffusers_delta.training import DeltaAdapterObjective
 
 
 logger = get_logger(__name__)
@@ -530,82 +531,85 @@ def main(args: argparse.Namespace) -> None:
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # its training σ grid
     summary = {"skipped_pairs": 0, "nonfinite_steps": [], "losses": {}, "data_order": {}}
 
-    # 6. Train
-    epoch = global_step // steps_per_epoch
-    objective.train()
-    while global_step < args.max_train_steps:
-        micro_batches = iterate_epoch(args, accelerator, pairs, streaming, epoch, global_step, steps_per_epoch)
-        for micro_step, (indices, batch) in enumerate(micro_batches):
-            summary["skipped_pairs"] += batch.pop("skipped")
-            with accelerator.accumulate(objective):
-                encoded = encode_batch(batch, vae, image_encoder, device)
-                batch_size = encoded["target_latents"].shape[0]
-                generator = step_generator(
-                    args, global_step, micro_step % args.gradient_accumulation_steps, accelerator
-                )
-                sigmas = sample_sigmas(
-                    noise_scheduler,
-                    batch_size,
-                    args.weighting_scheme,
-                    args.logit_mean,
-                    args.logit_std,
-                    args.mode_scale,
-                    generator=generator,
-                )
-                noise = torch.randn(encoded["target_latents"].shape, generator=generator).to(
-                    device, encoded["target_latents"].dtype
-                )
-                losses = objective(
-                    **encoded,
-                    noise=noise,
-                    sigmas=sigmas.to(device),
-                    loss_weights=loss_weighting(args.weighting_scheme, sigmas),
-                )
-                loss = losses["loss"]
-                # All ranks skip together, or DDP would wait forever on the one that stepped.
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
-                if not finite:
-                    # Backpropagate a zero through every trainable weight: DDP's reduction stays in step and the
-                    # gradients are exactly zero; the optimizer and LR scheduler do not step.
-                    loss = sum(parameter.sum() * 0.0 for parameter in trainable)
-                accelerator.backward(loss)
-                if finite and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                if finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not finite:
-                summary["nonfinite_steps"].append(global_step + 1)
-                logger.warning(f"Non-finite loss at step {global_step + 1}: step skipped.")
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                logs = {
-                    "loss": loss.detach().item(),
-                    "flow_matching": losses["flow_matching"].item(),
-                    "delta_consistency": losses["delta_consistency"].item(),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "skipped_pairs": summary["skipped_pairs"],
-                }
-                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-                accelerator.log(logs, step=global_step)
-                summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
-                summary["data_order"][global_step] = indices
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
-                if (
-                    args.validation_exemplar
-                    and global_step % args.validation_steps == 0
-                    and accelerator.is_main_process
-                ):
-                    render_validation(
-                        args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+    # 6. Train (the progress bar closes even if a step raises)
+    try:
+        epoch = global_step // steps_per_epoch
+        objective.train()
+        while global_step < args.max_train_steps:
+            micro_batches = iterate_epoch(args, accelerator, pairs, streaming, epoch, global_step, steps_per_epoch)
+            for micro_step, (indices, batch) in enumerate(micro_batches):
+                summary["skipped_pairs"] += batch.pop("skipped")
+                with accelerator.accumulate(objective):
+                    encoded = encode_batch(batch, vae, image_encoder, device)
+                    batch_size = encoded["target_latents"].shape[0]
+                    generator = step_generator(
+                        args, global_step, micro_step % args.gradient_accumulation_steps, accelerator
                     )
-                if global_step >= args.max_train_steps:
-                    break
-        epoch += 1
+                    sigmas = sample_sigmas(
+                        noise_scheduler,
+                        batch_size,
+                        args.weighting_scheme,
+                        args.logit_mean,
+                        args.logit_std,
+                        args.mode_scale,
+                        generator=generator,
+                    )
+                    noise = torch.randn(encoded["target_latents"].shape, generator=generator).to(
+                        device, encoded["target_latents"].dtype
+                    )
+                    losses = objective(
+                        **encoded,
+                        noise=noise,
+                        sigmas=sigmas.to(device),
+                        loss_weights=loss_weighting(args.weighting_scheme, sigmas),
+                    )
+                    loss = losses["loss"]
+                    # All ranks skip together, or DDP would wait forever on the one that stepped.
+                    finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
+                    if not finite:
+                        # Backpropagate a zero through every trainable weight: DDP's reduction stays in step and the
+                        # gradients are exactly zero; the optimizer and LR scheduler do not step.
+                        loss = sum(parameter.sum() * 0.0 for parameter in trainable)
+                    accelerator.backward(loss)
+                    if finite and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    if finite:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                if not finite:
+                    summary["nonfinite_steps"].append(global_step + 1)
+                    logger.warning(f"Non-finite loss at step {global_step + 1}: step skipped.")
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    progress.update(1)
+                    logs = {
+                        "loss": loss.detach().item(),
+                        "flow_matching": losses["flow_matching"].item(),
+                        "delta_consistency": losses["delta_consistency"].item(),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "skipped_pairs": summary["skipped_pairs"],
+                    }
+                    progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+                    accelerator.log(logs, step=global_step)
+                    summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
+                    summary["data_order"][global_step] = indices
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args, global_step)
+                    if (
+                        args.validation_exemplar
+                        and global_step % args.validation_steps == 0
+                        and accelerator.is_main_process
+                    ):
+                        render_validation(
+                            args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+                        )
+                    if global_step >= args.max_train_steps:
+                        break
+            epoch += 1
+    finally:
+        progress.close()
 
     # 7. The release folder: adapter, SigLIP, empty prompt, LoRA, validation grid, model card
     accelerator.wait_for_everyone()

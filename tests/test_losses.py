@@ -3,9 +3,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
 from diffusers_delta.image_inputs import pil_to_tensor
+from diffusers_delta.latents import decode_packed_latents, encode_latents
 from diffusers_delta.losses import (
     add_noise,
-    decode_packed_latents,
     delta_consistency_loss,
     estimate_clean_latents,
     flow_matching_loss,
@@ -21,7 +21,7 @@ from diffusers_delta.testing import (
     tiny_image_encoder,
     tiny_klein_components,
 )
-from diffusers_delta.training import DeltaAdapterObjective, encode_latents
+from diffusers_delta.training import DeltaAdapterObjective
 
 
 def test_noising_target_and_clean_estimate_are_consistent():

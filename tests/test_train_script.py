@@ -3,6 +3,7 @@ where a test must reach inside (a crash at a chosen step, a non-finite loss)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,15 @@ def launch(args: list[str], *launcher: str) -> None:
         str(EXAMPLES / "train_delta_adapter.py"),
         *args,
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def free_port() -> int:
+    """A port nobody listens on, so that back-to-back distributed runs never wait on each other's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def summary(output_dir) -> dict:
@@ -201,7 +209,7 @@ def test_two_processes_keep_identical_weights(folders, tmp_path):
         launch(
             arguments(folders, tmp_path, "--side_by_side_data_dir", str(folders / "side_by_side"),
                       "--max_train_steps", "2", "--checkpointing_steps", "100"),
-            "--multi_gpu", "--num_processes", "2",
+            "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
         )  # fmt: skip
     finally:
         del os.environ["ACCELERATE_USE_CPU"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from transformers import SiglipVisionModel
 
@@ -102,31 +102,6 @@ def flow_matching_loss(
 def estimate_clean_latents(noisy_latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """`x̂0 = x_t − σ·v̂`: (B, ...) noisy latents, (B, ...) predicted velocity, (B,) σ -> (B, ...)."""
     return noisy_latents - _per_sample(sigmas, noisy_latents) * velocity
-
-
-def decode_packed_latents(
-    vae: AutoencoderKLFlux2, packed_latents: torch.Tensor, latent_ids: torch.Tensor, height: int, width: int
-) -> torch.Tensor:
-    """Normalised, packed FLUX.2 latents -> images, differentiably.
-
-    Args:
-        vae: FLUX.2's VAE (its `bn` running statistics undo the normalisation).
-        packed_latents: (B, h·w, 4C) as the transformer sees them.
-        latent_ids: (B, h·w, 4) their position ids.
-        height: h, the patchified latent height.
-        width: w, the patchified latent width.
-
-    Returns:
-        (B, 3, H, W) images in [0, 1], float32.
-    """
-    latents = Flux2KleinPipeline._unpack_latents_with_ids(packed_latents, latent_ids, height, width)  # (B, 4C, h, w)
-    bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
-        latents.device, latents.dtype
-    )
-    latents = Flux2KleinPipeline._unpatchify_latents(latents * bn_std + bn_mean)  # (B, C, 2h, 2w)
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in about [-1, 1]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def patch_weights(delta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

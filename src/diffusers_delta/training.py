@@ -17,35 +17,15 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2D
 from transformers import SiglipVisionModel
 
 from .attention_processor import delta_processors_for
+from .latents import decode_packed_latents
 from .losses import (
     add_noise,
-    decode_packed_latents,
     estimate_clean_latents,
     flow_matching_loss,
     semantic_delta_consistency_loss,
 )
 from .models.delta_adapter import DeltaAdapterModel
 from .semantic_delta import SiglipPreprocessor, delta_from_features
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKLFlux2, pixels: torch.Tensor) -> torch.Tensor:
-    """Images -> FLUX.2's normalised, patchified latents, as the pipeline encodes its reference image.
-
-    Args:
-        vae: FLUX.2's VAE.
-        pixels: (B, 3, H, W) in [-1, 1].
-
-    Returns:
-        (B, 4C, H / 2f, W / 2f) for a VAE that downsamples f times (f = 8 for FLUX.2's).
-    """
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()  # (B, C, H / f, W / f)
-    latents = Flux2KleinPipeline._patchify_latents(latents)  # (B, 4C, H / 2f, W / 2f)
-    bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
-        latents.device, latents.dtype
-    )
-    return (latents - bn_mean) / bn_std
 
 
 class DeltaAdapterObjective(nn.Module):

@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
 from ..image_inputs import ImageInput, to_rgb_image
+from ..latents import unpack_to_vae_latents
 from ..loaders import DeltaAdapterMixin, ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
 
@@ -366,14 +367,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
 
         # 9. Decode
         patch = self.vae_scale_factor * 2
-        latents = self._unpack_latents_with_ids(
-            latents, latent_ids, height // patch, width // patch
-        )  # (B * n, C, h, w)
-        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
-            latents.device, latents.dtype
-        )
-        latents = self._unpatchify_latents(latents * bn_std + bn_mean)  # (B * n, C / 4, 2h, 2w)
+        latents = unpack_to_vae_latents(
+            self.vae, latents, latent_ids, height // patch, width // patch
+        )  # (B*n, C, 2h, 2w)
         if output_type == "latent":
             images = latents
         else:
