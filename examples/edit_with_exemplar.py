@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--query", required=True, help="Image to apply the same edit to.")
     parser.add_argument("--output", required=True, help="Where to write the edited image.")
     parser.add_argument("--scale", type=float, default=1.0, help="Edit strength (0 = the base model).")
+    parser.add_argument("--adapt-steps", type=int, default=0,
+                        help="First fine-tune the adapter on the exemplar for this many steps (test-time adaptation; "
+                             "the paper uses 20). 0 to skip.")  # fmt: skip
     parser.add_argument("--steps", type=int, default=4, help="Denoising steps (4 for the distilled klein).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pipe = load_pipeline(args)
     exemplar = (load_image(args.source), load_image(args.target))
+    if args.adapt_steps:
+        result = pipe.adapt_to_exemplar(
+            *exemplar, num_steps=args.adapt_steps, generator=torch.Generator().manual_seed(args.seed)
+        )
+        logger.info("Adapted for %d steps: loss %.4f -> %.4f", args.adapt_steps, result.losses[0], result.losses[-1])
     edited = pipe(
         load_image(args.query),
         exemplar=exemplar,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 
 from diffusers_delta import compute_empty_prompt_embeds
@@ -15,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import edit_with_exemplar  # noqa: E402
 
 
-def test_edit_with_exemplar_cli_matches_the_pipeline(delta_pipe, tmp_path):
+@pytest.mark.parametrize("adapt_steps", [0, 2])
+def test_edit_with_exemplar_cli_matches_the_pipeline(delta_pipe, tmp_path, adapt_steps):
     randomize_(delta_pipe.delta_adapter)
     delta_pipe.empty_prompt_embeds = compute_empty_prompt_embeds(delta_pipe, **TEXT_KWARGS)
     delta_pipe.save_delta_adapter(tmp_path / "adapter")
@@ -25,26 +27,18 @@ def test_edit_with_exemplar_cli_matches_the_pipeline(delta_pipe, tmp_path):
         paths[name] = tmp_path / f"{name}.png"
         random_image(seed).save(paths[name])
 
-    edit_with_exemplar.main(
-        [
-            "--base",
-            str(tmp_path / "base"),
-            "--adapter",
-            str(tmp_path / "adapter"),
-            "--source",
-            str(paths["source"]),
-            "--target",
-            str(paths["target"]),
-            "--query",
-            str(paths["query"]),
-            "--output",
-            str(tmp_path / "edited.png"),
-            "--device",
-            "cpu",
-            "--seed",
-            "3",
-        ]
-    )
+    # fmt: off
+    edit_with_exemplar.main([
+        "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+        "--source", str(paths["source"]), "--target", str(paths["target"]), "--query", str(paths["query"]),
+        "--output", str(tmp_path / "edited.png"), "--device", "cpu", "--seed", "3",
+        "--adapt-steps", str(adapt_steps),
+    ])
+    # fmt: on
+    if adapt_steps:  # the same adaptation, in memory, from the same loaded weights
+        delta_pipe.load_delta_adapter(tmp_path / "adapter")
+        source, target = PIL.Image.open(paths["source"]), PIL.Image.open(paths["target"])
+        delta_pipe.adapt_to_exemplar(source, target, num_steps=adapt_steps, generator=torch.Generator().manual_seed(3))
 
     expected = delta_pipe(
         PIL.Image.open(paths["query"]),

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 
 import safetensors.torch
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import _get_model_file
 from safetensors import SafetensorError, safe_open
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
+from .adaptation import AdaptationConfig, AdaptationResult, run_adaptation
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
-from .image_inputs import ImageInput
+from .hub import render_model_card
+from .image_inputs import ImageInput, to_rgb_image
+from .latents import encode_latents
 from .models.delta_adapter import DeltaAdapterModel
-from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
+from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features, semantic_delta
+from .training import DeltaAdapterObjective
 
 
 EMPTY_PROMPT_EMBEDS_NAME = "empty_prompt_embeds.safetensors"
@@ -45,6 +52,17 @@ def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
         if len(pair) != 2:
             raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {len(pair)}: {fix}.")
     return [tuple(pair) for pair in pairs]
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
+    """Moves a model, casting only when the dtype differs (diffusers warns on every cast through `to()`)."""
+    cast = {} if model.dtype == dtype else {"dtype": dtype}
+    if device is not None or cast:
+        model.to(device=device, **cast)
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def _default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
@@ -76,6 +94,11 @@ class DeltaAdapterMixin:
     _delta_original_processors: dict | None = None
     #: Whether the loaded adapter brought a LoRA for the transformer (peft adapter `LORA_ADAPTER_NAME`).
     _delta_lora_loaded: bool = False
+    #: The adapter's weights as loaded (detached copies): `reset_delta_adapter` restores them bit-for-bit.
+    _delta_loaded_state: dict[str, torch.Tensor] | None = None
+    #: Where the adapter came from (for model cards), and what test-time adaptation has done to it since.
+    _delta_adapter_source: str | None = None
+    _delta_adaptation: dict | None = None
     #: (1, L, D_txt) embeddings of the empty prompt, from the adapter folder or `compute_empty_prompt_embeds`.
     empty_prompt_embeds: torch.Tensor | None = None
 
@@ -139,9 +162,7 @@ class DeltaAdapterMixin:
             lora_state_dict = self._load_lora_state_dict(source, subfolder, hub_kwargs)
 
         for model in (adapter, image_encoder):
-            # Only cast when needed: diffusers warns on every dtype cast through `to()`.
-            cast = {} if model.dtype == self.transformer.dtype else {"dtype": self.transformer.dtype}
-            model.to(device=self.transformer.device, **cast)
+            _cast(model, self.transformer.dtype, self.transformer.device)
             model.eval()
             model.requires_grad_(False)
 
@@ -158,6 +179,7 @@ class DeltaAdapterMixin:
         if empty_prompt_embeds is not None:
             self.empty_prompt_embeds = empty_prompt_embeds
         self._attach_delta_processors(adapter)
+        self._remember_loaded_adapter(adapter, "state dict" if isinstance(source, dict) else source)
 
     def _resolve_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs):
         """The pipeline's own encoder when it has one, else the one in the adapter repo."""
@@ -258,6 +280,11 @@ class DeltaAdapterMixin:
                 "trained for this transformer and image encoder."
             )
 
+    def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
+        self._delta_loaded_state = _copy_state(adapter)
+        self._delta_adapter_source = source
+        self._delta_adaptation = None
+
     def _attach_delta_processors(self, adapter: DeltaAdapterModel) -> None:
         """Routes every attention layer through the adapter (replacing the processors of an earlier adapter)."""
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
@@ -317,6 +344,7 @@ class DeltaAdapterMixin:
             self.delete_adapters(LORA_ADAPTER_NAME)
             self._delta_lora_loaded = False
         self.empty_prompt_embeds = None
+        self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)
 
     @torch.no_grad()
@@ -348,22 +376,168 @@ class DeltaAdapterMixin:
         mean_delta = deltas.mean(dim=0, keepdim=True).to(self.delta_adapter.dtype)  # (1, P, D_enc)
         return self.delta_adapter(mean_delta)  # (1, N, D_edit)
 
+    # ------------------------------------------------------------------ test-time adaptation
+
+    def adapt_to_exemplar(
+        self,
+        source: ImageInput,
+        target: ImageInput,
+        num_steps: int | None = None,
+        learning_rate: float | None = None,
+        lambda_delta: float | None = None,
+        generator: torch.Generator | None = None,
+        config: AdaptationConfig | None = None,
+        from_loaded: bool = True,
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+    ) -> AdaptationResult:
+        """Fine-tunes the adapter on one exemplar pair (flow matching + semantic-delta consistency), then edit as
+        usual. Only adapter weights change; `reset_delta_adapter()` brings back the loaded ones.
+
+        Args:
+            source: the exemplar's source image (it plays the query during adaptation).
+            target: the exemplar's target image.
+            num_steps: gradient steps (default `AdaptationConfig.num_steps`, 20).
+            learning_rate: AdamW learning rate (default `AdaptationConfig.learning_rate`).
+            lambda_delta: weight of the consistency loss (default 1).
+            generator: makes the noise draws, and so the result, reproducible.
+            config: every other setting (see `AdaptationConfig`); the three arguments above override it.
+            from_loaded: start from the loaded weights (default) rather than from the current, already adapted ones.
+            max_sequence_length: prompt length, when the empty prompt has to be encoded by the text encoder.
+            text_encoder_out_layers: Qwen3 layers stacked into the prompt embeddings, likewise.
+
+        Returns:
+            The loss of every step, with its two terms, and the settings used.
+
+        Raises:
+            ValueError: bad exemplar images or settings; FloatingPointError: the loss stopped being finite. In
+            either case (and on any other error) the adapter is left exactly as it was before the call.
+        """
+        if getattr(self, "delta_adapter", None) is None:
+            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
+        overrides = {"num_steps": num_steps, "learning_rate": learning_rate, "lambda_delta": lambda_delta}
+        config = replace(config or AdaptationConfig(), **{k: v for k, v in overrides.items() if v is not None})
+        if hasattr(self.transformer, "_hf_hook") or hasattr(self.vae, "_hf_hook"):
+            raise RuntimeError(
+                "adapt_to_exemplar backpropagates through the transformer, VAE and SigLIP at once, which model CPU "
+                "offloading keeps on different devices. Adapt before enable_model_cpu_offload(), or call "
+                "pipe.remove_all_hooks() and pipe.to(device) first."
+            )
+        device = self._execution_device
+        pair = self._encode_pair_for_training(source, target, device)
+        with torch.no_grad():
+            prompt_embeds = self._prompt_embeds("", None, max_sequence_length, text_encoder_out_layers).to(device)
+
+        adapter, transformer, vae = self.delta_adapter, self.transformer, self.vae
+        state_before = _copy_state(adapter)
+        processors = dict(transformer.attn_processors)  # with the user's per-block scales
+        checkpointing = (transformer.is_gradient_checkpointing, vae.is_gradient_checkpointing)
+        dtype = adapter.dtype
+        try:
+            if from_loaded:
+                adapter.load_state_dict(self._delta_loaded_state)
+            _cast(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
+            adapter.train().requires_grad_(True)
+            if config.gradient_checkpointing:
+                transformer.enable_gradient_checkpointing()
+                vae.enable_gradient_checkpointing()
+            preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
+            objective = DeltaAdapterObjective(
+                adapter, transformer, vae, self.image_encoder, preprocessor, prompt_embeds, config.lambda_delta
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+            with torch.enable_grad():
+                result = run_adaptation(objective, pair, config, scheduler, generator, self.progress_bar)
+        except BaseException:
+            _cast(adapter, dtype)
+            adapter.load_state_dict(state_before)
+            raise
+        finally:
+            _cast(adapter, dtype)
+            adapter.eval().requires_grad_(False)
+            for model, was_checkpointing in zip((transformer, vae), checkpointing):
+                if not was_checkpointing and model.is_gradient_checkpointing:
+                    model.disable_gradient_checkpointing()
+            transformer.set_attn_processor(processors)
+        self._delta_adaptation = {
+            "base_adapter": self._delta_adapter_source,
+            "num_steps": config.num_steps,
+            "learning_rate": config.learning_rate,
+            "lambda_delta": config.lambda_delta,
+        }
+        return result
+
+    @torch.no_grad()
+    def _encode_pair_for_training(self, source: ImageInput, target: ImageInput, device) -> dict[str, torch.Tensor]:
+        """The exemplar as the objective reads it: latents of both images at the source's size (as the pipeline
+        sizes a query), and SigLIP features as `encode_exemplar` computes them."""
+        source_pixels = self._preprocess_queries(source)  # (1, 3, H, W) in [-1, 1]
+        height, width = source_pixels.shape[-2:]
+        target_rgb = to_rgb_image(target, name="exemplar target")
+        target_pixels = self.image_processor.preprocess(target_rgb, height=height, width=width, resize_mode="crop")
+        latents = encode_latents(self.vae, torch.cat([source_pixels, target_pixels]).to(device))  # (2, 4C, h, w)
+        preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
+        siglip = images_to_siglip_pixels([source, target_rgb], preprocessor, "exemplar image")
+        features = patch_features(self.image_encoder, siglip.to(device, self.image_encoder.dtype))  # (2, P, D)
+        return {
+            "source_latents": latents[:1],
+            "target_latents": latents[1:],
+            "source_features": features[:1],
+            "target_features": features[1:],
+        }
+
+    def reset_delta_adapter(self) -> None:
+        """Restores the adapter's weights as they were loaded, bit-for-bit (undoing `adapt_to_exemplar`)."""
+        if getattr(self, "delta_adapter", None) is None:
+            raise RuntimeError("No Delta-Adapter is loaded: nothing to reset.")
+        self.delta_adapter.load_state_dict(self._delta_loaded_state)
+        self._delta_adaptation = None
+
+    @contextmanager
+    def adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
+        """`with pipe.adapted_to_exemplar(src, tgt) as result: ...` adapts, and on exit (exceptions included)
+        restores the adapter as it was on entry. Takes `adapt_to_exemplar`'s arguments; yields its result."""
+        state, adaptation = _copy_state(self.delta_adapter), self._delta_adaptation
+        try:
+            yield self.adapt_to_exemplar(source, target, **kwargs)
+        finally:
+            self.delta_adapter.load_state_dict(state)
+            self._delta_adaptation = adaptation
+
     # ------------------------------------------------------------------ saving
 
     def save_delta_adapter(
-        self, save_directory: str | os.PathLike, save_image_encoder: bool = True, model_card=None
+        self,
+        save_directory: str | os.PathLike,
+        save_image_encoder: bool = True,
+        model_card=None,
+        repo_id: str | None = None,
+        base_model: str | None = None,
     ) -> None:
-        """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only).
+        """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only), with a model card when
+        one is given, a `repo_id` is named, or the adapter was adapted at test time (the card then says so).
 
         Args:
             save_directory: the folder to write (created if missing).
             save_image_encoder: also write `image_encoder/` (with its preprocessing config), so the folder is
                 self-contained.
-            model_card: a `huggingface_hub.ModelCard` (see `diffusers_delta.hub.render_model_card`) to write as
-                `README.md`.
+            model_card: a `huggingface_hub.ModelCard` to write as `README.md` (see `hub.render_model_card`).
+            repo_id: the repo the rendered card's snippet loads (defaults to the folder's name).
+            base_model: the base checkpoint named in a rendered card (defaults to the pipeline's own).
         """
         if getattr(self, "delta_adapter", None) is None:
             raise RuntimeError("No Delta-Adapter is loaded: nothing to save.")
+        if model_card is None and (repo_id is not None or self._delta_adaptation is not None):
+            base_model = base_model or self.name_or_path or self.transformer.config.get("_name_or_path")
+            if not base_model:
+                raise ValueError("This pipeline was not loaded from a checkpoint: pass base_model= for the card.")
+            model_card = render_model_card(
+                self.delta_adapter,
+                repo_id=repo_id or os.path.basename(os.path.normpath(save_directory)),
+                base_model=str(base_model),
+                image_encoder=str(self.image_encoder.name_or_path or "SigLIP"),
+                adaptation=self._delta_adaptation,
+            )
         save_adapter_folder(
             save_directory,
             self.delta_adapter,

@@ -44,14 +44,15 @@ class SiglipPreprocessor:
         return cls(height, feature_extractor.image_mean, feature_extractor.image_std)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalised, same dtype and device."""
+        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalised, same dtype and device (computed in float32)."""
+        dtype, pixels = pixels.dtype, pixels.float()
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             pixels = F.interpolate(
                 pixels, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
             )
-        mean = torch.tensor(self.image_mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).to(dtype)
 
 
 def images_to_siglip_pixels(images: Sequence[ImageInput], preprocessor: SiglipPreprocessor, name: str) -> torch.Tensor:

@@ -122,6 +122,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             self._check_adapter_fits(delta_adapter.config, image_encoder)
             self._delta_original_processors = dict(transformer.attn_processors)
             self._attach_delta_processors(delta_adapter)
+            self._remember_loaded_adapter(
+                delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
+            )
 
     # ------------------------------------------------------------------ inputs
 

@@ -1,0 +1,110 @@
+"""Test-time adaptation: fine-tune a loaded Delta-Adapter on the one exemplar pair a user gives (section 4.5).
+
+Single-pair supervision makes this possible without a second pair: the exemplar's source is the query and its
+target the reconstruction target, exactly as in training, with the same objective (`DeltaAdapterObjective`).
+Only the adapter's weights move; the transformer, VAE and SigLIP stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .losses import sample_sigmas
+from .training import DeltaAdapterObjective
+
+
+@dataclass
+class AdaptationConfig:
+    """Settings of `adapt_to_exemplar`. The defaults were chosen by a sweep on the SMALL CPU configuration (see
+    `benchmarks/adaptation.py`): the loss on held-out noise fell fastest without diverging at this learning rate."""
+
+    num_steps: int = field(default=20, metadata={"help": "Gradient steps on the pair (the paper uses 20)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    lambda_delta: float = field(default=1.0, metadata={"help": "Weight of the semantic-delta consistency loss."})
+    noise_samples: int = field(
+        default=2, metadata={"help": "Noise draws of the pair per step (a batch), to steady the gradient."}
+    )
+    weighting_scheme: str = field(
+        default="logit_normal", metadata={"help": "Noise-level density: 'logit_normal', 'mode' or 'none'."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (none: the pair is all we have)."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute the frozen transformer's and VAE decoder's activations."}
+    )
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        if self.noise_samples < 1:
+            raise ValueError(f"noise_samples must be at least 1, got {self.noise_samples}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AdaptationResult:
+    """What `adapt_to_exemplar` did, step by step, so a user can see whether it converged.
+
+    Args:
+        losses: the total loss of each step.
+        flow_matching: its flow-matching term per step.
+        delta_consistency: its consistency term per step.
+        config: the settings used.
+    """
+
+    losses: list[float]
+    flow_matching: list[float]
+    delta_consistency: list[float]
+    config: AdaptationConfig
+
+
+def run_adaptation(
+    objective: DeltaAdapterObjective,
+    pair: dict[str, torch.Tensor],
+    config: AdaptationConfig,
+    scheduler,
+    generator: torch.Generator | None,
+    progress_bar,
+) -> AdaptationResult:
+    """The optimisation loop. Raises `FloatingPointError` on a non-finite loss (the caller restores the weights).
+
+    Args:
+        objective: the objective around the adapter to adapt (its adapter trains, nothing else).
+        pair: the encoded exemplar: `source_latents`, `target_latents` (1, 4C, h, w) and `source_features`,
+            `target_features` (1, P, D).
+        config: the settings.
+        scheduler: a flow-matching scheduler in its training state, for the σ grid.
+        generator: makes the noise and σ draws reproducible.
+        progress_bar: a context manager yielding a tqdm-like bar (the pipeline's `progress_bar`).
+    """
+    adapter = objective.adapter
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    batch = {key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in pair.items()}
+    target = batch["target_latents"]
+    losses, flow_matching, delta_consistency = [], [], []
+    with progress_bar(total=config.num_steps) as bar:
+        for step in range(config.num_steps):
+            sigmas = sample_sigmas(scheduler, config.noise_samples, config.weighting_scheme, generator=generator)
+            noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target.device, target.dtype)
+            terms = objective(**batch, noise=noise, sigmas=sigmas.to(target.device))
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(
+                    f"The adaptation loss became {terms['loss'].item()} at step {step + 1}: lower learning_rate."
+                )
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(terms["loss"].item())
+            flow_matching.append(terms["flow_matching"].item())
+            delta_consistency.append(terms["delta_consistency"].item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+    return AdaptationResult(losses, flow_matching, delta_consistency, config)

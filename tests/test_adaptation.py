@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.adaptation import AdaptationConfig
+from diffusers_delta.semantic_delta import SiglipPreprocessor
+from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_klein_components
+from diffusers_delta.training import DeltaAdapterObjective
+
+
+SOURCE, TARGET, QUERY = random_image(1), random_image(2), random_image(0)
+FAST = {"num_steps": 6, "learning_rate": 1e-2, **TEXT_KWARGS}
+
+
+def adapt(pipe, seed=0, **kwargs):
+    return pipe.adapt_to_exemplar(SOURCE, TARGET, generator=torch.Generator().manual_seed(seed), **{**FAST, **kwargs})
+
+
+def edit(pipe):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(QUERY, exemplar=(SOURCE, TARGET), generator=generator, output_type="np", **TEXT_KWARGS).images
+
+
+def state(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def same(first, second):
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture
+def pipe(delta_pipe):
+    randomize_(delta_pipe.delta_adapter, std=0.05)
+    delta_pipe._remember_loaded_adapter(delta_pipe.delta_adapter, "org/delta-adapter")  # as if loaded like this
+    return delta_pipe
+
+
+def test_only_adapter_weights_change(pipe):
+    frozen = {name: state(getattr(pipe, name)) for name in ("transformer", "vae", "image_encoder", "text_encoder")}
+    before = state(pipe.delta_adapter)
+    result = adapt(pipe)
+    assert len(result.losses) == len(result.flow_matching) == len(result.delta_consistency) == 6
+    assert not same(before, state(pipe.delta_adapter))
+    assert all(same(saved, state(getattr(pipe, name))) for name, saved in frozen.items())
+    assert all(not p.requires_grad for p in pipe.delta_adapter.parameters()) and not pipe.delta_adapter.training
+
+
+def test_the_loss_goes_down_on_held_out_noise(pipe):
+    pair = pipe._encode_pair_for_training(SOURCE, TARGET, "cpu")
+    prompt = pipe._prompt_embeds("", None, **TEXT_KWARGS).detach()
+    objective = DeltaAdapterObjective(
+        pipe.delta_adapter, pipe.transformer, pipe.vae, pipe.image_encoder, SiglipPreprocessor(32), prompt
+    )
+    batch = {key: value.expand(8, *value.shape[1:]) for key, value in pair.items()}
+    noise = torch.randn((8, *pair["target_latents"].shape[1:]), generator=torch.Generator().manual_seed(9))
+
+    def held_out_loss():
+        with torch.no_grad():
+            return objective(**batch, noise=noise, sigmas=torch.linspace(0.1, 0.9, 8))["loss"].item()
+
+    pipe._attach_delta_processors(pipe.delta_adapter)
+    before = held_out_loss()
+    result = adapt(pipe, num_steps=20)
+    after = held_out_loss()
+    assert after < before - 0.05
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_reset_restores_bit_for_bit_and_adapting_twice_starts_from_the_loaded_weights(pipe):
+    loaded, base_output = state(pipe.delta_adapter), edit(pipe)
+    adapt(pipe)
+    first = state(pipe.delta_adapter)
+    assert not (edit(pipe) == base_output).all()
+    adapt(pipe)
+    assert same(first, state(pipe.delta_adapter))  # from the loaded weights again, same seed: same result
+    adapt(pipe, from_loaded=False)
+    assert not same(first, state(pipe.delta_adapter))  # continued from the adapted weights
+    pipe.reset_delta_adapter()
+    assert same(loaded, state(pipe.delta_adapter)) and (edit(pipe) == base_output).all()
+
+
+def test_adaptation_is_deterministic_with_a_generator(pipe):
+    first = adapt(pipe, seed=3)
+    weights = state(pipe.delta_adapter)
+    second = adapt(pipe, seed=3)
+    assert first.losses == second.losses and same(weights, state(pipe.delta_adapter))
+    third = adapt(pipe, seed=4)
+    assert third.losses != first.losses
+
+
+def test_context_manager_restores_even_after_an_exception(pipe):
+    loaded = state(pipe.delta_adapter)
+    with pytest.raises(KeyError):
+        with pipe.adapted_to_exemplar(SOURCE, TARGET, generator=torch.Generator().manual_seed(0), **FAST) as result:
+            assert len(result.losses) == 6 and not same(loaded, state(pipe.delta_adapter))
+            raise KeyError("user code fails")
+    assert same(loaded, state(pipe.delta_adapter))
+
+
+def test_per_block_scales_survive_adaptation(pipe):
+    pipe.set_delta_adapter_scale({"double": [0.5], "single": [0.25, 1.0]})
+    adapt(pipe)
+    assert [p.scale for p in pipe.delta_processors.values()] == [0.5, 0.25, 1.0]
+
+
+def test_adapted_adapter_saves_with_its_card_reloads_and_edits_the_same(pipe, tmp_path):
+    adapt(pipe)
+    expected = edit(pipe)
+    pipe.save_delta_adapter(tmp_path, base_model="black-forest-labs/FLUX.2-klein-4B")
+    card = (tmp_path / "README.md").read_text()
+    assert "adapted at test time" in card and "`org/delta-adapter`" in card and "6 steps" in card
+    fresh = FluxDeltaEditPipeline(**tiny_klein_components())
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_delta_adapter(tmp_path)
+    assert (edit(fresh) == expected).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_steps": 0}, ValueError, "num_steps must be at least 1"),
+        ({"learning_rate": float("nan")}, ValueError, "learning_rate"),
+        ({"config": AdaptationConfig(noise_samples=2), "num_steps": -1}, ValueError, "num_steps"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_changes(pipe, kwargs, error, message):
+    before = state(pipe.delta_adapter)
+    with pytest.raises(error, match=message):
+        adapt(pipe, **kwargs)
+    assert same(before, state(pipe.delta_adapter))
+
+
+def test_bad_exemplar_and_non_finite_loss_leave_the_adapter_as_it_was(pipe, monkeypatch):
+    adapt(pipe)  # an adapter already adapted once: that is the state to keep
+    before, processors = state(pipe.delta_adapter), dict(pipe.transformer.attn_processors)
+    with pytest.raises(ValueError, match="query is 10x10"):
+        pipe.adapt_to_exemplar(random_image(0, (10, 10)), TARGET, **FAST)
+
+    forward = DeltaAdapterObjective.forward
+    calls = []
+
+    def nan_on_third_step(self, *args, **kwargs):
+        terms = forward(self, *args, **kwargs)
+        calls.append(1)
+        return {**terms, "loss": terms["loss"] * float("nan")} if len(calls) == 3 else terms
+
+    monkeypatch.setattr(DeltaAdapterObjective, "forward", nan_on_third_step)
+    with pytest.raises(FloatingPointError, match="at step 3: lower learning_rate"):
+        adapt(pipe)
+    assert same(before, state(pipe.delta_adapter))
+    assert dict(pipe.transformer.attn_processors) == processors
+
+
+def test_model_cpu_offload_is_refused_with_the_reason(pipe):
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(RuntimeError, match="offloading keeps on different devices"):
+        adapt(pipe)
+
+
+def test_bfloat16_pipeline_adapts_with_float32_master_weights(pipe):
+    pipe.to(torch.bfloat16)
+    result = adapt(pipe, num_steps=2)
+    assert pipe.delta_adapter.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(result.losses)))
