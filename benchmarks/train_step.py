@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
 import statistics
 import time
 
 import torch
+from peak_memory import peak_since_reset, reset_peak
 
 
 CONFIGS = {  # name: (lambda_delta, gradient_checkpointing)
@@ -25,11 +25,6 @@ CONFIGS = {  # name: (lambda_delta, gradient_checkpointing)
     "flow matching, checkpointed": (0.0, True),
     "flow matching + consistency, checkpointed": (1.0, True),
 }
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def measure(lambda_delta: float, checkpointing: bool, steps: int, queue) -> None:
@@ -67,15 +62,14 @@ def measure(lambda_delta: float, checkpointing: bool, steps: int, queue) -> None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    baseline = _rss_mb()
+    baseline = reset_peak()
     step()  # warm-up (allocates the optimizer state too)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    queue.put((statistics.median(times), peak - baseline))
+    queue.put((statistics.median(times), peak_since_reset() - baseline))
 
 
 def main() -> None:

@@ -438,7 +438,8 @@ class DeltaAdapterMixin:
                 adapter.load_state_dict(self._delta_loaded_state)
             _cast(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
             adapter.train().requires_grad_(True)
-            if config.gradient_checkpointing:
+            checkpoint = config.gradient_checkpointing
+            if checkpoint if checkpoint is not None else torch.device(device).type == "cuda":
                 transformer.enable_gradient_checkpointing()
                 vae.enable_gradient_checkpointing()
             preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
