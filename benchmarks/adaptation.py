@@ -25,22 +25,9 @@ from peak_memory import peak_since_reset, reset_peak
 
 
 def build():
-    from diffusers_delta import FluxDeltaEditPipeline
-    from diffusers_delta.testing import (
-        SMALL,
-        TEXT_KWARGS,
-        random_image,
-        randomize_,
-        tiny_adapter,
-        tiny_image_encoder,
-        tiny_klein_components,
-    )
+    from diffusers_delta.testing import SMALL, TEXT_KWARGS, random_image, tiny_delta_pipeline
 
-    pipe = FluxDeltaEditPipeline(**tiny_klein_components(SMALL))
-    pipe.register_modules(image_encoder=tiny_image_encoder(SMALL))
-    adapter = randomize_(tiny_adapter(pipe.transformer, SMALL), std=0.05)
-    pipe.load_delta_adapter(adapter.state_dict(), adapter_config=dict(adapter.config))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_delta_pipeline(SMALL, adapter_std=0.05)
     size = (SMALL.image_size, SMALL.image_size)
     source, target, query = random_image(1, size), random_image(2, size), random_image(0, size)
 

@@ -22,16 +22,7 @@ import time
 import torch
 from diffusers import Flux2KleinPipeline
 
-from diffusers_delta import FluxDeltaEditPipeline
-from diffusers_delta.testing import (
-    SMALL,
-    TEXT_KWARGS,
-    random_image,
-    randomize_,
-    tiny_adapter,
-    tiny_image_encoder,
-    tiny_klein_components,
-)
+from diffusers_delta.testing import SMALL, TEXT_KWARGS, random_image, tiny_delta_pipeline, tiny_klein_components
 
 
 def timed(function) -> float:
@@ -46,12 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = Flux2KleinPipeline(**tiny_klein_components(SMALL))
-    pipe = FluxDeltaEditPipeline(**tiny_klein_components(SMALL))  # same seeds: the same weights as `base`
-    pipe.register_modules(image_encoder=tiny_image_encoder(SMALL))
-    adapter = randomize_(tiny_adapter(pipe.transformer, SMALL), std=0.05)
-    pipe.load_delta_adapter(adapter.state_dict(), adapter_config=dict(adapter.config))
-    for p in (base, pipe):
-        p.set_progress_bar_config(disable=True)
+    pipe = tiny_delta_pipeline(SMALL, adapter_std=0.05)  # same seeds: the same base weights as `base`
+    base.set_progress_bar_config(disable=True)
 
     size = (SMALL.image_size, SMALL.image_size)
     query, exemplar = random_image(0, size), (random_image(1, size), random_image(2, size))

@@ -52,7 +52,7 @@ from diffusers_delta.data import (
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_adapter_folder, render_model_card
 from diffusers_delta.latents import encode_latents
-from diffusers_delta.loaders import save_adapter_folder
+from diffusers_delta.loaders import default_feature_extractor, save_adapter_folder
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.training import DeltaAdapterObjective
@@ -389,8 +389,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     except OSError:
-        size = image_encoder.config.image_size
-        feature_extractor = SiglipImageProcessorPil(size={"height": size, "width": size})
+        feature_extractor = default_feature_extractor(image_encoder)
     text_pipe = Flux2KleinPipeline(
         scheduler=scheduler,
         vae=None,
@@ -632,6 +631,11 @@ def main(args: argparse.Namespace) -> None:
             logger.warning(f"Skipped {summary['skipped_pairs']} unreadable pairs in all.")
         if not summary["ranks_identical"]:
             raise RuntimeError(f"Adapter weights differ across ranks: {fingerprints.tolist()}")
+    # Release DDP (its reducer holds the process group) while every rank is still here, before end_training tears
+    # the group down: left to interpreter exit, gloo's destructor can wait forever on a peer that has gone.
+    accelerator.wait_for_everyone()
+    del objective, optimizer, lr_scheduler
+    accelerator.free_memory()
     accelerator.end_training()
 
 

@@ -1,8 +1,9 @@
 """`DeltaAdapterMixin`: the Delta-Adapter lifecycle on a FLUX.2 pipeline, mirroring diffusers' IP-Adapter mixins.
 
-`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter` and
-`encode_exemplar`. Loading is atomic: everything is read and checked before the pipeline is touched, so a failed
-load leaves processors, components and outputs exactly as they were.
+`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter`,
+`encode_exemplar`, and test-time adaptation (`adapt_to_exemplar`, `reset_delta_adapter`, `adapted_to_exemplar`).
+Loading is atomic: everything is read and checked before the pipeline is touched, so a failed load leaves processors,
+components and outputs exactly as they were.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def _default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
+def default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
     """SigLIP's standard preprocessing at the encoder's resolution, for encoders saved without one."""
     size = image_encoder.config.image_size
     return SiglipImageProcessorPil(size={"height": size, "width": size})
@@ -184,7 +185,7 @@ class DeltaAdapterMixin:
     def _resolve_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs):
         """The pipeline's own encoder when it has one, else the one in the adapter repo."""
         if getattr(self, "image_encoder", None) is not None:
-            feature_extractor = getattr(self, "feature_extractor", None) or _default_feature_extractor(
+            feature_extractor = getattr(self, "feature_extractor", None) or default_feature_extractor(
                 self.image_encoder
             )
             return self.image_encoder, feature_extractor
@@ -214,7 +215,7 @@ class DeltaAdapterMixin:
                 source, subfolder=encoder_subfolder, **hub_kwargs
             )
         except OSError:
-            feature_extractor = _default_feature_extractor(image_encoder)
+            feature_extractor = default_feature_extractor(image_encoder)
         return image_encoder, feature_extractor
 
     @staticmethod
@@ -573,7 +574,7 @@ def save_adapter_folder(
     if image_encoder is not None:
         encoder_dir = os.path.join(save_directory, "image_encoder")
         image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
-        (feature_extractor or _default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
+        (feature_extractor or default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
     if empty_prompt_embeds is not None:
         safetensors.torch.save_file(
             {"prompt_embeds": empty_prompt_embeds.detach().to("cpu").contiguous()},

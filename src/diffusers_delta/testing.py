@@ -215,3 +215,18 @@ def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> PIL.Image.Image
     """A random RGB image of (width, height) = size."""
     rng = np.random.default_rng(seed)
     return PIL.Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def tiny_delta_pipeline(sizes: ModelSizes = TINY, adapter_std: float | None = None):
+    """A `FluxDeltaEditPipeline` with its text encoder, a SigLIP encoder and an adapter loaded: a fresh one (which
+    leaves the base output unchanged), or with `adapter_std`, a trained-like one of random non-zero weights."""
+    from .pipelines import FluxDeltaEditPipeline
+
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components(sizes))
+    pipe.register_modules(image_encoder=tiny_image_encoder(sizes))
+    adapter = tiny_adapter(pipe.transformer, sizes)
+    if adapter_std is not None:
+        randomize_(adapter, std=adapter_std)
+    pipe.load_delta_adapter(adapter.state_dict(), adapter_config=dict(adapter.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
