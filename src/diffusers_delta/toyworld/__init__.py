@@ -1,0 +1,61 @@
+"""The toy world: synthetic scenes and exact edits, small enough to train and measure Delta-Adapter on 2 CPU cores.
+
+from diffusers_delta import toyworld
+source, target = toyworld.make_pair("recolor", seed=0)      # an exemplar pair of a known edit
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
+from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
+
+
+def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """A random scene and its exactly edited version, as PIL images; a function of (edit, seed, size)."""
+    edit = EDITS[edit] if isinstance(edit, str) else edit
+    scene = generate_scene(np.random.default_rng(seed), size)
+    return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))
+
+
+def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int, seed: int = 0) -> Path:
+    """Writes pairs in the training script's local layout: `folder/source/NAME.png` + `folder/target/NAME.png`.
+
+    Args:
+        folder: where to write.
+        edits: edit names (e.g. `SEEN_EDITS`).
+        pairs_per_edit: pairs of each edit.
+        seed: seeds scene `seed * 1_000_003 + index` for each pair, so sets with different seeds do not overlap.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    for sub in ("source", "target"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for edit in edits:
+        for index in range(pairs_per_edit):
+            source, target = make_pair(edit, seed * 1_000_003 + index)
+            name = f"{edit}-{index:05d}.png"
+            source.save(folder / "source" / name)
+            target.save(folder / "target" / name)
+    return folder
+
+
+__all__ = [
+    "EDITS",
+    "IMAGE_SIZE",
+    "SEEN_EDITS",
+    "UNSEEN_EDITS",
+    "Edit",
+    "Scene",
+    "Shape",
+    "generate_scene",
+    "make_pair",
+    "render",
+    "write_pairs",
+]

@@ -1,0 +1,153 @@
+"""Seeded synthetic scenes: 1-3 flat shapes on a plain or two-tone background, rendered with hard edges.
+
+Scenes are data (`Scene`, `Shape`), rendering is a pure function of them, and shapes and backgrounds use disjoint
+palettes, so every edit in `edits.py` is an exact function of the scene (and, where it has one, of the image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+#: Saturated colours shapes are drawn in.
+SHAPE_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (220, 40, 40),  # red
+    (40, 170, 60),  # green
+    (40, 80, 220),  # blue
+    (240, 200, 30),  # yellow
+    (160, 50, 200),  # purple
+    (250, 130, 20),  # orange
+)
+#: Pale colours backgrounds are painted in (none of them is a shape colour).
+BACKGROUND_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (245, 245, 240),  # off-white
+    (200, 225, 245),  # pale blue
+    (215, 240, 210),  # pale green
+    (245, 225, 200),  # sand
+    (230, 215, 240),  # lavender
+)
+SHAPE_KINDS = ("circle", "square", "triangle")
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One flat shape.
+
+    Args:
+        kind: `"circle"`, `"square"` or `"triangle"` (pointing up).
+        center: (x, y) in pixels.
+        size: radius of the circle, half-side of the square, circumradius of the triangle, in pixels.
+        color: an RGB colour of `SHAPE_PALETTE`.
+    """
+
+    kind: str
+    center: tuple[float, float]
+    size: float
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A picture: background, shapes in drawing order, and whole-image finishes applied after drawing.
+
+    Args:
+        background: one colour (plain) or two (two-tone), of `BACKGROUND_PALETTE`.
+        split: for two-tone backgrounds, `"horizontal"` (top | bottom) or `"vertical"` (left | right).
+        shapes: drawn in order, later ones on top.
+        flipped: mirrored left-right.
+        border: colour of a frame `border_width` pixels wide, or None.
+        border_width: width of that frame.
+        inverted: colours inverted (255 - value).
+        grayscale: colours replaced by their luma.
+        size: side of the square image in pixels.
+    """
+
+    background: tuple[tuple[int, int, int], ...]
+    split: str = "horizontal"
+    shapes: tuple[Shape, ...] = field(default_factory=tuple)
+    flipped: bool = False
+    border: tuple[int, int, int] | None = None
+    border_width: int = 4
+    inverted: bool = False
+    grayscale: bool = False
+    size: int = IMAGE_SIZE
+
+    def with_shapes(self, shapes) -> "Scene":
+        return replace(self, shapes=tuple(shapes))
+
+
+def generate_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """A random scene: 1-3 shapes of distinct colours inside the frame, on a plain or two-tone background."""
+    num_shapes = int(rng.integers(1, 4))
+    colors = rng.choice(len(SHAPE_PALETTE), size=num_shapes, replace=False)
+    shapes = tuple(
+        Shape(
+            kind=SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))],
+            center=(float(rng.uniform(0.2, 0.8) * size), float(rng.uniform(0.2, 0.8) * size)),
+            size=float(rng.uniform(0.09, 0.2) * size),
+            color=SHAPE_PALETTE[int(color)],
+        )
+        for color in colors
+    )
+    two_tone = bool(rng.integers(2))
+    background = rng.choice(len(BACKGROUND_PALETTE), size=2 if two_tone else 1, replace=False)
+    split = "horizontal" if rng.integers(2) else "vertical"
+    return Scene(
+        background=tuple(BACKGROUND_PALETTE[int(i)] for i in background), split=split, shapes=shapes, size=size
+    )
+
+
+def _shape_mask(shape: Shape, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Pixels (centres xs, ys) inside the shape: (H, W) bool."""
+    cx, cy = shape.center
+    dx, dy = xs - cx, ys - cy
+    if shape.kind == "circle":
+        return dx * dx + dy * dy < shape.size * shape.size
+    if shape.kind == "square":
+        return (np.abs(dx) < shape.size) & (np.abs(dy) < shape.size)
+    if shape.kind == "triangle":  # apex up; inside all three half-planes of an equilateral triangle
+        r = shape.size
+        apex, left, right = (0.0, -r), (-r * 0.866, r * 0.5), (r * 0.866, r * 0.5)
+        inside = np.ones_like(dx, dtype=bool)
+        for (x0, y0), (x1, y1) in ((apex, right), (right, left), (left, apex)):
+            inside &= (x1 - x0) * (dy - y0) - (y1 - y0) * (dx - x0) > 0
+        return inside
+    raise ValueError(f"Unknown shape kind {shape.kind!r}; expected one of {SHAPE_KINDS}.")
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W, 3) uint8 grey, ITU-R 601 weights, rounded."""
+    grey = np.rint(image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def draw_border(image: np.ndarray, color: tuple[int, int, int], width: int) -> np.ndarray:
+    """A copy of (H, W, 3) `image` with a `width`-pixel frame of `color`."""
+    framed = image.copy()
+    framed[:width], framed[-width:], framed[:, :width], framed[:, -width:] = color, color, color, color
+    return framed
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as an (H, W, 3) uint8 image. Finishes apply in a fixed order: flip, border, invert, grayscale."""
+    size = scene.size
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = scene.background[0]
+    if len(scene.background) == 2:
+        second = ys >= size / 2 if scene.split == "horizontal" else xs >= size / 2
+        image[second] = scene.background[1]
+    for shape in scene.shapes:
+        image[_shape_mask(shape, xs, ys)] = shape.color
+    if scene.flipped:
+        image = image[:, ::-1].copy()
+    if scene.border is not None:
+        image = draw_border(image, scene.border, scene.border_width)
+    if scene.inverted:
+        image = 255 - image
+    if scene.grayscale:
+        image = luma(image)
+    return image
