@@ -28,6 +28,48 @@ from .models.delta_adapter import DeltaAdapterModel
 from .semantic_delta import SiglipPreprocessor, delta_from_features
 
 
+def predict_velocity(
+    transformer: Flux2Transformer2DModel,
+    noisy_latents: torch.Tensor,
+    reference_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    joint_attention_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One FLUX.2 [klein] prediction with a reference image, laid out as the pipeline lays it out.
+
+    Args:
+        transformer: the FLUX.2 transformer.
+        noisy_latents: (B, 4C, h, w) x_t, normalised and patchified.
+        reference_latents: (B, 4C, h, w) the reference (query) image's latents, ridden as extra tokens.
+        prompt_embeds: (1 or B, L, D_txt) prompt embeddings.
+        sigmas: (B,) noise levels (klein's timestep / 1000 is σ on the training grid).
+        joint_attention_kwargs: passed to the attention processors (e.g. `delta_hidden_states`).
+
+    Returns:
+        The velocity for the noisy tokens (B, hw, 4C), the packed noisy latents (B, hw, 4C) and their ids (B, hw, 4).
+    """
+    batch_size = noisy_latents.shape[0]
+    device, dtype = noisy_latents.device, transformer.dtype
+    latent_ids = Flux2KleinPipeline._prepare_latent_ids(noisy_latents).to(device)  # (B, hw, 4)
+    reference_ids = Flux2KleinPipeline._prepare_image_ids([reference_latents[:1]]).to(device)  # (1, hw, 4)
+    packed_noisy = Flux2KleinPipeline._pack_latents(noisy_latents)  # (B, hw, 4C)
+    model_input = torch.cat([packed_noisy, Flux2KleinPipeline._pack_latents(reference_latents)], dim=1)
+    image_ids = torch.cat([latent_ids, reference_ids.expand(batch_size, -1, -1)], dim=1)  # (B, 2hw, 4)
+    prompt_embeds = prompt_embeds.expand(batch_size, -1, -1).to(dtype)  # (B, L, D_txt)
+    velocity = transformer(
+        hidden_states=model_input.to(dtype),
+        timestep=sigmas.to(device, dtype),
+        guidance=None,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(device),
+        img_ids=image_ids,
+        joint_attention_kwargs=joint_attention_kwargs,
+        return_dict=False,
+    )[0][:, : packed_noisy.shape[1]]  # predictions for the noisy tokens only
+    return velocity, packed_noisy, latent_ids
+
+
 class DeltaAdapterObjective(nn.Module):
     """The frozen FLUX.2 transformer, VAE and SigLIP around a trainable `DeltaAdapterModel`.
 
@@ -92,30 +134,16 @@ class DeltaAdapterObjective(nn.Module):
         Returns:
             `loss` (to backpropagate), and the detached `flow_matching` and `delta_consistency` terms.
         """
-        batch_size, _, height, width = target_latents.shape
-        model_dtype = self.transformer.dtype
+        height, width = target_latents.shape[-2:]
 
         delta = delta_from_features(source_features.float(), target_features.float())  # (B, P, D)
         edit_tokens = self.adapter(delta.to(self.adapter.dtype))  # (B, N, D_edit)
 
         noisy_latents = add_noise(target_latents, noise, sigmas)  # (B, 4C, h, w)
-        latent_ids = Flux2KleinPipeline._prepare_latent_ids(noisy_latents).to(noisy_latents.device)  # (B, hw, 4)
-        reference_ids = Flux2KleinPipeline._prepare_image_ids([source_latents[:1]]).to(noisy_latents.device)
-        packed_noisy = Flux2KleinPipeline._pack_latents(noisy_latents)  # (B, hw, 4C)
-        model_input = torch.cat([packed_noisy, Flux2KleinPipeline._pack_latents(source_latents)], dim=1)
-        image_ids = torch.cat([latent_ids, reference_ids.expand(batch_size, -1, -1)], dim=1)  # (B, 2hw, 4)
-        prompt_embeds = self.prompt_embeds.expand(batch_size, -1, -1).to(model_dtype)  # (B, L, D_txt)
-
-        velocity = self.transformer(
-            hidden_states=model_input.to(model_dtype),
-            timestep=sigmas.to(model_input.device, model_dtype),  # klein's timestep/1000 is σ on the training grid
-            guidance=None,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(model_input.device),
-            img_ids=image_ids,
+        velocity, packed_noisy, latent_ids = predict_velocity(
+            self.transformer, noisy_latents, source_latents, self.prompt_embeds, sigmas,
             joint_attention_kwargs={"delta_hidden_states": edit_tokens},
-            return_dict=False,
-        )[0][:, : packed_noisy.shape[1]]  # (B, hw, 4C): predictions for the noisy tokens only
+        )  # fmt: skip
 
         packed_target = Flux2KleinPipeline._pack_latents(target_latents)
         packed_noise = Flux2KleinPipeline._pack_latents(noise)
