@@ -26,6 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -82,6 +83,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     models.add_argument("--lora_rank", type=int, default=0, help="Also train a LoRA of this rank on the transformer.")
     models.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (defaults to the rank).")
     models.add_argument("--max_sequence_length", type=int, default=512, help="Padded length of the empty prompt.")
+    models.add_argument(
+        "--empty_prompt_embeds",
+        default=None,
+        help="A safetensors file with the empty prompt's embeddings ('prompt_embeds'), for bases without a text "
+        "encoder (the toy world's); otherwise they are computed with the base's text encoder.",
+    )
     models.add_argument(
         "--text_encoder_out_layers",
         type=int,
@@ -268,6 +275,26 @@ def step_generator(args, step: int, micro_step: int, accelerator: Accelerator) -
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
 
+def empty_prompt_embeds(args, base, hub, device, weight_dtype, scheduler) -> torch.Tensor:
+    """The empty prompt's embeddings: from --empty_prompt_embeds, or computed once with the base's text encoder
+    (which is then dropped: the adapter folder carries the result, so its users never load the text encoder)."""
+    if args.empty_prompt_embeds:
+        return safetensors.torch.load_file(args.empty_prompt_embeds)["prompt_embeds"]
+    text_encoder = Qwen3ForCausalLM.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
+    text_pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=None,
+        transformer=None,
+        text_encoder=text_encoder.to(device, weight_dtype),
+        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub),
+    )
+    return compute_empty_prompt_embeds(
+        text_pipe,
+        max_sequence_length=args.max_sequence_length,
+        text_encoder_out_layers=tuple(args.text_encoder_out_layers),
+    )
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -390,21 +417,7 @@ def main(args: argparse.Namespace) -> None:
         feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     except OSError:
         feature_extractor = default_feature_extractor(image_encoder)
-    text_pipe = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=None,
-        transformer=None,
-        text_encoder=Qwen3ForCausalLM.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub).to(
-            device, weight_dtype
-        ),
-        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub),
-    )
-    prompt_embeds = compute_empty_prompt_embeds(
-        text_pipe,
-        max_sequence_length=args.max_sequence_length,
-        text_encoder_out_layers=tuple(args.text_encoder_out_layers),
-    )  # (1, L, D_txt) on the CPU
-    del text_pipe
+    prompt_embeds = empty_prompt_embeds(args, base, hub, device, weight_dtype, scheduler)  # (1, L, D_txt), CPU
 
     for model in (vae, transformer, image_encoder):
         model.requires_grad_(False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 
 from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
 from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
@@ -20,6 +21,12 @@ def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.
     edit = EDITS[edit] if isinstance(edit, str) else edit
     scene = generate_scene(np.random.default_rng(seed), size)
     return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))
+
+
+def scene_batch(rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Random scenes as a (B, 3, H, W) float tensor in [-1, 1], the VAE's input range."""
+    images = np.stack([render(generate_scene(rng, size)) for _ in range(batch_size)])  # (B, H, W, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int, seed: int = 0) -> Path:
@@ -57,5 +64,6 @@ __all__ = [
     "generate_scene",
     "make_pair",
     "render",
+    "scene_batch",
     "write_pairs",
 ]

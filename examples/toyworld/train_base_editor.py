@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Train the toy world's stand-in for FLUX.2 [klein]: a small `Flux2Transformer2DModel` that reproduces its reference
+image, with a learned empty prompt.
+
+FLUX.2 [klein] edits an image it receives as reference tokens; with the empty prompt it reproduces it. This trains
+that behaviour from scratch on generated scenes (flow matching, the reference image equal to the target), with the
+empty prompt's embeddings learned alongside (there is no text encoder in the toy world). Writes a pipeline folder
+(`FluxDeltaEditPipeline.from_pretrained` reads it) and `empty_prompt_embeds.safetensors`; prints the PSNR of 4-step
+reproductions of held-out scenes against the VAE's own reconstruction floor.
+
+    python examples/toyworld/train_base_editor.py --vae_dir toy/vae --output_dir toy/base --minutes 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from tqdm.auto import tqdm
+
+from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.latents import encode_latents
+from diffusers_delta.loaders import EMPTY_PROMPT_EMBEDS_NAME
+from diffusers_delta.losses import add_noise, flow_matching_loss, sample_sigmas
+from diffusers_delta.toyworld import scene_batch
+from diffusers_delta.training import predict_velocity
+
+
+PROMPT_TOKENS, PROMPT_DIM = 8, 64
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae_dir", required=True, help="Output folder of train_vae.py.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--minutes", type=float, default=9.0, help="Wall-clock budget for training.")
+    parser.add_argument("--max_steps", type=int, default=None, help="Stop after this many steps (for tests).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_transformer(latent_channels: int) -> Flux2Transformer2DModel:
+    """2 double + 2 single blocks, 4 heads of 32: FLUX.2 [klein]'s architecture at toy scale."""
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=PROMPT_DIM,
+        timestep_guidance_channels=64,
+        mlp_ratio=3.0,
+        axes_dims_rope=(8, 8, 8, 8),
+        guidance_embeds=False,
+    )
+
+
+def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+
+
+@torch.no_grad()
+def reproduction_psnr(
+    pipe: Flux2KleinPipeline, prompt_embeds: torch.Tensor, images: torch.Tensor
+) -> tuple[float, float]:
+    """(PSNR of 4-step reproductions, PSNR of the VAE's reconstructions) of `images` (B, 3, H, W) in [-1, 1]."""
+    import PIL.Image
+
+    truth = (images + 1) / 2
+    outputs = []
+    for index, image in enumerate(images):
+        pil = PIL.Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        generator = torch.Generator().manual_seed(index)
+        output = pipe(image=pil, prompt_embeds=prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
+                      generator=generator, output_type="pt").images  # fmt: skip
+        outputs.append(output[0])
+    floor = (pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+
+    def to_psnr(estimate):
+        return 10 * math.log10(1.0 / F.mse_loss(estimate, truth).item())
+
+    return to_psnr(torch.stack(outputs)), to_psnr(floor)
+
+
+def main(args: argparse.Namespace) -> Flux2KleinPipeline:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    vae = AutoencoderKLFlux2.from_pretrained(args.vae_dir).eval().requires_grad_(False)
+    transformer = build_transformer(vae.config.latent_channels).train()
+    prompt_embeds = torch.nn.Parameter(torch.randn(1, PROMPT_TOKENS, PROMPT_DIM) * 0.02)
+    optimizer = torch.optim.AdamW([*transformer.parameters(), prompt_embeds], lr=args.learning_rate)
+    scheduler = klein_scheduler()
+    deadline = time.monotonic() + args.minutes * 60
+    progress = tqdm(desc="base editor", unit="step", mininterval=2)
+    step = 0
+    while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
+        latents = encode_latents(vae, scene_batch(rng, args.batch_size))  # (B, 4C, h, w)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        velocity, _, _ = predict_velocity(
+            transformer, add_noise(latents, noise, sigmas), latents, prompt_embeds, sigmas
+        )
+        loss = flow_matching_loss(
+            velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        progress.update()
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+    progress.close()
+
+    transformer.eval().requires_grad_(False)
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer, is_distilled=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    embeds = prompt_embeds.detach()
+    reproduced, floor = reproduction_psnr(pipe, embeds, scene_batch(np.random.default_rng(args.seed + 10_000), 16))
+    print(f"base editor: {step} steps, 4-step reproduction PSNR {reproduced:.1f} dB (VAE floor {floor:.1f} dB)")
+    # Saved as a FluxDeltaEditPipeline, whose text encoder and tokenizer are optional: there are none here.
+    FluxDeltaEditPipeline.from_pipe(pipe).save_pretrained(args.output_dir)
+    safetensors.torch.save_file(
+        {"prompt_embeds": embeds.contiguous()}, Path(args.output_dir) / EMPTY_PROMPT_EMBEDS_NAME
+    )
+    return pipe
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Train the toy world's stand-in for FLUX.2's VAE: a small `AutoencoderKLFlux2` on freshly generated scenes.
+
+64x64 scenes -> 16x16x8 latents (8 latent channels; 8x8 = 64 transformer tokens after FLUX.2's 2x2 patchify). The
+VAE's batch-norm running statistics, which FLUX.2 uses to normalise latents and which `forward` never updates, are
+filled from encoded scenes at the end. Prints held-out PSNR.
+
+    python examples/toyworld/train_vae.py --output_dir toy/vae --minutes 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+from tqdm.auto import tqdm
+
+from diffusers_delta.toyworld import IMAGE_SIZE, scene_batch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--minutes", type=float, default=8.0, help="Wall-clock budget for training.")
+    parser.add_argument("--max_steps", type=int, default=None, help="Stop after this many steps (for tests).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument("--stats_batches", type=int, default=16, help="Batches encoded for the batch-norm stats.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_vae() -> AutoencoderKLFlux2:
+    return AutoencoderKLFlux2(
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+@torch.no_grad()
+def fill_latent_statistics(vae: AutoencoderKLFlux2, rng: np.random.Generator, batches: int, batch_size: int) -> None:
+    """Sets `vae.bn`'s running mean and variance to those of patchified latents of generated scenes."""
+    latents = torch.cat(
+        [Flux2KleinPipeline._patchify_latents(vae.encode(scene_batch(rng, batch_size)).latent_dist.mode())
+         for _ in range(batches)]
+    )  # fmt: skip  # (N, 4C, h, w)
+    vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKLFlux2, images: torch.Tensor) -> float:
+    reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    mse = F.mse_loss((reconstruction + 1) / 2, (images + 1) / 2).item()
+    return 10 * math.log10(1.0 / mse)
+
+
+def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    held_out = scene_batch(np.random.default_rng(args.seed + 10_000), 64)
+    vae = build_vae().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    deadline = time.monotonic() + args.minutes * 60
+    progress = tqdm(desc="VAE", unit="step", mininterval=2)
+    step = 0
+    while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
+        images = scene_batch(rng, args.batch_size)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, images) + args.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        progress.update()
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+    progress.close()
+    vae.eval()
+    fill_latent_statistics(vae, rng, args.stats_batches, args.batch_size)
+    print(f"VAE: {step} steps, held-out PSNR {psnr(vae, held_out):.1f} dB")
+    vae.save_pretrained(args.output_dir)
+    return vae
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,63 @@
+"""A few steps of each toy-world training script, chained as the full build chains them (keeps them alive)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2
+from transformers import SiglipImageProcessorPil
+
+from diffusers_delta import FluxDeltaEditPipeline, toyworld
+from diffusers_delta.testing import tiny_image_encoder
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
+import train_base_editor  # noqa: E402
+import train_delta_adapter  # noqa: E402
+import train_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    train_vae.main(train_vae.parse_args(
+        ["--output_dir", str(root / "vae"), "--max_steps", "2", "--batch_size", "4", "--stats_batches", "1"]
+    ))  # fmt: skip
+    train_base_editor.main(train_base_editor.parse_args(
+        ["--vae_dir", str(root / "vae"), "--output_dir", str(root / "base"), "--max_steps", "2", "--batch_size", "4"]
+    ))  # fmt: skip
+    return root
+
+
+def test_vae_fills_its_latent_statistics(toy):
+    vae = AutoencoderKLFlux2.from_pretrained(toy / "vae")
+    assert vae.config.latent_channels == 8 and vae.bn.running_mean.shape == (32,)
+    assert not torch.allclose(vae.bn.running_var, torch.ones(32))  # filled from encoded scenes, not the default
+
+
+def test_base_editor_folder_is_a_text_free_pipeline(toy):
+    pipe = FluxDeltaEditPipeline.from_pretrained(toy / "base")
+    assert pipe.text_encoder is None and pipe.tokenizer is None and pipe.config.is_distilled
+    assert (toy / "base" / "empty_prompt_embeds.safetensors").is_file()
+    assert pipe.transformer.config.in_channels == 32 and len(pipe.transformer.single_transformer_blocks) == 2
+
+
+def test_adapter_trains_on_the_toy_base_without_a_text_encoder(toy, tmp_path):
+    toyworld.write_pairs(tmp_path / "pairs", ("recolor", "flip"), pairs_per_edit=2)
+    tiny_image_encoder().save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    train_delta_adapter.main(train_delta_adapter.parse_args([
+        "--pretrained_model_name_or_path", str(toy / "base"), "--image_encoder", str(tmp_path / "siglip"),
+        "--empty_prompt_embeds", str(toy / "base" / "empty_prompt_embeds.safetensors"),
+        "--train_data_dir", str(tmp_path / "pairs"), "--resolution", "64", "--num_edit_tokens", "4",
+        "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
+        "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(tmp_path / "adapter"),
+    ]))  # fmt: skip
+    pipe = FluxDeltaEditPipeline.from_pretrained(toy / "base")
+    pipe.load_delta_adapter(tmp_path / "adapter")
+    pipe.set_progress_bar_config(disable=True)
+    source, target = toyworld.make_pair("recolor", seed=5)
+    query, _ = toyworld.make_pair("recolor", seed=6)
+    assert pipe(query, exemplar=(source, target), output_type="np").images.shape == (1, 64, 64, 3)
