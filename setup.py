@@ -31,7 +31,12 @@ setup(
     # The card templates live at the top level (hub_cards/) and install as diffusers_delta.hub_cards.
     package_dir={"": "src", "diffusers_delta.hub_cards": "hub_cards"},
     packages=find_packages("src") + ["diffusers_delta.hub_cards"],
-    package_data={"diffusers_delta.hub_cards": ["*.md"]},
+    package_data={
+        "diffusers_delta.hub_cards": ["*.md"],
+        # The embedded toy-world model (examples/toyworld/build_default_model.py writes it).
+        "diffusers_delta.toyworld": ["default_model/**/*"],
+    },
+    entry_points={"console_scripts": ["diffusers-delta = diffusers_delta.cli:main"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,

@@ -16,6 +16,26 @@ from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
 from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
 
 
+#: Where the embedded default model lives (written by examples/toyworld/build_default_model.py).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def load_pipeline(model_dir: str | Path = DEFAULT_MODEL_DIR):
+    """The toy world's default `FluxDeltaEditPipeline`, through the same `from_pretrained` / `load_delta_adapter` code
+    as any Hub model: `model_dir/base` is the pipeline folder, `model_dir/adapter` the adapter folder."""
+    from ..pipelines import FluxDeltaEditPipeline
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "base" / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No toy-world model in {model_dir}: build one with "
+            "`python examples/toyworld/build_default_model.py --work_dir toy-build`."
+        )
+    pipe = FluxDeltaEditPipeline.from_pretrained(model_dir / "base")
+    pipe.load_delta_adapter(model_dir / "adapter")
+    return pipe
+
+
 def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """A random scene and its exactly edited version, as PIL images; a function of (edit, seed, size)."""
     edit = EDITS[edit] if isinstance(edit, str) else edit
@@ -54,6 +74,7 @@ def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int,
 
 
 __all__ = [
+    "DEFAULT_MODEL_DIR",
     "EDITS",
     "IMAGE_SIZE",
     "SEEN_EDITS",
@@ -62,6 +83,7 @@ __all__ = [
     "Scene",
     "Shape",
     "generate_scene",
+    "load_pipeline",
     "make_pair",
     "render",
     "scene_batch",

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Edit quality in the toy world, where the true edited image of every query is known exactly.
+
+Per edit, on held-out query scenes (seeds never used for training), with one exemplar pair per edit:
+
+    identity  mean absolute error (0-1) of the unedited query against the truth
+    floor     the VAE's reconstruction of the truth against the truth (no 64x64 model can do better)
+    output    the edited query against the truth
+    gap       (identity - output) / (identity - floor): 0 = no better than leaving the query alone, 1 = the floor
+
+Rows: the shipped adapter; adapters trained without the consistency loss or with other projections, when a build
+folder holds them (`--work_dir`, as examples/toyworld/build_default_model.py leaves it); the adapter after
+`adapt_to_exemplar(num_steps=20)` on unseen edits; averaging 3 exemplars instead of 1; a `delta_scale` sweep.
+
+    python benchmarks/toyworld_quality.py [--queries 16] [--work_dir toy-build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers_delta import toyworld
+
+
+QUERY_SEED_BASE = 50_000_000  # far from the training pairs' seeds
+EXEMPLAR_SEED_BASE = 60_000_000
+
+
+def mae(first, second) -> float:
+    return float(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64)).mean() / 255)
+
+
+def held_out(edit_name: str, count: int):
+    """(queries, truths) for an edit: PIL images of held-out scenes and their exact edits."""
+    edit = toyworld.EDITS[edit_name]
+    scenes = [toyworld.generate_scene(np.random.default_rng(QUERY_SEED_BASE + i)) for i in range(count)]
+    queries = [PIL.Image.fromarray(toyworld.render(scene)) for scene in scenes]
+    truths = [PIL.Image.fromarray(toyworld.render(edit(scene))) for scene in scenes]
+    return queries, truths
+
+
+def exemplars(edit_name: str, count: int) -> list[tuple]:
+    index = list(toyworld.EDITS).index(edit_name)
+    return [toyworld.make_pair(edit_name, EXEMPLAR_SEED_BASE + 100 * index + k) for k in range(count)]
+
+
+@torch.no_grad()
+def floor_error(pipe, truths) -> float:
+    pixels = torch.stack([torch.from_numpy(np.asarray(t)).permute(2, 0, 1).float() / 127.5 - 1 for t in truths])
+    reconstruction = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+    return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
+
+
+def edit_error(pipe, queries, truths, exemplar, delta_scale: float = 1.0) -> float:
+    generators = [torch.Generator().manual_seed(i) for i in range(len(queries))]
+    outputs = pipe(queries, exemplar=exemplar, delta_scale=delta_scale, generator=generators).images
+    return statistics.mean(mae(output, truth) for output, truth in zip(outputs, truths))
+
+
+def gap(identity: float, floor: float, output: float) -> float:
+    return (identity - output) / (identity - floor)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", default=str(toyworld.DEFAULT_MODEL_DIR))
+    parser.add_argument("--work_dir", default=None, help="A build folder with ablation adapters (adapter_*).")
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--adapt_steps", type=int, default=20)
+    args = parser.parse_args()
+
+    pipe = toyworld.load_pipeline(args.model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    data = {name: held_out(name, args.queries) for name in toyworld.EDITS}
+    identity = {name: statistics.mean(mae(q, t) for q, t in zip(*data[name])) for name in toyworld.EDITS}
+    floor = {name: floor_error(pipe, data[name][1]) for name in toyworld.EDITS}
+
+    def evaluate(names, **kwargs) -> dict[str, float]:
+        return {name: edit_error(pipe, *data[name], exemplars(name, 1)[0], **kwargs) for name in names}
+
+    rows = {"adapter": evaluate(toyworld.EDITS)}
+    ablations = sorted(Path(args.work_dir).glob("adapter_*")) if args.work_dir else []
+    for folder in ablations:
+        pipe.load_delta_adapter(folder)
+        rows[folder.name.removeprefix("adapter_").replace("_", " ")] = evaluate(toyworld.EDITS)
+    pipe.load_delta_adapter(Path(args.model_dir) / "adapter")
+
+    adapted = {}
+    for name in toyworld.UNSEEN_EDITS:
+        source, target = exemplars(name, 1)[0]
+        with pipe.adapted_to_exemplar(source, target, num_steps=args.adapt_steps,
+                                      generator=torch.Generator().manual_seed(0)):  # fmt: skip
+            adapted[name] = edit_error(pipe, *data[name], (source, target))
+    rows[f"adapter + adapt_to_exemplar({args.adapt_steps})"] = adapted
+
+    averaged = {name: edit_error(pipe, *data[name], exemplars(name, 3)) for name in toyworld.EDITS}
+    rows["adapter, 3 exemplars averaged"] = averaged
+
+    print(f"{args.queries} held-out queries per edit; mean absolute error in [0, 1]; gap closed = "
+          "(identity - output) / (identity - floor)\n")  # fmt: skip
+    print(f"{'edit':<11} {'split':<7} {'identity':>9} {'floor':>7} " + " ".join(f"{r[:22]:>22}" for r in rows))
+    for name in toyworld.EDITS:
+        split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
+        cells = []
+        for row in rows.values():
+            cells.append(
+                f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else "-"
+            )
+        print(
+            f"{name:<11} {split:<7} {identity[name]:>9.4f} {floor[name]:>7.4f} " + " ".join(f"{c:>22}" for c in cells)
+        )
+    print("\nmean gap closed:")
+    for label, row in rows.items():
+        for split, names in (("seen", toyworld.SEEN_EDITS), ("unseen", toyworld.UNSEEN_EDITS)):
+            gaps = [gap(identity[n], floor[n], row[n]) for n in names if n in row]
+            if gaps:
+                print(f"  {label:<40} {split:<7} {statistics.mean(gaps):+.3f}")
+    seen_beaten = all(rows["adapter"][n] < identity[n] for n in toyworld.SEEN_EDITS)
+    print(f"\nadapter beats identity on every seen edit: {seen_beaten}")
+
+    print("\ndelta_scale sweep (seen edits, mean output error):")
+    for scale in (0.0, 0.5, 1.0, 1.5):
+        errors = [edit_error(pipe, *data[n], exemplars(n, 1)[0], delta_scale=scale) for n in toyworld.SEEN_EDITS]
+        print(f"  delta_scale {scale:<4} {statistics.mean(errors):.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Build the toy world's default model from scratch: VAE, base editor, SigLIP stand-in, Delta-Adapter.
+
+One seeded command, about 45 minutes on 2 CPU cores; not part of the test suite:
+
+    python examples/toyworld/build_default_model.py --work_dir toy-build
+
+Steps: train the VAE (train_vae.py), train the base editor (train_base_editor.py), make a small SigLIP stand-in, write
+pairs of the *seen* edits, train the adapter with examples/train_delta_adapter.py itself, and export the pipeline
+and adapter folders into the package (`diffusers_delta/toyworld/default_model`), which `toyworld.load_pipeline()`
+loads. `--work_dir` keeps every intermediate result; a step whose output already exists is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+from diffusers_delta import toyworld
+
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+import train_base_editor  # noqa: E402
+import train_delta_adapter  # noqa: E402
+import train_vae  # noqa: E402
+
+
+PACKAGE_MODEL_DIR = Path(toyworld.__file__).resolve().parent / "default_model"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--export_dir", default=str(PACKAGE_MODEL_DIR), help="Where the shipped model goes.")
+    # Step counts, not minutes, so that the build is a function of the seed (about 8 and 9 minutes on 2 cores).
+    parser.add_argument("--vae_steps", type=int, default=700)
+    parser.add_argument("--base_steps", type=int, default=1200)
+    parser.add_argument("--pairs_per_edit", type=int, default=400)
+    parser.add_argument("--adapter_steps", type=int, default=1500)
+    parser.add_argument("--lambda_delta", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_image_encoder(folder: Path, seed: int) -> None:
+    """A small SigLIP over 64x64 inputs in 8x8 patches (64 patch tokens of 64 features), random and frozen."""
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
+    )
+    SiglipVisionModel(config).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+
+
+def adapter_arguments(args, work: Path, output: Path, lambda_delta: float) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(work / "base"), "--image_encoder", str(work / "siglip"),
+        "--empty_prompt_embeds", str(work / "base" / "empty_prompt_embeds.safetensors"),
+        "--train_data_dir", str(work / "pairs"), "--cache_latents", "--resolution", str(toyworld.IMAGE_SIZE),
+        "--num_edit_tokens", "16", "--resampler_dim", "128", "--resampler_depth", "2", "--resampler_heads", "4",
+        "--train_batch_size", "16", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50",
+        "--max_train_steps", str(args.adapter_steps), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
+        "--lambda_delta", str(lambda_delta), "--weighting_scheme", "logit_normal", "--seed", str(args.seed),
+        "--report_to", "none", "--output_dir", str(output),
+    ]  # fmt: skip
+
+
+def export(work: Path, export_dir: Path) -> None:
+    """Copies the base pipeline and the adapter folder (weights, SigLIP, empty prompt) into the package."""
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    shutil.copytree(work / "base", export_dir / "base", ignore=shutil.ignore_patterns("empty_prompt_embeds.*"))
+    shutil.copytree(
+        work / "adapter", export_dir / "adapter", ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.json.tmp")
+    )
+    size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
+    print(f"Exported the default model to {export_dir} ({size:.1f} MiB)")
+
+
+def main(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "vae").exists():
+        train_vae.main(train_vae.parse_args(["--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps),
+                                             "--minutes", "1e9", "--seed", str(args.seed)]))  # fmt: skip
+    if not (work / "base").exists():
+        train_base_editor.main(train_base_editor.parse_args([
+            "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
+            "--minutes", "1e9", "--seed", str(args.seed),
+        ]))  # fmt: skip
+    if not (work / "siglip").exists():
+        build_image_encoder(work / "siglip", args.seed)
+    if not (work / "pairs").exists():
+        toyworld.write_pairs(work / "pairs", toyworld.SEEN_EDITS, args.pairs_per_edit, seed=args.seed)
+    if not (work / "adapter" / "diffusion_pytorch_model.safetensors").exists():
+        train_delta_adapter.main(
+            train_delta_adapter.parse_args(adapter_arguments(args, work, work / "adapter", args.lambda_delta))
+        )
+    export(work, Path(args.export_dir))
+
+
+if __name__ == "__main__":
+    main(parse_args())
