@@ -80,6 +80,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     models.add_argument("--resampler_dim", type=int, default=1280, help="Perceiver width of a new adapter.")
     models.add_argument("--resampler_depth", type=int, default=4, help="Perceiver layers of a new adapter.")
     models.add_argument("--resampler_heads", type=int, default=20, help="Perceiver heads of a new adapter.")
+    models.add_argument(
+        "--projection_type",
+        default="perceiver",
+        choices=["perceiver", "pooled_mlp"],
+        help="Edit-token projection of a new adapter; pooled_mlp is RelationAdapter's, for the ablation.",
+    )
     models.add_argument("--lora_rank", type=int, default=0, help="Also train a LoRA of this rank on the transformer.")
     models.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (defaults to the rank).")
     models.add_argument("--max_sequence_length", type=int, default=512, help="Padded length of the empty prompt.")
@@ -441,6 +447,7 @@ def main(args: argparse.Namespace) -> None:
             resampler_depth=args.resampler_depth,
             resampler_heads=args.resampler_heads,
             resampler_head_dim=args.resampler_dim // args.resampler_heads,
+            projection_type=args.projection_type,
         )
     adapter.to(device).train()
     if args.lora_rank:

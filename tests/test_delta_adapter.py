@@ -98,3 +98,12 @@ def test_adapter_parameter_names_carry_the_delta_prefix():
     leaf_names = {name.split(".")[-2] for name in names if name.endswith("weight")}
     assert leaf_names == {"to_k_delta", "to_v_delta", "norm_k_delta"}
     assert not any(name.split(".")[-2] in {"to_k", "to_v", "to_out"} for name in names)  # not LoRA target names
+
+
+def test_pooled_mlp_ablation_has_the_same_interface():
+    config = {**DeltaAdapterModel.config_for_transformer(tiny_transformer(), 32), "num_edit_tokens": 4}
+    pooled = DeltaAdapterModel(**config, resampler_dim=16, projection_type="pooled_mlp")
+    assert pooled(torch.randn(2, 16, 32)).shape == (2, 4, 32)
+    assert not hasattr(pooled, "resampler") and len(pooled.single_blocks) == 2
+    with pytest.raises(ValueError, match="projection_type"):
+        DeltaAdapterModel(**config, projection_type="mlp")

@@ -6,15 +6,17 @@ One seeded command, about 45 minutes on 2 CPU cores; not part of the test suite:
     python examples/toyworld/build_default_model.py --work_dir toy-build
 
 Steps: train the VAE (train_vae.py), train the base editor (train_base_editor.py), make a small SigLIP stand-in, write
-pairs of the *seen* edits, train the adapter with examples/train_delta_adapter.py itself, and export the pipeline
-and adapter folders into the package (`diffusers_delta/toyworld/default_model`), which `toyworld.load_pipeline()`
-loads. `--work_dir` keeps every intermediate result; a step whose output already exists is skipped.
+pairs of the *seen* edits, train the adapter with examples/train_delta_adapter.py itself, export the pipeline and
+adapter folders into the package (`diffusers_delta/toyworld/default_model`, which `toyworld.load_pipeline()` loads),
+train the ablation adapters (no consistency loss; pooled MLP) and print benchmarks/toyworld_quality.py's table.
+`--work_dir` keeps every intermediate result; a step whose output already exists is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter_steps", type=int, default=1500)
     parser.add_argument("--lambda_delta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip_ablations",
+        action="store_true",
+        help="Train only the shipped adapter, not the ablations the benchmark compares it with.",
+    )
+    parser.add_argument("--skip_benchmark", action="store_true", help="Do not print the quality table at the end.")
     return parser.parse_args(argv)
 
 
@@ -58,7 +66,7 @@ def build_image_encoder(folder: Path, seed: int) -> None:
     SiglipImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
 
 
-def adapter_arguments(args, work: Path, output: Path, lambda_delta: float) -> list[str]:
+def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, projection: str = "perceiver") -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(work / "base"), "--image_encoder", str(work / "siglip"),
         "--empty_prompt_embeds", str(work / "base" / "empty_prompt_embeds.safetensors"),
@@ -67,7 +75,7 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float) -> li
         "--train_batch_size", "16", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50",
         "--max_train_steps", str(args.adapter_steps), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
         "--lambda_delta", str(lambda_delta), "--weighting_scheme", "logit_normal", "--seed", str(args.seed),
-        "--report_to", "none", "--output_dir", str(output),
+        "--projection_type", projection, "--report_to", "none", "--output_dir", str(output),
     ]  # fmt: skip
 
 
@@ -103,6 +111,23 @@ def main(args: argparse.Namespace) -> None:
             train_delta_adapter.parse_args(adapter_arguments(args, work, work / "adapter", args.lambda_delta))
         )
     export(work, Path(args.export_dir))
+
+    # The benchmark's ablations: the same adapter without the consistency loss, and with RelationAdapter's projection.
+    ablations = (
+        {} if args.skip_ablations else {"no_consistency": (0.0, "perceiver"), "pooled_mlp": (1.0, "pooled_mlp")}
+    )
+    for name, (lambda_delta, projection) in ablations.items():
+        output = work / f"adapter_{name}"
+        if not (output / "diffusion_pytorch_model.safetensors").exists():
+            train_delta_adapter.main(
+                train_delta_adapter.parse_args(adapter_arguments(args, work, output, lambda_delta, projection))
+            )
+    if not args.skip_benchmark:
+        subprocess.run(
+            [sys.executable, str(HERE.parents[1] / "benchmarks" / "toyworld_quality.py"), "--model_dir",
+             args.export_dir, "--work_dir", str(work)],
+            check=True,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

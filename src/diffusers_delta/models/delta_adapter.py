@@ -142,6 +142,29 @@ class PerTokenProjection(nn.Module):
         return torch.einsum("bni,nio->bno", tokens, self.weight) + self.bias
 
 
+class PooledMLPProjection(nn.Module):
+    """RelationAdapter's design, kept for the paper's ablation: average-pool the patch tokens, then an MLP writes all
+    N edit tokens at once. Delta-Adapter replaces it with the Perceiver and per-token projection.
+
+    Args:
+        input_dim: width of the incoming tokens.
+        hidden_dim: the MLP's hidden width.
+        num_tokens: N.
+        output_dim: width of each edit token.
+    """
+
+    def __init__(self, *, input_dim: int, hidden_dim: int, num_tokens: int, output_dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.mlp = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_tokens * output_dim)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P, D_in) -> (B, N, D_out)."""
+        return self.mlp(tokens.mean(dim=1)).unflatten(-1, (self.num_tokens, -1))
+
+
 class DeltaBlockProjection(nn.Module):
     """The decoupled branch's weights for one FLUX.2 block: `to_k_delta`, `to_v_delta`, a key norm and the gate λ.
 
@@ -192,6 +215,8 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         transformer_head_dim: the target transformer's head width.
         num_double_blocks: the target transformer's double-stream block count.
         num_single_blocks: the target transformer's single-stream block count.
+        projection_type: `"perceiver"` (Delta-Adapter: Perceiver resampler + per-token projection) or
+            `"pooled_mlp"` (RelationAdapter's pooled MLP, for the ablation; `resampler_dim` is its hidden width).
     """
 
     _supports_gradient_checkpointing = False
@@ -211,26 +236,37 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         transformer_head_dim: int = 128,
         num_double_blocks: int = 5,
         num_single_blocks: int = 20,
+        projection_type: str = "perceiver",
     ):
         super().__init__()
+        if projection_type not in ("perceiver", "pooled_mlp"):
+            raise ValueError(f"projection_type must be 'perceiver' or 'pooled_mlp', got {projection_type!r}.")
         if transformer_inner_dim % transformer_head_dim:
             raise ValueError(
                 f"transformer_inner_dim ({transformer_inner_dim}) must be a multiple of "
                 f"transformer_head_dim ({transformer_head_dim})."
             )
         self.refiner = GatedResidualRefiner(image_embed_dim)
-        self.resampler = PerceiverResampler(
-            input_dim=image_embed_dim,
-            dim=resampler_dim,
-            depth=resampler_depth,
-            heads=resampler_heads,
-            head_dim=resampler_head_dim,
-            num_latents=num_edit_tokens,
-            ff_mult=resampler_ff_mult,
-        )
-        self.token_projection = PerTokenProjection(
-            num_tokens=num_edit_tokens, input_dim=resampler_dim, output_dim=edit_token_dim
-        )
+        if projection_type == "perceiver":
+            self.resampler = PerceiverResampler(
+                input_dim=image_embed_dim,
+                dim=resampler_dim,
+                depth=resampler_depth,
+                heads=resampler_heads,
+                head_dim=resampler_head_dim,
+                num_latents=num_edit_tokens,
+                ff_mult=resampler_ff_mult,
+            )
+            self.token_projection = PerTokenProjection(
+                num_tokens=num_edit_tokens, input_dim=resampler_dim, output_dim=edit_token_dim
+            )
+        else:
+            self.pooled_projection = PooledMLPProjection(
+                input_dim=image_embed_dim,
+                hidden_dim=resampler_dim,
+                num_tokens=num_edit_tokens,
+                output_dim=edit_token_dim,
+            )
 
         def block_projection() -> DeltaBlockProjection:
             return DeltaBlockProjection(
@@ -288,5 +324,7 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
     def forward(self, semantic_delta: torch.Tensor) -> torch.Tensor:
         """Semantic delta (B, P, D_enc) -> edit tokens (B, N, D_edit)."""
         refined = self.refiner(semantic_delta)  # (B, P, D_enc)
+        if self.config.projection_type == "pooled_mlp":
+            return self.pooled_projection(refined)  # (B, N, D_edit)
         resampled = self.resampler(refined)  # (B, N, W)
         return self.token_projection(resampled)  # (B, N, D_edit)
