@@ -85,7 +85,9 @@ def export(work: Path, export_dir: Path) -> None:
         shutil.rmtree(export_dir)
     shutil.copytree(work / "base", export_dir / "base", ignore=shutil.ignore_patterns("empty_prompt_embeds.*"))
     shutil.copytree(
-        work / "adapter", export_dir / "adapter", ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.json.tmp")
+        work / "adapter",
+        export_dir / "adapter",
+        ignore=shutil.ignore_patterns("checkpoint-*", "logs", "training_summary.json"),
     )
     size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
     print(f"Exported the default model to {export_dir} ({size:.1f} MiB)")
