@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from diffusers_delta import toyworld
 from diffusers_delta.data import LocalPairDataset
@@ -63,3 +64,10 @@ def test_written_pairs_are_a_training_folder(tmp_path):
     expected_source, expected_target = toyworld.make_pair("flip", seed=1_000_003)
     assert np.array_equal(np.asarray(pair["source"]), np.asarray(expected_source))
     assert np.array_equal(np.asarray(pair["target"]), np.asarray(expected_target))
+
+
+def test_scene_batches_can_show_edited_scenes_without_changing_unedited_ones():
+    plain = toyworld.scene_batch(np.random.default_rng(0), 6)
+    assert plain.shape == (6, 3, 64, 64) and -1 <= plain.min() and plain.max() <= 1
+    assert torch.equal(plain, toyworld.scene_batch(np.random.default_rng(0), 6, edited_fraction=0.0))
+    assert not torch.equal(plain, toyworld.scene_batch(np.random.default_rng(0), 6, edited_fraction=1.0))

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Step counts, not minutes, so that the build is a function of the seed (about 8 and 9 minutes on 2 cores).
     parser.add_argument("--vae_steps", type=int, default=700)
     parser.add_argument("--base_steps", type=int, default=1200)
+    parser.add_argument("--edited_fraction", type=float, default=0.0,
+                        help="Share of the VAE's and base editor's scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--pairs_per_edit", type=int, default=400)
     parser.add_argument("--adapter_steps", type=int, default=1500)
     parser.add_argument("--lambda_delta", type=float, default=1.0)
@@ -98,11 +100,12 @@ def main(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "vae").exists():
         train_vae.main(train_vae.parse_args(["--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps),
-                                             "--minutes", "1e9", "--seed", str(args.seed)]))  # fmt: skip
+                                             "--minutes", "1e9", "--seed", str(args.seed),
+                                             "--edited_fraction", str(args.edited_fraction)]))  # fmt: skip
     if not (work / "base").exists():
         train_base_editor.main(train_base_editor.parse_args([
             "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
-            "--minutes", "1e9", "--seed", str(args.seed),
+            "--minutes", "1e9", "--seed", str(args.seed), "--edited_fraction", str(args.edited_fraction),
         ]))  # fmt: skip
     if not (work / "siglip").exists():
         build_image_encoder(work / "siglip", args.seed)

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=None, help="Stop after this many steps (for tests).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--edited_fraction", type=float, default=0.0,
+                        help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -106,7 +108,7 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     progress = tqdm(desc="base editor", unit="step", mininterval=2)
     step = 0
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
-        latents = encode_latents(vae, scene_batch(rng, args.batch_size))  # (B, 4C, h, w)
+        latents = encode_latents(vae, scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction))
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
         noise = torch.randn(latents.shape, generator=generator)

@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
     parser.add_argument("--stats_batches", type=int, default=16, help="Batches encoded for the batch-norm stats.")
+    parser.add_argument("--edited_fraction", type=float, default=0.0,
+                        help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     progress = tqdm(desc="VAE", unit="step", mininterval=2)
     step = 0
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
-        images = scene_batch(rng, args.batch_size)
+        images = scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, images) + args.kl_weight * posterior.kl().mean()

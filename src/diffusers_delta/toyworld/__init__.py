@@ -43,9 +43,24 @@ def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.
     return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))
 
 
-def scene_batch(rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Random scenes as a (B, 3, H, W) float tensor in [-1, 1], the VAE's input range."""
-    images = np.stack([render(generate_scene(rng, size)) for _ in range(batch_size)])  # (B, H, W, 3) uint8
+def scene_batch(
+    rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE, edited_fraction: float = 0.0
+) -> torch.Tensor:
+    """Random scenes as a (B, 3, H, W) float tensor in [-1, 1], the VAE's input range.
+
+    Args:
+        rng: the random source.
+        batch_size: B.
+        size: image side.
+        edited_fraction: the share of scenes shown after a random edit (any of `EDITS`), so that models that stand in
+            for ones pretrained on all images (the VAE, the base editor) also know what edited pictures look like.
+    """
+    scenes = [generate_scene(rng, size) for _ in range(batch_size)]
+    names = list(EDITS)
+    # (No draw at all when edited_fraction is 0, so that unedited batches stay what they always were for a seed.)
+    edited = [edited_fraction > 0 and rng.random() < edited_fraction for _ in scenes]
+    scenes = [EDITS[names[int(rng.integers(len(names)))]](s) if e else s for s, e in zip(scenes, edited)]
+    images = np.stack([render(scene) for scene in scenes])  # (B, H, W, 3) uint8
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
