@@ -72,6 +72,10 @@ def default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImagePr
     return SiglipImageProcessorPil(size={"height": size, "width": size})
 
 
+def _where(source: str, subfolder: str | None) -> str:
+    return f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+
+
 def _check_safetensors_only(folder: str) -> None:
     """Refuses a local adapter folder that holds pickled weights instead of safetensors."""
     if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
@@ -153,12 +157,12 @@ class DeltaAdapterMixin:
             empty_prompt_embeds = lora_state_dict = None
         else:
             source = str(source)
-            config = self._load_adapter_config(source, subfolder, hub_kwargs)
+            config, weights_path = self._load_adapter_config(source, subfolder, hub_kwargs)
             image_encoder, feature_extractor = self._resolve_image_encoder(
                 source, subfolder, image_encoder_folder, hub_kwargs
             )
             self._check_adapter_fits(config, image_encoder)
-            adapter = self._load_adapter_model(source, subfolder, hub_kwargs)
+            adapter = self._load_adapter_model(source, subfolder, weights_path, hub_kwargs)
             empty_prompt_embeds = self._load_empty_prompt_embeds(source, subfolder, hub_kwargs)
             lora_state_dict = self._load_lora_state_dict(source, subfolder, hub_kwargs)
 
@@ -219,29 +223,33 @@ class DeltaAdapterMixin:
         return image_encoder, feature_extractor
 
     @staticmethod
-    def _load_adapter_config(source: str, subfolder: str | None, hub_kwargs: dict) -> dict:
-        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    def _load_adapter_config(source: str, subfolder: str | None, hub_kwargs: dict) -> tuple[dict, str]:
+        """The adapter's config and the resolved path of its weights (checked to exist, not yet read)."""
         _check_safetensors_only(os.path.join(source, subfolder or ""))
         try:
-            _get_model_file(source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-            return DeltaAdapterModel.load_config(source, subfolder=subfolder, **hub_kwargs)
+            weights_path = _get_model_file(
+                source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs
+            )
+            return DeltaAdapterModel.load_config(source, subfolder=subfolder, **hub_kwargs), weights_path
         except OSError as error:
             raise OSError(
-                f"No Delta-Adapter found at {where}: expected config.json and {ADAPTER_WEIGHTS_NAME} ({error})."
+                f"No Delta-Adapter found at {_where(source, subfolder)}: expected config.json and "
+                f"{ADAPTER_WEIGHTS_NAME} ({error})."
             ) from None
 
     @staticmethod
-    def _load_adapter_model(source: str, subfolder: str | None, hub_kwargs: dict) -> DeltaAdapterModel:
-        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        weights_path = _get_model_file(source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    def _load_adapter_model(
+        source: str, subfolder: str | None, weights_path: str, hub_kwargs: dict
+    ) -> DeltaAdapterModel:
         try:
             with safe_open(weights_path, framework="pt"):
                 pass
             return DeltaAdapterModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(
-                f"The Delta-Adapter weights at {where} are corrupt or do not match its config.json ({error}). "
-                "Re-save the adapter with save_delta_adapter, or download it again with force_download=True."
+                f"The Delta-Adapter weights at {_where(source, subfolder)} are corrupt or do not match its "
+                f"config.json ({error}). Re-save the adapter with save_delta_adapter, or download it again with "
+                "force_download=True."
             ) from None
 
     @staticmethod
