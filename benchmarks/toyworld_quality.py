@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Edit quality in the toy world, where the true edited image of every query is known exactly.
 
-Per edit, on held-out query scenes (seeds never used for training), with one exemplar pair per edit:
+Per edit, on held-out query scenes (seeds never used for training), each edited with its own exemplar pair:
 
     identity  mean absolute error (0-1) of the unedited query against the truth
     floor     the VAE's reconstruction of the truth against the truth (no 64x64 model can do better)
@@ -12,7 +12,7 @@ Rows: the shipped adapter; adapters trained without the consistency loss or with
 folder holds them (`--work_dir`, as examples/toyworld/build_default_model.py leaves it); the adapter after
 `adapt_to_exemplar(num_steps=20)` on unseen edits; averaging 3 exemplars instead of 1; a `delta_scale` sweep.
 
-    python benchmarks/toyworld_quality.py [--queries 16] [--work_dir toy-build]
+    python benchmarks/toyworld_quality.py [--queries 16] [--work_dir toy-build] [--markdown]
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def held_out(edit_name: str, count: int):
     return queries, truths
 
 
-def exemplars(edit_name: str, count: int) -> list[tuple]:
-    index = list(toyworld.EDITS).index(edit_name)
-    return [toyworld.make_pair(edit_name, EXEMPLAR_SEED_BASE + 100 * index + k) for k in range(count)]
+def exemplars(edit_name: str, query_index: int, count: int = 1) -> list[tuple]:
+    """`count` exemplar pairs of an edit for one query: each query has its own, so no one exemplar decides a row."""
+    seed = EXEMPLAR_SEED_BASE + 100_000 * list(toyworld.EDITS).index(edit_name) + 10 * query_index
+    return [toyworld.make_pair(edit_name, seed + k) for k in range(count)]
 
 
 @torch.no_grad()
@@ -57,14 +58,45 @@ def floor_error(pipe, truths) -> float:
     return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
 
 
-def edit_error(pipe, queries, truths, exemplar, delta_scale: float = 1.0) -> float:
+def edit_error(pipe, edit_name: str, queries, truths, exemplar_count: int = 1, delta_scale: float = 1.0) -> float:
+    """Mean error of the queries edited with their own exemplars (`exemplar_count` pairs averaged per query)."""
+    delta_embeds = torch.cat(
+        [pipe.encode_exemplar(exemplars(edit_name, i, exemplar_count)) for i in range(len(queries))]
+    )  # (B, N, D_edit)
     generators = [torch.Generator().manual_seed(i) for i in range(len(queries))]
-    outputs = pipe(queries, exemplar=exemplar, delta_scale=delta_scale, generator=generators).images
+    outputs = pipe(queries, delta_embeds=delta_embeds, delta_scale=delta_scale, generator=generators).images
     return statistics.mean(mae(output, truth) for output, truth in zip(outputs, truths))
+
+
+def adapted_error(pipe, edit_name: str, queries, truths, num_steps: int) -> float:
+    """Mean error of the queries, each edited after `adapt_to_exemplar` on its own exemplar pair."""
+    errors = []
+    for index, (query, truth) in enumerate(zip(queries, truths)):
+        source, target = exemplars(edit_name, index)[0]
+        with pipe.adapted_to_exemplar(source, target, num_steps=num_steps, generator=torch.Generator().manual_seed(0)):
+            output = pipe(query, exemplar=(source, target), generator=torch.Generator().manual_seed(index)).images[0]
+        errors.append(mae(output, truth))
+    return statistics.mean(errors)
 
 
 def gap(identity: float, floor: float, output: float) -> float:
     return (identity - output) / (identity - floor)
+
+
+def markdown_table(rows: dict, identity: dict, floor: dict) -> str:
+    """The table as README markdown: one row per edit, one column per row of results, with gaps in brackets."""
+    lines = [
+        "| edit | split | identity | floor | " + " | ".join(rows) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in rows) + " |",
+    ]
+    for name in toyworld.EDITS:
+        split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
+        cells = [
+            f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else ""
+            for row in rows.values()
+        ]
+        lines.append(f"| {name} | {split} | {identity[name]:.4f} | {floor[name]:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).replace("(-", "(\u2212")
 
 
 def main() -> None:
@@ -73,6 +105,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=None, help="A build folder with ablation adapters (adapter_*).")
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--adapt_steps", type=int, default=20)
+    parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
     args = parser.parse_args()
 
     pipe = toyworld.load_pipeline(args.model_dir)
@@ -82,36 +115,27 @@ def main() -> None:
     floor = {name: floor_error(pipe, data[name][1]) for name in toyworld.EDITS}
 
     def evaluate(names, **kwargs) -> dict[str, float]:
-        return {name: edit_error(pipe, *data[name], exemplars(name, 1)[0], **kwargs) for name in names}
+        return {name: edit_error(pipe, name, *data[name], **kwargs) for name in names}
 
     rows = {"adapter": evaluate(toyworld.EDITS)}
-    ablations = sorted(Path(args.work_dir).glob("adapter_*")) if args.work_dir else []
-    for folder in ablations:
+    for folder in sorted(Path(args.work_dir).glob("adapter_*")) if args.work_dir else []:
         pipe.load_delta_adapter(folder)
         rows[folder.name.removeprefix("adapter_").replace("_", " ")] = evaluate(toyworld.EDITS)
     pipe.load_delta_adapter(Path(args.model_dir) / "adapter")
+    rows[f"adapter + adapt_to_exemplar({args.adapt_steps})"] = {
+        name: adapted_error(pipe, name, *data[name], args.adapt_steps) for name in toyworld.UNSEEN_EDITS
+    }
+    rows["adapter, 3 exemplars averaged"] = evaluate(toyworld.EDITS, exemplar_count=3)
 
-    adapted = {}
-    for name in toyworld.UNSEEN_EDITS:
-        source, target = exemplars(name, 1)[0]
-        with pipe.adapted_to_exemplar(source, target, num_steps=args.adapt_steps,
-                                      generator=torch.Generator().manual_seed(0)):  # fmt: skip
-            adapted[name] = edit_error(pipe, *data[name], (source, target))
-    rows[f"adapter + adapt_to_exemplar({args.adapt_steps})"] = adapted
-
-    averaged = {name: edit_error(pipe, *data[name], exemplars(name, 3)) for name in toyworld.EDITS}
-    rows["adapter, 3 exemplars averaged"] = averaged
-
-    print(f"{args.queries} held-out queries per edit; mean absolute error in [0, 1]; gap closed = "
-          "(identity - output) / (identity - floor)\n")  # fmt: skip
+    print(f"{args.queries} held-out queries per edit, each with its own exemplar; mean absolute error in [0, 1]; "
+          "gap closed = (identity - output) / (identity - floor)\n")  # fmt: skip
     print(f"{'edit':<11} {'split':<7} {'identity':>9} {'floor':>7} " + " ".join(f"{r[:22]:>22}" for r in rows))
     for name in toyworld.EDITS:
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
-        cells = []
-        for row in rows.values():
-            cells.append(
-                f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else "-"
-            )
+        cells = [
+            f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else "-"
+            for row in rows.values()
+        ]
         print(
             f"{name:<11} {split:<7} {identity[name]:>9.4f} {floor[name]:>7.4f} " + " ".join(f"{c:>22}" for c in cells)
         )
@@ -126,8 +150,10 @@ def main() -> None:
 
     print("\ndelta_scale sweep (seen edits, mean output error):")
     for scale in (0.0, 0.5, 1.0, 1.5):
-        errors = [edit_error(pipe, *data[n], exemplars(n, 1)[0], delta_scale=scale) for n in toyworld.SEEN_EDITS]
+        errors = evaluate(toyworld.SEEN_EDITS, delta_scale=scale).values()
         print(f"  delta_scale {scale:<4} {statistics.mean(errors):.4f}")
+    if args.markdown:
+        print("\n" + markdown_table(rows, identity, floor))
 
 
 if __name__ == "__main__":

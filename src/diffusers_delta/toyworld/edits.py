@@ -94,5 +94,5 @@ EDITS: dict[str, Edit] = {
         Edit("move", "every shape moves right by a fifth of the picture", _move),
     )
 }  # fmt: skip
-SEEN_EDITS = ("recolor", "background", "grayscale", "border", "flip")
-UNSEEN_EDITS = ("invert", "enlarge", "move")
+SEEN_EDITS = ("recolor", "background", "grayscale", "border")
+UNSEEN_EDITS = ("invert", "flip", "enlarge", "move")
