@@ -83,6 +83,13 @@ def gap(identity: float, floor: float, output: float) -> float:
     return (identity - output) / (identity - floor)
 
 
+def result_cell(row: dict, name: str, identity: dict, floor: dict, missing: str) -> str:
+    """ "error (gap)" for an edit in a row of results, or `missing` where the row has no such edit."""
+    if name not in row:
+        return missing
+    return f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})"
+
+
 def markdown_table(rows: dict, identity: dict, floor: dict) -> str:
     """The table as README markdown: one row per edit, one column per row of results, with gaps in brackets."""
     lines = [
@@ -91,10 +98,7 @@ def markdown_table(rows: dict, identity: dict, floor: dict) -> str:
     ]
     for name in toyworld.EDITS:
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
-        cells = [
-            f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else ""
-            for row in rows.values()
-        ]
+        cells = [result_cell(row, name, identity, floor, missing="") for row in rows.values()]
         lines.append(f"| {name} | {split} | {identity[name]:.4f} | {floor[name]:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines).replace("(-", "(\u2212")
 
@@ -132,10 +136,7 @@ def main() -> None:
     print(f"{'edit':<11} {'split':<7} {'identity':>9} {'floor':>7} " + " ".join(f"{r[:22]:>22}" for r in rows))
     for name in toyworld.EDITS:
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
-        cells = [
-            f"{row[name]:.4f} ({gap(identity[name], floor[name], row[name]):+.2f})" if name in row else "-"
-            for row in rows.values()
-        ]
+        cells = [result_cell(row, name, identity, floor, missing="-") for row in rows.values()]
         print(
             f"{name:<11} {split:<7} {identity[name]:>9.4f} {floor[name]:>7.4f} " + " ".join(f"{c:>22}" for c in cells)
         )
