@@ -8,9 +8,11 @@ Per edit, on held-out query scenes (seeds never used for training), each edited 
     output    the edited query against the truth
     gap       (identity - output) / (identity - floor): 0 = no better than leaving the query alone, 1 = the floor
 
-Rows: the shipped adapter; adapters trained without the consistency loss or with other projections, when a build
-folder holds them (`--work_dir`, as examples/toyworld/build_default_model.py leaves it); the adapter after
-`adapt_to_exemplar(num_steps=20)` on unseen edits; averaging 3 exemplars instead of 1; a `delta_scale` sweep.
+Rows: the base editor told the edit by its own learned text prompt (no adapter: what the base can do when the
+instruction is known, seen and unseen edits alike); the shipped adapter; adapters trained without the consistency
+loss or with other projections, when a build folder holds them (`--work_dir`, as
+examples/toyworld/build_default_model.py leaves it); the adapter after `adapt_to_exemplar(num_steps=20)` on unseen
+edits; averaging 3 exemplars instead of 1; a `delta_scale` sweep.
 
     python benchmarks/toyworld_quality.py [--queries 16] [--work_dir toy-build] [--markdown]
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import safetensors.torch
 import torch
 
 from diffusers_delta import toyworld
@@ -58,13 +61,18 @@ def floor_error(pipe, truths) -> float:
     return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
 
 
-def edit_error(pipe, edit_name: str, queries, truths, exemplar_count: int = 1, delta_scale: float = 1.0) -> float:
-    """Mean error of the queries edited with their own exemplars (`exemplar_count` pairs averaged per query)."""
+def edit_error(
+    pipe, edit_name: str, queries, truths, exemplar_count: int = 1, delta_scale: float = 1.0, prompt_embeds=None
+) -> float:
+    """Mean error of the queries edited with their own exemplars (`exemplar_count` pairs averaged per query), under
+    the empty prompt or `prompt_embeds` (1, L, D_txt)."""
     delta_embeds = torch.cat(
         [pipe.encode_exemplar(exemplars(edit_name, i, exemplar_count)) for i in range(len(queries))]
     )  # (B, N, D_edit)
     generators = [torch.Generator().manual_seed(i) for i in range(len(queries))]
-    outputs = pipe(queries, delta_embeds=delta_embeds, delta_scale=delta_scale, generator=generators).images
+    outputs = pipe(
+        queries, delta_embeds=delta_embeds, delta_scale=delta_scale, prompt_embeds=prompt_embeds, generator=generators
+    ).images
     return statistics.mean(mae(output, truth) for output, truth in zip(outputs, truths))
 
 
@@ -121,7 +129,15 @@ def main() -> None:
     def evaluate(names, **kwargs) -> dict[str, float]:
         return {name: edit_error(pipe, name, *data[name], **kwargs) for name in names}
 
-    rows = {"adapter": evaluate(toyworld.EDITS)}
+    rows = {}
+    instructions_file = Path(args.model_dir) / "base" / toyworld.EDIT_PROMPT_EMBEDS_NAME
+    if instructions_file.is_file():  # delta_scale 0: the base alone, under the edit's prompt
+        instructions = safetensors.torch.load_file(instructions_file)
+        rows["base + text prompt"] = {
+            name: edit_error(pipe, name, *data[name], delta_scale=0.0, prompt_embeds=instructions[name])
+            for name in toyworld.EDITS
+        }
+    rows["adapter"] = evaluate(toyworld.EDITS)
     for folder in sorted(Path(args.work_dir).glob("adapter_*")) if args.work_dir else []:
         pipe.load_delta_adapter(folder)
         rows[folder.name.removeprefix("adapter_").replace("_", " ")] = evaluate(toyworld.EDITS)

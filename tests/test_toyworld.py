@@ -71,3 +71,23 @@ def test_scene_batches_can_show_edited_scenes_without_changing_unedited_ones():
     assert plain.shape == (6, 3, 64, 64) and -1 <= plain.min() and plain.max() <= 1
     assert torch.equal(plain, toyworld.scene_batch(np.random.default_rng(0), 6, edited_fraction=0.0))
     assert not torch.equal(plain, toyworld.scene_batch(np.random.default_rng(0), 6, edited_fraction=1.0))
+
+
+def test_instruction_batches_pair_each_reference_with_its_instructed_edit():
+    references, targets, instructions = toyworld.instruction_batch(np.random.default_rng(3), 24)
+    assert references.shape == targets.shape == (24, 3, 64, 64) and instructions.shape == (24,)
+    assert (instructions == -1).any() and (instructions >= 0).any()
+    names = list(toyworld.EDITS)
+    for reference, target, instruction in zip(references, targets, instructions.tolist()):
+        if instruction < 0:  # the empty instruction: reproduce
+            assert torch.equal(reference, target)
+            continue
+        edit = toyworld.EDITS[names[instruction]]
+        if edit.image_fn is not None:
+            pixels = ((reference + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            expected = torch.from_numpy(edit.image_fn(pixels)).permute(2, 0, 1).float() / 127.5 - 1
+            assert torch.equal(target, expected)
+        else:
+            assert not torch.equal(reference, target)
+    _, _, none = toyworld.instruction_batch(np.random.default_rng(3), 8, instruction_fraction=0.0)
+    assert (none == -1).all()

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKLFlux2
 from transformers import SiglipImageProcessorPil
@@ -40,7 +41,10 @@ def test_vae_fills_its_latent_statistics(toy):
 def test_base_editor_folder_is_a_text_free_pipeline(toy):
     pipe = FluxDeltaEditPipeline.from_pretrained(toy / "base")
     assert pipe.text_encoder is None and pipe.tokenizer is None and pipe.config.is_distilled
-    assert (toy / "base" / "empty_prompt_embeds.safetensors").is_file()
+    empty = safetensors.torch.load_file(toy / "base" / "empty_prompt_embeds.safetensors")["prompt_embeds"]
+    instructions = safetensors.torch.load_file(toy / "base" / toyworld.EDIT_PROMPT_EMBEDS_NAME)
+    assert set(instructions) == set(toyworld.EDITS)  # one learned prompt per edit, unseen ones included
+    assert all(prompt.shape == empty.shape and not torch.equal(prompt, empty) for prompt in instructions.values())
     assert pipe.transformer.config.in_channels == 32 and len(pipe.transformer.single_transformer_blocks) == 2
 
 

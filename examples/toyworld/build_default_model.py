@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the toy world's default model from scratch: VAE, base editor, SigLIP stand-in, Delta-Adapter.
 
-One seeded command, about 45 minutes on 2 CPU cores (35 more with `--ablations`); not part of the test suite:
+One seeded command, about 55 minutes on 2 CPU cores (35 more with `--ablations`); not part of the test suite:
 
     python examples/toyworld/build_default_model.py --work_dir toy-build [--ablations]
 
@@ -41,13 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--export_dir", default=str(PACKAGE_MODEL_DIR), help="Where the shipped model goes.")
-    # Step counts, not minutes, so that the build is a function of the seed (minutes on 2 cores: VAE ~8, base ~9,
+    # Step counts, not minutes, so that the build is a function of the seed (minutes on 2 cores: VAE ~8, base ~22,
     # adapter ~21).
     parser.add_argument("--vae_steps", type=int, default=700)
-    parser.add_argument("--base_steps", type=int, default=1200)
+    parser.add_argument("--base_steps", type=int, default=2965)
     parser.add_argument("--edited_fraction", type=float, default=0.5,
                         help="Share of the VAE's and base editor's scenes shown after a random edit.")  # fmt: skip
-    parser.add_argument("--pairs_per_edit", type=int, default=500)
+    parser.add_argument("--instruction_fraction", type=float, default=0.5,
+                        help="Share of the base editor's references edited by an instruction.")  # fmt: skip
+    parser.add_argument("--pairs_per_edit", type=int, default=2500)
     parser.add_argument("--adapter_steps", type=int, default=4000)
     parser.add_argument("--lambda_delta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -84,7 +86,8 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, proje
 
 
 def export(work: Path, export_dir: Path) -> None:
-    """Copies the base pipeline and the adapter folder (weights, SigLIP, empty prompt) into the package."""
+    """Copies the base pipeline (with its edit prompts, for the benchmark) and the adapter folder (weights, SigLIP,
+    empty prompt) into the package."""
     if export_dir.exists():
         shutil.rmtree(export_dir)
     shutil.copytree(work / "base", export_dir / "base", ignore=shutil.ignore_patterns("empty_prompt_embeds.*"))
@@ -108,6 +111,7 @@ def main(args: argparse.Namespace) -> None:
         train_base_editor.main(train_base_editor.parse_args([
             "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
             "--minutes", "1e9", "--seed", str(args.seed), "--edited_fraction", str(args.edited_fraction),
+            "--instruction_fraction", str(args.instruction_fraction),
         ]))  # fmt: skip
     if not (work / "siglip").exists():
         build_image_encoder(work / "siglip", args.seed)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Train the toy world's stand-in for FLUX.2 [klein]: a small `Flux2Transformer2DModel` that reproduces its reference
-image, with a learned empty prompt.
+"""Train the toy world's stand-in for FLUX.2 [klein]: a small `Flux2Transformer2DModel` that edits its reference image
+by instruction, and reproduces it with the empty one.
 
-FLUX.2 [klein] edits an image it receives as reference tokens; with the empty prompt it reproduces it. This trains
-that behaviour from scratch on generated scenes (flow matching, the reference image equal to the target), with the
-empty prompt's embeddings learned alongside (there is no text encoder in the toy world). Writes a pipeline folder
-(`FluxDeltaEditPipeline.from_pretrained` reads it) and `empty_prompt_embeds.safetensors`; prints the PSNR of 4-step
-reproductions of held-out scenes against the VAE's own reconstruction floor.
+FLUX.2 [klein] edits an image it receives as reference tokens, as a text prompt says; with the empty prompt it
+reproduces it. This trains that behaviour from scratch on generated scenes (flow matching): a share of the references
+(`--instruction_fraction`) is edited by one of the toy world's edits, seen and unseen alike (a text-conditioned editor
+knows them all; *unseen* means unseen by the adapter), the rest reproduced. There is no text encoder in the toy world:
+each instruction is a learned prompt, trained alongside. Writes a pipeline folder (read by
+`FluxDeltaEditPipeline.from_pretrained`), `empty_prompt_embeds.safetensors` and `edit_prompt_embeds.safetensors` (one
+prompt per edit, for the benchmark's text-instruction row); prints the PSNR of 4-step reproductions of held-out scenes
+against the VAE's own reconstruction floor, and each instruction's gap closed.
 
     python examples/toyworld/train_base_editor.py --vae_dir toy/vae --output_dir toy/base --minutes 9
 """
@@ -29,7 +32,14 @@ from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.latents import encode_latents
 from diffusers_delta.loaders import EMPTY_PROMPT_EMBEDS_NAME
 from diffusers_delta.losses import add_noise, flow_matching_loss, sample_sigmas
-from diffusers_delta.toyworld import scene_batch
+from diffusers_delta.toyworld import (
+    EDIT_PROMPT_EMBEDS_NAME,
+    EDITS,
+    generate_scene,
+    instruction_batch,
+    render,
+    scene_batch,
+)
 from diffusers_delta.training import predict_velocity
 
 
@@ -46,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--edited_fraction", type=float, default=0.0,
                         help="Share of training scenes shown after a random edit.")  # fmt: skip
+    parser.add_argument("--instruction_fraction", type=float, default=0.5,
+                        help="Share of references edited by an instruction (0: a pure reproducer).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -74,13 +86,10 @@ def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 @torch.no_grad()
-def reproduction_psnr(
-    pipe: Flux2KleinPipeline, prompt_embeds: torch.Tensor, images: torch.Tensor
-) -> tuple[float, float]:
-    """(PSNR of 4-step reproductions, PSNR of the VAE's reconstructions) of `images` (B, 3, H, W) in [-1, 1]."""
+def edit_images(pipe: Flux2KleinPipeline, prompt_embeds: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """4-step edits (B, 3, H, W) in [0, 1] of `images` (B, 3, H, W) in [-1, 1] under one prompt."""
     import PIL.Image
 
-    truth = (images + 1) / 2
     outputs = []
     for index, image in enumerate(images):
         pil = PIL.Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
@@ -88,12 +97,38 @@ def reproduction_psnr(
         output = pipe(image=pil, prompt_embeds=prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
                       generator=generator, output_type="pt").images  # fmt: skip
         outputs.append(output[0])
-    floor = (pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    return torch.stack(outputs)
 
-    def to_psnr(estimate):
+
+@torch.no_grad()
+def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: int = 16) -> None:
+    """Prints the reproduction PSNR against the VAE's floor, and each instruction's mean absolute error on held-out
+    scenes with its gap closed, (identity - output) / (identity - floor)."""
+    references = scene_batch(np.random.default_rng(seed), count)
+    truth = (references + 1) / 2
+
+    def reconstruct(images):
+        return (pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+
+    def psnr(estimate):
         return 10 * math.log10(1.0 / F.mse_loss(estimate, truth).item())
 
-    return to_psnr(torch.stack(outputs)), to_psnr(floor)
+    reproduced = edit_images(pipe, prompts[:1], references)
+    print(f"reproduction PSNR {psnr(reproduced):.1f} dB (VAE floor {psnr(reconstruct(references)):.1f} dB)")
+    for index, name in enumerate(EDITS, start=1):
+        rng = np.random.default_rng(seed)
+        scenes = [generate_scene(rng) for _ in range(count)]
+        edited = torch.stack([torch.from_numpy(render(EDITS[name](scene))) for scene in scenes])
+        edited = edited.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+        identity, floor = (
+            (truth - edited).abs().mean().item(),
+            (reconstruct(edited * 2 - 1) - edited).abs().mean().item(),
+        )
+        output = (edit_images(pipe, prompts[index : index + 1], references) - edited).abs().mean().item()
+        gap = (identity - output) / (identity - floor)
+        print(
+            f"instruction {name:<10} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): gap {gap:+.2f}"
+        )
 
 
 def main(args: argparse.Namespace) -> Flux2KleinPipeline:
@@ -101,19 +136,23 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     rng = np.random.default_rng(args.seed)
     vae = AutoencoderKLFlux2.from_pretrained(args.vae_dir).eval().requires_grad_(False)
     transformer = build_transformer(vae.config.latent_channels).train()
-    prompt_embeds = torch.nn.Parameter(torch.randn(1, PROMPT_TOKENS, PROMPT_DIM) * 0.02)
-    optimizer = torch.optim.AdamW([*transformer.parameters(), prompt_embeds], lr=args.learning_rate)
+    # Row 0: the empty prompt; row 1 + i: the instruction of the i-th edit of EDITS.
+    prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D_txt)
+    optimizer = torch.optim.AdamW([*transformer.parameters(), prompts], lr=args.learning_rate)
     scheduler = klein_scheduler()
     deadline = time.monotonic() + args.minutes * 60
     progress = tqdm(desc="base editor", unit="step", mininterval=2)
     step = 0
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
-        latents = encode_latents(vae, scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction))
+        references, targets, instructions = instruction_batch(
+            rng, args.batch_size, edited_fraction=args.edited_fraction, instruction_fraction=args.instruction_fraction
+        )
+        reference_latents, latents = encode_latents(vae, torch.cat([references, targets])).chunk(2)  # (B, 4C, h, w)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         velocity, _, _ = predict_velocity(
-            transformer, add_noise(latents, noise, sigmas), latents, prompt_embeds, sigmas
+            transformer, add_noise(latents, noise, sigmas), reference_latents, prompts[instructions + 1], sigmas
         )
         loss = flow_matching_loss(
             velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)
@@ -133,13 +172,16 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
         scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer, is_distilled=True
     )
     pipe.set_progress_bar_config(disable=True)
-    embeds = prompt_embeds.detach()
-    reproduced, floor = reproduction_psnr(pipe, embeds, scene_batch(np.random.default_rng(args.seed + 10_000), 16))
-    print(f"base editor: {step} steps, 4-step reproduction PSNR {reproduced:.1f} dB (VAE floor {floor:.1f} dB)")
+    prompts = prompts.detach()
+    print(f"base editor: {step} steps")
+    report(pipe, prompts, seed=args.seed + 10_000)
     # Saved as a FluxDeltaEditPipeline, whose text encoder and tokenizer are optional: there are none here.
     FluxDeltaEditPipeline.from_pipe(pipe).save_pretrained(args.output_dir)
+    output_dir = Path(args.output_dir)
+    safetensors.torch.save_file({"prompt_embeds": prompts[:1].contiguous()}, output_dir / EMPTY_PROMPT_EMBEDS_NAME)
     safetensors.torch.save_file(
-        {"prompt_embeds": embeds.contiguous()}, Path(args.output_dir) / EMPTY_PROMPT_EMBEDS_NAME
+        {name: prompts[i : i + 1].contiguous() for i, name in enumerate(EDITS, start=1)},
+        output_dir / EDIT_PROMPT_EMBEDS_NAME,
     )
     return pipe
 

@@ -18,6 +18,8 @@ from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
 
 #: Where the embedded default model lives (written by examples/toyworld/build_default_model.py).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+#: The base editor's learned instruction prompts, one (1, L, D_txt) tensor per edit name, in its pipeline folder.
+EDIT_PROMPT_EMBEDS_NAME = "edit_prompt_embeds.safetensors"
 
 
 def load_pipeline(model_dir: str | Path = DEFAULT_MODEL_DIR):
@@ -43,6 +45,21 @@ def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.
     return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))
 
 
+def _random_scenes(rng: np.random.Generator, batch_size: int, size: int, edited_fraction: float) -> list[Scene]:
+    """`batch_size` random scenes, each shown after a random edit (any of `EDITS`) with chance `edited_fraction`."""
+    scenes = [generate_scene(rng, size) for _ in range(batch_size)]
+    names = list(EDITS)
+    # (No draw at all when edited_fraction is 0, so that unedited batches stay what they always were for a seed.)
+    edited = [edited_fraction > 0 and rng.random() < edited_fraction for _ in scenes]
+    return [EDITS[names[int(rng.integers(len(names)))]](s) if e else s for s, e in zip(scenes, edited)]
+
+
+def _to_pixels(scenes: list[Scene]) -> torch.Tensor:
+    """Scenes rendered as a (B, 3, H, W) float tensor in [-1, 1], the VAE's input range."""
+    images = np.stack([render(scene) for scene in scenes])  # (B, H, W, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def scene_batch(
     rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE, edited_fraction: float = 0.0
 ) -> torch.Tensor:
@@ -55,13 +72,35 @@ def scene_batch(
         edited_fraction: the share of scenes shown after a random edit (any of `EDITS`), so that models that stand in
             for ones pretrained on all images (the VAE, the base editor) also know what edited pictures look like.
     """
-    scenes = [generate_scene(rng, size) for _ in range(batch_size)]
+    return _to_pixels(_random_scenes(rng, batch_size, size, edited_fraction))
+
+
+def instruction_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    size: int = IMAGE_SIZE,
+    edited_fraction: float = 0.0,
+    instruction_fraction: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch for an instruction editor, which FLUX.2 [klein] is: each reference scene either stays as it is (the
+    empty instruction) or is edited by one of `EDITS`, all of them, as a text-conditioned editor knows them all.
+
+    Args:
+        rng: the random source.
+        batch_size: B.
+        size: image side.
+        edited_fraction: the share of reference scenes that are themselves already edited (see `scene_batch`).
+        instruction_fraction: the share of references that get an edit instruction rather than the empty one.
+
+    Returns:
+        references (B, 3, H, W) and targets (B, 3, H, W) in [-1, 1], and instructions (B,): an index into `EDITS`,
+        or -1 for the empty instruction (target = reference).
+    """
+    references = _random_scenes(rng, batch_size, size, edited_fraction)
     names = list(EDITS)
-    # (No draw at all when edited_fraction is 0, so that unedited batches stay what they always were for a seed.)
-    edited = [edited_fraction > 0 and rng.random() < edited_fraction for _ in scenes]
-    scenes = [EDITS[names[int(rng.integers(len(names)))]](s) if e else s for s, e in zip(scenes, edited)]
-    images = np.stack([render(scene) for scene in scenes])  # (B, H, W, 3) uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    instructions = [int(rng.integers(len(names))) if rng.random() < instruction_fraction else -1 for _ in references]
+    targets = [EDITS[names[i]](scene) if i >= 0 else scene for scene, i in zip(references, instructions)]
+    return _to_pixels(references), _to_pixels(targets), torch.tensor(instructions)
 
 
 def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int, seed: int = 0) -> Path:
@@ -90,6 +129,7 @@ def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int,
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
+    "EDIT_PROMPT_EMBEDS_NAME",
     "EDITS",
     "IMAGE_SIZE",
     "SEEN_EDITS",
@@ -98,6 +138,7 @@ __all__ = [
     "Scene",
     "Shape",
     "generate_scene",
+    "instruction_batch",
     "load_pipeline",
     "make_pair",
     "render",
