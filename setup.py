@@ -2,6 +2,7 @@
 
 from setuptools import find_packages, setup
 
+
 # Floors are the versions this package is tested against (see README.md, "Compatibility").
 install_requires = [
     "torch>=2.13.0",

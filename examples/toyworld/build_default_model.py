@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the toy world's default model from scratch: VAE, base editor, SigLIP stand-in, Delta-Adapter.
 
-One seeded command, about 55 minutes on 2 CPU cores (35 more with `--ablations`); not part of the test suite:
+One seeded command, about 55 minutes on 2 CPU cores (45 more with `--ablations`); not part of the test suite:
 
     python examples/toyworld/build_default_model.py --work_dir toy-build [--ablations]
 
