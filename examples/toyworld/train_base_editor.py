@@ -37,8 +37,7 @@ from diffusers_delta.toyworld import (
     EDITS,
     generate_scene,
     instruction_batch,
-    render,
-    scene_batch,
+    render_batch,
 )
 from diffusers_delta.training import predict_velocity
 
@@ -104,7 +103,9 @@ def edit_images(pipe: Flux2KleinPipeline, prompt_embeds: torch.Tensor, images: t
 def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: int = 16) -> None:
     """Prints the reproduction PSNR against the VAE's floor, and each instruction's mean absolute error on held-out
     scenes with its gap closed, (identity - output) / (identity - floor)."""
-    references = scene_batch(np.random.default_rng(seed), count)
+    rng = np.random.default_rng(seed)
+    scenes = [generate_scene(rng) for _ in range(count)]
+    references = render_batch(scenes)  # (B, 3, H, W) in [-1, 1]
     truth = (references + 1) / 2
 
     def reconstruct(images):
@@ -116,10 +117,7 @@ def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: in
     reproduced = edit_images(pipe, prompts[:1], references)
     print(f"reproduction PSNR {psnr(reproduced):.1f} dB (VAE floor {psnr(reconstruct(references)):.1f} dB)")
     for index, name in enumerate(EDITS, start=1):
-        rng = np.random.default_rng(seed)
-        scenes = [generate_scene(rng) for _ in range(count)]
-        edited = torch.stack([torch.from_numpy(render(EDITS[name](scene))) for scene in scenes])
-        edited = edited.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+        edited = (render_batch([EDITS[name](scene) for scene in scenes]) + 1) / 2  # (B, 3, H, W) in [0, 1]
         identity, floor = (
             (truth - edited).abs().mean().item(),
             (reconstruct(edited * 2 - 1) - edited).abs().mean().item(),

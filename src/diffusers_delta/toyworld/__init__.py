@@ -54,7 +54,7 @@ def _random_scenes(rng: np.random.Generator, batch_size: int, size: int, edited_
     return [EDITS[names[int(rng.integers(len(names)))]](s) if e else s for s, e in zip(scenes, edited)]
 
 
-def _to_pixels(scenes: list[Scene]) -> torch.Tensor:
+def render_batch(scenes: list[Scene]) -> torch.Tensor:
     """Scenes rendered as a (B, 3, H, W) float tensor in [-1, 1], the VAE's input range."""
     images = np.stack([render(scene) for scene in scenes])  # (B, H, W, 3) uint8
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -72,7 +72,7 @@ def scene_batch(
         edited_fraction: the share of scenes shown after a random edit (any of `EDITS`), so that models that stand in
             for ones pretrained on all images (the VAE, the base editor) also know what edited pictures look like.
     """
-    return _to_pixels(_random_scenes(rng, batch_size, size, edited_fraction))
+    return render_batch(_random_scenes(rng, batch_size, size, edited_fraction))
 
 
 def instruction_batch(
@@ -100,7 +100,7 @@ def instruction_batch(
     names = list(EDITS)
     instructions = [int(rng.integers(len(names))) if rng.random() < instruction_fraction else -1 for _ in references]
     targets = [EDITS[names[i]](scene) if i >= 0 else scene for scene, i in zip(references, instructions)]
-    return _to_pixels(references), _to_pixels(targets), torch.tensor(instructions)
+    return render_batch(references), render_batch(targets), torch.tensor(instructions)
 
 
 def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int, seed: int = 0) -> Path:
@@ -142,6 +142,7 @@ __all__ = [
     "load_pipeline",
     "make_pair",
     "render",
+    "render_batch",
     "scene_batch",
     "write_pairs",
 ]
