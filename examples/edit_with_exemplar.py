@@ -6,13 +6,16 @@
         --source before.png --target after.png --query query.png --output edited.png
 
 The base model and the adapter may be Hub ids or local folders. The text encoder (Qwen3-4B) is loaded only when the
-adapter does not ship the empty prompt's embeddings.
+adapter does not ship the empty prompt's embeddings. A bad input or an unreachable Hub prints one line, `error: ...`,
+and exits with code 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 import torch
 from diffusers.utils import load_image
@@ -29,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", default="black-forest-labs/FLUX.2-klein-4B", help="FLUX.2 [klein] Hub id or folder.")
     parser.add_argument("--adapter", required=True, help="Delta-Adapter Hub id or folder.")
     parser.add_argument("--adapter-subfolder", default=None, help="Subfolder of the adapter inside its repo.")
+    parser.add_argument("--image-encoder-folder", default="image_encoder",
+                        help="Where the adapter's SigLIP encoder lies: a folder name inside the adapter, or a path "
+                             "(absolute, or starting with ./).")  # fmt: skip
+    parser.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of the adapter's repo.")
+    parser.add_argument("--token", default=None, help="Hub token, for private or gated repos.")
+    parser.add_argument("--force-download", action="store_true", help="Download the adapter again.")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
     parser.add_argument("--source", required=True, help="Exemplar source image (path or URL).")
     parser.add_argument("--target", required=True, help="Exemplar target image: the source after the edit.")
     parser.add_argument("--query", required=True, help="Image to apply the same edit to.")
@@ -54,7 +64,17 @@ def load_pipeline(args: argparse.Namespace) -> FluxDeltaEditPipeline:
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     pipe = FluxDeltaEditPipeline.from_pretrained(args.base, text_encoder=None, tokenizer=None, dtype=dtype)
-    pipe.load_delta_adapter(args.adapter, subfolder=args.adapter_subfolder)
+    image_encoder_folder = args.image_encoder_folder
+    if image_encoder_folder.startswith((".", "/", "~")):
+        image_encoder_folder = Path(image_encoder_folder)  # a path on disk, not a folder inside the adapter
+    pipe.load_delta_adapter(
+        args.adapter,
+        subfolder=args.adapter_subfolder,
+        image_encoder_folder=image_encoder_folder,
+        revision=args.revision,
+        token=args.token,
+        force_download=args.force_download,
+    )
     if pipe.empty_prompt_embeds is None:
         logger.warning(
             "The adapter has no empty_prompt_embeds.safetensors: loading the text encoder from %s.", args.base
@@ -69,6 +89,16 @@ def load_pipeline(args: argparse.Namespace) -> FluxDeltaEditPipeline:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    try:
+        edit(args)
+    except (ValueError, OSError) as error:  # bad inputs, files or downloads: the message names the fix
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def edit(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args)
     exemplar = (load_image(args.source), load_image(args.target))
     if args.adapt_steps:

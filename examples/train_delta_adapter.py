@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
 from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, compute_empty_prompt_embeds
+from diffusers_delta.adapter_files import default_feature_extractor, write_adapter_folder
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
@@ -51,9 +52,8 @@ from diffusers_delta.data import (
     collate_pairs,
 )
 from diffusers_delta.grids import make_edit_grid
-from diffusers_delta.hub import EXAMPLE_FILES, push_adapter_folder, render_model_card
+from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.latents import encode_latents
-from diffusers_delta.loaders import default_feature_extractor, save_adapter_folder
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.training import DeltaAdapterObjective
@@ -484,9 +484,9 @@ def main(args: argparse.Namespace) -> None:
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(models[0])
-            save_adapter_folder(output_dir, model.adapter, empty_prompt_embeds=prompt_embeds)
-            if args.lora_rank:
-                save_lora(model.transformer, output_dir)
+            write_adapter_folder(
+                output_dir, model.adapter, empty_prompt_embeds=prompt_embeds, **transformer_lora(model.transformer)
+            )
         weights.clear()
 
     def load_model_hook(models, input_dir):
@@ -684,10 +684,17 @@ def adapter_fingerprint(adapter: DeltaAdapterModel) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum()])
 
 
-def save_lora(transformer, folder: str) -> None:
+def transformer_lora(transformer) -> dict:
+    """The trained LoRA's weights and its config (rank, alpha, targets) as `write_adapter_folder` takes them; empty
+    when no LoRA trains."""
+    if not getattr(transformer, "peft_config", None):
+        return {}
     from peft.utils import get_peft_model_state_dict
 
-    Flux2KleinPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return {
+        "lora_state_dict": get_peft_model_state_dict(transformer),
+        "lora_metadata": transformer.peft_config["default"].to_dict(),
+    }
 
 
 def load_lora(transformer, folder: str) -> None:
@@ -699,14 +706,19 @@ def load_lora(transformer, folder: str) -> None:
 
 
 def save_release(args, model, feature_extractor, prompt_embeds, grid, global_step: int, num_processes: int) -> None:
-    """Writes the folder `load_delta_adapter` reads into `--output_dir`, with its card; pushes it if asked."""
+    """Writes the folder `load_delta_adapter` reads into `--output_dir`, atomically and with its card (checkpoints
+    and logs there stay as they are); pushes it if asked."""
     output_dir = Path(args.output_dir)
     has_examples = bool(args.validation_exemplar)
+    extra_files = {}
     if has_examples:
-        grid.save(output_dir / "validation.png")
-        (output_dir / "examples").mkdir(exist_ok=True)
-        for path, name in zip(args.validation_exemplar[0], EXAMPLE_FILES):
-            load_image(path).save(output_dir / name)
+
+        def write_examples(folder: Path) -> None:
+            folder.mkdir()
+            for path, name in zip(args.validation_exemplar[0], EXAMPLE_FILES):
+                load_image(path).save(folder.parent / name)
+
+        extra_files = {"validation.png": grid.save, "examples": write_examples}
     repo_id = args.hub_model_id or output_dir.name
     card = render_model_card(
         model.adapter,
@@ -730,13 +742,18 @@ def save_release(args, model, feature_extractor, prompt_embeds, grid, global_ste
         validation_grid="validation.png" if has_examples else None,
         example_files=has_examples,
     )
-    save_adapter_folder(
-        output_dir, model.adapter, model.image_encoder, feature_extractor, prompt_embeds, model_card=card
+    write_adapter_folder(
+        output_dir,
+        model.adapter,
+        model.image_encoder,
+        feature_extractor,
+        prompt_embeds,
+        model_card=card,
+        extra_files=extra_files,
+        **transformer_lora(model.transformer),
     )
-    if args.lora_rank:
-        save_lora(model.transformer, str(output_dir))
     if args.push_to_hub:
-        url = push_adapter_folder(output_dir, repo_id, token=args.hub_token)
+        url = push_folder(output_dir, repo_id, token=args.hub_token)
         logger.info(f"Pushed to {url}")
 
 

@@ -4,7 +4,7 @@ import pytest
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from diffusers_delta import compute_empty_prompt_embeds
-from diffusers_delta.hub import EXAMPLE_FILES, push_adapter_folder, render_model_card
+from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.testing import TEXT_KWARGS, randomize_, tiny_adapter, tiny_transformer
 
 
@@ -60,4 +60,4 @@ def test_save_delta_adapter_writes_the_card(delta_pipe, tmp_path):
 
 def test_push_goes_through_huggingface_hub(tmp_path):
     with pytest.raises(OfflineModeIsEnabled):  # the tests run with HF_HUB_OFFLINE=1
-        push_adapter_folder(tmp_path, "org/delta-adapter", token="hf_x")
+        push_folder(tmp_path, "org/delta-adapter", token="hf_x")

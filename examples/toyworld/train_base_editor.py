@@ -29,12 +29,13 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from tqdm.auto import tqdm
 
 from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.adapter_files import EMPTY_PROMPT_EMBEDS_NAME
 from diffusers_delta.latents import encode_latents
-from diffusers_delta.loaders import EMPTY_PROMPT_EMBEDS_NAME
 from diffusers_delta.losses import add_noise, flow_matching_loss, sample_sigmas
 from diffusers_delta.toyworld import (
     EDIT_PROMPT_EMBEDS_NAME,
     EDITS,
+    IMAGE_SIZE,
     generate_scene,
     instruction_batch,
     render_batch,
@@ -173,8 +174,9 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     prompts = prompts.detach()
     print(f"base editor: {step} steps")
     report(pipe, prompts, seed=args.seed + 10_000)
-    # Saved as a FluxDeltaEditPipeline, whose text encoder and tokenizer are optional: there are none here.
-    FluxDeltaEditPipeline.from_pipe(pipe).save_pretrained(args.output_dir)
+    # Saved as a FluxDeltaEditPipeline, whose text encoder and tokenizer are optional: there are none here. It knows
+    # only the world's image size, and says so to a user who brings another.
+    FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(args.output_dir)
     output_dir = Path(args.output_dir)
     safetensors.torch.save_file({"prompt_embeds": prompts[:1].contiguous()}, output_dir / EMPTY_PROMPT_EMBEDS_NAME)
     safetensors.torch.save_file(

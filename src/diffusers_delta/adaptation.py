@@ -7,13 +7,17 @@ Only the adapter's weights move; the transformer, VAE and SigLIP stay frozen.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .checks import finite_float, positive_int
 from .losses import sample_sigmas
 from .training import DeltaAdapterObjective
+
+
+#: The noise-level densities `sample_sigmas` and `loss_weighting` know.
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 
 
 @dataclass
@@ -47,12 +51,22 @@ class AdaptationConfig:
     )
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}.")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
-        if self.noise_samples < 1:
-            raise ValueError(f"noise_samples must be at least 1, got {self.noise_samples}.")
+        self.num_steps = positive_int(self.num_steps, "num_steps")
+        self.learning_rate = finite_float(self.learning_rate, "learning_rate")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        self.lambda_delta = finite_float(self.lambda_delta, "lambda_delta", minimum=0.0)
+        self.noise_samples = positive_int(self.noise_samples, "noise_samples")
+        self.max_grad_norm = finite_float(self.max_grad_norm, "max_grad_norm")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}.")
+        self.weight_decay = finite_float(self.weight_decay, "weight_decay", minimum=0.0)
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}.")
+        if self.gradient_checkpointing not in (None, True, False):
+            raise TypeError(
+                f"gradient_checkpointing must be None, True or False, got {self.gradient_checkpointing!r}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,6 +2,9 @@
 
 diffusers-delta demo --out demo.png
 diffusers-delta edit --exemplar before.png after.png --query query.png --out edited.png [--base ... --adapter ...]
+
+Inputs are checked before any model loads. A mistake prints one line, `error: ...`, and exits with code 2 (any
+other failure: code 1); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,17 +12,58 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 from . import toyworld
+from .adapter_files import AdapterLocation
 from .grids import make_edit_grid
+
+
+class UsageError(Exception):
+    """A mistake in the command's inputs: reported in one line, exit code 2."""
+
+
+def _output_path(path: str) -> Path:
+    """`--out`, checked to name an image format PIL writes; its folder is created if missing."""
+    out = Path(path).expanduser()
+    extension = out.suffix.lower()
+    image_format = PIL.Image.registered_extensions().get(extension)
+    if image_format is None or image_format not in PIL.Image.SAVE:
+        raise UsageError(f"--out {path}: {extension or 'no extension'} is not an image format; use .png or .jpg.")
+    if out.is_dir():
+        raise UsageError(f"--out {path} is a folder: give a file name such as {out / 'edited.png'}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _read_image(path: str, what: str) -> PIL.Image.Image:
+    """An image file, fully read (so a truncated file fails here, not after a model has loaded)."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist.") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
+        raise UsageError(f"{what} {path} is not a readable image ({error}).") from None
+
+
+def _model_source(source: str, option: str) -> str:
+    """A folder or Hub id given to `--base`/`--adapter`, checked without loading or downloading anything."""
+    try:
+        AdapterLocation.resolve(source, None, {})
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option}: {error}") from None
+    return source
 
 
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
+    out = _output_path(args.out)
     pipe = toyworld.load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
     rows, lines = [], []
@@ -38,53 +82,103 @@ def _demo(args: argparse.Namespace) -> None:
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
         lines.append(f"{name:<11} {split:<7} {identity:>9.4f} {error:>9.4f}")
     grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", "output", "truth"], cell_size=128)
-    grid.save(args.out)
+    grid.save(out)
     print(f"{'edit':<11} {'split':<7} {'identity':>9} {'output':>9}   (mean absolute error to the truth, 0-1)")
     print("\n".join(lines))
-    print(f"Wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+def _fit_to_model(pipe, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
+    """For a model that knows one image size only (the toy model), the images resized to it, saying so."""
+    side = pipe.config.get("image_size")
+    if side is None or all(image.size == (side, side) for image in images):
+        return images
+    sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
+    print(
+        f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.", file=sys.stderr
+    )
+    return [image.convert("RGB").resize((side, side), PIL.Image.Resampling.BICUBIC) for image in images]
 
 
 def _edit(args: argparse.Namespace) -> None:
     from .pipelines import FluxDeltaEditPipeline
 
+    # 1. Check everything before loading a model
+    if args.base is not None and args.adapter is None:
+        raise UsageError("--adapter is required with --base.")
+    if args.adapt_steps < 0:
+        raise UsageError(f"--adapt-steps must be 0 or more, got {args.adapt_steps}.")
+    source, target = (_read_image(path, what) for path, what in zip(args.exemplar, ("exemplar source", "target")))
+    query = _read_image(args.query, "query")
+    out = _output_path(args.out)
+    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
+        if value is not None:
+            _model_source(value, option)
+
+    # 2. Load
     if args.base is None:
         print("No --base given: using the embedded toy-world model (64x64 scenes).", file=sys.stderr)
         pipe = toyworld.load_pipeline()
         if args.adapter:
             pipe.load_delta_adapter(args.adapter)
     else:
-        if args.adapter is None:
-            raise SystemExit("--adapter is required with --base.")
         pipe = FluxDeltaEditPipeline.from_pretrained(args.base, text_encoder=None, tokenizer=None)
         pipe.load_delta_adapter(args.adapter)
-    source, target = (PIL.Image.open(path) for path in args.exemplar)
+    pipe.set_progress_bar_config(disable=True)
+
+    # 3. Edit (at the model's size, when it knows only one, and back to the query's size)
+    source, target, fitted_query = _fit_to_model(pipe, [source, target, query])
     if args.adapt_steps:
         result = pipe.adapt_to_exemplar(source, target, num_steps=args.adapt_steps,
                                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
         print(f"Adapted for {args.adapt_steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     generator = torch.Generator().manual_seed(args.seed)
-    pipe(PIL.Image.open(args.query), exemplar=(source, target), generator=generator).images[0].save(args.out)
-    print(f"Wrote {args.out}")
+    edited = pipe(fitted_query, exemplar=(source, target), generator=generator).images[0]
+    if fitted_query is not query:
+        edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
+        print(f"Resized the output back to {query.width}x{query.height}.", file=sys.stderr)
+    edited.save(out)
+    print(f"Wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-delta", description="Edit images by example (Delta-Adapter).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="Edit toy scenes with the embedded model and write a grid (offline).")
-    demo.add_argument("--out", default="delta_demo.png", help="Where to write the grid.")
+    demo = commands.add_parser(
+        "demo", parents=[common], help="Edit toy scenes with the embedded model and write a grid (offline)."
+    )
+    demo.add_argument("--out", default="delta_demo.png", help="Where to write the grid (its folder is created).")
     demo.add_argument("--edits", nargs="+", default=list(toyworld.EDITS), choices=list(toyworld.EDITS))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model-dir", default=str(toyworld.DEFAULT_MODEL_DIR), help=argparse.SUPPRESS)
-    edit = commands.add_parser("edit", help="Apply an exemplar's edit to a query image.")
+    edit = commands.add_parser("edit", parents=[common], help="Apply an exemplar's edit to a query image.")
     edit.add_argument("--exemplar", nargs=2, required=True, metavar=("SOURCE", "TARGET"))
     edit.add_argument("--query", required=True)
-    edit.add_argument("--out", required=True)
+    edit.add_argument("--out", required=True, help="Where to write the edited image (.png, .jpg, ...).")
     edit.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
     edit.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    {"demo": _demo, "edit": _edit}[args.command](args)
+    try:
+        {"demo": _demo, "edit": _edit}[args.command](args)
+    except (UsageError, ValueError, OSError) as error:  # the library's own errors name the fix
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -74,17 +74,18 @@ def render_model_card(
     )
 
 
-def push_adapter_folder(
+def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload Delta-Adapter",
 ) -> str:
-    """Creates the Hub model repo if needed and uploads an adapter folder (weights, encoder, card, images).
+    """Creates the Hub model repo if needed and uploads a saved folder (an adapter's weights, encoder, card and
+    images, or a whole pipeline), leaving out training checkpoints, logs and staging folders.
 
     Args:
-        folder: a folder written by `save_delta_adapter` or the training script.
+        folder: a folder written by `save_delta_adapter`, the training script or `save_pretrained`.
         repo_id: the target repo, `"org/name"`.
         token: a Hub token (defaults to the logged-in one).
         private: create the repo private.
@@ -99,6 +100,6 @@ def push_adapter_folder(
         folder_path=folder,
         token=token,
         commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"],
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", ".*", ".*/**"],
     )
     return commit.commit_url

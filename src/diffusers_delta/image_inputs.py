@@ -19,15 +19,33 @@ ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 MIN_SIDE_LENGTH = 64
 
 
-def _array_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scales an integer or float array to uint8. Floats are read as [0, 1]; 16-bit integers as [0, 65535]."""
+def _array_to_uint8(array: np.ndarray, integer_max: int | None = None) -> np.ndarray:
+    """Scales an image array to uint8, refusing values outside the range its type stands for.
+
+    uint8 is taken as it is; float as [0, 1] (diffusers' image processor reads float images so); uint16 as
+    [0, 65535]; other integer types as [0, 255], or [0, `integer_max`] when given.
+    """
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
-        return (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if not np.isfinite(array).all():
+            raise ValueError("The image holds NaN or infinite values.")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Float images must hold values in [0, 1], as diffusers' image processor takes them; this one spans "
+                f"[{low:.4g}, {high:.4g}]. Divide 0-255 images by 255, and map -1..1 images with (x + 1) / 2."
+            )
+        return (array * 255.0).round().astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
-        max_value = 65535 if array.max(initial=0) > 255 else 255
-        return (np.clip(array, 0, max_value) * (255.0 / max_value)).round().astype(np.uint8)
+        max_value = integer_max or (65535 if array.dtype == np.uint16 else 255)
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if low < 0 or high > max_value:
+            raise ValueError(
+                f"Integer images of type {array.dtype} must hold values in [0, {max_value}], this one spans "
+                f"[{low}, {high}]. Pass uint8 (0-255), uint16 (0-65535) or float (0-1) images."
+            )
+        return (array.astype(np.float64) * (255.0 / max_value)).round().astype(np.uint8)
     raise ValueError(f"Unsupported image array dtype {array.dtype}; pass uint8, uint16 or float in [0, 1].")
 
 
@@ -36,11 +54,18 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # PIL's own convert("RGB") clips these modes at 255 instead of rescaling them.
+        # PIL's own convert("RGB") clips these modes at 255 instead of rescaling them. 16-bit modes span 0-65535;
+        # 32-bit integer images do when any value exceeds 255 (16-bit PNGs open as "I"); float images span 0-255,
+        # as PIL's own conversions read them.
         array = np.asarray(image)
         if image.mode == "F":
-            array = array.astype(np.float32)
-        gray = _array_to_uint8(array)
+            array = array.astype(np.float32) / 255.0
+            integer_max = None
+        elif image.mode == "I":
+            integer_max = 65535 if array.max(initial=0) > 255 else 255
+        else:
+            integer_max = 65535
+        gray = _array_to_uint8(array, integer_max)
         return PIL.Image.fromarray(gray).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -71,19 +96,27 @@ def to_rgb_image(image: ImageInput, name: str = "image", min_side: int = MIN_SID
     Args:
         image: a PIL image of any mode (RGBA and LA are composited over white, 16-bit rescaled), a numpy array
             (uint8, uint16, or float in [0, 1]; (H, W), (H, W, C) or (C, H, W)), or a torch tensor laid out like
-            the numpy array (values in [0, 1], the usual layout for image tensors being (C, H, W)).
+            the numpy array (float values in [0, 1], the usual layout for image tensors being (C, H, W)). NaN,
+            infinity and values outside the range of the type are refused, never clipped.
         name: what the image is, for error messages (e.g. `"exemplar source"`).
         min_side: the smallest accepted width and height in pixels.
     """
-    if isinstance(image, PIL.Image.Image):
-        rgb = _pil_to_rgb(image)
-    elif isinstance(image, torch.Tensor):
-        rgb = _array_to_pil(image.detach().to("cpu", torch.float32).numpy())
-        rgb = _pil_to_rgb(rgb)
-    elif isinstance(image, np.ndarray):
-        rgb = _pil_to_rgb(_array_to_pil(image))
-    else:
-        raise TypeError(f"{name} must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+    try:
+        if isinstance(image, PIL.Image.Image):
+            rgb = _pil_to_rgb(image)
+        elif isinstance(image, torch.Tensor):
+            tensor = image.detach().to("cpu")
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch.float32)  # numpy has no bfloat16
+            rgb = _pil_to_rgb(_array_to_pil(tensor.numpy()))
+        elif isinstance(image, np.ndarray):
+            rgb = _pil_to_rgb(_array_to_pil(image))
+        else:
+            raise TypeError(
+                f"{name} must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}."
+            )
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
     width, height = rgb.size
     if width < min_side or height < min_side:

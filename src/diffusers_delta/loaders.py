@@ -2,27 +2,47 @@
 
 `load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter`,
 `encode_exemplar`, and test-time adaptation (`adapt_to_exemplar`, `reset_delta_adapter`, `adapted_to_exemplar`).
-Loading is atomic: everything is read and checked before the pipeline is touched, so a failed load leaves processors,
-components and outputs exactly as they were.
+The adapter folder's files are found, read, checked and written by `adapter_files`. Loading is atomic: everything is
+read and checked before the pipeline is touched, and the one step that can still fail (injecting a LoRA) runs
+before anything else changes, so a failed load leaves processors, components, LoRA and outputs exactly as they were.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-import safetensors.torch
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils import _get_model_file
-from safetensors import SafetensorError, safe_open
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from .adaptation import AdaptationConfig, AdaptationResult, run_adaptation
+from .adapter_files import (
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    EMPTY_PROMPT_EMBEDS_NAME,
+    HUB_KWARGS,
+    IMAGE_ENCODER_FOLDER,
+    LORA_WEIGHTS_NAME,
+    AdapterLocation,
+    build_adapter,
+    check_adapter_state_dict,
+    check_lora_fits,
+    default_feature_extractor,
+    read_adapter,
+    read_adapter_config,
+    read_empty_prompt_embeds,
+    read_lora,
+    write_adapter_folder,
+)
+from .atomic_folder import check_save_directory
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
-from .hub import render_model_card
+from .checks import finite_float
+from .hub import push_folder, render_model_card
 from .image_inputs import ImageInput, to_rgb_image
 from .latents import encode_latents
 from .models.delta_adapter import DeltaAdapterModel
@@ -30,14 +50,12 @@ from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_f
 from .training import DeltaAdapterObjective
 
 
-EMPTY_PROMPT_EMBEDS_NAME = "empty_prompt_embeds.safetensors"
-ADAPTER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA format, written by the training script
+#: The peft adapter name of an adapter folder's LoRA (a second one, loaded while the first is still in place, gets
+#: a numbered name, so that a failed load can leave the first untouched).
 LORA_ADAPTER_NAME = "delta_adapter"
-_UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 ExemplarPair = tuple[ImageInput, ImageInput]
+NO_ADAPTER = "No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) first."
 
 
 def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
@@ -66,39 +84,33 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
-    """SigLIP's standard preprocessing at the encoder's resolution, for encoders saved without one."""
-    size = image_encoder.config.image_size
-    return SiglipImageProcessorPil(size={"height": size, "width": size})
+@dataclass
+class _IncomingAdapter:
+    """Everything a load brings, read and checked, before anything of the pipeline changes."""
 
-
-def _where(source: str, subfolder: str | None) -> str:
-    return f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-
-
-def _check_safetensors_only(folder: str) -> None:
-    """Refuses a local adapter folder that holds pickled weights instead of safetensors."""
-    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
-        return
-    unsafe = sorted(name for name in os.listdir(folder) if name.endswith(_UNSAFE_WEIGHT_SUFFIXES))
-    if unsafe:
-        raise ValueError(
-            f"{folder} holds {', '.join(unsafe)} but no {ADAPTER_WEIGHTS_NAME}. Delta-Adapter loads only safetensors "
-            "weights: convert the file with safetensors.torch.save_file and save it under that name."
-        )
+    adapter: DeltaAdapterModel
+    image_encoder: SiglipVisionModel
+    feature_extractor: SiglipImageProcessorPil
+    image_encoder_is_new: bool
+    empty_prompt_embeds: torch.Tensor | None
+    lora: tuple[dict[str, torch.Tensor], dict | None] | None
+    source_name: str
 
 
 class DeltaAdapterMixin:
     """Loads, scales, saves and unloads a Delta-Adapter on a pipeline with a `Flux2Transformer2DModel`.
 
     The pipeline gains three components (`delta_adapter`, `image_encoder`, `feature_extractor`) and, when the adapter
-    folder has them, the empty prompt's embeddings, so that the text encoder need not be loaded.
+    folder has them, the empty prompt's embeddings, so that the text encoder need not be loaded, and a LoRA of the
+    transformer.
     """
 
     #: Original attention processors, kept while an adapter is loaded so that unloading restores them exactly.
     _delta_original_processors: dict | None = None
-    #: Whether the loaded adapter brought a LoRA for the transformer (peft adapter `LORA_ADAPTER_NAME`).
-    _delta_lora_loaded: bool = False
+    #: The peft adapter name of the LoRA the loaded adapter brought, if any.
+    _delta_lora_name: str | None = None
+    #: Whether the image encoder came with an adapter (a later load then takes the new folder's own encoder).
+    _delta_image_encoder_loaded: bool = False
     #: The adapter's weights as loaded (detached copies): `reset_delta_adapter` restores them bit-for-bit.
     _delta_loaded_state: dict[str, torch.Tensor] | None = None
     #: Where the adapter came from (for model cards), and what test-time adaptation has done to it since.
@@ -107,14 +119,22 @@ class DeltaAdapterMixin:
     #: (1, L, D_txt) embeddings of the empty prompt, from the adapter folder or `compute_empty_prompt_embeds`.
     empty_prompt_embeds: torch.Tensor | None = None
 
+    def _require_delta_adapter(self) -> DeltaAdapterModel:
+        adapter = getattr(self, "delta_adapter", None)
+        if adapter is None:
+            raise RuntimeError(NO_ADAPTER)
+        return adapter
+
     # ------------------------------------------------------------------ loading
 
     def load_delta_adapter(
         self,
         pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
         subfolder: str | None = None,
-        image_encoder_folder: str | None = "image_encoder",
+        weight_name: str | None = None,
+        image_encoder_folder: str | os.PathLike | None = IMAGE_ENCODER_FOLDER,
         adapter_config: dict | None = None,
+        low_cpu_mem_usage: bool = True,
         **kwargs,
     ) -> None:
         """Loads a Delta-Adapter and routes the transformer's attention through it.
@@ -123,161 +143,110 @@ class DeltaAdapterMixin:
             pretrained_model_name_or_path_or_dict: a Hub repo id (e.g. `"org/delta-adapter"`), a local folder written
                 by `save_delta_adapter`, or a state dict of `DeltaAdapterModel` weights.
             subfolder: the adapter's subfolder inside the repo or folder.
-            image_encoder_folder: where the SigLIP encoder lies, relative to the repo (a plain name is taken inside
-                `subfolder`). Used only when the pipeline has no `image_encoder` yet. `None` to require one already.
+            weight_name: the adapter's weights file (default `diffusion_pytorch_model.safetensors`; safetensors only).
+            image_encoder_folder: where the SigLIP encoder lies, as in `load_ip_adapter`: a plain name is a folder
+                inside the adapter's `subfolder`, a relative path with `/` a folder inside the repo, and a `Path`,
+                an absolute path or one starting with `./`, `../` or `~` a folder on disk. Used when the pipeline
+                has no `image_encoder` of its own yet (one brought by an earlier adapter is replaced). `None` to
+                require one already.
             adapter_config: with a state dict, the `DeltaAdapterModel` config; defaults to the standard config for
                 this pipeline's transformer and image encoder.
-            kwargs: Hub arguments (`cache_dir`, `force_download`, `proxies`, `local_files_only`, `token`,
-                `revision`), passed to diffusers' and transformers' `from_pretrained`.
+            low_cpu_mem_usage: build the adapter empty and take the loaded tensors as its weights (no random
+                initialisation first).
+            kwargs: Hub arguments (`cache_dir`, `force_download`, `local_files_only`, `token`, `revision`; `proxies`
+                is accepted for compatibility: huggingface_hub reads proxies from the environment).
+
+        Raises:
+            ValueError: the files are corrupt, do not fit each other or this pipeline's backbone, or hold NaN.
+            OSError: a file could not be found or downloaded (the message says which, and why).
+            In every case the pipeline is left exactly as it was.
         """
-        unknown = set(kwargs) - set(_HUB_KWARGS)
+        unknown = set(kwargs) - set(HUB_KWARGS)
         if unknown:
-            raise TypeError(f"load_delta_adapter() got unexpected arguments {sorted(unknown)}.")
-        hub_kwargs = dict(kwargs)
+            raise TypeError(
+                f"load_delta_adapter() got unexpected arguments {sorted(unknown)}; it takes subfolder, weight_name, "
+                f"image_encoder_folder, adapter_config, low_cpu_mem_usage and {', '.join(HUB_KWARGS)}."
+            )
+        if weight_name is not None and not str(weight_name).endswith(".safetensors"):
+            raise ValueError(
+                f"weight_name={weight_name!r}: Delta-Adapter loads only safetensors weights. Convert the file with "
+                "safetensors.torch.save_file and pass its .safetensors name."
+            )
         source = pretrained_model_name_or_path_or_dict
-
         if isinstance(source, dict):
-            image_encoder, feature_extractor = self._resolve_image_encoder(
-                source, subfolder, image_encoder_folder, hub_kwargs
-            )
-            config = adapter_config or DeltaAdapterModel.config_for_transformer(
-                self.transformer, image_encoder.config.hidden_size
-            )
-            self._check_adapter_fits(config, image_encoder)
-            adapter = DeltaAdapterModel.from_config(config)
-            try:
-                loaded = adapter.load_state_dict(source, strict=False)
-            except RuntimeError as error:  # a shape that disagrees with the config
-                raise ValueError(f"The state dict does not fit the adapter config: {error}".strip()) from None
-            if loaded.missing_keys or loaded.unexpected_keys:
-                raise ValueError(
-                    f"The state dict does not fit the adapter config: missing keys {loaded.missing_keys[:5]}, "
-                    f"unexpected keys {loaded.unexpected_keys[:5]}. Pass the adapter_config of these weights."
-                )
-            empty_prompt_embeds = lora_state_dict = None
+            incoming = self._read_state_dict_adapter(source, adapter_config, image_encoder_folder, low_cpu_mem_usage)
         else:
-            source = str(source)
-            config, weights_path = self._load_adapter_config(source, subfolder, hub_kwargs)
-            image_encoder, feature_extractor = self._resolve_image_encoder(
-                source, subfolder, image_encoder_folder, hub_kwargs
+            incoming = self._read_adapter_folder(
+                source, subfolder, weight_name or ADAPTER_WEIGHTS_NAME, image_encoder_folder, low_cpu_mem_usage, kwargs
             )
-            self._check_adapter_fits(config, image_encoder)
-            adapter = self._load_adapter_model(source, subfolder, weights_path, hub_kwargs)
-            empty_prompt_embeds = self._load_empty_prompt_embeds(source, subfolder, hub_kwargs)
-            lora_state_dict = self._load_lora_state_dict(source, subfolder, hub_kwargs)
+        self._install_delta_adapter(incoming)
 
-        for model in (adapter, image_encoder):
-            _cast(model, self.transformer.dtype, self.transformer.device)
-            model.eval()
-            model.requires_grad_(False)
-
-        # Nothing has been changed so far. The LoRA (if any) goes first: it is the one step that could still fail.
-        if self._delta_lora_loaded:
-            self.delete_adapters(LORA_ADAPTER_NAME)
-            self._delta_lora_loaded = False
-        if lora_state_dict is not None:
-            self.load_lora_weights(lora_state_dict, adapter_name=LORA_ADAPTER_NAME)
-            self._delta_lora_loaded = True
-        if self._delta_original_processors is None:
-            self._delta_original_processors = dict(self.transformer.attn_processors)
-        self.register_modules(delta_adapter=adapter, image_encoder=image_encoder, feature_extractor=feature_extractor)
-        if empty_prompt_embeds is not None:
-            self.empty_prompt_embeds = empty_prompt_embeds
-        self._attach_delta_processors(adapter)
-        self._remember_loaded_adapter(adapter, "state dict" if isinstance(source, dict) else source)
-
-    def _resolve_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs):
-        """The pipeline's own encoder when it has one, else the one in the adapter repo."""
-        if getattr(self, "image_encoder", None) is not None:
-            feature_extractor = getattr(self, "feature_extractor", None) or default_feature_extractor(
-                self.image_encoder
-            )
-            return self.image_encoder, feature_extractor
-        if isinstance(source, dict) or image_encoder_folder is None:
+    def _read_state_dict_adapter(self, state_dict, adapter_config, image_encoder_folder, low_cpu_mem_usage):
+        if getattr(self, "image_encoder", None) is None:
             raise ValueError(
                 "This pipeline has no image encoder. Load the adapter from a folder or repo with an image_encoder/ "
                 "subfolder, or register one first: "
                 "pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
             )
-        if os.path.isdir(image_encoder_folder):  # a folder of its own, anywhere on disk
-            source, encoder_subfolder = image_encoder_folder, ""
-        elif "/" in image_encoder_folder:  # a path inside the repo, as for IP-Adapters
-            encoder_subfolder = image_encoder_folder
-        else:
-            encoder_subfolder = os.path.join(subfolder or "", image_encoder_folder).replace(os.sep, "/")
-        try:
-            image_encoder = SiglipVisionModel.from_pretrained(
-                source, subfolder=encoder_subfolder, use_safetensors=True, **hub_kwargs
+        config = dict(
+            adapter_config
+            or DeltaAdapterModel.config_for_transformer(self.transformer, self.image_encoder.config.hidden_size)
+        )
+        self._check_adapter_fits(config, self.image_encoder)
+        check_adapter_state_dict(config, state_dict, "the state dict")
+        # Not low_cpu_mem_usage's assignment: the adapter must own copies, or adapting it would write into the dict.
+        adapter = build_adapter(config, state_dict, low_cpu_mem_usage=False)
+        feature_extractor = getattr(self, "feature_extractor", None) or default_feature_extractor(self.image_encoder)
+        return _IncomingAdapter(adapter, self.image_encoder, feature_extractor, False, None, None, "state dict")
+
+    def _read_adapter_folder(self, source, subfolder, weight_name, image_encoder_folder, low_cpu_mem_usage, hub):
+        location = AdapterLocation.resolve(source, subfolder, hub)
+        config = read_adapter_config(location.fetch(CONFIG_NAME, required=True))
+        weights_path = location.fetch(weight_name, required=True)
+        image_encoder, feature_extractor, is_new = self._image_encoder_for(location, image_encoder_folder)
+        self._check_adapter_fits(config, image_encoder)
+        where = location.describe()
+        adapter = read_adapter(config, weights_path, where, low_cpu_mem_usage)
+        embeds_path = location.fetch(EMPTY_PROMPT_EMBEDS_NAME, required=False)
+        embeds = (
+            read_empty_prompt_embeds(embeds_path, self.transformer.config.joint_attention_dim) if embeds_path else None
+        )
+        lora_path = location.fetch(LORA_WEIGHTS_NAME, required=False)
+        lora = read_lora(lora_path) if lora_path else None
+        if lora is not None:
+            check_lora_fits(lora[0], self.transformer, where)
+        return _IncomingAdapter(adapter, image_encoder, feature_extractor, is_new, embeds, lora, str(source))
+
+    def _image_encoder_for(self, location: AdapterLocation, image_encoder_folder):
+        """The pipeline's own encoder when it has one (and did not come with an earlier adapter), else the one in
+        the adapter's folder: -> (encoder, feature extractor, whether it is new)."""
+        current = getattr(self, "image_encoder", None)
+        if current is not None and (not self._delta_image_encoder_loaded or image_encoder_folder is None):
+            feature_extractor = getattr(self, "feature_extractor", None) or default_feature_extractor(current)
+            return current, feature_extractor, False
+        if image_encoder_folder is None:
+            raise ValueError(
+                "This pipeline has no image encoder and image_encoder_folder=None. Register one first: "
+                "pipe.register_modules(image_encoder=SiglipVisionModel.from_pretrained(...))."
             )
+        try:
+            folder = location.fetch_image_encoder(image_encoder_folder)
+        except OSError:
+            if current is not None:  # an earlier adapter's encoder: keep it when the new folder brings none
+                return current, self.feature_extractor, False
+            raise
+        try:
+            image_encoder = SiglipVisionModel.from_pretrained(folder, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise OSError(
-                f"Could not load the SigLIP image encoder from {source!r}, subfolder {encoder_subfolder!r} ({error}). "
-                "Pass image_encoder_folder= where it lies, or register an image_encoder on the pipeline first."
+                f"The SigLIP image encoder in {folder} could not be loaded ({error}). Pass image_encoder_folder= "
+                "where a SigLIP encoder saved with save_pretrained lies."
             ) from None
-        try:
-            feature_extractor = SiglipImageProcessorPil.from_pretrained(
-                source, subfolder=encoder_subfolder, **hub_kwargs
-            )
-        except OSError:
+        if (folder / "preprocessor_config.json").is_file():
+            feature_extractor = SiglipImageProcessorPil.from_pretrained(folder)
+        else:
             feature_extractor = default_feature_extractor(image_encoder)
-        return image_encoder, feature_extractor
-
-    @staticmethod
-    def _load_adapter_config(source: str, subfolder: str | None, hub_kwargs: dict) -> tuple[dict, str]:
-        """The adapter's config and the resolved path of its weights (checked to exist, not yet read)."""
-        _check_safetensors_only(os.path.join(source, subfolder or ""))
-        try:
-            weights_path = _get_model_file(
-                source, weights_name=ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs
-            )
-            return DeltaAdapterModel.load_config(source, subfolder=subfolder, **hub_kwargs), weights_path
-        except OSError as error:
-            raise OSError(
-                f"No Delta-Adapter found at {_where(source, subfolder)}: expected config.json and "
-                f"{ADAPTER_WEIGHTS_NAME} ({error})."
-            ) from None
-
-    @staticmethod
-    def _load_adapter_model(
-        source: str, subfolder: str | None, weights_path: str, hub_kwargs: dict
-    ) -> DeltaAdapterModel:
-        try:
-            with safe_open(weights_path, framework="pt"):
-                pass
-            return DeltaAdapterModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"The Delta-Adapter weights at {_where(source, subfolder)} are corrupt or do not match its "
-                f"config.json ({error}). Re-save the adapter with save_delta_adapter, or download it again with "
-                "force_download=True."
-            ) from None
-
-    @staticmethod
-    def _load_empty_prompt_embeds(source: str, subfolder: str | None, hub_kwargs: dict) -> torch.Tensor | None:
-        try:
-            path = _get_model_file(source, weights_name=EMPTY_PROMPT_EMBEDS_NAME, subfolder=subfolder, **hub_kwargs)
-        except OSError:
-            return None  # optional: the pipeline then needs its text encoder
-        try:
-            return safetensors.torch.load_file(path)["prompt_embeds"]
-        except (SafetensorError, KeyError) as error:
-            raise ValueError(
-                f"{EMPTY_PROMPT_EMBEDS_NAME} in {source!r} is corrupt ({error}). Recompute it with "
-                "diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
-            ) from None
-
-    @staticmethod
-    def _load_lora_state_dict(source: str, subfolder: str | None, hub_kwargs: dict) -> dict | None:
-        try:
-            path = _get_model_file(source, weights_name=LORA_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-        except OSError:
-            return None  # optional: most adapters train no LoRA
-        try:
-            return safetensors.torch.load_file(path)
-        except SafetensorError as error:
-            raise ValueError(
-                f"{LORA_WEIGHTS_NAME} in {source!r} is corrupt ({error}). Download it again with force_download=True."
-            ) from None
+        return image_encoder, feature_extractor, True
 
     def _check_adapter_fits(self, adapter_config, image_encoder: SiglipVisionModel) -> None:
         mismatches = DeltaAdapterModel.signature_mismatches(
@@ -288,6 +257,50 @@ class DeltaAdapterMixin:
                 "This Delta-Adapter was made for another backbone (" + "; ".join(mismatches) + "). Load an adapter "
                 "trained for this transformer and image encoder."
             )
+
+    def _install_delta_adapter(self, incoming: _IncomingAdapter) -> None:
+        """Puts a read and checked adapter in place. Only the LoRA's injection can fail, and it runs first."""
+        new_models = [incoming.adapter] + ([incoming.image_encoder] if incoming.image_encoder_is_new else [])
+        for model in new_models:
+            _cast(model, self.transformer.dtype, self.transformer.device)
+            model.eval().requires_grad_(False)
+        lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
+        if self._delta_lora_name is not None:
+            self.delete_adapters(self._delta_lora_name)
+        self._delta_lora_name = lora_name
+        if self._delta_original_processors is None:
+            self._delta_original_processors = dict(self.transformer.attn_processors)
+        self.register_modules(
+            delta_adapter=incoming.adapter,
+            image_encoder=incoming.image_encoder,
+            feature_extractor=incoming.feature_extractor,
+        )
+        self._delta_image_encoder_loaded = self._delta_image_encoder_loaded or incoming.image_encoder_is_new
+        if incoming.empty_prompt_embeds is not None:
+            self.empty_prompt_embeds = incoming.empty_prompt_embeds
+        self._attach_delta_processors(incoming.adapter)
+        self._remember_loaded_adapter(incoming.adapter, incoming.source_name)
+
+    def _inject_delta_lora(self, state_dict: dict, metadata: dict | None, source_name: str) -> str:
+        """Adds the adapter's LoRA under a name of its own, beside any LoRA already there; -> that name."""
+        taken = set(getattr(self.transformer, "peft_config", {}) or {})
+        name = next(
+            candidate
+            for candidate in [LORA_ADAPTER_NAME] + [f"{LORA_ADAPTER_NAME}_{i}" for i in range(1, len(taken) + 2)]
+            if candidate not in taken
+        )
+        try:
+            self.load_lora_into_transformer(
+                dict(state_dict), transformer=self.transformer, adapter_name=name, metadata=metadata, _pipeline=self
+            )
+        except Exception as error:  # peft's own errors (IndexError, KeyError, ...) say little about the file
+            raise ValueError(
+                f"The LoRA ({LORA_WEIGHTS_NAME}) of {source_name!r} could not be loaded into this transformer "
+                f"({type(error).__name__}: {error}). Save the adapter's LoRA again with save_delta_adapter."
+            ) from None
+        if name not in (getattr(self.transformer, "peft_config", {}) or {}):
+            raise ValueError(f"The LoRA of {source_name!r} holds no weights for this transformer.")
+        return name
 
     def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
         self._delta_loaded_state = _copy_state(adapter)
@@ -310,38 +323,53 @@ class DeltaAdapterMixin:
             if isinstance(processor, (Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor))
         }
 
-    def set_delta_adapter_scale(self, scale: float | dict[str, Sequence[float]]) -> None:
-        """Sets the strength of the decoupled branch, for all blocks or per block.
-
-        Args:
-            scale: one float for every block, or `{"double": [...], "single": [...]}` with one float per double- and
-                per single-stream block (either key may be left out to keep those blocks as they are).
-        """
+    def get_delta_adapter_scale(self) -> dict[str, list[float]]:
+        """The strength of every block: `{"double": [...], "single": [...]}`, as `set_delta_adapter_scale` takes."""
         processors = self.delta_processors
         if not processors:
-            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
-        double = [p for n, p in processors.items() if n.startswith("transformer_blocks.")]
-        single = [p for n, p in processors.items() if n.startswith("single_transformer_blocks.")]
-        if isinstance(scale, (int, float)):
-            scales = {"double": [scale] * len(double), "single": [scale] * len(single)}
-        elif isinstance(scale, dict):
-            unknown = set(scale) - {"double", "single"}
+            raise RuntimeError(NO_ADAPTER)
+        return {
+            kind: [p.scale for n, p in processors.items() if n.startswith(prefix)]
+            for kind, prefix in (("double", "transformer_blocks."), ("single", "single_transformer_blocks."))
+        }
+
+    def set_delta_adapter_scale(self, scale: float | dict[str, float | Sequence[float]]) -> None:
+        """Sets the strength of the decoupled branch, for all blocks or per block. Everything is checked before any
+        block changes. Negative values push away from the edit.
+
+        Args:
+            scale: one number for every block, or `{"double": ..., "single": ...}` where each value is one number
+                for all blocks of that kind or a list of one number per block (a key left out keeps those blocks).
+        """
+        current = self.get_delta_adapter_scale()
+        if isinstance(scale, dict):
+            unknown = set(scale) - set(current)
             if unknown:
                 raise ValueError(f"Scale keys must be 'double' and/or 'single', got {sorted(unknown)}.")
-            scales = {
-                "double": scale.get("double", [p.scale for p in double]),
-                "single": scale.get("single", [p.scale for p in single]),
-            }
+            requested = {**current, **scale}
         else:
-            raise TypeError(f"scale must be a float or a dict of lists, got {type(scale).__name__}.")
-        for key, group in (("double", double), ("single", single)):
-            if len(scales[key]) != len(group):
-                raise ValueError(
-                    f"{len(scales[key])} {key}-block scales given, but the transformer has {len(group)} {key}-stream "
-                    f"blocks: pass one scale per block."
+            requested = dict.fromkeys(current, scale)
+        scales = {}
+        for kind, value in requested.items():
+            count = len(current[kind])
+            if isinstance(value, (list, tuple, np.ndarray)) or isinstance(value, torch.Tensor) and value.ndim == 1:
+                values = list(value)
+            elif isinstance(value, (numbers.Real, np.generic)) or isinstance(value, torch.Tensor) and value.ndim == 0:
+                values = [value] * count  # one number for every block of this kind
+            else:
+                raise TypeError(
+                    f"The {kind}-block scale must be a number or a list of {count} numbers, got "
+                    f"{type(value).__name__} {value!r}."
                 )
-        for processor, value in zip(double + single, list(scales["double"]) + list(scales["single"])):
-            processor.scale = float(value)
+            if len(values) != count:
+                raise ValueError(
+                    f"{len(values)} {kind}-block scales given, but the transformer has {count} {kind}-stream blocks: "
+                    "pass one scale per block, or one number for all of them."
+                )
+            scales[kind] = [finite_float(v, f"The {kind}-block scale") for v in values]
+        for name, processor in self.delta_processors.items():
+            kind = "double" if name.startswith("transformer_blocks.") else "single"
+            processor.scale = scales[kind][int(name.split(".")[1])]
 
     def unload_delta_adapter(self) -> None:
         """Removes the adapter, its LoRA, image encoder and stored embeddings; restores the original processors."""
@@ -349,11 +377,12 @@ class DeltaAdapterMixin:
             return
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self._delta_original_processors = None
-        if self._delta_lora_loaded:
-            self.delete_adapters(LORA_ADAPTER_NAME)
-            self._delta_lora_loaded = False
+        if self._delta_lora_name is not None:
+            self.delete_adapters(self._delta_lora_name)
+            self._delta_lora_name = None
         self.empty_prompt_embeds = None
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
+        self._delta_image_encoder_loaded = False
         self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)
 
     @torch.no_grad()
@@ -371,8 +400,7 @@ class DeltaAdapterMixin:
         Returns:
             (1, N, D_edit) edit tokens, in the adapter's dtype.
         """
-        if getattr(self, "delta_adapter", None) is None:
-            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
+        self._require_delta_adapter()
         pairs = _as_exemplar_pairs(exemplar)
         device = device or self._execution_device
         preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
@@ -422,8 +450,7 @@ class DeltaAdapterMixin:
             ValueError: bad exemplar images or settings; FloatingPointError: the loss stopped being finite. In
             either case (and on any other error) the adapter is left exactly as it was before the call.
         """
-        if getattr(self, "delta_adapter", None) is None:
-            raise RuntimeError("No Delta-Adapter is loaded: call load_delta_adapter first.")
+        self._require_delta_adapter()
         overrides = {"num_steps": num_steps, "learning_rate": learning_rate, "lambda_delta": lambda_delta}
         config = replace(config or AdaptationConfig(), **{k: v for k, v in overrides.items() if v is not None})
         if hasattr(self.transformer, "_hf_hook") or hasattr(self.vae, "_hf_hook"):
@@ -498,15 +525,18 @@ class DeltaAdapterMixin:
 
     def reset_delta_adapter(self) -> None:
         """Restores the adapter's weights as they were loaded, bit-for-bit (undoing `adapt_to_exemplar`)."""
-        if getattr(self, "delta_adapter", None) is None:
-            raise RuntimeError("No Delta-Adapter is loaded: nothing to reset.")
+        self._require_delta_adapter()
         self.delta_adapter.load_state_dict(self._delta_loaded_state)
         self._delta_adaptation = None
 
-    @contextmanager
     def adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
         """`with pipe.adapted_to_exemplar(src, tgt) as result: ...` adapts, and on exit (exceptions included)
         restores the adapter as it was on entry. Takes `adapt_to_exemplar`'s arguments; yields its result."""
+        self._require_delta_adapter()
+        return self._adapted_to_exemplar(source, target, **kwargs)
+
+    @contextmanager
+    def _adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
         state, adaptation = _copy_state(self.delta_adapter), self._delta_adaptation
         try:
             yield self.adapt_to_exemplar(source, target, **kwargs)
@@ -523,70 +553,69 @@ class DeltaAdapterMixin:
         model_card=None,
         repo_id: str | None = None,
         base_model: str | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
     ) -> None:
-        """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only), with a model card when
-        one is given, a `repo_id` is named, or the adapter was adapted at test time (the card then says so).
+        """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only): its weights, its LoRA
+        (with rank, alpha and targets), the image encoder and the empty prompt's embeddings, with a model card when
+        one is given, the folder is pushed or named by `repo_id`, or the adapter was adapted at test time (the card
+        then says so). The write is atomic: the folder then holds exactly what was saved, and a failed save leaves
+        it exactly as it was.
 
         Args:
-            save_directory: the folder to write (created if missing).
+            save_directory: the folder to write (created if missing; other files in it are left alone).
             save_image_encoder: also write `image_encoder/` (with its preprocessing config), so the folder is
                 self-contained.
             model_card: a `huggingface_hub.ModelCard` to write as `README.md` (see `hub.render_model_card`).
-            repo_id: the repo the rendered card's snippet loads (defaults to the folder's name).
+            repo_id: the Hub repo to push to and that the rendered card's snippet loads (defaults to the folder's
+                name).
             base_model: the base checkpoint named in a rendered card (defaults to the pipeline's own).
+            is_main_process: whether this process writes (pass `accelerator.is_main_process` under distributed runs).
+            push_to_hub: also upload the folder to the Hub repo `repo_id` (created if needed).
+            token: the Hub token for the upload (defaults to the logged-in one).
+            private: create the repo private.
+            commit_message: the upload's commit message.
         """
-        if getattr(self, "delta_adapter", None) is None:
-            raise RuntimeError("No Delta-Adapter is loaded: nothing to save.")
-        if model_card is None and (repo_id is not None or self._delta_adaptation is not None):
+        adapter = self._require_delta_adapter()
+        check_save_directory(save_directory)
+        folder_name = os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        if model_card is None and (push_to_hub or repo_id is not None or self._delta_adaptation is not None):
             base_model = base_model or self.name_or_path or self.transformer.config.get("_name_or_path")
             if not base_model:
                 raise ValueError("This pipeline was not loaded from a checkpoint: pass base_model= for the card.")
             model_card = render_model_card(
-                self.delta_adapter,
-                repo_id=repo_id or os.path.basename(os.path.normpath(save_directory)),
+                adapter,
+                repo_id=repo_id or folder_name,
                 base_model=str(base_model),
                 image_encoder=str(self.image_encoder.name_or_path or "SigLIP"),
                 adaptation=self._delta_adaptation,
             )
-        save_adapter_folder(
+        if not is_main_process:
+            return
+        lora_state_dict = lora_metadata = None
+        if self._delta_lora_name is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            lora_state_dict = get_peft_model_state_dict(self.transformer, adapter_name=self._delta_lora_name)
+            lora_metadata = self.transformer.peft_config[self._delta_lora_name].to_dict()
+        write_adapter_folder(
             save_directory,
-            self.delta_adapter,
+            adapter,
             image_encoder=self.image_encoder if save_image_encoder else None,
             feature_extractor=self.feature_extractor,
             empty_prompt_embeds=self.empty_prompt_embeds,
+            lora_state_dict=lora_state_dict,
+            lora_metadata=lora_metadata,
             model_card=model_card,
         )
-
-
-def save_adapter_folder(
-    save_directory: str | os.PathLike,
-    adapter: DeltaAdapterModel,
-    image_encoder: SiglipVisionModel | None = None,
-    feature_extractor: SiglipImageProcessorPil | None = None,
-    empty_prompt_embeds: torch.Tensor | None = None,
-    model_card=None,
-) -> None:
-    """Writes an adapter folder: config and weights, and optionally `image_encoder/`, the empty prompt's embeddings
-    and the model card. `save_delta_adapter` and the training script both write through here.
-
-    Args:
-        save_directory: the folder (created if missing).
-        adapter: the adapter.
-        image_encoder: the SigLIP encoder to store in `image_encoder/`.
-        feature_extractor: its preprocessing config (SigLIP's default at the encoder's size if `None`).
-        empty_prompt_embeds: (1, L, D_txt) embeddings of the empty prompt.
-        model_card: a `huggingface_hub.ModelCard` to save as `README.md`.
-    """
-    os.makedirs(save_directory, exist_ok=True)
-    adapter.save_pretrained(save_directory, safe_serialization=True)
-    if image_encoder is not None:
-        encoder_dir = os.path.join(save_directory, "image_encoder")
-        image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
-        (feature_extractor or default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
-    if empty_prompt_embeds is not None:
-        safetensors.torch.save_file(
-            {"prompt_embeds": empty_prompt_embeds.detach().to("cpu").contiguous()},
-            os.path.join(save_directory, EMPTY_PROMPT_EMBEDS_NAME),
-        )
-    if model_card is not None:
-        model_card.save(os.path.join(save_directory, "README.md"))
+        if push_to_hub:
+            push_folder(
+                save_directory,
+                repo_id or folder_name,
+                token=token,
+                private=private,
+                commit_message=commit_message or "Upload Delta-Adapter",
+            )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
@@ -14,10 +18,27 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
+from ..adapter_files import (
+    EMPTY_PROMPT_EMBEDS_NAME,
+    HUB_KWARGS,
+    AdapterLocation,
+    default_feature_extractor,
+    hub_unreachable_error,
+    is_hub_unreachable,
+    read_empty_prompt_embeds,
+)
+from ..atomic_folder import atomic_folder, check_save_directory
+from ..checks import as_tensor, finite_float, positive_int
+from ..hub import push_folder
 from ..image_inputs import ImageInput, to_rgb_image
 from ..latents import unpack_to_vae_latents
 from ..loaders import DeltaAdapterMixin, ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
+
+
+#: The per-block strengths (`get_delta_adapter_scale`), saved beside a pipeline by `save_pretrained`.
+DELTA_SCALES_NAME = "delta_adapter_scales.json"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 EXAMPLE_DOC_STRING = """
@@ -85,6 +106,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         feature_extractor ([`SiglipImageProcessorPil`], *optional*): the encoder's preprocessing settings.
         delta_adapter ([`DeltaAdapterModel`], *optional*): the adapter, set by `load_delta_adapter`.
         is_distilled (`bool`): whether the transformer is step-distilled (guidance is then ignored).
+        image_size (`int`, *optional*): the one image side the models were trained for, for models that know only
+            one size (the toy-world model: 64); queries of another size are then refused. `None` (FLUX.2 [klein]):
+            any size.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
@@ -104,6 +128,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         feature_extractor: SiglipImageProcessorPil | None = None,
         delta_adapter: DeltaAdapterModel | None = None,
         is_distilled: bool = False,
+        image_size: int | None = None,
     ):
         super().__init__(
             scheduler=scheduler,
@@ -113,9 +138,12 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             transformer=transformer,
             is_distilled=is_distilled,
         )
+        if image_encoder is not None and feature_extractor is None:
+            feature_extractor = default_feature_extractor(image_encoder)  # as load_delta_adapter does
         self.register_modules(
             image_encoder=image_encoder, feature_extractor=feature_extractor, delta_adapter=delta_adapter
         )
+        self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
         if delta_adapter is not None:
             if image_encoder is None:
                 raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
@@ -126,6 +154,92 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
                 delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
             )
 
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """diffusers' `save_pretrained`, made atomic, plus what lives beside the components: the stored empty-prompt
+        embeddings and the per-block edit strengths, so that `from_pretrained` gives the same edits bit-for-bit.
+        The folder then holds exactly this pipeline (other files in it are left alone); a failed save leaves it
+        exactly as it was.
+
+        Args:
+            save_directory: the folder to write (created if missing).
+            safe_serialization: write safetensors (the default; always for the adapter).
+            variant: a weights variant name, e.g. `"fp16"`.
+            max_shard_size: the largest weights file before sharding.
+            push_to_hub: also upload the folder to the Hub; `repo_id` (defaults to the folder's name), `token`,
+                `private` and `commit_message` may be passed as keyword arguments.
+        """
+        if self._delta_lora_name is not None:
+            raise ValueError(
+                "The loaded Delta-Adapter brought a LoRA, which a pipeline folder cannot hold beside the transformer "
+                "weights: save the adapter with save_delta_adapter(folder) and the pipeline after "
+                "unload_delta_adapter(), or fuse the LoRA first (pipe.fuse_lora(); pipe.unload_lora_weights())."
+            )
+        target = check_save_directory(save_directory)
+        owned = {"model_index.json", EMPTY_PROMPT_EMBEDS_NAME, DELTA_SCALES_NAME}
+        owned |= set(self.components) | set(self._optional_components) | self._components_saved_in(target)
+        with atomic_folder(target, owned=owned) as staging:
+            super().save_pretrained(
+                staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+            )
+            if self.empty_prompt_embeds is not None:
+                safetensors.torch.save_file(
+                    {"prompt_embeds": self.empty_prompt_embeds.detach().to("cpu").contiguous()},
+                    staging / EMPTY_PROMPT_EMBEDS_NAME,
+                )
+            if self.delta_processors:
+                (staging / DELTA_SCALES_NAME).write_text(json.dumps(self.get_delta_adapter_scale(), indent=2))
+        if push_to_hub:
+            push_folder(
+                target,
+                kwargs.get("repo_id") or target.absolute().name,
+                token=kwargs.get("token"),
+                private=kwargs.get("private"),
+                commit_message=kwargs.get("commit_message") or "Upload FluxDeltaEditPipeline",
+            )
+
+    @staticmethod
+    def _components_saved_in(folder: Path) -> set[str]:
+        """The component folders an earlier pipeline saved in `folder` (named by its model_index.json)."""
+        try:
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {name for name in index if not name.startswith("_")} if isinstance(index, dict) else set()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FluxDeltaEditPipeline":
+        """diffusers' `from_pretrained`, plus the empty-prompt embeddings and per-block strengths that
+        `save_pretrained` stores beside the components (a folder without them loads as before)."""
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            if os.path.isdir(pretrained_model_name_or_path) or not is_hub_unreachable(error):
+                raise
+            raise hub_unreachable_error(
+                str(pretrained_model_name_or_path), "the pipeline", kwargs.get("local_files_only", False)
+            ) from None
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        location = AdapterLocation.resolve(pretrained_model_name_or_path, None, hub_kwargs)
+        embeds_path = location.fetch(EMPTY_PROMPT_EMBEDS_NAME, required=False)
+        if embeds_path is not None:
+            pipe.empty_prompt_embeds = read_empty_prompt_embeds(
+                embeds_path, pipe.transformer.config.joint_attention_dim
+            )
+        scales_path = location.fetch(DELTA_SCALES_NAME, required=False)
+        if scales_path is not None and pipe.delta_processors:
+            pipe.set_delta_adapter_scale(json.loads(Path(scales_path).read_text(encoding="utf-8")))
+        return pipe
+
     # ------------------------------------------------------------------ inputs
 
     def _preprocess_queries(self, image: ImageInput | list[ImageInput]) -> torch.Tensor:
@@ -135,7 +249,14 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             raise ValueError("image must be a query image or a non-empty list of them.")
         processed = []
         for index, query in enumerate(queries):
-            rgb = to_rgb_image(query, name=f"query {index}" if len(queries) > 1 else "query")
+            name = f"query {index}" if len(queries) > 1 else "query"
+            rgb = to_rgb_image(query, name=name)
+            fixed = self.config.get("image_size")
+            if fixed is not None and rgb.size != (fixed, fixed):
+                raise ValueError(
+                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
+                    f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
+                )
             self.image_processor.check_image_input(rgb)
             if rgb.width * rgb.height > 1024 * 1024:
                 rgb = self.image_processor._resize_to_target_area(rgb, 1024 * 1024)
@@ -158,10 +279,11 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             raise ValueError(
                 "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
             )
-        if getattr(self, "delta_adapter", None) is None:
-            raise RuntimeError("No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) first.")
+        self._require_delta_adapter()
         if delta_embeds is None:
             delta_embeds = self.encode_exemplar(exemplar, device=device)
+        else:
+            delta_embeds = as_tensor(delta_embeds, "delta_embeds", "pass the edit tokens encode_exemplar returns")
         expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)
         if delta_embeds.ndim != 3 or tuple(delta_embeds.shape[1:]) != expected:
             raise ValueError(
@@ -256,6 +378,16 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         # 1. Check inputs
         if image is None:
             raise ValueError("image (the query to edit) is required.")
+        delta_scale = finite_float(delta_scale, "delta_scale")
+        guidance_scale = finite_float(guidance_scale, "guidance_scale")
+        num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
+        num_images_per_prompt = positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if latents is not None:
+            latents = as_tensor(latents, "latents", "pass pre-generated noise as a torch tensor")
+        if prompt_embeds is not None:
+            prompt_embeds = as_tensor(prompt_embeds, "prompt_embeds", "pass them as a torch tensor")
         if callback_on_step_end_tensor_inputs and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -361,9 +493,11 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()
 
         self._current_timestep = None

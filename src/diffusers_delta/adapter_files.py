@@ -1,0 +1,471 @@
+"""The Delta-Adapter folder, on disk and on the Hub: where each file is, reading and checking it, writing the folder.
+
+    ADAPTER/                              (a local folder, or the `subfolder` of a Hub repo or folder)
+      config.json                         DeltaAdapterModel's config
+      diffusion_pytorch_model.safetensors its weights (`weight_name` picks another .safetensors name)
+      empty_prompt_embeds.safetensors     optional: the empty prompt's (1, L, D_txt) embeddings
+      pytorch_lora_weights.safetensors    optional: a LoRA for the transformer, diffusers' format with its metadata
+      image_encoder/                      optional: the SigLIP encoder and its preprocessor_config.json
+      README.md                           optional: the model card
+
+Every reader checks what it reads (keys, shapes, finite values) and says what is wrong with which file; the
+writer stages the whole folder and swaps it in (`atomic_folder`), so a failed save changes nothing. Only
+safetensors files are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import _CACHED_NO_EXIST
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+from .atomic_folder import atomic_folder
+from .checks import non_finite_keys
+from .models.delta_adapter import DeltaAdapterModel
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+EMPTY_PROMPT_EMBEDS_NAME = "empty_prompt_embeds.safetensors"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+IMAGE_ENCODER_FOLDER = "image_encoder"
+MODEL_CARD_NAME = "README.md"
+#: What a saved adapter folder may hold (the training script adds its validation grid and exemplar): saving replaces
+#: these and leaves anything else in the folder (checkpoints, logs, a user's files) alone.
+ADAPTER_FOLDER_ENTRIES = (
+    CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    EMPTY_PROMPT_EMBEDS_NAME,
+    LORA_WEIGHTS_NAME,
+    IMAGE_ENCODER_FOLDER,
+    MODEL_CARD_NAME,
+    "validation.png",
+    "examples",
+)
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _is_filesystem_path(path: str | os.PathLike) -> bool:
+    """Whether a user's string names a place on disk rather than a path inside a repo: a `Path`, an absolute path,
+    or one starting with `.`, `..` or `~`."""
+    if not isinstance(path, str):
+        return True
+    return os.path.isabs(path) or path.startswith(("./", "../", "~", ".\\", "..\\")) or path in (".", "..")
+
+
+# ----------------------------------------------------------------------------------------------- locating files
+
+
+def hub_unreachable_error(repo_id: str, what: str, local_files_only: bool = False) -> OSError:
+    """The error for a Hub download that could not even be tried: offline, or no connection."""
+    if hub_constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif local_files_only:
+        why = "local_files_only=True"
+    else:
+        why = "the Hub could not be reached"
+    return OSError(
+        f"Could not download {what} from {repo_id!r}: {why}, and it is not in the local cache. Pass a local folder "
+        "that holds it, or allow downloads (unset HF_HUB_OFFLINE, check the network) and try again."
+    )
+
+
+def is_hub_unreachable(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says that the Hub was offline or could not be reached."""
+    while error is not None:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            return True
+        if type(error).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _hub_error(repo_id: str, filename: str, error: Exception, local_files_only: bool = False) -> OSError:
+    """What went wrong fetching `filename` from the Hub, in words a user can act on."""
+    if isinstance(error, GatedRepoError):
+        return OSError(f"{repo_id!r} is a gated repo: accept its terms on the Hub and pass token= (or log in).")
+    if isinstance(error, RepositoryNotFoundError):
+        return OSError(
+            f"{repo_id!r} is neither a local folder nor a repo on the Hub (a private repo needs token=). "
+            "Check the name, or pass the path of a folder written by save_delta_adapter."
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return OSError(f"{repo_id!r} has no such revision: pass an existing branch, tag or commit as revision=.")
+    if is_hub_unreachable(error):
+        return hub_unreachable_error(repo_id, filename, local_files_only)
+    if isinstance(error, EntryNotFoundError):
+        return OSError(f"The Hub repo {repo_id!r} has no {filename}: it does not hold a Delta-Adapter there.")
+    return OSError(f"Could not download {filename} of {repo_id!r}: {error}")
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """Where an adapter lies: a local folder, or a Hub repo (and subfolder) fetched file by file into the cache.
+
+    Build it with `AdapterLocation.resolve`. `fetch` gives a local path for each file.
+    """
+
+    source: str
+    subfolder: str
+    local_root: Path | None  # the source folder when it is local; None for a Hub repo
+    hub_kwargs: dict
+
+    @classmethod
+    def resolve(cls, source: str | os.PathLike, subfolder: str | None, hub_kwargs: dict) -> "AdapterLocation":
+        """Checks that `source` can name an adapter and says how to fix it when not.
+
+        Args:
+            source: a local folder or a Hub repo id.
+            subfolder: the adapter's folder inside it, if any.
+            hub_kwargs: `HUB_KWARGS` for downloads.
+        """
+        subfolder = (subfolder or "").strip("/")
+        hub_kwargs = {key: value for key, value in hub_kwargs.items() if key != "proxies"}  # set through the env
+        path = Path(source).expanduser()
+        if path.is_file():
+            hint = "weight_name= names its weights file" if path.suffix == ".safetensors" else "not a file in it"
+            raise ValueError(f"{str(source)!r} is a file: pass the folder that holds the adapter ({hint}).")
+        if path.is_dir():
+            location = cls(str(source), subfolder, path, hub_kwargs)
+            if not location.folder.is_dir():
+                raise FileNotFoundError(f"{str(source)!r} has no subfolder {subfolder!r}.")
+            return location
+        try:
+            if isinstance(source, os.PathLike) or _is_filesystem_path(str(source)):
+                raise HFValidationError("a path")
+            validate_repo_id(str(source))
+        except HFValidationError:
+            raise FileNotFoundError(
+                f"No folder {str(source)!r}, and it is not a Hub repo id ('org/name'): pass an existing folder."
+            ) from None
+        return cls(str(source), subfolder, None, hub_kwargs)
+
+    @property
+    def folder(self) -> Path:
+        """The adapter's local folder (local sources only)."""
+        return self.local_root / self.subfolder if self.subfolder else self.local_root
+
+    def describe(self) -> str:
+        return f"{self.source!r}" + (f" (subfolder {self.subfolder!r})" if self.subfolder else "")
+
+    def fetch(self, filename: str, required: bool) -> str | None:
+        """The local path of one file of the adapter; `None` when an optional file is absent.
+
+        A required file that is missing raises `FileNotFoundError` (local) or `OSError` (Hub) naming it; a file
+        that could not be looked at because the Hub is unreachable is never reported as missing.
+        """
+        if self.local_root is not None:
+            path = self.folder / filename
+            if path.is_file():
+                return str(path)
+            if required:
+                self._refuse_pickles(filename)
+                held = sorted(p.name for p in self.folder.iterdir())
+                raise FileNotFoundError(
+                    f"No Delta-Adapter at {self.describe()}: it has no {filename} (it holds {held}). Pass the folder "
+                    "written by save_delta_adapter or the training script."
+                )
+            return None
+        try:
+            return hf_hub_download(self.source, filename, subfolder=self.subfolder or None, **self.hub_kwargs)
+        except LocalEntryNotFoundError as error:
+            if required:
+                raise _hub_error(self.source, filename, error, self.hub_kwargs.get("local_files_only")) from None
+            cached = try_to_load_from_cache(
+                self.source,
+                filename if not self.subfolder else f"{self.subfolder}/{filename}",
+                cache_dir=self.hub_kwargs.get("cache_dir"),
+                revision=self.hub_kwargs.get("revision"),
+            )
+            if cached is not _CACHED_NO_EXIST:
+                logger.warning(
+                    f"Could not check whether {self.describe()} has {filename}: the Hub is unreachable and the file "
+                    "is not in the cache. Loading without it."
+                )
+            return None
+        except EntryNotFoundError as error:
+            if required:
+                raise _hub_error(self.source, filename, error) from None
+            return None
+        except (RepositoryNotFoundError, RevisionNotFoundError, OSError) as error:
+            raise _hub_error(self.source, filename, error) from None
+
+    def _refuse_pickles(self, filename: str) -> None:
+        if not filename.endswith(".safetensors"):
+            return
+        pickles = sorted(p.name for p in self.folder.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise ValueError(
+                f"{self.describe()} holds {', '.join(pickles)} but no {filename}. Delta-Adapter loads only "
+                "safetensors weights: convert the file with safetensors.torch.save_file and save it under that name."
+            )
+
+    def fetch_image_encoder(self, image_encoder_folder: str | os.PathLike) -> Path:
+        """The local folder of the SigLIP encoder, by diffusers' rule for `image_encoder_folder`: a plain name is a
+        subfolder of the adapter's folder, a relative path with `/` a folder inside the repo, and a `Path`, an
+        absolute path or one starting with `.`, `..` or `~` a folder on disk. The working directory is never read
+        for a name that is not explicitly a path."""
+        if _is_filesystem_path(image_encoder_folder):
+            folder = Path(image_encoder_folder).expanduser()
+            where = f"{str(image_encoder_folder)!r}"
+        else:
+            inside = (
+                image_encoder_folder if "/" in image_encoder_folder else f"{self.subfolder}/{image_encoder_folder}"
+            )
+            inside = inside.strip("/")
+            where = f"{self.source!r}, folder {inside!r}"
+            if self.local_root is not None:
+                folder = self.local_root / inside
+            else:
+                try:
+                    snapshot = snapshot_download(self.source, allow_patterns=[f"{inside}/*"], **self.hub_kwargs)
+                except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, OSError) as error:
+                    local_only = self.hub_kwargs.get("local_files_only")
+                    raise _hub_error(self.source, f"the image encoder ({inside}/)", error, local_only) from None
+                folder = Path(snapshot) / inside
+        if not (folder / CONFIG_NAME).is_file():
+            raise OSError(
+                f"No SigLIP image encoder at {where} (no {CONFIG_NAME} there). Pass image_encoder_folder= where it "
+                "lies, or register an image_encoder on the pipeline first."
+            )
+        return folder
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+
+def read_adapter_config(path: str) -> dict:
+    """The adapter's config from its `config.json`, checked to be one."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable JSON config ({error}). Save the adapter again.") from None
+    if not isinstance(config, dict) or config.get("_class_name") != DeltaAdapterModel.__name__:
+        raise ValueError(
+            f"{path} is not a Delta-Adapter config (its _class_name is "
+            f"{config.get('_class_name') if isinstance(config, dict) else None!r}, expected "
+            f"{DeltaAdapterModel.__name__!r}). Pass the folder written by save_delta_adapter."
+        )
+    return config
+
+
+def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file and its metadata; a corrupt file raises a `ValueError` naming it."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            return {key: file.get_tensor(key) for key in file.keys()}, metadata
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ValueError(
+            f"{what} {path} is corrupt or not a safetensors file ({error}). Save it again, or download it again "
+            "with force_download=True."
+        ) from None
+
+
+def check_adapter_state_dict(config: dict, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Refuses weights that do not fit the adapter `config` exactly (names, shapes) or that hold NaN/infinity."""
+    try:
+        with init_empty_weights():
+            expected = DeltaAdapterModel.from_config(config).state_dict()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"The Delta-Adapter config of {where} is invalid ({error}). Save the adapter again."
+        ) from None
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"The Delta-Adapter weights of {where} do not match its config: "
+            + "; ".join(
+                f"{label} {len(keys)} tensors ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys
+            )
+            + ". Save the adapter again, or pass the config these weights were made with."
+        )
+    wrong = [
+        f"{key}: {tuple(state_dict[key].shape)} in the weights, {tuple(tensor.shape)} in the config"
+        for key, tensor in expected.items()
+        if state_dict[key].shape != tensor.shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"The Delta-Adapter weights of {where} do not match its config ({'; '.join(wrong[:3])}). Save the "
+            "adapter again, or pass the config these weights were made with."
+        )
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise ValueError(
+            f"The Delta-Adapter weights of {where} hold NaN or infinite values (in {', '.join(bad[:4])}): "
+            "the adapter diverged in training. Load an earlier checkpoint."
+        )
+
+
+def build_adapter(config: dict, state_dict: dict[str, torch.Tensor], low_cpu_mem_usage: bool = True):
+    """A `DeltaAdapterModel` holding exactly `state_dict` (checked with `check_adapter_state_dict` first).
+
+    Args:
+        config: the adapter's config.
+        state_dict: its weights.
+        low_cpu_mem_usage: build the model on the `meta` device and take the loaded tensors as its weights, instead
+            of initialising weights that are overwritten at once.
+    """
+    if low_cpu_mem_usage:
+        with init_empty_weights():
+            adapter = DeltaAdapterModel.from_config(config)
+        adapter.load_state_dict(state_dict, strict=True, assign=True)
+    else:
+        adapter = DeltaAdapterModel.from_config(config)
+        adapter.load_state_dict(state_dict, strict=True)
+    return adapter.eval()
+
+
+def read_adapter(config: dict, weights_path: str, where: str, low_cpu_mem_usage: bool = True):
+    """The adapter of a folder: its weights read, checked against its `config` and built."""
+    state_dict, _ = _read_safetensors(weights_path, "The Delta-Adapter weights file")
+    check_adapter_state_dict(config, state_dict, where)
+    return build_adapter(config, state_dict, low_cpu_mem_usage)
+
+
+def read_empty_prompt_embeds(path: str, text_dim: int) -> torch.Tensor:
+    """(1, L, text_dim) embeddings of the empty prompt from `empty_prompt_embeds.safetensors`, checked."""
+    tensors, _ = _read_safetensors(path, "The empty-prompt embeddings file")
+    embeds = tensors.get("prompt_embeds")
+    fix = "Recompute it with diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
+    if embeds is None or embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != text_dim:
+        found = "no prompt_embeds" if embeds is None else f"prompt_embeds of shape {tuple(embeds.shape)}"
+        raise ValueError(f"{path} holds {found}, expected shape (1, L, {text_dim}) for this transformer. {fix}")
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{path} holds NaN or infinite values. {fix}")
+    return embeds
+
+
+def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A LoRA file in diffusers' format: its state dict and its adapter metadata (rank, alpha, targets)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    state_dict, metadata = _read_safetensors(path, "The LoRA weights file")
+    lora_metadata = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    try:
+        return state_dict, json.loads(lora_metadata) if lora_metadata else None
+    except json.JSONDecodeError:
+        raise ValueError(f"The LoRA metadata in {path} is not valid JSON. Save the LoRA again.") from None
+
+
+def check_lora_fits(state_dict: dict[str, torch.Tensor], transformer, where: str) -> None:
+    """Refuses a LoRA state dict (diffusers' `transformer.` keys) that does not fit `transformer`'s linear layers:
+    unknown layers, wrong shapes, keys that are not LoRA weights, or NaN."""
+    modules = dict(transformer.named_modules())
+    problems = []
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("transformer.")
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias"):
+            if name.endswith(suffix):
+                layer_name, part = name[: -len(suffix)], suffix[1:]
+                break
+        else:
+            problems.append(f"{key} is not a LoRA weight")
+            continue
+        layer = modules.get(layer_name)
+        layer = getattr(layer, "base_layer", layer)  # a layer that already carries a LoRA
+        if not isinstance(layer, torch.nn.Linear):
+            problems.append(f"{key}: the transformer has no linear layer {layer_name}")
+        elif part == "lora_A.weight" and (tensor.ndim != 2 or tensor.shape[1] != layer.in_features):
+            problems.append(f"{key}: shape {tuple(tensor.shape)}, the layer takes {layer.in_features} inputs")
+        elif part.startswith("lora_B") and tensor.shape[0] != layer.out_features:
+            problems.append(f"{key}: shape {tuple(tensor.shape)}, the layer has {layer.out_features} outputs")
+    if not state_dict:
+        problems.append("it holds no tensors")
+    problems += [f"{key} holds NaN or infinite values" for key in non_finite_keys(state_dict)]
+    if problems:
+        raise ValueError(
+            f"The LoRA of {where} does not fit this transformer ({'; '.join(problems[:3])}). Load the adapter made "
+            "for this base model, or save its LoRA again."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- writing the folder
+
+
+def write_adapter_folder(
+    save_directory: str | os.PathLike,
+    adapter: DeltaAdapterModel,
+    image_encoder: SiglipVisionModel | None = None,
+    feature_extractor: SiglipImageProcessorPil | None = None,
+    empty_prompt_embeds: torch.Tensor | None = None,
+    lora_state_dict: dict[str, torch.Tensor] | None = None,
+    lora_metadata: dict | None = None,
+    model_card=None,
+    extra_files: dict[str, Callable[[Path], None]] | None = None,
+) -> None:
+    """Writes an adapter folder atomically: a complete folder is staged beside `save_directory`, then swapped in.
+    The folder then holds exactly what was written (stale adapter files of an earlier save are removed; files that
+    are not an adapter's stay); if anything fails, `save_directory` is left exactly as it was.
+
+    Args:
+        save_directory: the folder (created if missing).
+        adapter: the adapter.
+        image_encoder: the SigLIP encoder to store in `image_encoder/`.
+        feature_extractor: its preprocessing config (SigLIP's default at the encoder's size if `None`).
+        empty_prompt_embeds: (1, L, D_txt) embeddings of the empty prompt.
+        lora_state_dict: a LoRA of the transformer, as peft's `get_peft_model_state_dict` gives it.
+        lora_metadata: its peft `LoraConfig` as a dict (rank, alpha, targets), stored in the file's metadata.
+        model_card: a `huggingface_hub.ModelCard` to save as `README.md`.
+        extra_files: more entries of the folder (name -> a function writing that path), e.g. a validation grid.
+    """
+    from diffusers import Flux2KleinPipeline
+
+    with atomic_folder(save_directory, owned=ADAPTER_FOLDER_ENTRIES) as staging:
+        adapter.save_pretrained(staging, safe_serialization=True)
+        if image_encoder is not None:
+            encoder_dir = staging / IMAGE_ENCODER_FOLDER
+            image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+            (feature_extractor or default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
+        if empty_prompt_embeds is not None:
+            safetensors.torch.save_file(
+                {"prompt_embeds": empty_prompt_embeds.detach().to("cpu").contiguous()},
+                staging / EMPTY_PROMPT_EMBEDS_NAME,
+            )
+        if lora_state_dict is not None:
+            Flux2KleinPipeline.save_lora_weights(
+                staging,
+                transformer_lora_layers=lora_state_dict,
+                transformer_lora_adapter_metadata=lora_metadata,
+            )
+        if model_card is not None:
+            model_card.save(staging / MODEL_CARD_NAME)
+        for name, write in (extra_files or {}).items():
+            write(staging / name)
+
+
+def default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:
+    """SigLIP's standard preprocessing at the encoder's resolution, for encoders saved without one."""
+    size = image_encoder.config.image_size
+    return SiglipImageProcessorPil(size={"height": size, "width": size})

@@ -1,0 +1,104 @@
+"""Writing a folder atomically: everything is written into a staging folder beside it, then swapped in.
+
+`atomic_folder(target, owned)` yields an empty staging folder on the same file system as `target`. When the block
+ends without error, the staged entries replace the owned entries of `target`: an owned entry that was not staged is
+removed (a saved folder holds exactly what was saved), entries that are not owned (a training run's checkpoints, a
+user's own files) are left alone. When anything fails, while writing or while swapping, `target` is left exactly as
+it was and no staging or backup folder remains.
+
+The swap moves old entries into a backup folder and new ones in with `os.replace` (renames, no copies), restoring
+the backup if a rename fails, so a failure can never leave old and new files mixed. Only a process killed in the
+middle of the renames can, and then the old entries are kept whole in a `.NAME.old-*` folder beside `target`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def check_save_directory(save_directory: str | os.PathLike) -> Path:
+    """The folder to save into, refused up front when it cannot be one (it is an existing file)."""
+    target = Path(save_directory).expanduser()
+    if target.is_file():
+        raise ValueError(
+            f"{str(save_directory)!r} is a file: pass the path of a folder to save into (it is created if missing)."
+        )
+    return target
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Creates the missing parents of `folder`; returns them, outermost first."""
+    missing = []
+    parent = folder.absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    missing.reverse()
+    for path in missing:
+        path.mkdir()
+    return missing
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _swap_in(staging: Path, target: Path, owned: set[str]) -> None:
+    """Replaces `target`'s owned entries with the staged ones; on any failure puts every entry back."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    new_names = sorted(os.listdir(staging))
+    moved_out, moved_in = [], []
+    try:
+        for name in sorted(owned | set(new_names)):
+            if (target / name).exists() or (target / name).is_symlink():
+                os.replace(target / name, backup / name)
+                moved_out.append(name)
+        for name in new_names:
+            os.replace(staging / name, target / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(target / name, staging / name)
+        for name in reversed(moved_out):
+            os.replace(backup / name, target / name)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(save_directory: str | os.PathLike, owned: Iterable[str] = ()) -> Iterator[Path]:
+    """Stages a folder's new content and swaps it in when complete.
+
+    Args:
+        save_directory: the folder to write (created, with missing parents, if it does not exist).
+        owned: names of entries in an existing `save_directory` that belong to what is being written: those that the
+            new content does not hold are removed. Entries the new content holds are always replaced.
+
+    Yields:
+        The empty staging folder to write into.
+    """
+    target = check_save_directory(save_directory)
+    created_parents = _make_parents(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.absolute().parent))
+    try:
+        yield staging
+        _swap_in(staging, target, set(owned))
+    except BaseException:
+        if created_parents:  # the outermost folder this call created holds everything else it made
+            shutil.rmtree(created_parents[0], ignore_errors=True)
+        raise
+    finally:
+        if staging.exists():
+            _remove(staging)
