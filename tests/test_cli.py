@@ -1,5 +1,7 @@
 """The `diffusers-delta` command on a model folder laid out like the embedded toy model (built from tiny models)."""
 
+import re
+
 import PIL.Image
 import pytest
 
@@ -10,14 +12,15 @@ from diffusers_delta.testing import TEXT_KWARGS, tiny_delta_pipeline
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """`base/` (a text-free pipeline folder) and `adapter/` (weights, SigLIP, empty prompt), like the toy model."""
+    """`base/` (a text-free 64x64-only pipeline folder) and `adapter/` (weights, SigLIP, empty prompt), like the toy
+    model."""
     root = tmp_path_factory.mktemp("toy_model")
     pipe = tiny_delta_pipeline(adapter_std=0.05)
     pipe.empty_prompt_embeds = compute_empty_prompt_embeds(pipe, **TEXT_KWARGS)
     pipe.save_delta_adapter(root / "adapter")
     FluxDeltaEditPipeline(
         scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None, transformer=pipe.transformer,
-        is_distilled=True,
+        is_distilled=True, image_size=64,
     ).save_pretrained(root / "base")  # fmt: skip
     return root
 
@@ -52,3 +55,73 @@ def test_edit_with_a_given_base_and_adapter(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*base, "--base", str(model_dir / "base")])
     assert exit_info.value.code == 2 and "error: --adapter is required" in capsys.readouterr().err
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = {}
+    for name, image in zip(("source", "target"), toyworld.make_pair("flip", 1)):
+        paths[name] = tmp_path / f"{name}.png"
+        image.save(paths[name])
+    paths["query"] = tmp_path / "query.png"
+    toyworld.make_pair("flip", 2)[0].resize((96, 80)).save(paths["query"])
+    return paths
+
+
+def run(argv, capsys):
+    """Runs the command; -> (exit code, stdout, stderr)."""
+    try:
+        cli.main([str(arg) for arg in argv])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_one_size_model_edits_other_sizes_by_resizing_and_says_so(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "edited.png"
+    exemplar = ["--exemplar", images["source"], images["target"]]
+    models = ["--base", model_dir / "base", "--adapter", model_dir / "adapter"]
+    code, _, err = run(["edit", *exemplar, "--query", images["query"], "--out", out, *models], capsys)
+    assert code == 0 and PIL.Image.open(out).size == (96, 80)
+    assert "edits 64x64 images only: resizing the inputs" in err and "back to 96x80" in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"query": "missing.png"}, "error: query .*missing.png does not exist."),
+        ({"query": "__text__"}, "error: query .* is not a readable image"),
+        ({"out": "edited.txt"}, "error: --out .*edited.txt: .txt is not an image format"),
+        ({"adapter": "./no/such/adapter"}, "error: --adapter: No folder './no/such/adapter'"),
+    ],
+    ids=["missing-image", "not-an-image", "bad-extension", "missing-adapter-folder"],
+)
+def test_mistakes_print_one_line_and_exit_2_before_any_model_loads(
+    model_dir, images, tmp_path, capsys, monkeypatch, change, message
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(toyworld, "load_pipeline", no_model)
+    monkeypatch.setattr(FluxDeltaEditPipeline, "from_pretrained", no_model)
+    (tmp_path / "text.png").write_text("not an image")
+    paths = {**images, "out": tmp_path / "edited.png", "adapter": model_dir / "adapter", **change}
+    paths["query"] = tmp_path / "text.png" if paths["query"] == "__text__" else paths["query"]
+    exemplar = ["--exemplar", paths["source"], paths["target"]]
+    models = ["--base", model_dir / "base", "--adapter", paths["adapter"]]
+    code, _, err = run(["edit", *exemplar, "--query", paths["query"], "--out", paths["out"], *models], capsys)
+    assert code == 2 and re.match(message, err) and err.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(images, tmp_path, capsys):
+    with pytest.raises(cli.UsageError, match="does not exist"):
+        cli.main(["edit", "--exemplar", str(images["source"]), str(images["target"]), "--query", "missing.png",
+                  "--out", str(tmp_path / "x.png"), "--debug"])  # fmt: skip
+
+
+def test_demo_creates_the_folder_of_its_output(model_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "demo.png"
+    code, printed, _ = run(["demo", "--out", out, "--model-dir", model_dir, "--edits", "flip"], capsys)
+    assert code == 0 and PIL.Image.open(out).size == (5 * 128, 20 + 128) and "Wrote" in printed

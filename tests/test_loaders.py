@@ -1,8 +1,12 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from huggingface_hub import constants as hub_constants
+from peft import LoraConfig
 
 from diffusers_delta import (
     DeltaAdapterModel,
@@ -55,6 +59,7 @@ def snapshot(pipe):
         "processors": dict(pipe.transformer.attn_processors),
         "components": dict(pipe.components),
         "embeds": pipe.empty_prompt_embeds,
+        "loras": sorted(getattr(pipe.transformer, "peft_config", None) or {}),
         "output": render(pipe, exemplar=(SOURCE, TARGET)) if pipe.delta_adapter is not None else None,
     }
 
@@ -65,6 +70,7 @@ def assert_unchanged(pipe, before):
     assert after["components"].keys() == before["components"].keys()
     assert all(after["components"][k] is v for k, v in before["components"].items())
     assert after["embeds"] is before["embeds"]
+    assert after["loras"] == before["loras"]
     if before["output"] is not None:
         assert (after["output"] == before["output"]).all()
 
@@ -259,3 +265,198 @@ def test_processors_keep_the_chosen_attention_backend(delta_pipe):
         processors["transformer_blocks.0.attn.processor"], Flux2DeltaAttnProcessor
     )
     assert all(p._attention_backend == "native" for p in processors.values())
+
+
+def _save_with_lora(pipe, folder, alpha=8):
+    pipe.transformer.add_adapter(
+        LoraConfig(r=2, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["to_q"]), adapter_name="x"
+    )
+    loaded, pipe._delta_lora_name = pipe._delta_lora_name, "x"
+    for name, parameter in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)
+    pipe.save_delta_adapter(folder)
+    pipe.delete_adapters("x")
+    pipe._delta_lora_name = loaded
+
+
+def _lora_for_a_missing_layer(folder):
+    lora = safetensors.torch.load_file(folder / "pytorch_lora_weights.safetensors")
+    lora = {key.replace("attn.to_q", "attn.to_nowhere"): value for key, value in lora.items()}
+    safetensors.torch.save_file(lora, folder / "pytorch_lora_weights.safetensors")
+
+
+def _lora_with_only_a_halves(folder):  # passes the shape checks; peft itself fails on it
+    lora = safetensors.torch.load_file(folder / "pytorch_lora_weights.safetensors")
+    safetensors.torch.save_file(
+        {k: v for k, v in lora.items() if "lora_A" in k}, folder / "pytorch_lora_weights.safetensors"
+    )
+
+
+def _lora_of_the_wrong_width(folder):
+    lora = safetensors.torch.load_file(folder / "pytorch_lora_weights.safetensors")
+    lora = {key: value[:, :-1].contiguous() if "lora_A" in key else value for key, value in lora.items()}
+    safetensors.torch.save_file(lora, folder / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_lora_for_a_missing_layer, "LoRA of .* does not fit.*no linear layer .*to_nowhere"),
+        (_lora_with_only_a_halves, "LoRA .* could not be loaded into this transformer"),
+        (_lora_of_the_wrong_width, "LoRA of .* does not fit.*takes 32 inputs"),
+    ],
+    ids=["missing-layer", "peft-error", "wrong-width"],
+)
+def test_a_failed_lora_load_keeps_the_loaded_adapter_and_its_lora(
+    adapter_folder, bare_pipe, tmp_path, damage, message
+):
+    folder, _ = adapter_folder
+    bare_pipe.load_delta_adapter(folder)
+    _save_with_lora(bare_pipe, tmp_path / "good", alpha=8)
+    bare_pipe.load_delta_adapter(tmp_path / "good")  # adapter and LoRA in place
+    assert bare_pipe._delta_lora_name == "delta_adapter"
+    _save_with_lora(bare_pipe, tmp_path / "bad", alpha=4)
+    damage(tmp_path / "bad")
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=message):
+        bare_pipe.load_delta_adapter(tmp_path / "bad")
+    assert_unchanged(bare_pipe, before)
+    bare_pipe.unload_delta_adapter()
+    assert not getattr(bare_pipe.transformer, "peft_config", None)
+
+
+def test_a_second_adapter_with_a_lora_replaces_the_first_exactly(adapter_folder, bare_pipe, tmp_path):
+    folder, _ = adapter_folder
+    bare_pipe.load_delta_adapter(folder)
+    _save_with_lora(bare_pipe, tmp_path / "first", alpha=8)
+    _save_with_lora(bare_pipe, tmp_path / "second", alpha=2)
+    fresh = FluxDeltaEditPipeline(**tiny_klein_components())
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_delta_adapter(tmp_path / "second")
+    expected = edit(fresh)
+
+    bare_pipe.load_delta_adapter(tmp_path / "first")
+    bare_pipe.load_delta_adapter(tmp_path / "second")
+    assert list(bare_pipe.transformer.peft_config) == ["delta_adapter_1"]
+    assert (edit(bare_pipe) == expected).all()
+
+
+def test_a_subfolder_is_loaded_from_the_subfolder(adapter_folder, delta_pipe, bare_pipe, tmp_path):
+    folder, expected_root = adapter_folder
+    randomize_(delta_pipe.delta_adapter, seed=5)
+    delta_pipe.save_delta_adapter(folder / "b")  # root holds adapter A, root/b adapter B
+    expected_b = edit(delta_pipe)
+    assert not (expected_b == expected_root).all()
+    bare_pipe.load_delta_adapter(folder, subfolder="b")
+    assert (edit(bare_pipe) == expected_b).all()
+    with pytest.raises(FileNotFoundError, match="has no subfolder 'c'"):
+        bare_pipe.load_delta_adapter(folder, subfolder="c")
+
+
+def test_the_working_directory_is_never_read_for_the_image_encoder(adapter_folder, bare_pipe, tmp_path, monkeypatch):
+    folder, expected = adapter_folder
+    decoy = tiny_image_encoder()
+    randomize_(decoy, seed=9)
+    decoy.save_pretrained(tmp_path / "cwd" / "image_encoder")
+    monkeypatch.chdir(tmp_path / "cwd")
+    bare_pipe.load_delta_adapter(folder)  # a plain name: the adapter folder's own image_encoder/
+    assert (edit(bare_pipe) == expected).all()
+
+    other = FluxDeltaEditPipeline(**tiny_klein_components())
+    other.set_progress_bar_config(disable=True)
+    other.load_delta_adapter(folder, image_encoder_folder=Path("image_encoder"))  # a Path is a path on disk
+    assert torch.equal(
+        other.image_encoder.state_dict()[next(iter(decoy.state_dict()))], next(iter(decoy.state_dict().values()))
+    )
+    other.load_delta_adapter(folder, image_encoder_folder=str(folder / "image_encoder"))  # absolute: also a path
+    assert (edit(other) == expected).all()
+
+
+def test_a_second_adapter_brings_its_own_image_encoder(adapter_folder, bare_pipe, delta_pipe, tmp_path):
+    folder, _ = adapter_folder
+    bare_pipe.load_delta_adapter(folder)
+    randomize_(delta_pipe.image_encoder, seed=4)
+    delta_pipe.save_delta_adapter(tmp_path / "other")
+    expected = edit(delta_pipe)
+    bare_pipe.load_delta_adapter(tmp_path / "other")
+    assert (edit(bare_pipe) == expected).all()
+
+
+def _drop_a_tensor(folder):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    tensors.pop("double_blocks.0.to_k_delta.weight")
+    safetensors.torch.save_file(tensors, weights)
+
+
+def _nan_weights(folder):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    tensors["refiner.proj.weight"][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, weights)
+
+
+def _nan_embeds(folder):
+    path = folder / "empty_prompt_embeds.safetensors"
+    embeds = safetensors.torch.load_file(path)["prompt_embeds"]
+    safetensors.torch.save_file({"prompt_embeds": embeds * float("nan")}, path)
+
+
+def _embeds_of_another_width(folder):
+    safetensors.torch.save_file({"prompt_embeds": torch.zeros(1, 16, 7)}, folder / "empty_prompt_embeds.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        (_drop_a_tensor, ValueError, r"missing 1 tensors \(double_blocks.0.to_k_delta.weight\)"),
+        (_nan_weights, ValueError, "NaN or infinite values \\(in refiner.proj.weight\\)"),
+        (_nan_embeds, ValueError, "empty_prompt_embeds.safetensors holds NaN"),
+        (_embeds_of_another_width, ValueError, r"shape \(1, 16, 7\), expected shape \(1, L, 48\)"),
+        (lambda f: (f / "config.json").write_text("{not json"), ValueError, "not a readable JSON config"),
+        (lambda f: _write_config(f, _class_name="UNet2DModel"), ValueError, "not a Delta-Adapter config"),
+    ],
+    ids=["missing-tensor", "nan-weights", "nan-embeds", "embeds-width", "bad-json", "other-class"],
+)
+def test_damaged_files_are_named_and_change_nothing(adapter_folder, delta_pipe, damage, error, message):
+    folder, _ = adapter_folder
+    damage(folder)
+    before = snapshot(delta_pipe)
+    with pytest.raises(error, match=message):
+        delta_pipe.load_delta_adapter(folder)
+    assert_unchanged(delta_pipe, before)
+
+
+def test_a_path_to_a_file_is_refused_with_the_fix(adapter_folder, bare_pipe):
+    folder, _ = adapter_folder
+    with pytest.raises(ValueError, match="is a file: pass the folder that holds the adapter"):
+        bare_pipe.load_delta_adapter(folder / "config.json")
+    with pytest.raises(ValueError, match="weight_name= names its weights file"):
+        bare_pipe.load_delta_adapter(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_weight_name_and_low_cpu_mem_usage(adapter_folder, bare_pipe):
+    folder, expected = adapter_folder
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "adapter.safetensors")
+    with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
+        bare_pipe.load_delta_adapter(folder)
+    for low_cpu_mem_usage in (True, False):
+        bare_pipe.load_delta_adapter(folder, weight_name="adapter.safetensors", low_cpu_mem_usage=low_cpu_mem_usage)
+        assert (edit(bare_pipe) == expected).all()
+        assert all(p.device.type == "cpu" for p in bare_pipe.delta_adapter.parameters())
+
+
+def test_an_unreachable_hub_is_named_as_such(bare_pipe, tmp_path, monkeypatch):
+    assert hub_constants.HF_HUB_OFFLINE  # the suite runs offline
+    before = snapshot(bare_pipe)
+    with pytest.raises(OSError) as error:
+        bare_pipe.load_delta_adapter("org/delta-adapter", cache_dir=tmp_path)
+    message = str(error.value)
+    assert "HF_HUB_OFFLINE is set" in message and "Pass a local folder" in message
+    assert "does not appear to have" not in message and "No Delta-Adapter" not in message
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE is set"):
+        FluxDeltaEditPipeline.from_pretrained("org/klein", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="No folder './missing', and it is not a Hub repo id"):
+        bare_pipe.load_delta_adapter("./missing")
+    assert_unchanged(bare_pipe, before)

@@ -265,8 +265,7 @@ class DeltaAdapterMixin:
             _cast(model, self.transformer.dtype, self.transformer.device)
             model.eval().requires_grad_(False)
         lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
-        if self._delta_lora_name is not None:
-            self.delete_adapters(self._delta_lora_name)
+        self._delete_delta_lora()
         self._delta_lora_name = lora_name
         if self._delta_original_processors is None:
             self._delta_original_processors = dict(self.transformer.attn_processors)
@@ -301,6 +300,11 @@ class DeltaAdapterMixin:
         if name not in (getattr(self.transformer, "peft_config", {}) or {}):
             raise ValueError(f"The LoRA of {source_name!r} holds no weights for this transformer.")
         return name
+
+    def _delete_delta_lora(self) -> None:
+        """Removes the LoRA the loaded adapter brought (unless the user already removed it)."""
+        if self._delta_lora_name in (getattr(self.transformer, "peft_config", None) or {}):
+            self.delete_adapters(self._delta_lora_name)
 
     def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
         self._delta_loaded_state = _copy_state(adapter)
@@ -377,9 +381,8 @@ class DeltaAdapterMixin:
             return
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self._delta_original_processors = None
-        if self._delta_lora_name is not None:
-            self.delete_adapters(self._delta_lora_name)
-            self._delta_lora_name = None
+        self._delete_delta_lora()
+        self._delta_lora_name = None
         self.empty_prompt_embeds = None
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self._delta_image_encoder_loaded = False

@@ -181,8 +181,8 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
         if self._delta_lora_name is not None:
             raise ValueError(
                 "The loaded Delta-Adapter brought a LoRA, which a pipeline folder cannot hold beside the transformer "
-                "weights: save the adapter with save_delta_adapter(folder) and the pipeline after "
-                "unload_delta_adapter(), or fuse the LoRA first (pipe.fuse_lora(); pipe.unload_lora_weights())."
+                "weights: save the adapter with save_delta_adapter(folder), and the pipeline after "
+                "unload_delta_adapter()."
             )
         target = check_save_directory(save_directory)
         owned = {"model_index.json", EMPTY_PROMPT_EMBEDS_NAME, DELTA_SCALES_NAME}
