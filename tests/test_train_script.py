@@ -13,6 +13,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import SiglipImageProcessorPil
 
@@ -221,10 +223,13 @@ def test_two_processes_keep_identical_weights(folders, tmp_path):
 def test_lora_is_saved_in_diffusers_format_and_loaded_with_the_adapter(folders, tmp_path):
     train_delta_adapter.main(train_delta_adapter.parse_args(
         arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "2",
-                  "--checkpointing_steps", "1", "--lora_rank", "2")
+                  "--checkpointing_steps", "1", "--lora_rank", "2", "--lora_alpha", "8")
     ))  # fmt: skip
     lora = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert lora and all(key.startswith("transformer.") for key in lora)
+    with safe_open(tmp_path / "pytorch_lora_weights.safetensors", framework="pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (2, 8)  # scaling 4, not 1
     assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
 
     pipe = FluxDeltaEditPipeline(**tiny_klein_components())
@@ -238,6 +243,7 @@ def test_lora_is_saved_in_diffusers_format_and_loaded_with_the_adapter(folders, 
     pipe.load_delta_adapter(tmp_path)
     with_lora = render()
     assert pipe.get_list_adapters() == {"transformer": ["delta_adapter"]}
+    assert pipe.transformer.peft_config["delta_adapter"].lora_alpha == 8
     pipe.unload_delta_adapter()
     assert pipe.get_list_adapters() == {}
     pipe.load_delta_adapter(tmp_path, image_encoder_folder=str(tmp_path / "image_encoder"))
@@ -248,3 +254,27 @@ def test_lora_is_saved_in_diffusers_format_and_loaded_with_the_adapter(folders, 
         generator=torch.Generator().manual_seed(0), output_type="np", **TEXT_KWARGS,
     ).images  # fmt: skip
     assert not (base == with_lora).all()  # the LoRA changed the transformer, and unloading removed it
+
+
+def test_a_failed_release_keeps_the_previous_one_and_the_checkpoints(folders, tmp_path, monkeypatch):
+    train = arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--checkpointing_steps", "1")
+    train_delta_adapter.main(train_delta_adapter.parse_args([*train, "--max_train_steps", "2"]))
+    release = {
+        str(path.relative_to(tmp_path)): path.read_bytes()
+        for path in tmp_path.rglob("*")
+        if path.is_file() and not path.relative_to(tmp_path).parts[0].startswith(("checkpoint-", "logs"))
+    }
+    assert "diffusion_pytorch_model.safetensors" in release and "README.md" in release
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelCard, "save", disk_full)  # the release's last file
+    with pytest.raises(OSError, match="No space left"):
+        train_delta_adapter.main(train_delta_adapter.parse_args(
+            [*train, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+        ))  # fmt: skip
+    assert {name: (tmp_path / name).read_bytes() for name in release} == release  # the step-2 release, whole
+    assert {p.name for p in tmp_path.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not [p for p in tmp_path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
