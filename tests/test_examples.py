@@ -47,3 +47,20 @@ def test_edit_with_exemplar_cli_matches_the_pipeline(delta_pipe, tmp_path, adapt
         generator=torch.Generator().manual_seed(3),
     ).images[0]
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "edited.png")), np.asarray(expected))
+
+
+def test_errors_are_one_line_and_advise_only_what_the_script_offers(tmp_path, capsys):
+    tiny_klein_pipeline().save_pretrained(tmp_path / "base")
+    random_image(0).save(tmp_path / "image.png")
+    images = ["--source", "--target", "--query"]
+    common = [part for flag in images for part in (flag, str(tmp_path / "image.png"))]
+    common += ["--output", str(tmp_path / "edited.png"), "--device", "cpu"]
+    capsys.readouterr()
+    for base, adapter in ((str(tmp_path / "base"), "org/delta-adapter"), ("org/klein", "org/delta-adapter")):
+        with pytest.raises(SystemExit) as exit_info:
+            edit_with_exemplar.main(["--base", base, "--adapter", adapter, *common])
+        lines = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 2 and "Traceback" not in "".join(lines)
+        assert [line for line in lines if line.startswith("error: ")] == lines[-1:]  # after library logs, if any
+        assert "HF_HUB_OFFLINE is set" in lines[-1] and "local_files_only" not in lines[-1]
+    assert not (tmp_path / "edited.png").exists()

@@ -11,6 +11,7 @@ from diffusers_delta.image_inputs import to_rgb_image
 from diffusers_delta.testing import (
     TEXT_KWARGS,
     random_image,
+    randomize_,
     tiny_adapter,
     tiny_image_encoder,
     tiny_klein_components,
@@ -27,8 +28,6 @@ def edit(pipe, **kwargs):
 
 @pytest.fixture
 def trained_pipe(delta_pipe):
-    from diffusers_delta.testing import randomize_
-
     randomize_(delta_pipe.delta_adapter)
     return delta_pipe
 

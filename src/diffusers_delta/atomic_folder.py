@@ -23,7 +23,7 @@ from pathlib import Path
 
 def check_save_directory(save_directory: str | os.PathLike) -> Path:
     """The folder to save into, refused up front when it cannot be one (it is an existing file)."""
-    target = Path(save_directory).expanduser()
+    target = Path(os.path.abspath(Path(save_directory).expanduser()))  # "." and ".." resolved: the swap needs a parent
     if target.is_file():
         raise ValueError(
             f"{str(save_directory)!r} is a file: pass the path of a folder to save into (it is created if missing)."
@@ -34,7 +34,7 @@ def check_save_directory(save_directory: str | os.PathLike) -> Path:
 def _make_parents(folder: Path) -> list[Path]:
     """Creates the missing parents of `folder`; returns them, outermost first."""
     missing = []
-    parent = folder.absolute().parent
+    parent = folder.parent
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
@@ -91,7 +91,7 @@ def atomic_folder(save_directory: str | os.PathLike, owned: Iterable[str] = ()) 
     """
     target = check_save_directory(save_directory)
     created_parents = _make_parents(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.absolute().parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
         _swap_in(staging, target, set(owned))
