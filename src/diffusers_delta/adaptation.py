@@ -1,5 +1,8 @@
 """Test-time adaptation: fine-tune a loaded Delta-Adapter on the one exemplar pair a user gives (section 4.5).
 
+`DeltaAdaptationMixin` gives the pipeline `adapt_to_exemplar`, `reset_delta_adapter` and `adapted_to_exemplar`;
+`run_adaptation` is the optimisation loop, `AdaptationConfig` its settings.
+
 Single-pair supervision makes this possible without a second pair: the exemplar's source is the query and its
 target the reconstruction target, exactly as in training, with the same objective (`DeltaAdapterObjective`).
 Only the adapter's weights move; the transformer, VAE and SigLIP stay frozen.
@@ -7,12 +10,18 @@ Only the adapter's weights move; the transformer, VAE and SigLIP stay frozen.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .checks import finite_float, positive_int
+from .image_inputs import ImageInput, to_rgb_image
+from .latents import encode_latents
+from .loaders import cast_model, copy_state
 from .losses import sample_sigmas
+from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features
 from .training import DeltaAdapterObjective
 
 
@@ -132,3 +141,137 @@ def run_adaptation(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
     return AdaptationResult(losses, flow_matching, delta_consistency, config)
+
+
+class DeltaAdaptationMixin:
+    """Test-time adaptation of a loaded Delta-Adapter (`adapt_to_exemplar`, `reset_delta_adapter`,
+    `adapted_to_exemplar`), for a pipeline that also has `loaders.DeltaAdapterMixin`."""
+
+    def adapt_to_exemplar(
+        self,
+        source: ImageInput,
+        target: ImageInput,
+        num_steps: int | None = None,
+        learning_rate: float | None = None,
+        lambda_delta: float | None = None,
+        generator: torch.Generator | None = None,
+        config: AdaptationConfig | None = None,
+        from_loaded: bool = True,
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+    ) -> AdaptationResult:
+        """Fine-tunes the adapter on one exemplar pair (flow matching + semantic-delta consistency), then edit as
+        usual. Only adapter weights change; `reset_delta_adapter()` brings back the loaded ones.
+
+        Args:
+            source: the exemplar's source image (it plays the query during adaptation).
+            target: the exemplar's target image.
+            num_steps: gradient steps (default `AdaptationConfig.num_steps`, 20).
+            learning_rate: AdamW learning rate (default `AdaptationConfig.learning_rate`).
+            lambda_delta: weight of the consistency loss (default 1).
+            generator: makes the noise draws, and so the result, reproducible.
+            config: every other setting (see `AdaptationConfig`); the three arguments above override it.
+            from_loaded: start from the loaded weights (default) rather than from the current, already adapted ones.
+            max_sequence_length: prompt length, when the empty prompt has to be encoded by the text encoder.
+            text_encoder_out_layers: Qwen3 layers stacked into the prompt embeddings, likewise.
+
+        Returns:
+            The loss of every step, with its two terms, and the settings used.
+
+        Raises:
+            ValueError: bad exemplar images or settings; FloatingPointError: the loss stopped being finite. In
+            either case (and on any other error) the adapter is left exactly as it was before the call.
+        """
+        self._require_delta_adapter()
+        overrides = {"num_steps": num_steps, "learning_rate": learning_rate, "lambda_delta": lambda_delta}
+        config = replace(config or AdaptationConfig(), **{k: v for k, v in overrides.items() if v is not None})
+        if hasattr(self.transformer, "_hf_hook") or hasattr(self.vae, "_hf_hook"):
+            raise RuntimeError(
+                "adapt_to_exemplar backpropagates through the transformer, VAE and SigLIP at once, which model CPU "
+                "offloading keeps on different devices. Adapt before enable_model_cpu_offload(), or call "
+                "pipe.remove_all_hooks() and pipe.to(device) first."
+            )
+        device = self._execution_device
+        pair = self._encode_pair_for_training(source, target, device)
+        with torch.no_grad():
+            prompt_embeds = self._prompt_embeds("", None, max_sequence_length, text_encoder_out_layers).to(device)
+
+        adapter, transformer, vae = self.delta_adapter, self.transformer, self.vae
+        state_before = copy_state(adapter)
+        processors = dict(transformer.attn_processors)  # with the user's per-block scales
+        checkpointing = (transformer.is_gradient_checkpointing, vae.is_gradient_checkpointing)
+        dtype = adapter.dtype
+        try:
+            if from_loaded:
+                adapter.load_state_dict(self._delta_loaded_state)
+            cast_model(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
+            adapter.train().requires_grad_(True)
+            checkpoint = config.gradient_checkpointing
+            if checkpoint if checkpoint is not None else torch.device(device).type == "cuda":
+                transformer.enable_gradient_checkpointing()
+                vae.enable_gradient_checkpointing()
+            preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
+            objective = DeltaAdapterObjective(
+                adapter, transformer, vae, self.image_encoder, preprocessor, prompt_embeds, config.lambda_delta
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+            with torch.enable_grad():
+                result = run_adaptation(objective, pair, config, scheduler, generator, self.progress_bar)
+        except BaseException:
+            cast_model(adapter, dtype)
+            adapter.load_state_dict(state_before)
+            raise
+        finally:
+            cast_model(adapter, dtype)
+            adapter.eval().requires_grad_(False)
+            for model, was_checkpointing in zip((transformer, vae), checkpointing):
+                if not was_checkpointing and model.is_gradient_checkpointing:
+                    model.disable_gradient_checkpointing()
+            transformer.set_attn_processor(processors)
+        self._delta_adaptation = {
+            "base_adapter": self._delta_adapter_source,
+            "num_steps": config.num_steps,
+            "learning_rate": config.learning_rate,
+            "lambda_delta": config.lambda_delta,
+        }
+        return result
+
+    @torch.no_grad()
+    def _encode_pair_for_training(self, source: ImageInput, target: ImageInput, device) -> dict[str, torch.Tensor]:
+        """The exemplar as the objective reads it: latents of both images at the source's size (as the pipeline
+        sizes a query), and SigLIP features as `encode_exemplar` computes them."""
+        source_pixels = self._preprocess_queries(source)  # (1, 3, H, W) in [-1, 1]
+        height, width = source_pixels.shape[-2:]
+        target_rgb = to_rgb_image(target, name="exemplar target")
+        target_pixels = self.image_processor.preprocess(target_rgb, height=height, width=width, resize_mode="crop")
+        latents = encode_latents(self.vae, torch.cat([source_pixels, target_pixels]).to(device))  # (2, 4C, h, w)
+        preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
+        siglip = images_to_siglip_pixels([source, target_rgb], preprocessor, "exemplar image")
+        features = patch_features(self.image_encoder, siglip.to(device, self.image_encoder.dtype))  # (2, P, D)
+        return {
+            "source_latents": latents[:1],
+            "target_latents": latents[1:],
+            "source_features": features[:1],
+            "target_features": features[1:],
+        }
+
+    def reset_delta_adapter(self) -> None:
+        """Restores the adapter's weights as they were loaded, bit-for-bit (undoing `adapt_to_exemplar`)."""
+        self._require_delta_adapter()
+        self.delta_adapter.load_state_dict(self._delta_loaded_state)
+        self._delta_adaptation = None
+
+    def adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
+        """`with pipe.adapted_to_exemplar(src, tgt) as result: ...` adapts, and on exit (exceptions included)
+        restores the adapter as it was on entry. Takes `adapt_to_exemplar`'s arguments; yields its result."""
+        self._require_delta_adapter()
+        return self._adapted_to_exemplar(source, target, **kwargs)
+
+    @contextmanager
+    def _adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
+        state, adaptation = copy_state(self.delta_adapter), self._delta_adaptation
+        try:
+            yield self.adapt_to_exemplar(source, target, **kwargs)
+        finally:
+            self.delta_adapter.load_state_dict(state)
+            self._delta_adaptation = adaptation

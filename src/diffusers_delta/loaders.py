@@ -1,7 +1,7 @@
 """`DeltaAdapterMixin`: the Delta-Adapter lifecycle on a FLUX.2 pipeline, mirroring diffusers' IP-Adapter mixins.
 
-`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter`,
-`encode_exemplar`, and test-time adaptation (`adapt_to_exemplar`, `reset_delta_adapter`, `adapted_to_exemplar`).
+`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter` and
+`encode_exemplar` (test-time adaptation is `adaptation.DeltaAdaptationMixin`).
 The adapter folder's files are found, read, checked and written by `adapter_files`. Loading is atomic: everything is
 read and checked before the pipeline is touched, and the one step that can still fail (injecting a LoRA) runs
 before anything else changes, so a failed load leaves processors, components, LoRA and outputs exactly as they were.
@@ -12,15 +12,12 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
-from .adaptation import AdaptationConfig, AdaptationResult, run_adaptation
 from .adapter_files import (
     ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
@@ -43,11 +40,9 @@ from .atomic_folder import check_save_directory
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
 from .checks import finite_float
 from .hub import push_folder, render_model_card
-from .image_inputs import ImageInput, to_rgb_image
-from .latents import encode_latents
+from .image_inputs import ImageInput
 from .models.delta_adapter import DeltaAdapterModel
-from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features, semantic_delta
-from .training import DeltaAdapterObjective
+from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 
 
 #: The peft adapter name of an adapter folder's LoRA (a second one, loaded while the first is still in place, gets
@@ -73,14 +68,14 @@ def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
     return [tuple(pair) for pair in pairs]
 
 
-def _cast(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
+def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
     """Moves a model, casting only when the dtype differs (diffusers warns on every cast through `to()`)."""
     cast = {} if model.dtype == dtype else {"dtype": dtype}
     if device is not None or cast:
         model.to(device=device, **cast)
 
 
-def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
@@ -262,7 +257,7 @@ class DeltaAdapterMixin:
         """Puts a read and checked adapter in place. Only the LoRA's injection can fail, and it runs first."""
         new_models = [incoming.adapter] + ([incoming.image_encoder] if incoming.image_encoder_is_new else [])
         for model in new_models:
-            _cast(model, self.transformer.dtype, self.transformer.device)
+            cast_model(model, self.transformer.dtype, self.transformer.device)
             model.eval().requires_grad_(False)
         lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
         self._delete_delta_lora()
@@ -307,7 +302,7 @@ class DeltaAdapterMixin:
             self.delete_adapters(self._delta_lora_name)
 
     def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
-        self._delta_loaded_state = _copy_state(adapter)
+        self._delta_loaded_state = copy_state(adapter)
         self._delta_adapter_source = source
         self._delta_adaptation = None
 
@@ -415,137 +410,6 @@ class DeltaAdapterMixin:
         )  # (K, P, D_enc)
         mean_delta = deltas.mean(dim=0, keepdim=True).to(self.delta_adapter.dtype)  # (1, P, D_enc)
         return self.delta_adapter(mean_delta)  # (1, N, D_edit)
-
-    # ------------------------------------------------------------------ test-time adaptation
-
-    def adapt_to_exemplar(
-        self,
-        source: ImageInput,
-        target: ImageInput,
-        num_steps: int | None = None,
-        learning_rate: float | None = None,
-        lambda_delta: float | None = None,
-        generator: torch.Generator | None = None,
-        config: AdaptationConfig | None = None,
-        from_loaded: bool = True,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
-    ) -> AdaptationResult:
-        """Fine-tunes the adapter on one exemplar pair (flow matching + semantic-delta consistency), then edit as
-        usual. Only adapter weights change; `reset_delta_adapter()` brings back the loaded ones.
-
-        Args:
-            source: the exemplar's source image (it plays the query during adaptation).
-            target: the exemplar's target image.
-            num_steps: gradient steps (default `AdaptationConfig.num_steps`, 20).
-            learning_rate: AdamW learning rate (default `AdaptationConfig.learning_rate`).
-            lambda_delta: weight of the consistency loss (default 1).
-            generator: makes the noise draws, and so the result, reproducible.
-            config: every other setting (see `AdaptationConfig`); the three arguments above override it.
-            from_loaded: start from the loaded weights (default) rather than from the current, already adapted ones.
-            max_sequence_length: prompt length, when the empty prompt has to be encoded by the text encoder.
-            text_encoder_out_layers: Qwen3 layers stacked into the prompt embeddings, likewise.
-
-        Returns:
-            The loss of every step, with its two terms, and the settings used.
-
-        Raises:
-            ValueError: bad exemplar images or settings; FloatingPointError: the loss stopped being finite. In
-            either case (and on any other error) the adapter is left exactly as it was before the call.
-        """
-        self._require_delta_adapter()
-        overrides = {"num_steps": num_steps, "learning_rate": learning_rate, "lambda_delta": lambda_delta}
-        config = replace(config or AdaptationConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        if hasattr(self.transformer, "_hf_hook") or hasattr(self.vae, "_hf_hook"):
-            raise RuntimeError(
-                "adapt_to_exemplar backpropagates through the transformer, VAE and SigLIP at once, which model CPU "
-                "offloading keeps on different devices. Adapt before enable_model_cpu_offload(), or call "
-                "pipe.remove_all_hooks() and pipe.to(device) first."
-            )
-        device = self._execution_device
-        pair = self._encode_pair_for_training(source, target, device)
-        with torch.no_grad():
-            prompt_embeds = self._prompt_embeds("", None, max_sequence_length, text_encoder_out_layers).to(device)
-
-        adapter, transformer, vae = self.delta_adapter, self.transformer, self.vae
-        state_before = _copy_state(adapter)
-        processors = dict(transformer.attn_processors)  # with the user's per-block scales
-        checkpointing = (transformer.is_gradient_checkpointing, vae.is_gradient_checkpointing)
-        dtype = adapter.dtype
-        try:
-            if from_loaded:
-                adapter.load_state_dict(self._delta_loaded_state)
-            _cast(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
-            adapter.train().requires_grad_(True)
-            checkpoint = config.gradient_checkpointing
-            if checkpoint if checkpoint is not None else torch.device(device).type == "cuda":
-                transformer.enable_gradient_checkpointing()
-                vae.enable_gradient_checkpointing()
-            preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
-            objective = DeltaAdapterObjective(
-                adapter, transformer, vae, self.image_encoder, preprocessor, prompt_embeds, config.lambda_delta
-            )
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-            with torch.enable_grad():
-                result = run_adaptation(objective, pair, config, scheduler, generator, self.progress_bar)
-        except BaseException:
-            _cast(adapter, dtype)
-            adapter.load_state_dict(state_before)
-            raise
-        finally:
-            _cast(adapter, dtype)
-            adapter.eval().requires_grad_(False)
-            for model, was_checkpointing in zip((transformer, vae), checkpointing):
-                if not was_checkpointing and model.is_gradient_checkpointing:
-                    model.disable_gradient_checkpointing()
-            transformer.set_attn_processor(processors)
-        self._delta_adaptation = {
-            "base_adapter": self._delta_adapter_source,
-            "num_steps": config.num_steps,
-            "learning_rate": config.learning_rate,
-            "lambda_delta": config.lambda_delta,
-        }
-        return result
-
-    @torch.no_grad()
-    def _encode_pair_for_training(self, source: ImageInput, target: ImageInput, device) -> dict[str, torch.Tensor]:
-        """The exemplar as the objective reads it: latents of both images at the source's size (as the pipeline
-        sizes a query), and SigLIP features as `encode_exemplar` computes them."""
-        source_pixels = self._preprocess_queries(source)  # (1, 3, H, W) in [-1, 1]
-        height, width = source_pixels.shape[-2:]
-        target_rgb = to_rgb_image(target, name="exemplar target")
-        target_pixels = self.image_processor.preprocess(target_rgb, height=height, width=width, resize_mode="crop")
-        latents = encode_latents(self.vae, torch.cat([source_pixels, target_pixels]).to(device))  # (2, 4C, h, w)
-        preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
-        siglip = images_to_siglip_pixels([source, target_rgb], preprocessor, "exemplar image")
-        features = patch_features(self.image_encoder, siglip.to(device, self.image_encoder.dtype))  # (2, P, D)
-        return {
-            "source_latents": latents[:1],
-            "target_latents": latents[1:],
-            "source_features": features[:1],
-            "target_features": features[1:],
-        }
-
-    def reset_delta_adapter(self) -> None:
-        """Restores the adapter's weights as they were loaded, bit-for-bit (undoing `adapt_to_exemplar`)."""
-        self._require_delta_adapter()
-        self.delta_adapter.load_state_dict(self._delta_loaded_state)
-        self._delta_adaptation = None
-
-    def adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
-        """`with pipe.adapted_to_exemplar(src, tgt) as result: ...` adapts, and on exit (exceptions included)
-        restores the adapter as it was on entry. Takes `adapt_to_exemplar`'s arguments; yields its result."""
-        self._require_delta_adapter()
-        return self._adapted_to_exemplar(source, target, **kwargs)
-
-    @contextmanager
-    def _adapted_to_exemplar(self, source: ImageInput, target: ImageInput, **kwargs):
-        state, adaptation = _copy_state(self.delta_adapter), self._delta_adaptation
-        try:
-            yield self.adapt_to_exemplar(source, target, **kwargs)
-        finally:
-            self.delta_adapter.load_state_dict(state)
-            self._delta_adaptation = adaptation
 
     # ------------------------------------------------------------------ saving
 

@@ -18,6 +18,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
+from ..adaptation import DeltaAdaptationMixin
 from ..adapter_files import (
     EMPTY_PROMPT_EMBEDS_NAME,
     HUB_KWARGS,
@@ -88,7 +89,7 @@ def compute_empty_prompt_embeds(
     return prompt_embeds.to("cpu")
 
 
-class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
+class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinPipeline):
     r"""Exemplar-based image editing with Delta-Adapter on FLUX.2 [klein].
 
     The query image rides as FLUX.2's reference image; the exemplar pair's semantic delta, turned into edit tokens by
