@@ -272,8 +272,8 @@ def test_state_dict_loading_is_strict(delta_pipe):
         delta_pipe.load_delta_adapter(state_dict, adapter_config=adapter_config)
     with pytest.raises(TypeError, match="unexpected arguments"):
         delta_pipe.load_delta_adapter(state_dict, adapter_name="x")
-    with pytest.raises(ValueError, match="only safetensors"):
-        delta_pipe.load_delta_adapter(state_dict, weight_name="x.bin")
+    with pytest.raises(ValueError, match="weight_name= and subfolder= name files of a folder or repo"):
+        delta_pipe.load_delta_adapter(state_dict, weight_name="x.safetensors")
     assert_unchanged(delta_pipe, before)
 
 
@@ -434,6 +434,8 @@ def test_a_path_to_a_file_is_refused_with_the_fix(adapter_folder, bare_pipe):
 
 def test_weight_name_and_low_cpu_mem_usage(adapter_folder, bare_pipe):
     folder, expected = adapter_folder
+    with pytest.raises(ValueError, match="weight_name='adapter.bin': Delta-Adapter loads only safetensors"):
+        bare_pipe.load_delta_adapter(folder, weight_name="adapter.bin")
     (folder / "diffusion_pytorch_model.safetensors").rename(folder / "adapter.safetensors")
     with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
         bare_pipe.load_delta_adapter(folder)
@@ -455,4 +457,56 @@ def test_an_unreachable_hub_is_named_as_such(bare_pipe, tmp_path, monkeypatch):
         FluxDeltaEditPipeline.from_pretrained("org/klein", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="No folder './missing', and it is not a Hub repo id"):
         bare_pipe.load_delta_adapter("./missing")
+    assert_unchanged(bare_pipe, before)
+
+
+def test_arguments_that_would_be_ignored_are_refused(adapter_folder, delta_pipe, caplog):
+    folder, _ = adapter_folder
+    before = snapshot(delta_pipe)
+    with pytest.raises(ValueError, match="adapter_config= applies to a state dict"):
+        delta_pipe.load_delta_adapter(folder, adapter_config=dict(delta_pipe.delta_adapter.config))
+    for source in ("", 42, None):
+        with pytest.raises(TypeError, match="takes a Hub repo id, a folder or a state dict"):
+            delta_pipe.load_delta_adapter(source)
+    with pytest.raises(TypeError, match="Pass the path of a folder to save into"):
+        delta_pipe.save_delta_adapter("")
+    assert_unchanged(delta_pipe, before)
+    delta_pipe.load_delta_adapter(folder, image_encoder_folder="./elsewhere")  # the pipeline's own encoder is used
+    assert "image_encoder_folder='./elsewhere' is not used" in caplog.text
+
+
+def _encoder_missing_a_weight(folder):
+    weights = folder / "image_encoder" / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    tensors.pop(next(key for key in tensors if "layers.0.mlp.fc1.weight" in key))
+    safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def _encoder_truncated(folder):
+    weights = folder / "image_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _encoder_not_square(folder):
+    config = folder / "image_encoder" / "preprocessor_config.json"
+    settings = json.loads(config.read_text())
+    settings["size"] = {"height": 32, "width": 48}
+    config.write_text(json.dumps(settings))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_encoder_missing_a_weight, "lacks weights .*fc1.weight.*random weights"),
+        (_encoder_truncated, "SigLIP image encoder in .* could not be loaded"),
+        (_encoder_not_square, "must be square"),
+    ],
+    ids=["missing-weight", "truncated", "not-square"],
+)
+def test_a_damaged_image_encoder_is_refused(adapter_folder, bare_pipe, damage, message):
+    folder, _ = adapter_folder
+    damage(folder)
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=message):
+        bare_pipe.load_delta_adapter(folder)
     assert_unchanged(bare_pipe, before)

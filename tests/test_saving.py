@@ -165,6 +165,13 @@ def test_pipeline_round_trip_keeps_embeddings_and_block_scales(trained_pipe, tmp
     assert (edit(reloaded, **TEXT_KWARGS) == expected).all()
 
 
+def test_a_pipeline_folder_with_bad_scales_says_so(trained_pipe, tmp_path):
+    trained_pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "delta_adapter_scales.json").write_text('{"double": [1.0, 2.0]}')
+    with pytest.raises(ValueError, match="delta_adapter_scales.json does not hold.*1 double-stream blocks.*Delete it"):
+        FluxDeltaEditPipeline.from_pretrained(tmp_path / "pipe")
+
+
 def test_pipeline_resave_is_atomic_and_drops_stale_files(trained_pipe, tmp_path, monkeypatch):
     folder = tmp_path / "pipe"
     trained_pipe.save_pretrained(folder)

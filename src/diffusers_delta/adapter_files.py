@@ -354,6 +354,35 @@ def read_adapter(config: dict, weights_path: str, where: str, low_cpu_mem_usage:
     return build_adapter(config, state_dict, low_cpu_mem_usage)
 
 
+def read_image_encoder(folder: Path) -> tuple[SiglipVisionModel, SiglipImageProcessorPil]:
+    """The SigLIP encoder of a folder and its preprocessing (SigLIP's default when the folder has none), checked:
+    every weight present with its shape and finite, square preprocessing."""
+    fix = "Pass image_encoder_folder= where a SigLIP encoder saved with save_pretrained lies."
+    try:
+        image_encoder, info = SiglipVisionModel.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"The SigLIP image encoder in {folder} could not be loaded ({error}). {fix}") from None
+    missing = list(info.get("missing_keys", [])) + [str(key) for key in info.get("mismatched_keys", [])]
+    if missing:
+        raise ValueError(
+            f"The SigLIP image encoder in {folder} lacks weights or has weights of other shapes "
+            f"({', '.join(missing[:3])}): it would run with random weights. {fix}"
+        )
+    bad = non_finite_keys(image_encoder.state_dict())
+    if bad:
+        raise ValueError(f"The SigLIP image encoder in {folder} holds NaN or infinite weights (in {bad[0]}). {fix}")
+    if (folder / "preprocessor_config.json").is_file():
+        feature_extractor = SiglipImageProcessorPil.from_pretrained(folder)
+        size = feature_extractor.size
+        if size.get("height") is None or size.get("height") != size.get("width"):
+            raise ValueError(
+                f"The SigLIP preprocessing in {folder} asks for {size}: it must be square (height = width)."
+            )
+    else:
+        feature_extractor = default_feature_extractor(image_encoder)
+    return image_encoder.eval(), feature_extractor
+
+
 def read_empty_prompt_embeds(path: str, text_dim: int) -> torch.Tensor:
     """(1, L, text_dim) embeddings of the empty prompt from `empty_prompt_embeds.safetensors`, checked."""
     tensors, _ = _read_safetensors(path, "The empty-prompt embeddings file")

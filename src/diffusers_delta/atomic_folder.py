@@ -23,6 +23,8 @@ from pathlib import Path
 
 def check_save_directory(save_directory: str | os.PathLike) -> Path:
     """The folder to save into, refused up front when it cannot be one (it is an existing file)."""
+    if not isinstance(save_directory, (str, os.PathLike)) or str(save_directory) == "":
+        raise TypeError(f"Pass the path of a folder to save into, got {save_directory!r}.")
     target = Path(os.path.abspath(Path(save_directory).expanduser()))  # "." and ".." resolved: the swap needs a parent
     if target.is_file():
         raise ValueError(
@@ -67,11 +69,11 @@ def _swap_in(staging: Path, target: Path, owned: set[str]) -> None:
         for name in new_names:
             os.replace(staging / name, target / name)
             moved_in.append(name)
-    except BaseException:
+    except BaseException:  # put everything back (with rename: it is replace's twin where the target is free)
         for name in reversed(moved_in):
-            os.replace(target / name, staging / name)
+            os.rename(target / name, staging / name)
         for name in reversed(moved_out):
-            os.replace(backup / name, target / name)
+            os.rename(backup / name, target / name)
         raise
     finally:
         shutil.rmtree(backup, ignore_errors=True)

@@ -9,6 +9,7 @@ before anything else changes, so a failed load leaves processors, components, Lo
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from .adapter_files import (
     read_adapter,
     read_adapter_config,
     read_empty_prompt_embeds,
+    read_image_encoder,
     read_lora,
     write_adapter_folder,
 )
@@ -49,6 +51,7 @@ from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semanti
 #: a numbered name, so that a failed load can leave the first untouched).
 LORA_ADAPTER_NAME = "delta_adapter"
 
+logger = logging.getLogger(__name__)
 ExemplarPair = tuple[ImageInput, ImageInput]
 NO_ADAPTER = "No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) first."
 
@@ -156,6 +159,16 @@ class DeltaAdapterMixin:
             OSError: a file could not be found or downloaded (the message says which, and why).
             In every case the pipeline is left exactly as it was.
         """
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, (str, os.PathLike, dict)) or source == "":
+            raise TypeError(
+                f"load_delta_adapter() takes a Hub repo id, a folder or a state dict, got {type(source).__name__} "
+                f"{source!r}."
+            )
+        if not isinstance(source, dict) and adapter_config is not None:
+            raise ValueError("adapter_config= applies to a state dict: a folder or repo carries its own config.json.")
+        if isinstance(source, dict) and (weight_name is not None or subfolder is not None):
+            raise ValueError("weight_name= and subfolder= name files of a folder or repo, not of a state dict.")
         unknown = set(kwargs) - set(HUB_KWARGS)
         if unknown:
             raise TypeError(
@@ -167,7 +180,6 @@ class DeltaAdapterMixin:
                 f"weight_name={weight_name!r}: Delta-Adapter loads only safetensors weights. Convert the file with "
                 "safetensors.torch.save_file and pass its .safetensors name."
             )
-        source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
             incoming = self._read_state_dict_adapter(source, adapter_config, image_encoder_folder, low_cpu_mem_usage)
         else:
@@ -217,6 +229,11 @@ class DeltaAdapterMixin:
         the adapter's folder: -> (encoder, feature extractor, whether it is new)."""
         current = getattr(self, "image_encoder", None)
         if current is not None and (not self._delta_image_encoder_loaded or image_encoder_folder is None):
+            if image_encoder_folder not in (None, IMAGE_ENCODER_FOLDER):
+                logger.warning(
+                    f"The pipeline has an image encoder of its own, so image_encoder_folder={image_encoder_folder!r} "
+                    "is not used. To use that encoder, register it: pipe.register_modules(image_encoder=...)."
+                )
             feature_extractor = getattr(self, "feature_extractor", None) or default_feature_extractor(current)
             return current, feature_extractor, False
         if image_encoder_folder is None:
@@ -230,18 +247,7 @@ class DeltaAdapterMixin:
             if current is not None:  # an earlier adapter's encoder: keep it when the new folder brings none
                 return current, self.feature_extractor, False
             raise
-        try:
-            image_encoder = SiglipVisionModel.from_pretrained(folder, use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise OSError(
-                f"The SigLIP image encoder in {folder} could not be loaded ({error}). Pass image_encoder_folder= "
-                "where a SigLIP encoder saved with save_pretrained lies."
-            ) from None
-        if (folder / "preprocessor_config.json").is_file():
-            feature_extractor = SiglipImageProcessorPil.from_pretrained(folder)
-        else:
-            feature_extractor = default_feature_extractor(image_encoder)
-        return image_encoder, feature_extractor, True
+        return (*read_image_encoder(folder), True)
 
     def _check_adapter_fits(self, adapter_config, image_encoder: SiglipVisionModel) -> None:
         mismatches = DeltaAdapterModel.signature_mismatches(

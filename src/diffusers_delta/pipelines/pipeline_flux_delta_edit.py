@@ -238,7 +238,13 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
             )
         scales_path = location.fetch(DELTA_SCALES_NAME, required=False)
         if scales_path is not None and pipe.delta_processors:
-            pipe.set_delta_adapter_scale(json.loads(Path(scales_path).read_text(encoding="utf-8")))
+            try:
+                pipe.set_delta_adapter_scale(json.loads(Path(scales_path).read_text(encoding="utf-8")))
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"{scales_path} does not hold this pipeline's per-block scales ({error}). Delete it to load the "
+                    "pipeline with every scale at 1."
+                ) from None
         return pipe
 
     # ------------------------------------------------------------------ inputs
