@@ -2,6 +2,7 @@
 
 import numpy as np
 import PIL.Image
+import pytest
 
 from diffusers_delta import cli, toyworld
 
@@ -17,6 +18,8 @@ def test_shipped_model_loads_offline_and_edits_a_seen_edit_better_than_identity(
     truth = np.asarray(toyworld.render(toyworld.EDITS["grayscale"](scene)), float)
     output = np.asarray(pipe(query, exemplar=(source, target)).images[0], float)
     assert np.abs(output - truth).mean() < np.abs(np.asarray(query, float) - truth).mean()
+    with pytest.raises(ValueError, match="edits only 64x64 images and the query is 512x384"):
+        pipe(query.resize((512, 384)), exemplar=(source, target))  # it knows one size, and says so
 
 
 def test_demo_on_the_shipped_model_writes_its_grid(tmp_path):

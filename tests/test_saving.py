@@ -128,6 +128,8 @@ def test_saving_onto_a_file_or_from_another_process_writes_nothing(trained_pipe,
     target.write_bytes(b"precious")
     with pytest.raises(ValueError, match="is a file: pass the path of a folder"):
         trained_pipe.save_delta_adapter(target)
+    with pytest.raises(ValueError, match="adapter.safetensors is a file, not a folder"):
+        trained_pipe.save_delta_adapter(target / "inside")
     assert target.read_bytes() == b"precious"
     trained_pipe.save_delta_adapter(tmp_path / "rank1", is_main_process=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
@@ -178,11 +180,16 @@ def test_pipeline_resave_is_atomic_and_drops_stale_files(trained_pipe, tmp_path,
     assert (folder / "empty_prompt_embeds.safetensors").is_file() and (folder / "text_encoder").is_dir()
     before = tree(folder)
 
-    with monkeypatch.context() as patch:
-        fail_at(patch, "first")
-        with pytest.raises(OSError, match="No space left"):
-            trained_pipe.save_pretrained(folder)
-    assert tree(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The adapter's weights, then the per-block scales: the last file a pipeline save writes.
+    for owner, name in ((DeltaAdapterModel, "save_pretrained"), (FluxDeltaEditPipeline, "get_delta_adapter_scale")):
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, disk_full)
+            with pytest.raises(OSError, match="No space left"):
+                trained_pipe.save_pretrained(folder)
+        assert tree(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
     text_free = FluxDeltaEditPipeline.from_pipe(trained_pipe, text_encoder=None, tokenizer=None)
     text_free.empty_prompt_embeds = None

@@ -30,6 +30,11 @@ def check_save_directory(save_directory: str | os.PathLike) -> Path:
         raise ValueError(
             f"{str(save_directory)!r} is a file: pass the path of a folder to save into (it is created if missing)."
         )
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"Cannot save into {str(save_directory)!r}: {ancestor} is a file, not a folder.")
     return target
 
 
