@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from diffusers.utils import load_image
@@ -64,13 +63,10 @@ def load_pipeline(args: argparse.Namespace) -> FluxDeltaEditPipeline:
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     pipe = FluxDeltaEditPipeline.from_pretrained(args.base, text_encoder=None, tokenizer=None, dtype=dtype)
-    image_encoder_folder = args.image_encoder_folder
-    if image_encoder_folder.startswith((".", "/", "~")):
-        image_encoder_folder = Path(image_encoder_folder)  # a path on disk, not a folder inside the adapter
     pipe.load_delta_adapter(
         args.adapter,
         subfolder=args.adapter_subfolder,
-        image_encoder_folder=image_encoder_folder,
+        image_encoder_folder=args.image_encoder_folder,
         revision=args.revision,
         token=args.token,
         force_download=args.force_download,

@@ -156,6 +156,15 @@ def test_loading_twice_replaces_and_unload_still_restores(adapter_folder, bare_p
     assert bare_pipe.transformer.attn_processors == original
 
 
+def assert_damage_is_refused(pipe, folder, damage, error, message):
+    """Damages an adapter folder; loading it must raise `error` matching `message` and change nothing."""
+    damage(folder)
+    before = snapshot(pipe)
+    with pytest.raises(error, match=message):
+        pipe.load_delta_adapter(folder)
+    assert_unchanged(pipe, before)
+
+
 def _write_config(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
@@ -225,6 +234,7 @@ def _embeds_of_another_width(folder):
         (_embeds_of_another_width, ValueError, r"shape \(1, 16, 7\), expected shape \(1, L, 48\)"),
         (lambda f: (f / "config.json").write_text("{not json"), ValueError, "not a readable JSON config"),
         (lambda f: _write_config(f, _class_name="UNet2DModel"), ValueError, "not a Delta-Adapter config"),
+        (lambda f: _write_config(f, num_edit_tokens="many"), ValueError, "num_edit_tokens must be a positive integer"),
     ],
     ids=[
         "corrupt",
@@ -240,15 +250,11 @@ def _embeds_of_another_width(folder):
         "embeds-width",
         "bad-json",
         "other-class",
+        "bad-value",
     ],
 )
 def test_failed_load_raises_and_changes_nothing(adapter_folder, delta_pipe, damage, error, message):
-    folder, _ = adapter_folder
-    damage(folder)
-    before = snapshot(delta_pipe)
-    with pytest.raises(error, match=message):
-        delta_pipe.load_delta_adapter(folder)
-    assert_unchanged(delta_pipe, before)
+    assert_damage_is_refused(delta_pipe, adapter_folder[0], damage, error, message)
 
 
 def test_failed_load_into_a_bare_pipeline_changes_nothing(adapter_folder, bare_pipe, tmp_path):
@@ -504,9 +510,4 @@ def _encoder_not_square(folder):
     ids=["missing-weight", "truncated", "not-square"],
 )
 def test_a_damaged_image_encoder_is_refused(adapter_folder, bare_pipe, damage, message):
-    folder, _ = adapter_folder
-    damage(folder)
-    before = snapshot(bare_pipe)
-    with pytest.raises(ValueError, match=message):
-        bare_pipe.load_delta_adapter(folder)
-    assert_unchanged(bare_pipe, before)
+    assert_damage_is_refused(bare_pipe, adapter_folder[0], damage, ValueError, message)

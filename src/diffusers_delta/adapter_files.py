@@ -15,6 +15,7 @@ safetensors files are ever read.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "tok
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _is_filesystem_path(path: str | os.PathLike) -> bool:
+def is_filesystem_path(path: str | os.PathLike) -> bool:
     """Whether a user's string names a place on disk rather than a path inside a repo: a `Path`, an absolute path,
     or one starting with `.`, `..` or `~`."""
     if not isinstance(path, str):
@@ -157,7 +158,7 @@ class AdapterLocation:
                 raise FileNotFoundError(f"{str(source)!r} has no subfolder {subfolder!r}.")
             return location
         try:
-            if isinstance(source, os.PathLike) or _is_filesystem_path(str(source)):
+            if isinstance(source, os.PathLike) or is_filesystem_path(str(source)):
                 raise HFValidationError("a path")
             validate_repo_id(str(source))
         except HFValidationError:
@@ -187,6 +188,7 @@ class AdapterLocation:
             if required:
                 self._refuse_pickles(filename)
                 held = sorted(p.name for p in self.folder.iterdir())
+                held = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "") or "nothing"
                 raise FileNotFoundError(
                     f"No Delta-Adapter at {self.describe()}: it has no {filename} (it holds {held}). Pass the folder "
                     "written by save_delta_adapter or the training script."
@@ -231,7 +233,7 @@ class AdapterLocation:
         subfolder of the adapter's folder, a relative path with `/` a folder inside the repo, and a `Path`, an
         absolute path or one starting with `.`, `..` or `~` a folder on disk. The working directory is never read
         for a name that is not explicitly a path."""
-        if _is_filesystem_path(image_encoder_folder):
+        if is_filesystem_path(image_encoder_folder):
             folder = Path(image_encoder_folder).expanduser()
             where = f"{str(image_encoder_folder)!r}"
         else:
@@ -273,6 +275,10 @@ def read_adapter_config(path: str) -> dict:
             f"{config.get('_class_name') if isinstance(config, dict) else None!r}, expected "
             f"{DeltaAdapterModel.__name__!r}). Pass the folder written by save_delta_adapter."
         )
+    for name, parameter in inspect.signature(DeltaAdapterModel.__init__).parameters.items():
+        value = config.get(name, parameter.default)
+        if isinstance(parameter.default, int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}. Save the adapter again.")
     return config
 
 

@@ -79,6 +79,7 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device 
 
 
 def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of a model's weights, for restoring them bit-for-bit."""
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 

@@ -29,7 +29,7 @@ from ..adapter_files import (
     read_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
-from ..checks import as_tensor, finite_float, positive_int
+from ..checks import as_tensor, check_finite, finite_float, positive_int
 from ..hub import push_folder
 from ..image_inputs import ImageInput, to_rgb_image
 from ..latents import unpack_to_vae_latents
@@ -310,6 +310,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         if prompt_embeds is not None:
             return prompt_embeds
         if prompt == "" and self.empty_prompt_embeds is not None:
+            check_finite(self.empty_prompt_embeds, "pipe.empty_prompt_embeds")
             return self.empty_prompt_embeds.to(self.transformer.dtype)
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(
