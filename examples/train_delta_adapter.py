@@ -56,7 +56,7 @@ from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.latents import encode_latents
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
-from diffusers_delta.training import DeltaAdapterObjective
+from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
 
 logger = get_logger(__name__)
@@ -135,7 +135,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--gradient_checkpointing",
         action="store_true",
-        help="Recompute the frozen transformer's (and VAE decoder's) activations in backward.",
+        help="Recompute the frozen transformer's, VAE decoder's and SigLIP's activations in backward.",
     )
     train.add_argument("--learning_rate", type=float, default=1e-4)
     train.add_argument(
@@ -434,6 +434,7 @@ def main(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
+        enable_image_encoder_checkpointing(image_encoder)  # the consistency loss backpropagates through SigLIP
 
     # 2. The adapter (float32 master weights) and the optional LoRA
     if args.pretrained_adapter:

@@ -277,3 +277,20 @@ def test_a_failed_release_keeps_the_previous_one_and_the_checkpoints(folders, tm
     assert {p.name for p in tmp_path.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert not [p for p in tmp_path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_gradient_checkpointing_covers_siglip(folders, tmp_path, monkeypatch):
+    checkpointed = []
+    real = train_delta_adapter.enable_image_encoder_checkpointing
+
+    def record(image_encoder):
+        real(image_encoder)
+        checkpointed.append((type(image_encoder).__name__, image_encoder.is_gradient_checkpointing))
+
+    monkeypatch.setattr(train_delta_adapter, "enable_image_encoder_checkpointing", record)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "1",
+                  "--gradient_checkpointing")
+    ))  # fmt: skip
+    assert checkpointed == [("SiglipVisionModel", True)]
+    assert summary(tmp_path)["global_step"] == 1

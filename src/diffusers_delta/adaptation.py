@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from .checks import finite_float, positive_int
 from .image_inputs import ImageInput, to_rgb_image
@@ -22,7 +23,7 @@ from .latents import encode_latents
 from .loaders import cast_model, copy_state
 from .losses import sample_sigmas
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features
-from .training import DeltaAdapterObjective
+from .training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
 
 #: The noise-level densities `sample_sigmas` and `loss_weighting` know.
@@ -103,7 +104,7 @@ def run_adaptation(
     pair: dict[str, torch.Tensor],
     config: AdaptationConfig,
     scheduler,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     progress_bar,
 ) -> AdaptationResult:
     """The optimisation loop. Raises `FloatingPointError` on a non-finite loss (the caller restores the weights).
@@ -114,9 +115,15 @@ def run_adaptation(
             `target_features` (1, P, D).
         config: the settings.
         scheduler: a flow-matching scheduler in its training state, for the σ grid.
-        generator: makes the noise and σ draws reproducible.
+        generator: makes the noise and σ draws reproducible; they are drawn on its device, as diffusers draws them
+            (`randn_tensor`). A list holds one generator per noise draw (`config.noise_samples`).
         progress_bar: a context manager yielding a tqdm-like bar (the pipeline's `progress_bar`).
     """
+    if isinstance(generator, list) and len(generator) != config.noise_samples:
+        raise ValueError(
+            f"{len(generator)} generators given for {config.noise_samples} noise draws per step: pass one generator, "
+            "or one per draw (AdaptationConfig.noise_samples)."
+        )
     adapter = objective.adapter
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     batch = {key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in pair.items()}
@@ -125,7 +132,8 @@ def run_adaptation(
     with progress_bar(total=config.num_steps) as bar:
         for step in range(config.num_steps):
             sigmas = sample_sigmas(scheduler, config.noise_samples, config.weighting_scheme, generator=generator)
-            noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target.device, target.dtype)
+            noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=torch.float32)
+            noise = noise.to(target.dtype)  # (S, 4C, h, w)
             terms = objective(**batch, noise=noise, sigmas=sigmas.to(target.device))
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(
@@ -154,7 +162,7 @@ class DeltaAdaptationMixin:
         num_steps: int | None = None,
         learning_rate: float | None = None,
         lambda_delta: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         config: AdaptationConfig | None = None,
         from_loaded: bool = True,
         max_sequence_length: int = 512,
@@ -169,7 +177,8 @@ class DeltaAdaptationMixin:
             num_steps: gradient steps (default `AdaptationConfig.num_steps`, 20).
             learning_rate: AdamW learning rate (default `AdaptationConfig.learning_rate`).
             lambda_delta: weight of the consistency loss (default 1).
-            generator: makes the noise draws, and so the result, reproducible.
+            generator: makes the noise draws, and so the result, reproducible (drawn on its device; a list holds one
+                per noise draw).
             config: every other setting (see `AdaptationConfig`); the three arguments above override it.
             from_loaded: start from the loaded weights (default) rather than from the current, already adapted ones.
             max_sequence_length: prompt length, when the empty prompt has to be encoded by the text encoder.
@@ -196,23 +205,31 @@ class DeltaAdaptationMixin:
         with torch.no_grad():
             prompt_embeds = self._prompt_embeds("", None, max_sequence_length, text_encoder_out_layers).to(device)
 
-        adapter, transformer, vae = self.delta_adapter, self.transformer, self.vae
-        state_before = copy_state(adapter)
+        adapter, transformer, vae, image_encoder = self.delta_adapter, self.transformer, self.vae, self.image_encoder
+        state_before = copy_state(adapter)  # on the CPU
         processors = dict(transformer.attn_processors)  # with the user's per-block scales
+        # `from_pretrained` leaves every weight differentiable: freeze the backbone for the adaptation (or backward
+        # would fill gigabytes of its gradients), and give every flag back afterwards.
+        models = (adapter, transformer, vae, image_encoder)
+        requires_grad = [[p.requires_grad for p in model.parameters()] for model in models]
         checkpointing = (transformer.is_gradient_checkpointing, vae.is_gradient_checkpointing)
+        encoder_checkpointing, encoder_training = image_encoder.is_gradient_checkpointing, image_encoder.training
         dtype = adapter.dtype
         try:
             if from_loaded:
                 adapter.load_state_dict(self._delta_loaded_state)
             cast_model(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
+            for model in (transformer, vae, image_encoder):
+                model.requires_grad_(False)
             adapter.train().requires_grad_(True)
             checkpoint = config.gradient_checkpointing
             if checkpoint if checkpoint is not None else torch.device(device).type == "cuda":
                 transformer.enable_gradient_checkpointing()
                 vae.enable_gradient_checkpointing()
+                enable_image_encoder_checkpointing(image_encoder)
             preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
             objective = DeltaAdapterObjective(
-                adapter, transformer, vae, self.image_encoder, preprocessor, prompt_embeds, config.lambda_delta
+                adapter, transformer, vae, image_encoder, preprocessor, prompt_embeds, config.lambda_delta
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
             with torch.enable_grad():
@@ -223,10 +240,16 @@ class DeltaAdaptationMixin:
             raise
         finally:
             cast_model(adapter, dtype)
-            adapter.eval().requires_grad_(False)
+            adapter.eval().zero_grad(set_to_none=True)
+            for model, flags in zip(models, requires_grad):
+                for parameter, flag in zip(model.parameters(), flags):
+                    parameter.requires_grad_(flag)
             for model, was_checkpointing in zip((transformer, vae), checkpointing):
                 if not was_checkpointing and model.is_gradient_checkpointing:
                     model.disable_gradient_checkpointing()
+            if not encoder_checkpointing and image_encoder.is_gradient_checkpointing:
+                image_encoder.gradient_checkpointing_disable()
+            image_encoder.train(encoder_training)
             transformer.set_attn_processor(processors)
         self._delta_adaptation = {
             "base_adapter": self._delta_adapter_source,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
+from diffusers.hooks.tensor_parallel import _raise_if_tensor_parallel
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from .adapter_files import (
@@ -79,8 +81,9 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device 
 
 
 def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of a model's weights, for restoring them bit-for-bit."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """Copies of a model's weights on the CPU, for restoring them bit-for-bit (never on the accelerator, where a
+    klein-size adapter's copy would take over a gigabyte)."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
 
 
 @dataclass
@@ -181,6 +184,7 @@ class DeltaAdapterMixin:
                 f"weight_name={weight_name!r}: Delta-Adapter loads only safetensors weights. Convert the file with "
                 "safetensors.torch.save_file and pass its .safetensors name."
             )
+        self._check_backbone_placement()
         if isinstance(source, dict):
             incoming = self._read_state_dict_adapter(source, adapter_config, image_encoder_folder, low_cpu_mem_usage)
         else:
@@ -260,27 +264,60 @@ class DeltaAdapterMixin:
                 "trained for this transformer and image encoder."
             )
 
-    def _install_delta_adapter(self, incoming: _IncomingAdapter) -> None:
-        """Puts a read and checked adapter in place. Only the LoRA's injection can fail, and it runs first."""
-        new_models = [incoming.adapter] + ([incoming.image_encoder] if incoming.image_encoder_is_new else [])
-        for model in new_models:
-            cast_model(model, self.transformer.dtype, self.transformer.device)
-            model.eval().requires_grad_(False)
-        lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
-        self._delete_delta_lora()
-        self._delta_lora_name = lora_name
-        if self._delta_original_processors is None:
-            self._delta_original_processors = dict(self.transformer.attn_processors)
-        self.register_modules(
-            delta_adapter=incoming.adapter,
-            image_encoder=incoming.image_encoder,
-            feature_extractor=incoming.feature_extractor,
+    def _check_not_tensor_parallel(self) -> None:
+        """Refuses a transformer sharded with tensor parallelism (at load, and at every call)."""
+        _raise_if_tensor_parallel(
+            self.transformer,
+            "run a Delta-Adapter",
+            "Its attention queries hold this rank's heads while the adapter's per-block keys and values hold all of "
+            "them. Use the pipeline without tensor parallelism (context parallelism works).",
         )
-        self._delta_image_encoder_loaded = self._delta_image_encoder_loaded or incoming.image_encoder_is_new
-        if incoming.empty_prompt_embeds is not None:
-            self.empty_prompt_embeds = incoming.empty_prompt_embeds
-        self._attach_delta_processors(incoming.adapter)
-        self._remember_loaded_adapter(incoming.adapter, incoming.source_name)
+
+    def _check_backbone_placement(self) -> None:
+        """Refuses a transformer the adapter cannot be loaded beside: sharded with tensor parallelism, or
+        group-offloaded already (that offloading would not place the adapter's weights)."""
+        self._check_not_tensor_parallel()
+        if any(_is_group_offload_enabled(c) for c in self.components.values() if isinstance(c, torch.nn.Module)):
+            raise ValueError(
+                "Group offloading is enabled, and it would not place the adapter's weights, which run inside the "
+                "transformer. Load the Delta-Adapter first, then call pipe.enable_group_offload(...), which offloads "
+                "the adapter and its image encoder with the rest."
+            )
+
+    def _install_delta_adapter(self, incoming: _IncomingAdapter) -> None:
+        """Puts a read and checked adapter in place. Only the LoRA's injection can fail, and it runs first.
+
+        Under model or sequential CPU offloading the hooks are taken off while the adapter goes in and put back
+        afterwards (also when the LoRA fails), so that the new image encoder is offloaded like every model and the
+        adapter, whose weights run inside the transformer, sits on the accelerator.
+        """
+        model_offload, sequential_offload, _ = self._optionally_disable_offloading(self)
+        offloaded_to = getattr(self, "_offload_device", None) if model_offload or sequential_offload else None
+        new_models = [incoming.adapter] + ([incoming.image_encoder] if incoming.image_encoder_is_new else [])
+        for model in new_models:  # offloaded pipelines: offloading places them below
+            cast_model(model, self.transformer.dtype, None if offloaded_to else self.transformer.device)
+            model.eval().requires_grad_(False)
+        try:
+            lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
+            self._delete_delta_lora()
+            self._delta_lora_name = lora_name
+            if self._delta_original_processors is None:
+                self._delta_original_processors = dict(self.transformer.attn_processors)
+            self.register_modules(
+                delta_adapter=incoming.adapter,
+                image_encoder=incoming.image_encoder,
+                feature_extractor=incoming.feature_extractor,
+            )
+            self._delta_image_encoder_loaded = self._delta_image_encoder_loaded or incoming.image_encoder_is_new
+            if incoming.empty_prompt_embeds is not None:
+                self.empty_prompt_embeds = incoming.empty_prompt_embeds
+            self._attach_delta_processors(incoming.adapter)
+            self._remember_loaded_adapter(incoming.adapter, incoming.source_name)
+        finally:
+            if model_offload:
+                self.enable_model_cpu_offload(device=offloaded_to)
+            elif sequential_offload:
+                self.enable_sequential_cpu_offload(device=offloaded_to)
 
     def _inject_delta_lora(self, state_dict: dict, metadata: dict | None, source_name: str) -> str:
         """Adds the adapter's LoRA under a name of its own, beside any LoRA already there; -> that name."""
@@ -291,8 +328,8 @@ class DeltaAdapterMixin:
             if candidate not in taken
         )
         try:
-            self.load_lora_into_transformer(
-                dict(state_dict), transformer=self.transformer, adapter_name=name, metadata=metadata, _pipeline=self
+            self.load_lora_into_transformer(  # offloading is handled by the caller
+                dict(state_dict), transformer=self.transformer, adapter_name=name, metadata=metadata
             )
         except Exception as error:  # peft's own errors (IndexError, KeyError, ...) say little about the file
             raise ValueError(

@@ -29,7 +29,7 @@ def sample_sigmas(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Noise levels σ for a batch, on the scheduler's training grid, as diffusers' training examples draw them.
 
@@ -41,19 +41,28 @@ def sample_sigmas(
         logit_mean: mean of the logit-normal density.
         logit_std: standard deviation of the logit-normal density.
         mode_scale: scale of the `mode` density.
-        generator: for reproducible draws.
+        generator: for reproducible draws, drawn on the generator's own device (a CUDA generator draws on CUDA), or
+            one generator per sample, as diffusers' pipelines take them.
 
     Returns:
         (B,) σ in (0, 1], on the CPU.
     """
+    if isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators given for a batch of {batch_size}: pass one per sample.")
+        draws = [
+            sample_sigmas(scheduler, 1, weighting_scheme, logit_mean, logit_std, mode_scale, g) for g in generator
+        ]
+        return torch.cat(draws)
     u = compute_density_for_timestep_sampling(
         weighting_scheme=weighting_scheme,
         batch_size=batch_size,
         logit_mean=logit_mean,
         logit_std=logit_std,
         mode_scale=mode_scale,
+        device=generator.device if generator is not None else "cpu",
         generator=generator,
-    )
+    ).cpu()
     num_train_timesteps = scheduler.config.num_train_timesteps
     indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
     return scheduler.sigmas[indices].float()
@@ -146,5 +155,5 @@ def semantic_delta_consistency_loss(
     """
     pixels = preprocessor(generated_images.to(image_encoder.dtype))  # (B, 3, S, S)
     generated_features = patch_features(image_encoder, pixels)  # (B, P, D)
-    predicted_delta = delta_from_features(source_features.to(generated_features.dtype), generated_features)
+    predicted_delta = delta_from_features(source_features, generated_features)  # (B, P, D) float32
     return delta_consistency_loss(predicted_delta, target_delta)

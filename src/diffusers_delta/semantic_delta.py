@@ -75,8 +75,12 @@ def patch_features(image_encoder: SiglipVisionModel, pixel_values: torch.Tensor)
 
 
 def delta_from_features(source_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
-    """`LN(f_tgt) - LN(f_src)`: (B, P, D), (B, P, D) -> (B, P, D)."""
-    return token_layer_norm(target_features) - token_layer_norm(source_features)
+    """`LN(f_tgt) - LN(f_src)`, in float32 whatever the features' dtype: (B, P, D), (B, P, D) -> (B, P, D) float32.
+
+    SigLIP's patch features have outlier channels; a bfloat16 layer norm and subtraction would lose a few percent of
+    the small differences the delta is made of, and inference and training would see different deltas.
+    """
+    return token_layer_norm(target_features.float()) - token_layer_norm(source_features.float())
 
 
 def semantic_delta(
@@ -92,7 +96,7 @@ def semantic_delta(
         target_pixels: (B, 3, S, S) preprocessed target images, pairwise with `source_pixels`.
 
     Returns:
-        (B, P, D) delta, P patch tokens of D features.
+        (B, P, D) delta in float32, P patch tokens of D features.
     """
     features = patch_features(image_encoder, torch.cat([source_pixels, target_pixels], dim=0))  # (2B, P, D)
     source_features, target_features = features.chunk(2, dim=0)

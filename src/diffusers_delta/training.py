@@ -28,6 +28,19 @@ from .models.delta_adapter import DeltaAdapterModel
 from .semantic_delta import SiglipPreprocessor, delta_from_features
 
 
+def enable_image_encoder_checkpointing(image_encoder: SiglipVisionModel) -> None:
+    """Recomputes SigLIP's layers in backward instead of keeping their activations (the consistency loss
+    backpropagates through it for the whole batch). transformers checkpoints only modules in training mode, and
+    SigLIP's train mode differs from eval mode only in its attention dropout, which is 0: so it is switched on."""
+    if image_encoder.config.attention_dropout:
+        raise ValueError(
+            "The image encoder has attention dropout: gradient checkpointing it would need train mode, which would "
+            "change its features. Set its config.attention_dropout to 0."
+        )
+    image_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    image_encoder.train()
+
+
 def predict_velocity(
     transformer: Flux2Transformer2DModel,
     noisy_latents: torch.Tensor,

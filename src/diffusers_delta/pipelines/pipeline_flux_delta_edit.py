@@ -282,11 +282,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device
     ) -> torch.Tensor:
         """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
-        if (exemplar is None) == (delta_embeds is None):
-            raise ValueError(
-                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
-            )
-        self._require_delta_adapter()
+        self._check_not_tensor_parallel()
         if delta_embeds is None:
             delta_embeds = self.encode_exemplar(exemplar, device=device)
         else:
@@ -386,6 +382,11 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         # 1. Check inputs
         if image is None:
             raise ValueError("image (the query to edit) is required.")
+        if (exemplar is None) == (delta_embeds is None):
+            raise ValueError(
+                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
+            )
+        self._require_delta_adapter()
         delta_scale = finite_float(delta_scale, "delta_scale")
         guidance_scale = finite_float(guidance_scale, "guidance_scale")
         num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
@@ -413,16 +414,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         total = batch_size * num_images_per_prompt
         height, width = query_pixels.shape[-2:]
 
-        # 3. Edit tokens from the exemplar (or the given ones)
-        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device)  # (B, N, D_edit)
-        edit_tokens = edit_tokens.repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, N, D_edit)
-        self._attention_kwargs = {
-            **(attention_kwargs or {}),
-            "delta_hidden_states": edit_tokens,
-            "delta_scale": delta_scale,
-        }
-
-        # 4. Prompt embeddings (the empty prompt's, stored with the adapter, by default)
+        # 3. Prompt embeddings (the empty prompt's, stored with the adapter, by default)
         prompt_embeds = self._prompt_embeds(prompt, prompt_embeds, max_sequence_length, text_encoder_out_layers)
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=None,
@@ -430,6 +422,15 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
             device=device,
             max_sequence_length=max_sequence_length,
         )  # (B * n, L, D_txt), (B * n, L, 4)
+
+        # 4. Edit tokens from the exemplar (or the given ones), after the prompt: the offload order
+        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device)  # (B, N, D_edit)
+        edit_tokens = edit_tokens.repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, N, D_edit)
+        self._attention_kwargs = {
+            **(attention_kwargs or {}),
+            "delta_hidden_states": edit_tokens,
+            "delta_scale": delta_scale,
+        }
 
         # 5. Reference latents of the queries, one reference per sample
         query_latents = self._encode_vae_image(
