@@ -132,7 +132,7 @@ def test_siglip_is_checkpointed_while_adapting_when_asked(loaded):
     seen = []
     loaded.image_encoder.register_forward_pre_hook(
         lambda module, args: (
-            seen.append(module.is_gradient_checkpointing and module.training) if torch.is_grad_enabled() else None
+            seen.append(module.is_activation_checkpointing and module.training) if torch.is_grad_enabled() else None
         )
     )
     losses = {}
@@ -143,7 +143,7 @@ def test_siglip_is_checkpointed_while_adapting_when_asked(loaded):
         losses[checkpointing] = result.losses
     assert seen == [False, False, True, True]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)  # the same adaptation, less memory
-    assert not loaded.image_encoder.is_gradient_checkpointing and not loaded.image_encoder.training
+    assert not loaded.image_encoder.is_activation_checkpointing and not loaded.image_encoder.training
 
 
 def test_the_semantic_delta_is_computed_in_float32_from_bfloat16_features():

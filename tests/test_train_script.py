@@ -285,7 +285,7 @@ def test_gradient_checkpointing_covers_siglip(folders, tmp_path, monkeypatch):
 
     def record(image_encoder):
         real(image_encoder)
-        checkpointed.append((type(image_encoder).__name__, image_encoder.is_gradient_checkpointing))
+        checkpointed.append((type(image_encoder).__name__, image_encoder.is_activation_checkpointing))
 
     monkeypatch.setattr(train_delta_adapter, "enable_image_encoder_checkpointing", record)
     train_delta_adapter.main(train_delta_adapter.parse_args(

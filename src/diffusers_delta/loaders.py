@@ -83,7 +83,10 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device 
 def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of a model's weights on the CPU, for restoring them bit-for-bit (never on the accelerator, where a
     klein-size adapter's copy would take over a gigabyte)."""
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    return {
+        name: tensor.detach().clone() if tensor.is_meta else tensor.detach().to("cpu", copy=True)  # meta: no data
+        for name, tensor in model.state_dict().items()
+    }
 
 
 @dataclass

@@ -37,7 +37,7 @@ def enable_image_encoder_checkpointing(image_encoder: SiglipVisionModel) -> None
             "The image encoder has attention dropout: gradient checkpointing it would need train mode, which would "
             "change its features. Set its config.attention_dropout to 0."
         )
-    image_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    image_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     image_encoder.train()
 
 

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""FLOPs and training memory of Delta-Adapter at real size, counted from the project's own code paths.
+
+The real FLUX.2 [klein] 4B and 9B transformers, the FLUX.2 VAE, SigLIP-so400m and the adapter are built on the `meta`
+device (no weights, no download), in bfloat16. What runs is the library itself: `FluxDeltaEditPipeline.__call__`
+for an edit (4 steps, the padded empty prompt of 512 tokens), `_encode_pair_for_training` and one forward and
+backward of `DeltaAdapterObjective` for an adaptation step, as `adapt_to_exemplar` runs it on CUDA. FLOPs are
+counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention; elementwise work
+is not counted). Memory: weights and the adapter's optimizer state are counted from the parameters; activations are
+counted as the tensors autograd saves for backward (`saved_tensors_hooks`), plus, with gradient checkpointing, the
+inputs each checkpointed block keeps and the largest block's recomputation. Not counted, and to be added from
+experience: the CUDA context and allocator slack (about 2-4 GB), and transient buffers inside kernels.
+
+    python benchmarks/real_scale.py [--backbones klein-4B klein-9B] [--sizes 512 1024] [--batches 1 4 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from contextlib import contextmanager
+
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from param_count import KLEIN_CONFIGS, SIGLIP_SO400M_HIDDEN
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline
+from diffusers_delta.adapter_files import default_feature_extractor
+from diffusers_delta.semantic_delta import SiglipPreprocessor
+from diffusers_delta.testing import tiny_scheduler
+from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
+
+
+SIGLIP_SO400M = {  # google/siglip-so400m-patch14-384
+    "hidden_size": SIGLIP_SO400M_HIDDEN,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+}
+PROMPT_TOKENS = 512  # klein pads the (empty) prompt to 512 tokens
+STEPS = 4
+ADAPTATION_STEPS = 20
+GPU_MEMORY = 80e9
+
+
+def build(backbone: str) -> FluxDeltaEditPipeline:
+    """The real-size pipeline on the `meta` device, in bfloat16, frozen as `load_delta_adapter` leaves it."""
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(
+            attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32), **KLEIN_CONFIGS[backbone]
+        )
+        vae = AutoencoderKLFlux2()
+        image_encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M))
+        adapter = DeltaAdapterModel.from_transformer(transformer, SIGLIP_SO400M_HIDDEN)
+    models = (transformer, vae, image_encoder, adapter)
+    for model in models:
+        model.to(torch.bfloat16).eval().requires_grad_(False)
+    pipe = FluxDeltaEditPipeline(
+        scheduler=tiny_scheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        image_encoder=image_encoder,
+        feature_extractor=default_feature_extractor(image_encoder),
+        delta_adapter=adapter,
+        is_distilled=True,
+    )
+    text_dim = KLEIN_CONFIGS[backbone]["joint_attention_dim"]
+    pipe.empty_prompt_embeds = torch.empty(1, PROMPT_TOKENS, text_dim, device="meta", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count(work) -> tuple[float, dict[str, float]]:
+    """FLOPs of `work()`: the total and the total of each module (by FlopCounterMode's module names)."""
+    with FlopCounterMode(display=False) as counter:
+        work()
+    per_module = {name: float(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return float(counter.get_total_flops()), per_module
+
+
+def edit_parts(pipe: FluxDeltaEditPipeline, size: int) -> dict[str, float]:
+    """FLOPs of one edit and of its parts, from two runs of the pipeline: with the branch and with delta_scale=0."""
+    image = PIL.Image.new("RGB", (size, size))
+
+    def edit(scale):
+        return lambda: pipe(image, exemplar=(image, image), delta_scale=scale, output_type="pt")
+
+    with_branch, _ = count(edit(1.0))
+    without_branch, modules = count(edit(0.0))  # the branch is skipped at strength 0
+    siglip, projection = modules["SiglipVisionModel"], modules["DeltaAdapterModel"]
+    transformer = modules["Flux2Transformer2DModel"]
+    return {
+        "edit": with_branch,
+        "klein edit": without_branch - siglip - projection,  # the base model's own edit: VAE + 4 steps
+        "vae encode": modules["Encoder"],
+        "vae decode": modules["Decoder"],
+        "siglip": siglip,
+        "projection": projection,
+        "transformer step": transformer / STEPS,
+        "branch step": (with_branch - without_branch) / STEPS,
+    }
+
+
+@contextmanager
+def flash_attention():
+    """Routes `scaled_dot_product_attention` to the flash-attention kernel, as CUDA's dispatcher does for bfloat16
+    without a mask. On the `meta` device SDPA would otherwise decompose into the float32 math path, which keeps the
+    whole (S, S) attention matrix for backward, a cost no CUDA run pays."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or query.dtype not in (torch.bfloat16, torch.float16) or enable_gqa:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention
+        return kernel(query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+@contextmanager
+def saved_activation_bytes(params: set[int]):
+    """Counts the bytes of the tensors autograd saves for backward (each storage once, weights left out)."""
+    seen, total = {}, [0]
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in params and id(tensor) not in params and id(base) not in seen:
+            seen[id(base)] = base  # kept alive, so that ids stay unique while counting
+            total[0] += base.numel() * base.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+
+
+def objective_for(pipe: FluxDeltaEditPipeline, frozen: bool, checkpointing: str) -> DeltaAdapterObjective:
+    """`DeltaAdapterObjective` around the pipeline's models, set up as `adapt_to_exemplar` sets it up (with
+    `frozen=False`, as it did before the backbone was frozen). `checkpointing`: `"all"` (transformer, VAE decoder and
+    SigLIP, as `--gradient_checkpointing` in training), `"image"` (VAE decoder and SigLIP: adaptation's CUDA default)
+    or `"none"`."""
+    pipe.delta_adapter.to(torch.float32).train().requires_grad_(True)  # float32 master weights
+    for model in (pipe.transformer, pipe.vae, pipe.image_encoder):
+        model.requires_grad_(not frozen)
+    pipe.transformer.disable_gradient_checkpointing()
+    pipe.vae.disable_gradient_checkpointing()
+    pipe.image_encoder.activation_checkpointing_disable()
+    pipe.image_encoder.eval()
+    if checkpointing == "all":
+        pipe.transformer.enable_gradient_checkpointing()
+    if checkpointing in ("all", "image"):
+        pipe.vae.enable_gradient_checkpointing()
+        enable_image_encoder_checkpointing(pipe.image_encoder)
+    preprocessor = SiglipPreprocessor.from_feature_extractor(pipe.feature_extractor)
+    return DeltaAdapterObjective(
+        pipe.delta_adapter, pipe.transformer, pipe.vae, pipe.image_encoder, preprocessor, pipe.empty_prompt_embeds
+    )
+
+
+def training_step(objective: DeltaAdapterObjective, pair: dict, batch_size: int):
+    """One forward and backward of the objective on a batch of `batch_size` copies of the encoded pair."""
+    batch = {key: value.expand(batch_size, *value.shape[1:]) for key, value in pair.items()}
+    noise = torch.empty_like(batch["target_latents"])
+    sigmas = torch.full((batch_size,), 0.5, device="meta")
+
+    def step():
+        with torch.enable_grad():
+            objective(**batch, noise=noise, sigmas=sigmas)["loss"].backward()
+
+    return step
+
+
+def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_size: int, checkpointing: str):
+    """Bytes of activations of one training step: saved for backward, plus under checkpointing the block inputs
+    kept for recomputation and the largest block's recomputed activations."""
+    params = {id(p) for model in (pipe.transformer, pipe.vae, pipe.image_encoder, pipe.delta_adapter)
+              for p in model.parameters()}  # fmt: skip
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    inputs, handles = {}, []
+    if checkpointing == "all":
+
+        def keep_inputs(module, args, kwargs):  # noqa: E306
+            for value in list(args) + list(kwargs.values()):
+                if isinstance(value, torch.Tensor):
+                    inputs[id(value)] = value.numel() * value.element_size()
+
+        handles = [block.register_forward_pre_hook(keep_inputs, with_kwargs=True) for block in blocks]
+    with saved_activation_bytes(params) as saved:
+        training_step(objective, pair, batch_size)()
+    for handle in handles:
+        handle.remove()
+    if checkpointing != "all":  # the transformer keeps all it saves: nothing more to add
+        return saved[0]
+    # The largest block's activations, saved once while it is recomputed in backward: counted without checkpointing.
+    block_peak = max(_block_activation_bytes(pipe, objective, pair, batch_size, params, kind) for kind in (0, 1))
+    return saved[0] + sum(inputs.values()) + block_peak
+
+
+def _block_activation_bytes(pipe, objective, pair, batch_size, params, kind: int) -> int:
+    """Saved-for-backward bytes of the first double (kind 0) or single (kind 1) block, without checkpointing."""
+    block = (pipe.transformer.transformer_blocks if kind == 0 else pipe.transformer.single_transformer_blocks)[0]
+    totals = []
+
+    def start(module, args):
+        totals.append(saved_now[0])
+
+    def stop(module, args, output):
+        totals.append(saved_now[0])
+
+    pipe.transformer.disable_gradient_checkpointing()
+    handles = [block.register_forward_pre_hook(start), block.register_forward_hook(stop)]
+    with saved_activation_bytes(params) as saved_now:
+        training_step(objective, pair, batch_size)()
+    for handle in handles:
+        handle.remove()
+    pipe.transformer.enable_gradient_checkpointing()
+    return totals[1] - totals[0]
+
+
+def adaptation(pipe: FluxDeltaEditPipeline, size: int, edit_flops: float) -> dict[str, float]:
+    """20 adaptation steps, with the pair's encoding, in units of edits: as implemented on CUDA (frozen backbone, the
+    image-space models checkpointed), and the alternatives; and the activations of a step (GB)."""
+    image = PIL.Image.new("RGB", (size, size))
+    encoding, _ = count(lambda: pipe._encode_pair_for_training(image, image, torch.device("meta")))
+    pair = pipe._encode_pair_for_training(image, image, torch.device("meta"))
+    results = {}
+    for label, frozen, checkpointing in (
+        ("default", True, "image"), ("all", True, "all"), ("none", True, "none"), ("not frozen", False, "image")
+    ):  # fmt: skip
+        objective = objective_for(pipe, frozen, checkpointing)
+        step, _ = count(training_step(objective, pair, 1))
+        results[label] = (encoding + ADAPTATION_STEPS * step) / edit_flops
+        if label == "default":
+            results["step"] = step / edit_flops
+            results["activations"] = activation_memory(pipe, objective, pair, 1, checkpointing="image") / 1e9
+    return results
+
+
+def training_memory(pipe: FluxDeltaEditPipeline, size: int, batch_size: int, checkpointing: str) -> dict[str, float]:
+    """GB per GPU of one training step at `batch_size`: bf16 frozen weights, the adapter's float32 weights,
+    gradients and Adam states, and activations (see `activation_memory`)."""
+    image = PIL.Image.new("RGB", (size, size))
+    pair = pipe._encode_pair_for_training(image, image, torch.device("meta"))
+    objective = objective_for(pipe, frozen=True, checkpointing=checkpointing)
+    frozen = sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.vae, pipe.image_encoder)
+                 for p in m.parameters())  # fmt: skip
+    adapter = sum(p.numel() for p in pipe.delta_adapter.parameters()) * 4 * 4  # weights, gradients, Adam m and v
+    activations = activation_memory(pipe, objective, pair, batch_size, checkpointing)
+    return {"weights": frozen / 1e9, "adapter state": adapter / 1e9, "activations": activations / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=list(KLEIN_CONFIGS), choices=list(KLEIN_CONFIGS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--markdown", action="store_true", help="Print the tables as markdown.")
+    args = parser.parse_args()
+
+    flops_rows, memory_rows = [], []
+    with flash_attention():
+        run(args, flops_rows, memory_rows)
+
+    flops_header = [
+        "backbone", "size", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
+        "+ branch", "branch / step", "adapter / edit", "adapt step (edits)", "20 steps (edits)",
+        "adapt activations GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen",
+    ]  # fmt: skip
+    memory_header = [
+        "backbone", "size", "batch", "checkpointing", "frozen weights GB", "adapter + Adam GB", "activations GB",
+        "total GB", "fits 80 GB",
+    ]  # fmt: skip
+    for header, rows in ((flops_header, flops_rows), (memory_header, memory_rows)):
+        print_table(header, rows, args.markdown)
+        print()
+    print("Adaptation: 20 steps with the pair's encoding; the default checkpoints the VAE decoder and SigLIP on CUDA.")
+    print("Goals (klein-4B, 1024²): adapter <= 1% of an edit; 20 adaptation steps <= 15 edits; training at batch 16")
+    print("per GPU within 80 GB with checkpointing (at the training script's default 512²; counted: add 2-4 GB of")
+    print("CUDA context and allocator slack).")
+
+
+def run(args, flops_rows: list, memory_rows: list) -> None:
+    """Fills the rows of the FLOP and memory tables."""
+    for backbone in args.backbones:
+        for size in args.sizes:
+            pipe = build(backbone)
+            parts = edit_parts(pipe, size)
+            adapt = adaptation(pipe, size, parts["edit"])
+            tera = {key: value / 1e12 for key, value in parts.items()}
+            flops_rows.append([
+                backbone, f"{size}²", f"{tera['edit']:.1f}", f"{tera['vae encode']:.2f}", f"{tera['vae decode']:.2f}",
+                f"{tera['siglip']:.2f}", f"{tera['projection']:.3f}", f"{tera['transformer step']:.2f}",
+                f"{tera['transformer step'] + tera['branch step']:.2f}",
+                f"{100 * parts['branch step'] / parts['transformer step']:.2f}%",
+                f"{100 * (parts['edit'] - parts['klein edit']) / parts['klein edit']:.2f}%",
+                f"{adapt['step']:.2f}", f"{adapt['default']:.1f}", f"{adapt['activations']:.1f}",
+                f"{adapt['all']:.1f}", f"{adapt['none']:.1f}", f"{adapt['not frozen']:.1f}",
+            ])  # fmt: skip
+        for size, batch_size in itertools.product(args.sizes, args.batches):
+            pipe = build(backbone)
+            for checkpointing in ("none", "all"):  # the training script's --gradient_checkpointing: all three
+                memory = training_memory(pipe, size, batch_size, checkpointing)
+                total = sum(memory.values())
+                memory_rows.append([
+                    backbone, f"{size}²", str(batch_size), "yes" if checkpointing == "all" else "no",
+                    f"{memory['weights']:.1f}", f"{memory['adapter state']:.1f}", f"{memory['activations']:.1f}",
+                    f"{total:.1f}", "yes" if total * 1e9 <= GPU_MEMORY else "no",
+                ])  # fmt: skip
+
+
+def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + " --- |" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()
