@@ -168,3 +168,17 @@ def test_tensor_parallel_transformers_are_refused_at_load_and_at_call(saved):
         edit(pipe, **TEXT_KWARGS)
     with pytest.raises(ValueError, match="queries hold this rank's heads"):
         pipe.load_delta_adapter(saved / "adapter")
+
+
+def test_the_branch_is_local_so_a_sequence_split_between_ranks_gives_the_same_edit(delta_pipe):
+    """Under context parallelism each rank holds a slice of the sequence and the whole edit tokens; the branch
+    attends only to the edit tokens, so slices give the rows of the whole. (diffusers' context parallelism itself
+    needs an accelerator: it picks its device as rank % torch.accelerator.device_count().)"""
+    randomize_(delta_pipe.delta_adapter)
+    processor = delta_pipe.delta_processors["single_transformer_blocks.0.attn.processor"]
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 40, 2, 16, generator=generator)  # (B, S, H, D), S split 25 + 15
+    tokens = torch.randn(2, 4, 32, generator=generator)  # (B, N, D_edit), whole on every rank
+    whole = processor._branch(query, tokens, strength=1.0)
+    halves = torch.cat([processor._branch(part, tokens, 1.0) for part in query.split([25, 15], dim=1)], dim=1)
+    torch.testing.assert_close(halves, whole, rtol=0, atol=1e-6)
