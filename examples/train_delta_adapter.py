@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import safetensors.torch
@@ -514,11 +515,8 @@ def main(args: argparse.Namespace) -> None:
         batches_per_epoch = len(pairs) // accelerator.num_processes // args.train_batch_size
         if batches_per_epoch == 0:
             raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {args.train_batch_size} per process.")
-    if args.max_train_steps is None:
+    if args.max_train_steps is None:  # an epoch's last accumulation group may be short: it still is a step
         args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    steps_per_epoch = (
-        math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else args.max_train_steps
-    )
 
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -527,6 +525,8 @@ def main(args: argparse.Namespace) -> None:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    position = DataPosition()
+    accelerator.register_for_checkpointing(position)
     if accelerator.is_main_process:
         accelerator.init_trackers("delta-adapter", config={k: str(v) for k, v in vars(args).items()})
 
@@ -549,34 +549,35 @@ def main(args: argparse.Namespace) -> None:
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # its training σ grid
-    summary = {"skipped_pairs": 0, "nonfinite_steps": [], "losses": {}, "data_order": {}}
+    summary = {"skipped_pairs": 0, "nonfinite_steps": [], "losses": {}, "data_order": {}, "epochs": {}}
 
-    # 6. Train (the progress bar closes even if a step raises)
+    # 6. Train (the progress bar closes even if a step raises). Each optimizer step is one accumulation group of an
+    # epoch's micro-batches; an epoch's last group may be shorter, so every pair of every epoch is used once.
     try:
-        epoch = global_step // steps_per_epoch
         objective.train()
         while global_step < args.max_train_steps:
-            micro_batches = iterate_epoch(args, accelerator, pairs, streaming, epoch, global_step, steps_per_epoch)
-            for micro_step, (indices, batch) in enumerate(micro_batches):
+            micro_batches = iterate_epoch(args, accelerator, pairs, streaming, position)
+            group_indices, group_finite = [], True
+            for (indices, batch), place, closes_group in in_groups(micro_batches, args.gradient_accumulation_steps):
                 summary["skipped_pairs"] += batch.pop("skipped")
-                with accelerator.accumulate(objective):
-                    encoded = encode_batch(batch, vae, image_encoder, device)
-                    batch_size = encoded["target_latents"].shape[0]
-                    generator = step_generator(
-                        args, global_step, micro_step % args.gradient_accumulation_steps, accelerator
-                    )
-                    sigmas = sample_sigmas(
-                        noise_scheduler,
-                        batch_size,
-                        args.weighting_scheme,
-                        args.logit_mean,
-                        args.logit_std,
-                        args.mode_scale,
-                        generator=generator,
-                    )
-                    noise = torch.randn(encoded["target_latents"].shape, generator=generator).to(
-                        device, encoded["target_latents"].dtype
-                    )
+                group_indices += indices or []
+                encoded = encode_batch(batch, vae, image_encoder, device)
+                batch_size = encoded["target_latents"].shape[0]
+                generator = step_generator(args, global_step, place, accelerator)
+                sigmas = sample_sigmas(
+                    noise_scheduler,
+                    batch_size,
+                    args.weighting_scheme,
+                    args.logit_mean,
+                    args.logit_std,
+                    args.mode_scale,
+                    generator=generator,
+                )
+                noise = torch.randn(encoded["target_latents"].shape, generator=generator).to(
+                    device, encoded["target_latents"].dtype
+                )
+                # DDP reduces the gradients once per group, at its last micro-batch.
+                with nullcontext() if closes_group else accelerator.no_sync(objective):
                     losses = objective(
                         **encoded,
                         noise=noise,
@@ -587,47 +588,57 @@ def main(args: argparse.Namespace) -> None:
                     # All ranks skip together, or DDP would wait forever on the one that stepped.
                     finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
                     if not finite:
-                        # Backpropagate a zero through every trainable weight: DDP's reduction stays in step and the
-                        # gradients are exactly zero; the optimizer and LR scheduler do not step.
+                        # Backpropagate a zero through every trainable weight: DDP's reduction stays in step; the
+                        # group's optimizer and LR scheduler steps are skipped below.
                         loss = sum(parameter.sum() * 0.0 for parameter in trainable)
-                    accelerator.backward(loss)
-                    if finite and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    if finite:
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)  # divided by the accumulation steps
+                group_finite = group_finite and finite
+                if not closes_group:
+                    continue
 
-                if not finite:
+                group_size = place + 1
+                if group_size < args.gradient_accumulation_steps:  # an epoch's short last group: the mean of its own
+                    for parameter in trainable:
+                        if parameter.grad is not None:
+                            parameter.grad.mul_(args.gradient_accumulation_steps / group_size)
+                if group_finite:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                else:
                     summary["nonfinite_steps"].append(global_step + 1)
                     logger.warning(f"Non-finite loss at step {global_step + 1}: step skipped.")
-                if accelerator.sync_gradients:
-                    global_step += 1
-                    progress.update(1)
-                    logs = {
-                        "loss": loss.detach().item(),
-                        "flow_matching": losses["flow_matching"].item(),
-                        "delta_consistency": losses["delta_consistency"].item(),
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "skipped_pairs": summary["skipped_pairs"],
-                    }
-                    progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-                    accelerator.log(logs, step=global_step)
-                    summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
-                    summary["data_order"][global_step] = indices
-                    if global_step % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, global_step)
-                    if (
-                        args.validation_exemplar
-                        and global_step % args.validation_steps == 0
-                        and accelerator.is_main_process
-                    ):
-                        render_validation(
-                            args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
-                        )
-                    if global_step >= args.max_train_steps:
-                        break
-            epoch += 1
+                optimizer.zero_grad(set_to_none=True)
+                position.used += group_size
+                global_step += 1
+                progress.update(1)
+                logs = {
+                    "loss": loss.detach().item(),
+                    "flow_matching": losses["flow_matching"].item(),
+                    "delta_consistency": losses["delta_consistency"].item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "skipped_pairs": summary["skipped_pairs"],
+                }
+                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+                accelerator.log(logs, step=global_step)
+                summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
+                summary["data_order"][global_step] = group_indices
+                summary["epochs"][global_step] = position.epoch
+                group_indices, group_finite = [], True
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if (
+                    args.validation_exemplar
+                    and global_step % args.validation_steps == 0
+                    and accelerator.is_main_process
+                ):
+                    render_validation(
+                        args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+                    )
+                if global_step >= args.max_train_steps:
+                    break
+            else:  # the epoch (or the stream's pass) is used up: the next one
+                position.epoch, position.used = position.epoch + 1, 0
     finally:
         progress.close()
 
@@ -660,22 +671,45 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
-def iterate_epoch(args, accelerator, pairs, streaming: bool, epoch: int, global_step: int, steps_per_epoch: int):
-    """(indices, batch) pairs of one epoch for this rank, starting where `global_step` left off."""
+class DataPosition:
+    """Where training stands in its data: the epoch (for a stream, the pass over it) and how many of this rank's
+    micro-batches of it are used. Saved with every checkpoint, so a resumed run goes on with exactly the next one."""
+
+    def __init__(self):
+        self.epoch, self.used = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "used": self.used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.used = state["epoch"], state["used"]
+
+
+def iterate_epoch(args, accelerator, pairs, streaming: bool, position: DataPosition):
+    """(indices, batch) pairs of this rank's micro-batches of the current epoch, from where `position` stands."""
     if streaming:
-        pairs.set_epoch(epoch)
+        pairs.set_epoch(position.epoch)  # a new pass reshuffles the stream's buffer
         loader = DataLoader(
             pairs, batch_size=args.train_batch_size, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers
         )
-        done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        return ((None, batch) for batch in itertools.islice(loader, done, None))
-    batches = epoch_batches(len(pairs), epoch, args, accelerator)
-    done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps  # micro-batches already used
-    remaining = batches[done:]
+        return ((None, batch) for batch in itertools.islice(loader, position.used, None))
+    remaining = epoch_batches(len(pairs), position.epoch, args, accelerator)[position.used :]
     loader = DataLoader(
         pairs, batch_sampler=remaining, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers
     )
     return zip(remaining, loader)
+
+
+def in_groups(items, size: int):
+    """`(item, place in its group, whether it closes the group)`, looking one item ahead: a group closes after
+    `size` items or at the last item, so the last group of the items may be shorter."""
+    iterator, end = iter(items), object()
+    current, place = next(iterator, end), 0
+    while current is not end:
+        following = next(iterator, end)
+        closes = place + 1 == size or following is end
+        yield current, place, closes
+        current, place = following, 0 if closes else place + 1
 
 
 def adapter_fingerprint(adapter: DeltaAdapterModel) -> torch.Tensor:

@@ -294,3 +294,67 @@ def test_gradient_checkpointing_covers_siglip(folders, tmp_path, monkeypatch):
     ))  # fmt: skip
     assert checkpointed == [("SiglipVisionModel", True)]
     assert summary(tmp_path)["global_step"] == 1
+
+
+def test_every_pair_is_used_once_per_epoch_under_accumulation(folders, tmp_path):
+    """6 micro-batches an epoch in groups of 4: a group of 4 and a group of 2, never a group across epochs."""
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--num_train_epochs", "2",
+                  "--gradient_accumulation_steps", "4", "--checkpointing_steps", "100")
+    ))  # fmt: skip
+    run = summary(tmp_path)
+    assert run["global_step"] == 4 and run["epochs"] == {"1": 0, "2": 0, "3": 1, "4": 1}
+    order = run["data_order"]
+    for steps in (("1", "2"), ("3", "4")):
+        assert [len(order[step]) for step in steps] == [4, 2]
+        assert sorted(order[steps[0]] + order[steps[1]]) == list(range(6))  # all six pairs, once each
+
+
+def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(folders, tmp_path, monkeypatch):
+    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "5", "--checkpointing_steps", "1",
+              "--gradient_accumulation_steps", "4", "--lr_scheduler", "linear"]  # fmt: skip
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
+    real_save = train_delta_adapter.save_checkpoint
+
+    def save_then_crash(accelerator, args, step):
+        real_save(accelerator, args, step)
+        if step == 2:  # the end of the first epoch (its short group)
+            raise Crash
+
+    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *common)))
+    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", real_save)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    ))  # fmt: skip
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    whole_order = summary(tmp_path / "whole")["data_order"]
+    assert summary(tmp_path / "resumed")["data_order"] == {step: whole_order[step] for step in ("3", "4", "5")}
+
+
+def test_a_stream_that_runs_out_starts_a_new_pass(folders, tmp_path):
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--dataset_name", str(folders / "hub_dataset"), "--source_column", "before",
+                  "--target_column", "after", "--streaming", "--max_train_steps", "6", "--checkpointing_steps",
+                  "100", "--lambda_delta", "0")
+    ))  # fmt: skip
+    run = summary(tmp_path)
+    assert run["global_step"] == 6 and run["epochs"] == {str(step): 0 if step <= 4 else 1 for step in range(1, 7)}
+
+
+def test_two_processes_accumulate_short_groups_in_step(folders, tmp_path):
+    """Per rank 2 micro-batches an epoch in groups of 3: one short group per epoch, reduced by DDP once."""
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        launch(
+            arguments(folders, tmp_path, "--side_by_side_data_dir", str(folders / "side_by_side"),
+                      "--num_train_epochs", "2", "--gradient_accumulation_steps", "3", "--checkpointing_steps", "100"),
+            "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+        )  # fmt: skip
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    run = summary(tmp_path)
+    assert run["global_step"] == 2 and run["ranks_identical"] and run["epochs"] == {"1": 0, "2": 1}
+    assert [len(run["data_order"][step]) for step in ("1", "2")] == [2, 2]
