@@ -16,6 +16,7 @@ See examples/README.md for data layouts, multi-GPU runs, resuming and publishing
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -27,8 +28,10 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+import diffusers
 import safetensors.torch
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -315,7 +318,8 @@ def checkpoint_steps(output_dir: str) -> list[int]:
 def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
     """Writes `checkpoint-STEP` atomically (a temporary folder renamed when complete), then prunes old ones.
 
-    A run killed while saving leaves only a `.tmp` folder behind; the previous checkpoint stays whole.
+    A run killed while saving leaves only a `.tmp` folder behind; the previous checkpoint stays whole. A run killed
+    while pruning leaves a `.deleting-checkpoint-N` folder, which no resume reads.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     temporary = final + ".tmp"
@@ -330,7 +334,10 @@ def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
         os.replace(temporary, final)
         if args.checkpoints_total_limit is not None:
             for old in checkpoint_steps(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+                # Renamed away first: a run killed while deleting leaves no half-deleted `checkpoint-N` to resume.
+                doomed = os.path.join(args.output_dir, f".deleting-checkpoint-{old}")
+                os.replace(os.path.join(args.output_dir, f"checkpoint-{old}"), doomed)
+                shutil.rmtree(doomed)
         logger.info(f"Saved {final}")
     accelerator.wait_for_everyone()
 
@@ -405,11 +412,49 @@ def main(args: argparse.Namespace) -> None:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:  # as diffusers' scripts: one rank speaks, the others only on errors
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    lock = hold_output_dir(accelerator, args.output_dir)
+    try:
+        train(args, accelerator)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def hold_output_dir(accelerator: Accelerator, output_dir: str):
+    """Locks `output_dir` for this run (the main process holds an exclusive lock on `.training.lock` until it ends;
+    the kernel releases it if the process dies). A second job on the same folder, for instance one started while the
+    workers of a hard-killed launcher still train, is refused on every rank before it writes anything."""
+    lock = None
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(os.path.join(output_dir, ".training.lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            lock = None
+    free = torch.tensor(
+        [1.0 if lock is not None or not accelerator.is_main_process else 0.0], device=accelerator.device
+    )
+    if accelerator.gather(free).min().item() == 0.0:
+        raise RuntimeError(
+            f"Another training run is writing to {output_dir} (it holds {output_dir}/.training.lock). Wait for it or "
+            "stop it (its workers may outlive a killed launcher), or pass another --output_dir."
+        )
+    return lock
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Everything after the set-up: models, data, the loop, checkpoints and the release folder."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 

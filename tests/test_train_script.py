@@ -1,6 +1,7 @@
 """examples/train_delta_adapter.py on tiny models saved to folders: launched as users launch it, and in-process
 where a test must reach inside (a crash at a chosen step, a non-finite loss)."""
 
+import fcntl
 import json
 import os
 import socket
@@ -358,3 +359,36 @@ def test_two_processes_accumulate_short_groups_in_step(folders, tmp_path):
     run = summary(tmp_path)
     assert run["global_step"] == 2 and run["ranks_identical"] and run["epochs"] == {"1": 0, "2": 1}
     assert [len(run["data_order"][step]) for step in ("1", "2")] == [2, 2]
+
+
+def test_a_second_job_on_the_same_output_dir_is_refused(folders, tmp_path):
+    train = arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "1")
+    with open(tmp_path / ".training.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the main process of a running job holds
+        with pytest.raises(RuntimeError, match="Another training run is writing to .*--output_dir"):
+            train_delta_adapter.main(train_delta_adapter.parse_args(train))
+        assert [p.name for p in tmp_path.iterdir()] == [".training.lock"]  # nothing written beside it
+    train_delta_adapter.main(train_delta_adapter.parse_args(train))  # the folder is free again
+    assert summary(tmp_path)["global_step"] == 1
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(folders, tmp_path, monkeypatch):
+    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "3", "--checkpointing_steps", "1",
+              "--checkpoints_total_limit", "1"]  # fmt: skip
+    real_rmtree = train_delta_adapter.shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if ".deleting-checkpoint-" in str(path):
+            (Path(path) / "optimizer.bin").unlink()  # half-deleted when the kill comes
+            raise Crash
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_delta_adapter.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(Crash):
+        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path, *common)))
+    monkeypatch.setattr(train_delta_adapter.shutil, "rmtree", real_rmtree)
+    assert train_delta_adapter.checkpoint_steps(str(tmp_path)) == [2]  # the half-deleted one is not a checkpoint
+    train_delta_adapter.main(
+        train_delta_adapter.parse_args(arguments(folders, tmp_path, *common, "--resume_from_checkpoint", "latest"))
+    )
+    assert summary(tmp_path)["global_step"] == 3 and train_delta_adapter.checkpoint_steps(str(tmp_path)) == [3]
