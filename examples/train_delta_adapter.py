@@ -37,7 +37,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import load_image
+from huggingface_hub import create_repo
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -92,6 +94,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     models.add_argument("--lora_rank", type=int, default=0, help="Also train a LoRA of this rank on the transformer.")
     models.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (defaults to the rank).")
+    models.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA layers.")
+    models.add_argument(
+        "--lora_layers",
+        default=None,
+        help="Comma-separated names of the transformer's modules to train a LoRA on (e.g. 'to_k,to_q,to_v,to_out.0'); "
+        "default: every attention projection of both block types.",
+    )
+    models.add_argument(
+        "--freeze_delta_gate",
+        action="store_true",
+        help="Keep every block's gate λ at 1, as the paper trains (section 5.1). Off by default: λ then learns each "
+        "block's own strength, which is how the shipped toy-world model was trained.",
+    )
     models.add_argument("--max_sequence_length", type=int, default=512, help="Padded length of the empty prompt.")
     models.add_argument(
         "--empty_prompt_embeds",
@@ -109,8 +124,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     data = parser.add_argument_group("data (one source)")
     data.add_argument("--dataset_name", default=None, help="A Hub dataset (or local dataset folder) for `datasets`.")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--dataset_split", default="train")
+    data.add_argument(
+        "--dataset_config_name", default=None, help="The Hub dataset's configuration, if it has several."
+    )
+    data.add_argument("--dataset_split", default="train", help="The Hub dataset's split to train on.")
     data.add_argument("--streaming", action="store_true", help="Stream the Hub dataset (needs --max_train_steps).")
     data.add_argument("--source_column", default="source_image", help="Column of source images.")
     data.add_argument("--target_column", default="edited_image", help="Column of target images.")
@@ -123,56 +140,96 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
     data.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop pairs to the square at their centre; by default at a random place (the same for both images of a "
+        "pair, a function of the seed, epoch and pair, so resuming is exact), as diffusers' scripts do. With "
+        "--cache_latents the first epoch's crops are kept.",
+    )
+    data.add_argument(
         "--cache_latents",
         action="store_true",
         help="Encode every pair's latents and SigLIP features once before training.",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes loading data (0: the main).")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="delta-adapter")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output_dir", default="delta-adapter", help="Where checkpoints and the release go.")
+    train.add_argument("--seed", type=int, default=0, help="Seeds the data order, noise and initialisation.")
     train.add_argument("--train_batch_size", type=int, default=1, help="Per device.")
-    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the data.")
     train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches per optimizer step (an epoch's last step may take fewer: each pair is used once).",
+    )
     train.add_argument(
         "--gradient_checkpointing",
         action="store_true",
         help="Recompute the frozen transformer's, VAE decoder's and SigLIP's activations in backward.",
     )
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warm-up).")
+    train.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by batch size x devices x accumulation steps.",
+    )
+    train.add_argument(
+        "--optimizer",
+        default="adamw",
+        type=str.lower,
+        choices=["adamw", "prodigy"],
+        help="AdamW, or Prodigy (`pip install prodigyopt`; set --learning_rate near 1.0).",
+    )
+    train.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="AdamW from bitsandbytes in 8 bits (CUDA only; `pip install bitsandbytes`).",
+    )
+    train.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy's beta3 (default: sqrt(beta2)).")
+    train.add_argument("--prodigy_decouple", action="store_true", help="Prodigy: decoupled weight decay.")
+    train.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
+    train.add_argument("--prodigy_safeguard_warmup", action="store_true", help="Prodigy: remove lr from D's estimate.")
     train.add_argument(
         "--lr_scheduler",
         default="constant",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule, as diffusers' get_scheduler names them.",
     )
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's (and Prodigy's) beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's (and Prodigy's) beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     train.add_argument(
         "--mixed_precision",
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Overrides accelerate's config; frozen models are cast to it.",
     )
-    train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--allow_tf32", action="store_true", help="TF32 matrix products on Ampere GPUs (faster).")
     train.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss (0: off).")
     train.add_argument(
-        "--weighting_scheme", default="none", choices=["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
+        "--weighting_scheme",
+        default="none",
+        choices=["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"],
+        help="How noise levels are drawn or weighted, as in diffusers' FLUX scripts (default: uniform, as there; "
+        "test-time adaptation and the toy-world build use logit_normal).",
     )
-    train.add_argument("--logit_mean", type=float, default=0.0)
-    train.add_argument("--logit_std", type=float, default=1.0)
-    train.add_argument("--mode_scale", type=float, default=1.29)
+    train.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
+    train.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density.")
+    train.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density.")
 
     saving = parser.add_argument_group("checkpoints, logging, validation, publishing")
-    saving.add_argument("--checkpointing_steps", type=int, default=500)
-    saving.add_argument("--checkpoints_total_limit", type=int, default=None)
+    saving.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N.")
+    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
     saving.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    saving.add_argument("--logging_dir", default="logs")
+    saving.add_argument("--logging_dir", default="logs", help="Tracker logs, inside --output_dir.")
     saving.add_argument("--report_to", default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'.")
     saving.add_argument(
         "--validation_exemplar",
@@ -181,11 +238,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         metavar=("SOURCE", "TARGET", "QUERY"),
         help="An exemplar pair and a query to render during training (repeatable).",
     )
-    saving.add_argument("--validation_steps", type=int, default=500)
-    saving.add_argument("--validation_inference_steps", type=int, default=4)
-    saving.add_argument("--push_to_hub", action="store_true")
+    saving.add_argument("--validation_steps", type=int, default=500, help="Render the validation grid every N.")
+    saving.add_argument("--validation_inference_steps", type=int, default=4, help="Denoising steps of validation.")
+    saving.add_argument(
+        "--num_validation_images", type=int, default=1, help="Outputs per validation query (seeds seed, seed+1, ...)."
+    )
+    saving.add_argument("--push_to_hub", action="store_true", help="Upload the release folder to the Hub.")
     saving.add_argument("--hub_model_id", default=None, help="Repo to push to (defaults to the output folder name).")
-    saving.add_argument("--hub_token", default=None)
+    saving.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one; not with wandb).")
     saving.add_argument("--license", default="apache-2.0", help="License of the trained adapter (for the card).")
 
     args = parser.parse_args(input_args)
@@ -194,6 +254,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("Give exactly one of --dataset_name, --train_data_dir, --side_by_side_data_dir.")
     if args.streaming and (args.dataset_name is None or args.max_train_steps is None or args.cache_latents):
         parser.error("--streaming needs --dataset_name and --max_train_steps, and cannot --cache_latents.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error(
+            "--hub_token with --report_to wandb would log the token with the run's arguments: log in with "
+            "`hf auth login` instead."
+        )
+    if args.use_8bit_adam and args.optimizer != "adamw":
+        parser.error("--use_8bit_adam is an AdamW: it does not go with --optimizer prodigy.")
     return args
 
 
@@ -298,10 +365,53 @@ def empty_prompt_embeds(args, base, hub, device, weight_dtype, scheduler) -> tor
         text_encoder=text_encoder.to(device, weight_dtype),
         tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub),
     )
-    return compute_empty_prompt_embeds(
+    embeds = compute_empty_prompt_embeds(
         text_pipe,
         max_sequence_length=args.max_sequence_length,
         text_encoder_out_layers=tuple(args.text_encoder_out_layers),
+    )
+    del text_pipe, text_encoder
+    free_memory()  # the 4B text encoder leaves the GPU before the transformer arrives
+    return embeds
+
+
+def make_optimizer(args, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW), or Prodigy, as diffusers' scripts offer them; the optional packages are
+    imported only when asked for."""
+    if args.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise ValueError("--use_8bit_adam needs a CUDA GPU: bitsandbytes' 8-bit AdamW runs on CUDA only.")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    elif args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise ImportError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+        if args.learning_rate <= 0.1:
+            logger.warning(f"Prodigy usually wants --learning_rate near 1.0, got {args.learning_rate}.")
+        return prodigyopt.Prodigy(
+            parameters,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
 
 
@@ -373,17 +483,21 @@ def render_validation(args, accelerator, objective, scheduler, feature_extractor
     rows = []
     for source, target, query in args.validation_exemplar:
         source, target, query = load_image(source), load_image(target), load_image(query)
-        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+        generators = [
+            torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(args.num_validation_images)
+        ]
         with accelerator.autocast():
             edited = pipe(
                 query.resize((args.resolution, args.resolution)),
                 exemplar=(source, target),
-                generator=generator,
+                generator=generators,
+                num_images_per_prompt=args.num_validation_images,
                 num_inference_steps=args.validation_inference_steps,
                 max_sequence_length=args.max_sequence_length,
-            ).images[0]
-        rows.append([source, target, query, edited])
-    grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", "output"])
+            ).images
+        rows.append([source, target, query, *edited])
+    outputs = ["output"] if args.num_validation_images == 1 else [f"output {i + 1}" for i in range(len(edited))]
+    grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", *outputs])
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -423,6 +537,10 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     lock = hold_output_dir(accelerator, args.output_dir)
     try:
+        if args.push_to_hub and accelerator.is_main_process:  # a bad token or name fails now, not after training
+            args.hub_model_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
         train(args, accelerator)
     finally:
         if lock is not None:
@@ -500,17 +618,20 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if args.lora_rank:
         from peft import LoraConfig
 
+        targets = [name.strip() for name in args.lora_layers.split(",")] if args.lora_layers else LORA_TARGETS
         transformer.add_adapter(
             LoraConfig(
                 r=args.lora_rank,
                 lora_alpha=args.lora_alpha or args.lora_rank,
+                lora_dropout=args.lora_dropout,
                 init_lora_weights="gaussian",
-                target_modules=LORA_TARGETS,
+                target_modules=targets,
             )
         )
-        for parameter in transformer.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()  # train LoRA in float32 under mixed precision
+        cast_training_params(transformer, dtype=torch.float32)  # the LoRA trains in float32 under mixed precision
+    if args.freeze_delta_gate:
+        for block in [*adapter.double_blocks, *adapter.single_blocks]:
+            block.delta_gate.requires_grad_(False)  # λ stays at its value (1 for a new adapter)
 
     preprocessor = SiglipPreprocessor.from_feature_extractor(feature_extractor)
     objective = DeltaAdapterObjective(
@@ -519,13 +640,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:  # DDP syncs only what trains; the frozen billions are never broadcast
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, objective.frozen_state_names())
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, trainable)
 
     # 3. Checkpoints hold the adapter in its release format (plus LoRA), never the frozen model
     def save_model_hook(models, weights, output_dir):
@@ -548,7 +665,11 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
     # 4. Data
     transform = PairTransform(
-        args.resolution, preprocessor, multiple_of=2 * 2 ** (len(vae.config.block_out_channels) - 1)
+        args.resolution,
+        preprocessor,
+        multiple_of=2 * 2 ** (len(vae.config.block_out_channels) - 1),
+        center_crop=args.center_crop,
+        seed=args.seed,
     )
     pairs = load_pairs(args, accelerator, transform)
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
@@ -568,6 +689,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
     position = DataPosition()
@@ -666,7 +789,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 }
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
-                summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency")}
+                summary["losses"][global_step] = {k: logs[k] for k in ("flow_matching", "delta_consistency", "lr")}
                 summary["data_order"][global_step] = group_indices
                 summary["epochs"][global_step] = position.epoch
                 group_indices, group_finite = [], True
@@ -738,6 +861,8 @@ def iterate_epoch(args, accelerator, pairs, streaming: bool, position: DataPosit
             pairs, batch_size=args.train_batch_size, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers
         )
         return ((None, batch) for batch in itertools.islice(loader, position.used, None))
+    if hasattr(pairs, "set_epoch"):  # random crops differ from epoch to epoch (cached latents have theirs)
+        pairs.set_epoch(position.epoch)
     remaining = epoch_batches(len(pairs), position.epoch, args, accelerator)[position.used :]
     loader = DataLoader(
         pairs, batch_sampler=remaining, collate_fn=collate_pairs, num_workers=args.dataloader_num_workers

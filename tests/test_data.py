@@ -94,3 +94,15 @@ def test_pair_transform_shapes_and_ranges():
     with pytest.raises(ValueError, match="multiple of 16"):
         PairTransform(72, SiglipPreprocessor(32))
     assert torch.is_tensor(batch["source_siglip"])
+
+
+def test_random_crops_keep_a_pair_aligned_and_are_a_function_of_the_key():
+    wide = PIL.Image.fromarray(np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (64, 1, 3)))  # 256x64 ramp
+    pair = {"source": wide, "target": wide}
+    random_crop = PairTransform(64, SiglipPreprocessor(32), center_crop=False, seed=0)
+    crops = [random_crop(pair, key=f"0/{index}") for index in range(8)]
+    assert all(torch.equal(c["source_pixels"], c["target_pixels"]) for c in crops)  # one window for both images
+    assert len({round(float(c["source_pixels"][0, 0, 0]), 3) for c in crops}) > 4  # different places per pair
+    assert torch.equal(random_crop(pair, key="0/3")["source_pixels"], crops[3]["source_pixels"])  # reproducible
+    center = PairTransform(64, SiglipPreprocessor(32), center_crop=True)(pair, key="0/3")["source_pixels"]
+    assert float(center[0, 0, 0]) == pytest.approx(96 / 255 * 2 - 1)  # the middle 64 columns of 256

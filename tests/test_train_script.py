@@ -1,6 +1,7 @@
 """examples/train_delta_adapter.py on tiny models saved to folders: launched as users launch it, and in-process
 where a test must reach inside (a crash at a chosen step, a non-finite loss)."""
 
+import argparse
 import fcntl
 import json
 import os
@@ -116,7 +117,7 @@ def test_launched_run_writes_a_folder_the_pipeline_loads(folders, tmp_path):
     assert "library_name: diffusers" in (output / "README.md").read_text()
     run = summary(output)
     assert run["global_step"] == 3 and run["nonfinite_steps"] == []
-    assert all(set(losses) == {"flow_matching", "delta_consistency"} for losses in run["losses"].values())
+    assert all(set(losses) == {"flow_matching", "delta_consistency", "lr"} for losses in run["losses"].values())
 
     pipe = FluxDeltaEditPipeline(**tiny_klein_components())
     pipe.load_delta_adapter(output)  # adapter, SigLIP and the empty prompt, from the release folder
@@ -392,3 +393,74 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(folders, tmp_pat
         train_delta_adapter.parse_args(arguments(folders, tmp_path, *common, "--resume_from_checkpoint", "latest"))
     )
     assert summary(tmp_path)["global_step"] == 3 and train_delta_adapter.checkpoint_steps(str(tmp_path)) == [3]
+
+
+def run_in_process(folders, output, *extra) -> argparse.Namespace:
+    args = train_delta_adapter.parse_args(
+        arguments(folders, output, "--train_data_dir", str(folders / "pairs"), "--checkpointing_steps", "100", *extra)
+    )
+    train_delta_adapter.main(args)
+    return args
+
+
+def test_freeze_delta_gate_keeps_every_lambda_at_one(folders, tmp_path):
+    run_in_process(folders, tmp_path / "frozen", "--max_train_steps", "2", "--freeze_delta_gate")
+    run_in_process(folders, tmp_path / "trained", "--max_train_steps", "2")
+    for name, expected_still_one in (("frozen", True), ("trained", False)):
+        gates = [v for k, v in adapter_weights(tmp_path / name).items() if k.endswith("delta_gate")]
+        assert len(gates) == 3 and all(torch.equal(g, torch.ones(())) for g in gates) == expected_still_one
+
+
+def test_optimizers_and_the_learning_rate_flags(folders, tmp_path):
+    args = run_in_process(folders, tmp_path / "prodigy", "--max_train_steps", "2", "--optimizer", "Prodigy",
+                          "--learning_rate", "1.0", "--scale_lr", "--gradient_accumulation_steps", "2")  # fmt: skip
+    assert args.learning_rate == 2.0 and summary(tmp_path / "prodigy")["global_step"] == 2
+    lrs = {}
+    for schedule, extra in (("linear", []), ("polynomial", ["--lr_power", "2"]), ("cosine", []),
+                            ("cosine_with_restarts", ["--lr_num_cycles", "2"])):  # fmt: skip
+        run_in_process(folders, tmp_path / schedule, "--max_train_steps", "4", "--lr_scheduler", schedule, *extra)
+        lrs[schedule] = [step["lr"] for step in summary(tmp_path / schedule)["losses"].values()]
+    assert lrs["linear"] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert lrs["polynomial"] == pytest.approx([0.5625e-3, 0.25e-3, 0.0625e-3, 1e-7], abs=1e-7)  # (1 - t)^2
+    assert lrs["cosine"][1] == pytest.approx(5e-4) and lrs["cosine_with_restarts"][1] == pytest.approx(
+        1e-3
+    )  # restarted
+    with pytest.raises(ValueError, match="--use_8bit_adam needs a CUDA GPU"):
+        run_in_process(folders, tmp_path / "8bit", "--max_train_steps", "1", "--use_8bit_adam")
+
+
+def test_lora_layers_and_dropout_reach_the_released_lora(folders, tmp_path):
+    run_in_process(folders, tmp_path, "--max_train_steps", "1", "--lora_rank", "2", "--lora_layers", "to_q, to_k",
+                   "--lora_dropout", "0.1")  # fmt: skip
+    with safe_open(tmp_path / "pytorch_lora_weights.safetensors", framework="pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+        keys = list(file.keys())
+    assert sorted(metadata["transformer.target_modules"]) == ["to_k", "to_q"]
+    assert metadata["transformer.lora_dropout"] == 0.1
+    assert keys and all(".to_q." in key or ".to_k." in key for key in keys)
+
+
+def test_hub_publishing_fails_at_the_start_and_never_logs_the_token(folders, tmp_path):
+    with pytest.raises(Exception, match="offline mode"):  # the suite runs offline: the repo cannot be created
+        run_in_process(folders, tmp_path, "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "org/x")
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "training_summary.json").exists()
+    with pytest.raises(SystemExit):
+        train_delta_adapter.parse_args(
+            arguments(folders, tmp_path, "--train_data_dir", "x", "--report_to", "wandb", "--hub_token", "hf_x")
+        )
+
+
+def test_every_flag_explains_itself():
+    parser_actions = []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parser_actions.extend(self._actions)
+        return real_parse(self, *args, **kwargs)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        train_delta_adapter.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y"])
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse
+    assert len(parser_actions) > 70 and [a.dest for a in parser_actions if not a.help] == []

@@ -16,6 +16,7 @@ Relation252K layout (`SideBySideDataset`): `root/TASK/NAME.jpg`, each file the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -175,29 +176,51 @@ class PairTransform:
     """PIL pair -> tensors for the VAE (square, [-1, 1]) and for SigLIP (normalised).
 
     Args:
-        resolution: side of the square training images (resized on the short side, centre-cropped).
+        resolution: side of the square training images (resized on the short side, then cropped).
         siglip_preprocessor: SigLIP's preprocessing.
         multiple_of: the VAE-and-patchify granularity the resolution must respect.
+        center_crop: crop at the centre; otherwise at a random place, the same for both images of a pair, drawn from
+            the `seed` and the key each call passes (epoch and pair), so that a resumed run crops as the whole did.
+        seed: seeds the random crops.
     """
 
-    def __init__(self, resolution: int, siglip_preprocessor: SiglipPreprocessor, multiple_of: int = 16):
+    def __init__(
+        self,
+        resolution: int,
+        siglip_preprocessor: SiglipPreprocessor,
+        multiple_of: int = 16,
+        center_crop: bool = True,
+        seed: int = 0,
+    ):
         if resolution % multiple_of:
             raise ValueError(f"--resolution must be a multiple of {multiple_of}, got {resolution}.")
         self.resolution = resolution
         self.siglip_preprocessor = siglip_preprocessor
+        self.center_crop = center_crop
+        self.seed = seed
 
-    def _square(self, image: PIL.Image.Image) -> torch.Tensor:
+    def _crop_place(self, key: str) -> tuple[float, float]:
+        """Where to crop, as fractions (0: left/top, 1: right/bottom) of the room there is."""
+        if self.center_crop:
+            return 0.5, 0.5
+        digest = hashlib.sha256(f"{self.seed}/{key}".encode()).digest()
+        return digest[0] / 255, digest[1] / 255
+
+    def _square(self, image: PIL.Image.Image, place: tuple[float, float]) -> torch.Tensor:
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         image = image.resize(size, PIL.Image.Resampling.BICUBIC)
-        left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
+        left = round((image.width - self.resolution) * place[0])
+        top = round((image.height - self.resolution) * place[1])
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         return pil_to_tensor(image)  # (3, R, R) in [0, 1]
 
-    def __call__(self, pair: dict | None) -> dict | None:
+    def __call__(self, pair: dict | None, key: str = "") -> dict | None:
+        """Args: pair: `{"source", "target"}` PIL images, or `None`; key: names the pair (and epoch) for the crop."""
         if pair is None:
             return None
-        source, target = self._square(pair["source"]), self._square(pair["target"])  # (3, R, R) each
+        place = self._crop_place(key)
+        source, target = self._square(pair["source"], place), self._square(pair["target"], place)  # (3, R, R) each
         siglip = self.siglip_preprocessor(torch.stack([source, target]))  # (2, 3, S, S)
         return {
             "source_pixels": source * 2 - 1,
@@ -211,18 +234,23 @@ class TransformedPairs(Dataset):
     """Applies a `PairTransform` to a map-style pair dataset; an unreadable pair is replaced by the next readable one.
 
     The replacement is deterministic (the next index, wrapping around), so the data order of a run stays a pure
-    function of its seed, and `skipped` in the item counts the pairs passed over.
+    function of its seed, and `skipped` in the item counts the pairs passed over. `set_epoch` makes random crops
+    differ from epoch to epoch.
     """
 
     def __init__(self, pairs: Dataset, transform: PairTransform):
-        self.pairs, self.transform = pairs, transform
+        self.pairs, self.transform, self.epoch = pairs, transform, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.pairs)):
-            item = self.transform(self.pairs[(index + offset) % len(self.pairs)])
+            position = (index + offset) % len(self.pairs)
+            item = self.transform(self.pairs[position], key=f"{self.epoch}/{position}")
             if item is not None:
                 return {**item, "skipped": offset}
         raise ValueError("No pair of the dataset can be read.")
@@ -232,15 +260,16 @@ class TransformedStream(IterableDataset):
     """Applies a `PairTransform` to a streaming pair dataset, dropping unreadable pairs and counting them."""
 
     def __init__(self, pairs: StreamingHubPairDataset, transform: PairTransform):
-        self.pairs, self.transform = pairs, transform
+        self.pairs, self.transform, self.epoch = pairs, transform, 0
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.pairs.set_epoch(epoch)
 
     def __iter__(self):
         skipped = 0
-        for pair in self.pairs:
-            item = self.transform(pair)
+        for position, pair in enumerate(self.pairs):
+            item = self.transform(pair, key=f"{self.epoch}/{position}")
             if item is None:
                 skipped += 1
                 continue
