@@ -246,7 +246,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     saving.add_argument("--push_to_hub", action="store_true", help="Upload the release folder to the Hub.")
     saving.add_argument("--hub_model_id", default=None, help="Repo to push to (defaults to the output folder name).")
     saving.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one; not with wandb).")
-    saving.add_argument("--license", default="apache-2.0", help="License of the trained adapter (for the card).")
+    saving.add_argument(
+        "--license",
+        default=None,
+        help="Licence of the trained adapter, for its card (default: the base model's: Apache-2.0 for klein-4B, the "
+        "FLUX non-commercial licence for klein-9B).",
+    )
 
     args = parser.parse_args(input_args)
     sources = [args.dataset_name, args.train_data_dir, args.side_by_side_data_dir]

@@ -1,11 +1,13 @@
 import re
 
+import PIL.Image
 import pytest
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from diffusers_delta import compute_empty_prompt_embeds
+from diffusers_delta import FluxDeltaEditPipeline, compute_empty_prompt_embeds
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
-from diffusers_delta.testing import TEXT_KWARGS, randomize_, tiny_adapter, tiny_transformer
+from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_adapter, tiny_transformer
 
 
 def _python_block(text: str) -> str:
@@ -26,12 +28,14 @@ def test_card_metadata_and_a_snippet_naming_the_repo():
         tags=["recolor"],
     )
     data = card.data.to_dict()
-    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "image-to-image"
+    assert data["library_name"] == "diffusers-delta" and data["pipeline_tag"] == "image-to-image"
     assert data["base_model"] == "black-forest-labs/FLUX.2-klein-4B" and data["license"] == "apache-2.0"
+    assert data["base_model_relation"] == "adapter" and data["widget"][0]["output"]["url"] == "validation.png"
     assert data["datasets"] == ["org/pairs"] and {"delta-adapter", "flux2", "recolor"} <= set(data["tags"])
     snippet = _python_block(card.text)
-    assert 'pipe.load_delta_adapter("org/delta-adapter")' in snippet
-    assert all(name in snippet for name in EXAMPLE_FILES) and 'hf_hub_download("org/delta-adapter"' in snippet
+    assert 'ADAPTER = "org/delta-adapter"' in snippet and "pipe.load_delta_adapter(ADAPTER)" in snippet
+    assert all(name in snippet for name in EXAMPLE_FILES) and "hf_hub_download(ADAPTER, name)" in snippet
+    assert snippet.startswith("# pip install diffusers-delta\n")
     compile(snippet, "card-snippet", "exec")  # runs as written: at least it is valid Python
     assert "| steps | 100 |" in card.text and 'src="validation.png"' in card.text
     assert "adapted at test time" not in card.text
@@ -61,3 +65,52 @@ def test_save_delta_adapter_writes_the_card(delta_pipe, tmp_path):
 def test_push_goes_through_huggingface_hub(tmp_path):
     with pytest.raises(OfflineModeIsEnabled):  # the tests run with HF_HUB_OFFLINE=1
         push_folder(tmp_path, "org/delta-adapter", token="hf_x")
+
+
+@pytest.mark.parametrize(
+    "base_model, license_fields",
+    [
+        ("black-forest-labs/FLUX.2-klein-4B", {"license": "apache-2.0"}),
+        ("black-forest-labs/FLUX.2-klein-9B", {"license": "other", "license_name": "flux-non-commercial-license"}),
+        ("someone/other-base", {"license": "other"}),
+    ],
+)
+def test_the_licence_follows_the_base_model(base_model, license_fields):
+    card = render_model_card(tiny_adapter(tiny_transformer()), "org/a", base_model, "google/siglip")
+    data = ModelCard(str(card)).data.to_dict()  # what the Hub reads back
+    assert {key: data[key] for key in license_fields} == license_fields
+    overridden = render_model_card(tiny_adapter(tiny_transformer()), "org/a", base_model, "e", license="mit")
+    assert overridden.data.to_dict()["license"] == "mit"
+
+
+def test_a_card_runs_as_written_on_local_folders_and_names_no_local_path(delta_pipe, tmp_path, monkeypatch):
+    randomize_(delta_pipe.delta_adapter)
+    delta_pipe.empty_prompt_embeds = compute_empty_prompt_embeds(delta_pipe, **TEXT_KWARGS)
+    base = tmp_path / "training-machine" / "klein-base"
+    FluxDeltaEditPipeline.from_pipe(delta_pipe, text_encoder=None, tokenizer=None).save_pretrained(base)
+    card = render_model_card(delta_pipe.delta_adapter, repo_id=str(tmp_path / "out" / "my-adapter"),
+                             base_model=str(base), image_encoder=str(tmp_path / "siglip"))  # fmt: skip
+    assert str(tmp_path) not in str(card) and "training-machine" not in str(card)
+    data = ModelCard(str(card)).data.to_dict()
+    assert "base_model" not in data and data["library_name"] == "diffusers-delta"
+    delta_pipe.save_delta_adapter(tmp_path / "my-adapter", model_card=card)
+
+    snippet = _python_block(card.text)
+    assert 'BASE = "path/to/klein-base"' in snippet and 'ADAPTER = "my-adapter"' in snippet
+    snippet = snippet.replace("path/to/klein-base", str(base)).replace('"my-adapter"', f'"{tmp_path / "my-adapter"}"')
+    for name, seed in (("before", 1), ("after", 2), ("query", 0)):
+        random_image(seed).save(tmp_path / f"{name}.png")
+    monkeypatch.chdir(tmp_path)
+    snippet = snippet.replace("edited = pipe(query,", "edited = pipe(max_sequence_length=16, image=query,")
+    exec(compile(snippet, "card-snippet", "exec"), {})  # the tiny model's prompt is 16 tokens long
+    assert PIL.Image.open(tmp_path / "edited.png").size == (64, 64)
+
+
+def test_the_shipped_toy_adapter_card_loads_what_ships():
+    from diffusers_delta import toyworld
+
+    card = ModelCard.load(toyworld.DEFAULT_MODEL_DIR / "adapter" / "README.md")
+    assert "toy-build" not in card.text and card.data.to_dict()["library_name"] == "diffusers-delta"
+    namespace = {}
+    exec(compile(_python_block(card.text).replace('edited.save("edited.png")', ""), "toy-card", "exec"), namespace)
+    assert namespace["edited"].size == (64, 64)

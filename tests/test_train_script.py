@@ -114,7 +114,9 @@ def test_launched_run_writes_a_folder_the_pipeline_loads(folders, tmp_path):
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (output / "validation.png").is_file() and (output / "examples" / "query.png").is_file()
     assert list((output / "logs").rglob("events.out.tfevents.*"))  # both losses went to tensorboard
-    assert "library_name: diffusers" in (output / "README.md").read_text()
+    card = ModelCard.load(output / "README.md")  # parses, with the Hub's fields, and no path of this machine
+    assert card.data.library_name == "diffusers-delta" and card.data.widget[0]["output"]["url"] == "validation.png"
+    assert str(folders) not in card.text and str(tmp_path) not in card.text
     run = summary(output)
     assert run["global_step"] == 3 and run["nonfinite_steps"] == []
     assert all(set(losses) == {"flow_matching", "delta_consistency", "lr"} for losses in run["losses"].values())

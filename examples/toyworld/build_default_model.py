@@ -16,6 +16,7 @@ benchmarks/toyworld_quality.py's table.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
-from diffusers_delta import toyworld
+from diffusers_delta import DeltaAdapterModel, toyworld
+from diffusers_delta.hub import render_model_card
 
 
 HERE = Path(__file__).resolve().parent
@@ -96,8 +98,27 @@ def export(work: Path, export_dir: Path) -> None:
         export_dir / "adapter",
         ignore=shutil.ignore_patterns("checkpoint-*", "logs", "training_summary.json"),
     )
+    write_toy_card(export_dir / "adapter")
     size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
     print(f"Exported the default model to {export_dir} ({size:.1f} MiB)")
+
+
+def write_toy_card(adapter_dir: Path) -> None:
+    """Rewrites the exported adapter's card for what ships: its snippet loads `toyworld.load_pipeline()`, and it
+    names no folder of the build; the training settings of the training script's card are kept."""
+    card_path = adapter_dir / "README.md"
+    settings = card_path.read_text(encoding="utf-8").split("## Training", 1)[-1] if card_path.is_file() else ""
+    training = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", settings, re.M)[2:]) or None  # past the header rows
+    card = render_model_card(
+        DeltaAdapterModel.from_pretrained(adapter_dir),
+        repo_id="the toy world's adapter",
+        base_model="the toy world's base editor",
+        image_encoder="the toy world's SigLIP stand-in",
+        license="apache-2.0",
+        training=training,
+        toyworld=True,
+    )
+    card.save(card_path)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
 """Model cards and Hub uploads for Delta-Adapter folders.
 
 Cards are rendered from `hub_cards/delta_adapter_card.md` (installed as `diffusers_delta.hub_cards`) with
-huggingface_hub's `ModelCard` / `ModelCardData`, so the metadata is what the Hub and diffusers users expect:
-`library_name: diffusers`, `base_model`, `pipeline_tag: image-to-image`, tags, license, datasets.
+huggingface_hub's `ModelCard` / `ModelCardData`: `base_model` with `base_model_relation: adapter`, the base's licence,
+`pipeline_tag: image-to-image`, tags, datasets, a gallery of validation results, and a complete usage snippet.
 """
 
 from __future__ import annotations
@@ -11,14 +11,48 @@ import os
 from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .models.delta_adapter import DeltaAdapterModel
 
 
 CARD_TEMPLATE = "delta_adapter_card.md"
+#: The card's `library_name`. Not "diffusers": the Hub would then offer `DiffusionPipeline.from_pretrained(<adapter>)`
+#: under "Use this model", which cannot load an adapter-only repo. A library the Hub does not know gets no generated
+#: snippet, so the card's own (complete) snippet is the one users see.
+LIBRARY_NAME = "diffusers-delta"
 DEFAULT_TAGS = ["diffusers", "diffusers-delta", "delta-adapter", "image-editing", "exemplar-based-editing", "flux2"]
 #: Files a rendered card's usage snippet downloads when the folder holds the validation exemplar.
 EXAMPLE_FILES = ("examples/source.png", "examples/target.png", "examples/query.png")
+#: The licences of the bases an adapter inherits (its weights are trained on their outputs): klein-4B is Apache-2.0,
+#: klein-9B carries the FLUX non-commercial licence.
+BASE_MODEL_LICENSES = {
+    "black-forest-labs/FLUX.2-klein-4B": {"license": "apache-2.0"},
+    "black-forest-labs/FLUX.2-klein-9B": {
+        "license": "other",
+        "license_name": "flux-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md",
+    },
+}
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` names a Hub repo (`org/name`) rather than a folder on this machine."""
+    if os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def license_metadata(base_model: str, license: str | None) -> dict:
+    """The card's licence fields: the one given, or the base model's (`other` when the base is not a known one)."""
+    if license is not None:
+        return {"license": license}
+    return dict(BASE_MODEL_LICENSES.get(base_model, {"license": "other"}))
 
 
 def render_model_card(
@@ -26,44 +60,62 @@ def render_model_card(
     repo_id: str,
     base_model: str,
     image_encoder: str,
-    license: str = "apache-2.0",
+    license: str | None = None,
     datasets: list[str] | None = None,
     training: dict | None = None,
     adaptation: dict | None = None,
     validation_grid: str | None = None,
     example_files: bool = False,
     tags: list[str] | None = None,
+    toyworld: bool = False,
 ) -> ModelCard:
-    """The model card of a Delta-Adapter.
+    """The model card of a Delta-Adapter. Names of folders on the training machine never enter it: a local base or
+    image encoder is named by its folder's name only, and the snippet then asks for the path.
 
     Args:
         adapter: the adapter (its config and size go into the card).
-        repo_id: the Hub repo the card's usage snippet loads (`"org/name"`), or a folder path.
-        base_model: the FLUX.2 [klein] checkpoint it was trained for.
-        image_encoder: the SigLIP checkpoint it reads exemplars with.
-        license: the adapter's license (klein-4B is Apache-2.0; klein-9B has its own non-commercial license).
+        repo_id: the Hub repo the card's usage snippet loads (`"org/name"`), or the adapter folder's name.
+        base_model: the FLUX.2 [klein] checkpoint it was trained for (Hub id or folder).
+        image_encoder: the SigLIP checkpoint it reads exemplars with (Hub id or folder).
+        license: the adapter's licence; by default the base model's (see `BASE_MODEL_LICENSES`).
         datasets: Hub datasets it was trained on.
         training: training settings to list (name -> value).
         adaptation: for a test-time-adapted adapter: `base_adapter`, `num_steps`, `learning_rate`, `lambda_delta`.
-        validation_grid: path, inside the folder, of the validation grid image.
+        validation_grid: path, inside the folder, of the validation grid image (also shown in the Hub's gallery).
         example_files: whether the folder holds `EXAMPLE_FILES`, so the usage snippet can download them.
         tags: extra tags.
+        toyworld: the adapter of the toy world's embedded model: the snippet loads it with `toyworld.load_pipeline()`.
     """
+    base_on_hub = is_hub_repo_id(base_model)
     card_data = ModelCardData(
-        library_name="diffusers",
-        base_model=base_model,
+        library_name=LIBRARY_NAME,
+        base_model=base_model if base_on_hub else None,
         pipeline_tag="image-to-image",
-        license=license,
         datasets=datasets or None,
         tags=DEFAULT_TAGS + [tag for tag in (tags or []) if tag not in DEFAULT_TAGS],
+        **license_metadata(base_model if base_on_hub else "", license),
     )
+    if base_on_hub:
+        card_data.base_model_relation = "adapter"
+    if validation_grid:
+        card_data.widget = [
+            {
+                "text": "exemplar source, target | query | the query edited the same way",
+                "output": {"url": validation_grid},
+            }
+        ]
     template = resources.files("diffusers_delta.hub_cards").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+
+    def shown(name: str) -> str:  # a local path shows as its folder's name
+        return name if is_hub_repo_id(name) else os.path.basename(os.path.normpath(name))
+
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        repo_id=repo_id,
-        base_model=base_model,
-        image_encoder=image_encoder,
+        repo_id=shown(repo_id),
+        base_model=shown(base_model),
+        base_on_hub=base_on_hub,
+        image_encoder=shown(image_encoder),
         num_edit_tokens=adapter.config.num_edit_tokens,
         edit_token_dim=adapter.config.edit_token_dim,
         num_parameters=f"{sum(p.numel() for p in adapter.parameters()):,}",
@@ -71,6 +123,7 @@ def render_model_card(
         adaptation=adaptation,
         validation_grid=validation_grid,
         example_files=EXAMPLE_FILES if example_files else None,
+        toyworld=toyworld,
     )
 
 
