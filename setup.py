@@ -19,7 +19,15 @@ install_requires = [
 
 extras_require = {
     "training": ["datasets>=5.2.0", "tensorboard>=2.21.0", "prodigyopt>=1.0"],
-    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "datasets>=5.2.0", "tensorboard>=2.21.0", "prodigyopt>=1.0"],
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.6",
+        "datasets>=5.2.0",
+        "tensorboard>=2.21.0",
+        "prodigyopt>=1.0",
+        "build>=1.2",
+        "twine>=6.0",
+    ],
 }
 
 setup(

@@ -48,7 +48,12 @@ class AdaptationConfig:
         metadata={"help": "Noise draws of the pair per step (a batch): more steady the gradient, at a cost."},
     )
     weighting_scheme: str = field(
-        default="logit_normal", metadata={"help": "Noise-level density: 'logit_normal', 'mode' or 'none'."}
+        default="logit_normal",
+        metadata={
+            "help": "Noise-level density: 'logit_normal', 'mode' or 'none' (uniform). Logit-normal, as the toy-world "
+            "build trains (the training script's default is uniform, as in diffusers' scripts): 20 steps on one "
+            "pair are best spent on the middle noise levels, where an edit is decided."
+        },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (none: the pair is all we have)."})
