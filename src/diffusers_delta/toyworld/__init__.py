@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 
 from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
+from .families import FAMILIES, HELD_OUT_COMPOSITIONS, HELD_OUT_FAMILIES, SEEN_FAMILIES, SPLITS, split_edits
 from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
 
 
@@ -131,6 +132,11 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "EDIT_PROMPT_EMBEDS_NAME",
     "EDITS",
+    "FAMILIES",
+    "HELD_OUT_COMPOSITIONS",
+    "HELD_OUT_FAMILIES",
+    "SEEN_FAMILIES",
+    "SPLITS",
     "IMAGE_SIZE",
     "SEEN_EDITS",
     "UNSEEN_EDITS",
@@ -144,5 +150,6 @@ __all__ = [
     "render",
     "render_batch",
     "scene_batch",
+    "split_edits",
     "write_pairs",
 ]

@@ -63,6 +63,7 @@ class Scene:
         inverted: colours inverted (255 - value).
         grayscale: colours replaced by their luma.
         size: side of the square image in pixels.
+        finishes: pixel operations `(name, params)` of `families.PIXEL_OPS`, applied in order after the others.
     """
 
     background: tuple[tuple[int, int, int], ...]
@@ -74,6 +75,7 @@ class Scene:
     inverted: bool = False
     grayscale: bool = False
     size: int = IMAGE_SIZE
+    finishes: tuple[tuple[str, tuple], ...] = ()
 
     def with_shapes(self, shapes) -> "Scene":
         return replace(self, shapes=tuple(shapes))
@@ -132,7 +134,8 @@ def draw_border(image: np.ndarray, color: tuple[int, int, int], width: int) -> n
 
 
 def render(scene: Scene) -> np.ndarray:
-    """The scene as an (H, W, 3) uint8 image. Finishes apply in a fixed order: flip, border, invert, grayscale."""
+    """The scene as an (H, W, 3) uint8 image. Finishes apply in a fixed order: flip, border, invert, grayscale, then
+    the scene's `finishes` in theirs."""
     size = scene.size
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
     image = np.empty((size, size, 3), dtype=np.uint8)
@@ -150,4 +153,9 @@ def render(scene: Scene) -> np.ndarray:
         image = 255 - image
     if scene.grayscale:
         image = luma(image)
+    if scene.finishes:
+        from .families import PIXEL_OPS  # the edit families own their pixel operations
+
+        for name, params in scene.finishes:
+            image = PIXEL_OPS[name](image, *params)
     return image

@@ -1,0 +1,73 @@
+"""Toy world 2's edit families: enough of them, over every domain, exact, and split into disjoint S1-S4."""
+
+import numpy as np
+import pytest
+
+from diffusers_delta.toyworld import families
+from diffusers_delta.toyworld.scenes import generate_scene, render
+
+
+def scenes(count=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [generate_scene(rng) for _ in range(count)]
+
+
+def test_at_least_twelve_families_over_every_domain():
+    assert len(families.FAMILIES) >= 12
+    assert {f.domain for f in families.FAMILIES.values()} == set(families.DOMAINS)
+    for domain in families.DOMAINS:  # the adapter sees every domain
+        assert any(families.FAMILIES[name].domain == domain for name in families.SEEN_FAMILIES)
+
+
+def test_the_splits_are_disjoint_and_say_what_they_hold():
+    names = {split: [edit.name for edit in families.split_edits(split)] for split in families.SPLITS}
+    for split, edits in names.items():
+        assert edits and len(set(edits)) == len(edits), split
+    for a in families.SPLITS:
+        for b in families.SPLITS:
+            assert a == b or not set(names[a]) & set(names[b]), (a, b)
+    family_sets = {split: {families.family_of(e) for e in families.split_edits(split)} for split in families.SPLITS}
+    assert family_sets["S1"] == family_sets["S2"] == set(families.SEEN_FAMILIES)
+    assert family_sets["S3"] == set(families.HELD_OUT_FAMILIES) and not family_sets["S3"] & family_sets["S1"]
+    assert all(set(c.split(" + ")) <= set(families.SEEN_FAMILIES) for c in family_sets["S4"])
+    for name in families.SEEN_FAMILIES:  # S2 holds values S1 never shows
+        family = families.FAMILIES[name]
+        assert family.held_out_values and not set(family.seen_values) & set(family.held_out_values)
+
+
+@pytest.mark.parametrize("split", ["S1", "S2", "S3"])
+def test_image_forms_agree_with_the_scene_edits(split):
+    for edit in families.split_edits(split):
+        if edit.image_fn is None:
+            continue
+        for scene in scenes():
+            assert np.array_equal(edit.image_fn(render(scene)), render(edit(scene))), edit.name
+
+
+def test_compositions_are_the_second_edit_after_the_first():
+    for edit in families.split_edits("S4"):
+        first_name, second_name = edit.name.split(" + ")
+        first, second = (
+            next(e for e in families.split_edits("S1") if e.name == name) for name in (first_name, second_name)
+        )
+        for scene in scenes(5):
+            assert np.array_equal(render(edit(scene)), render(second(first(scene))))
+
+
+@pytest.mark.parametrize("split", families.SPLITS)
+def test_every_edit_changes_a_picture_and_pairs_are_a_function_of_the_seed(split):
+    for index, edit in enumerate(families.split_edits(split)):
+        scene, edited = families.changed_pair(edit, seed=index, size=64)
+        assert not np.array_equal(render(scene), render(edited)), edit.name
+        again, _ = families.changed_pair(edit, seed=index, size=64)
+        assert again == scene
+
+
+def test_sampling_covers_the_families_evenly_and_is_seeded():
+    drawn = families.sample_edits("S1", 400, np.random.default_rng(0))
+    counts = {}
+    for edit in drawn:
+        counts[families.family_of(edit)] = counts.get(families.family_of(edit), 0) + 1
+    assert set(counts) == set(families.SEEN_FAMILIES) and max(counts.values()) < 3 * min(counts.values())
+    again = families.sample_edits("S1", 400, np.random.default_rng(0))
+    assert [e.name for e in drawn] == [e.name for e in again]
