@@ -1,8 +1,12 @@
 """Toy world 2's edit families: enough of them, over every domain, exact, and split into disjoint S1-S4."""
 
+import json
+
 import numpy as np
 import pytest
 
+from diffusers_delta import toyworld
+from diffusers_delta.data import LocalPairDataset
 from diffusers_delta.toyworld import families
 from diffusers_delta.toyworld.scenes import generate_scene, render
 
@@ -71,3 +75,30 @@ def test_sampling_covers_the_families_evenly_and_is_seeded():
     assert set(counts) == set(families.SEEN_FAMILIES) and max(counts.values()) < 3 * min(counts.values())
     again = families.sample_edits("S1", 400, np.random.default_rng(0))
     assert [e.name for e in drawn] == [e.name for e in again]
+
+
+def test_every_edit_has_its_own_structured_instruction():
+    vectors = {}
+    for split in families.SPLITS:
+        for edit in families.split_edits(split):
+            vector = families.instruction_vector(edit)
+            assert vector.shape == (families.INSTRUCTION_WIDTH,) and vector.any()
+            vectors.setdefault(vector.tobytes(), []).append(edit.name)
+    assert all(len(names) == 1 for names in vectors.values())  # no two edits read the same
+    assert not families.instruction_vector(None).any()  # the empty instruction: reproduce the reference
+    composition = families.split_edits("S4")[0]
+    first, second = np.split(families.instruction_vector(composition), families.MAX_STEPS)
+    assert first.any() and second.any()
+    with pytest.raises(ValueError, match="not an edit of the toy world's families"):
+        families.instruction_vector(toyworld.EDITS["flip"])
+
+
+def test_world_batches_and_family_pairs(tmp_path):
+    references, targets, instructions = toyworld.world_batch(np.random.default_rng(0), 16, instruction_fraction=0.5)
+    assert references.shape == targets.shape == (16, 3, 64, 64) and instructions.shape == (16, families.INSTRUCTION_WIDTH)
+    unchanged = (references == targets).flatten(1).all(dim=1)
+    assert ((instructions == 0).all(dim=1) <= unchanged).all()  # the empty instruction keeps the reference
+    toyworld.write_family_pairs(tmp_path, "S2", pairs_per_edit=1, seed=3)
+    records = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == len(families.split_edits("S2")) and {r["split"] for r in records} == {"S2"}
+    assert len(LocalPairDataset(tmp_path)) == len(records)

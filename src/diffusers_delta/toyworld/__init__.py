@@ -13,7 +13,16 @@ import PIL.Image
 import torch
 
 from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
-from .families import FAMILIES, HELD_OUT_COMPOSITIONS, HELD_OUT_FAMILIES, SEEN_FAMILIES, SPLITS, split_edits
+from .families import (
+    FAMILIES,
+    HELD_OUT_COMPOSITIONS,
+    HELD_OUT_FAMILIES,
+    SEEN_FAMILIES,
+    SPLITS,
+    changed_pair,
+    instruction_vector,
+    split_edits,
+)
 from .scenes import IMAGE_SIZE, Scene, Shape, generate_scene, render
 
 
@@ -104,6 +113,73 @@ def instruction_batch(
     return render_batch(references), render_batch(targets), torch.tensor(instructions)
 
 
+def world_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    size: int = IMAGE_SIZE,
+    edited_fraction: float = 0.5,
+    instruction_fraction: float = 0.5,
+    splits: tuple[str, ...] = SPLITS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of toy world 2 for models that stand in for ones pretrained on everything (the VAE, the instruction
+    base editor): references, some already edited by an edit of any split, and targets: the reference edited by a
+    random edit of `splits` under its structured instruction, or unchanged under the empty one.
+
+    Args:
+        rng: the random source.
+        batch_size: B.
+        size: image side.
+        edited_fraction: the share of references that are themselves already edited.
+        instruction_fraction: the share of references that get an edit rather than the empty instruction.
+        splits: the splits the edits are drawn from (a base editor knows all of them, as klein knows edits by text).
+
+    Returns:
+        references (B, 3, H, W) and targets (B, 3, H, W) in [-1, 1], and instructions (B, INSTRUCTION_WIDTH) float32
+        (`families.instruction_vector`; zeros for the empty instruction).
+    """
+    every_edit = [edit for split in splits for edit in split_edits(split)]
+    references, targets, instructions = [], [], []
+    for _ in range(batch_size):
+        scene = generate_scene(rng, size)
+        if rng.random() < edited_fraction:
+            scene = every_edit[int(rng.integers(len(every_edit)))](scene)
+        edit = every_edit[int(rng.integers(len(every_edit)))] if rng.random() < instruction_fraction else None
+        references.append(scene)
+        targets.append(edit(scene) if edit is not None else scene)
+        instructions.append(instruction_vector(edit))
+    return render_batch(references), render_batch(targets), torch.from_numpy(np.stack(instructions))
+
+
+def write_family_pairs(folder: str | Path, split: str, pairs_per_edit: int, seed: int = 0) -> Path:
+    """Writes pairs of every edit of a split in the training script's layout (`source/`, `target/`), and
+    `metadata.jsonl` with each pair's edit and split. Each pair is a scene the edit visibly changes.
+
+    Args:
+        folder: where to write.
+        split: `"S1"` (the adapter's training data), or another split for evaluation sets.
+        pairs_per_edit: pairs of each edit of the split.
+        seed: seeds scene `seed * 1_000_003 + index`, so sets with different seeds do not overlap.
+
+    Returns:
+        The folder.
+    """
+    import json
+
+    folder = Path(folder)
+    for sub in ("source", "target"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    records = []
+    for number, edit in enumerate(split_edits(split)):
+        for index in range(pairs_per_edit):
+            scene, edited = changed_pair(edit, seed * 1_000_003 + number * 10_007 + index, IMAGE_SIZE)
+            name = f"{split}-{number:03d}-{index:05d}.png"
+            PIL.Image.fromarray(render(scene)).save(folder / "source" / name)
+            PIL.Image.fromarray(render(edited)).save(folder / "target" / name)
+            records.append({"source": f"source/{name}", "target": f"target/{name}", "edit": edit.name, "split": split})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
 def write_pairs(folder: str | Path, edits: tuple[str, ...], pairs_per_edit: int, seed: int = 0) -> Path:
     """Writes pairs in the training script's local layout: `folder/source/NAME.png` + `folder/target/NAME.png`.
 
@@ -137,6 +213,8 @@ __all__ = [
     "HELD_OUT_FAMILIES",
     "SEEN_FAMILIES",
     "SPLITS",
+    "changed_pair",
+    "instruction_vector",
     "IMAGE_SIZE",
     "SEEN_EDITS",
     "UNSEEN_EDITS",
@@ -151,5 +229,7 @@ __all__ = [
     "render_batch",
     "scene_batch",
     "split_edits",
+    "world_batch",
+    "write_family_pairs",
     "write_pairs",
 ]

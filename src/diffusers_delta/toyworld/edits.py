@@ -38,12 +38,14 @@ class Edit:
         description: what it does, in words.
         scene_fn: the edit on scenes.
         image_fn: the same edit on (H, W, 3) uint8 images of generated scenes, where it has a pixel form.
+        instruction: for edits of `families`, the structured instruction: `(family, parameters)` of each step.
     """
 
     name: str
     description: str
     scene_fn: Callable[[Scene], Scene]
     image_fn: Callable[[np.ndarray], np.ndarray] | None = None
+    instruction: tuple[tuple[str, tuple], ...] = ()
 
     def __call__(self, scene: Scene) -> Scene:
         return self.scene_fn(scene)

@@ -162,6 +162,8 @@ class Family:
         seen_values: parameter tuples of S1 (for a held-out family: empty).
         held_out_values: parameter tuples of S2 (for a held-out family: all of S3).
         image_form: parameters -> the same edit on images of generated scenes, where it has one.
+        features: parameters -> numbers that say them (one-hot choices, scaled amounts), for the structured
+            instruction the base editor reads (`instruction_vector`).
     """
 
     name: str
@@ -171,15 +173,17 @@ class Family:
     seen_values: tuple[tuple, ...]
     held_out_values: tuple[tuple, ...]
     image_form: Callable[..., Callable[[np.ndarray], np.ndarray]] | None = None
+    features: Callable[..., tuple[float, ...]] = lambda *params: tuple(float(p) for p in params)
 
     def edit(self, *params) -> Edit:
         """The edit of these parameter values."""
         image_fn = self.image_form(*params) if self.image_form is not None else None
         description = f"{self.domain} edit: {self.name} {self.describe(*params)}"
-        return Edit(f"{self.name}({self.describe(*params)})", description, self.build(*params), image_fn)
+        name = f"{self.name}({self.describe(*params)})"
+        return Edit(name, description, self.build(*params), image_fn, instruction=((self.name, params),))
 
 
-def _pixel_family(name, domain, op, describe, seen, held_out) -> Family:
+def _pixel_family(name, domain, op, describe, seen, held_out, features=None) -> Family:
     return Family(
         name,
         domain,
@@ -188,7 +192,12 @@ def _pixel_family(name, domain, op, describe, seen, held_out) -> Family:
         tuple(seen),
         tuple(held_out),
         lambda *params: lambda image: PIXEL_OPS[op](image, *params),
+        **({"features": features} if features else {}),
     )
+
+
+def _one_hot(index: int, size: int) -> tuple[float, ...]:
+    return tuple(float(i == index) for i in range(size))
 
 
 def _map_pixels(mapping: dict) -> Callable[[np.ndarray], np.ndarray]:
@@ -213,36 +222,46 @@ FAMILIES: dict[str, Family] = {
         # colour
         Family("recolor", "colour", _recolor, lambda a, b: f"{COLOR_NAMES[a]}→{COLOR_NAMES[b]}",
                _SEEN_COLOR_PAIRS, _HELD_OUT_COLOR_PAIRS,
-               lambda a, b: _map_pixels({SHAPE_PALETTE[a]: SHAPE_PALETTE[b]})),
-        Family("background", "colour", _background, lambda i: BACKGROUND_NAMES[i], ((0,), (1,), (3,)), ((2,), (4,))),
+               lambda a, b: _map_pixels({SHAPE_PALETTE[a]: SHAPE_PALETTE[b]}),
+               lambda a, b: _one_hot(a, 6) + _one_hot(b, 6)),
+        Family("background", "colour", _background, lambda i: BACKGROUND_NAMES[i], ((0,), (1,), (3,)), ((2,), (4,)),
+               features=lambda i: _one_hot(i, 5)),
         Family("hue_shift", "colour", _hue_shift, lambda k: f"{k} colours on", ((1,), (2,), (4,)), ((3,), (5,)),
-               lambda k: _map_pixels({c: SHAPE_PALETTE[(i + k) % 6] for i, c in enumerate(SHAPE_PALETTE)})),
+               lambda k: _map_pixels({c: SHAPE_PALETTE[(i + k) % 6] for i, c in enumerate(SHAPE_PALETTE)}),
+               lambda k: _one_hot(k - 1, 5)),
         # tone
         _pixel_family("grey", "tone", "grey", lambda a: f"{a:.2f}", ((1.0,), (0.5,)), ((0.75,), (0.3,))),
         _pixel_family("brightness", "tone", "brightness", lambda d: f"{d:+d}",
                       ((-60,), (-30,), (40,)), ((-45,), (60,))),
         _pixel_family("contrast", "tone", "contrast", lambda f: f"×{f:g}", ((0.5,), (1.6,)), ((0.7,), (1.3,))),
         _pixel_family("invert", "tone", "invert", lambda c: "".join("RGB"[i] for i in c),
-                      ((s,) for s in _RGB_SUBSETS[:4]), ((s,) for s in _RGB_SUBSETS[4:])),
+                      ((s,) for s in _RGB_SUBSETS[:4]), ((s,) for s in _RGB_SUBSETS[4:]),
+                      lambda c: tuple(float(i in c) for i in range(3))),
         # geometry
-        _pixel_family("flip", "geometry", "flip", lambda axis: axis, (("horizontal",),), (("vertical",),)),
+        _pixel_family("flip", "geometry", "flip", lambda axis: axis, (("horizontal",),), (("vertical",),),
+                      lambda axis: (float(axis == "horizontal"), float(axis == "vertical"))),
         Family("scale", "geometry", _scale, lambda f: f"×{f:g}", ((0.6,), (1.5,)), ((0.8,), (1.3,))),
         Family("translate", "geometry", _translate, lambda dx, dy: f"{dx:+.2f},{dy:+.2f}",
                ((0.2, 0.0), (0.0, 0.2), (-0.2, 0.0)), ((0.0, -0.2), (0.15, 0.15))),
         # content
-        Family("remove", "content", _remove, lambda kind: kind, (("circle",), ("square",)), (("triangle",),)),
+        Family("remove", "content", _remove, lambda kind: kind, (("circle",), ("square",)), (("triangle",),),
+               features=lambda kind: _one_hot(SHAPE_KINDS.index(kind), 3)),
         Family("add", "content", _add, lambda k, c, x, y: f"{COLOR_NAMES[c]} {k} at {x:.2f},{y:.2f}",
                tuple((k, c, x, y) for k, c, (x, y) in itertools.product(("circle", "square"), (0, 2, 3),
                                                                        ((0.25, 0.25), (0.75, 0.75)))),
-               (("triangle", 1, 0.75, 0.25), ("triangle", 5, 0.75, 0.25), ("circle", 4, 0.25, 0.75))),
+               (("triangle", 1, 0.75, 0.25), ("triangle", 5, 0.75, 0.25), ("circle", 4, 0.25, 0.75)),
+               features=lambda k, c, x, y: _one_hot(SHAPE_KINDS.index(k), 3) + _one_hot(c, 6) + (x, y)),
         # framing
         _pixel_family("frame", "framing", "frame", lambda w, c: f"{w}px {c}",
-                      ((3, (30, 30, 30)), (6, (30, 30, 30))), ((4, (200, 30, 30)), (8, (30, 30, 30)))),
+                      ((3, (30, 30, 30)), (6, (30, 30, 30))), ((4, (200, 30, 30)), (8, (30, 30, 30))),
+                      lambda w, c: (w / 8, *(v / 255 for v in c))),
         # held-out families: one of every domain but colour, whose two seen families span it
         _pixel_family("posterize", "tone", "posterize", lambda n: f"{n} levels", (), ((2,), (3,), (4,))),
-        _pixel_family("rotate", "geometry", "rotate", lambda k: f"{90 * k}°", (), ((1,), (2,), (3,))),
+        _pixel_family("rotate", "geometry", "rotate", lambda k: f"{90 * k}°", (), ((1,), (2,), (3,)),
+                      lambda k: _one_hot(k - 1, 3)),
         Family("change_kind", "content", _change_kind, lambda a, b: f"{a}→{b}", (),
-               tuple((a, b) for a in SHAPE_KINDS for b in SHAPE_KINDS if a != b)),
+               tuple((a, b) for a in SHAPE_KINDS for b in SHAPE_KINDS if a != b),
+               features=lambda a, b: _one_hot(SHAPE_KINDS.index(a), 3) + _one_hot(SHAPE_KINDS.index(b), 3)),
         _pixel_family("zoom", "framing", "zoom", lambda f: f"×{f:g}", (), ((1.5,), (2.0,))),
     )
 }  # fmt: skip
@@ -266,6 +285,7 @@ def compose(first: Edit, second: Edit) -> Edit:
         f"{first.name} + {second.name}",
         f"composition: {first.description}, then {second.description}",
         lambda scene: second(first(scene)),
+        instruction=first.instruction + second.instruction,
     )
 
 
@@ -313,3 +333,29 @@ def sample_edits(split: str, count: int, rng: np.random.Generator) -> Sequence[E
     families = sorted(by_family)
     chosen = rng.integers(len(families), size=count)
     return [by_family[families[f]][int(rng.integers(len(by_family[families[f]])))] for f in chosen]
+
+
+#: Width of one step of a structured instruction: the family (one-hot) and its parameters' features (zero-padded).
+FEATURE_WIDTH = 16
+STEP_WIDTH = len(FAMILIES) + FEATURE_WIDTH
+MAX_STEPS = 2
+INSTRUCTION_WIDTH = MAX_STEPS * STEP_WIDTH
+
+
+def instruction_vector(edit: Edit | None) -> np.ndarray:
+    """The structured instruction of an edit of these families, as the base editor's text-encoder stand-in reads it:
+    (INSTRUCTION_WIDTH,) float32, one block per step (family one-hot, then parameter features); all zeros for the
+    empty instruction (`None`: reproduce the reference)."""
+    vector = np.zeros(INSTRUCTION_WIDTH, dtype=np.float32)
+    steps = () if edit is None else edit.instruction
+    if edit is not None and not steps:
+        raise ValueError(f"{edit.name} is not an edit of the toy world's families: it has no structured instruction.")
+    if len(steps) > MAX_STEPS:
+        raise ValueError(f"{edit.name} has {len(steps)} steps; instructions hold at most {MAX_STEPS}.")
+    names = list(FAMILIES)
+    for index, (family, params) in enumerate(steps):
+        features = FAMILIES[family].features(*params)
+        start = index * STEP_WIDTH
+        vector[start + names.index(family)] = 1.0
+        vector[start + len(FAMILIES) : start + len(FAMILIES) + len(features)] = features
+    return vector
