@@ -95,7 +95,10 @@ def test_every_edit_has_its_own_structured_instruction():
 
 def test_world_batches_and_family_pairs(tmp_path):
     references, targets, instructions = toyworld.world_batch(np.random.default_rng(0), 16, instruction_fraction=0.5)
-    assert references.shape == targets.shape == (16, 3, 64, 64) and instructions.shape == (16, families.INSTRUCTION_WIDTH)
+    assert references.shape == targets.shape == (16, 3, 64, 64) and instructions.shape == (
+        16,
+        families.INSTRUCTION_WIDTH,
+    )
     unchanged = (references == targets).flatten(1).all(dim=1)
     assert ((instructions == 0).all(dim=1) <= unchanged).all()  # the empty instruction keeps the reference
     toyworld.write_family_pairs(tmp_path, "S2", pairs_per_edit=1, seed=3)

@@ -36,10 +36,18 @@ from diffusers_delta.toyworld import (
     EDIT_PROMPT_EMBEDS_NAME,
     EDITS,
     IMAGE_SIZE,
+    SPLITS,
+    changed_pair,
     generate_scene,
     instruction_batch,
+    instruction_vector,
+    render,
     render_batch,
+    split_edits,
+    world_batch,
 )
+from diffusers_delta.toyworld.families import family_of
+from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 from diffusers_delta.training import predict_velocity
 
 
@@ -59,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--instruction_fraction", type=float, default=0.5,
                         help="Share of references edited by an instruction (0: a pure reproducer).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--world",
+        default="edits",
+        choices=["edits", "families"],
+        help="edits: the shipped world's eight edits, each a learned prompt; families: toy world 2's parameterised "
+        "edit families (every split), read through a learned InstructionEncoder from structured instructions.",
+    )
     return parser.parse_args(argv)
 
 
@@ -130,28 +145,75 @@ def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: in
         )
 
 
+@torch.no_grad()
+def report_families(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, seed: int, count: int = 4) -> None:
+    """Toy world 2: per split and family, the base editor's error under the true instruction on held-out scenes,
+    with its gap closed, (identity - output) / (identity - floor), and the reproduction PSNR."""
+    reference_scenes = [generate_scene(np.random.default_rng(seed + i)) for i in range(count)]
+    references = render_batch(reference_scenes)
+    reproduced = edit_images(pipe, encoder.empty_prompt_embeds(), references)
+    print(f"reproduction PSNR {10 * math.log10(1.0 / F.mse_loss(reproduced, (references + 1) / 2).item()):.1f} dB")
+    for split in SPLITS:
+        by_family = {}
+        for edit in split_edits(split):
+            by_family.setdefault(family_of(edit), edit)  # the first edit of each family
+        gaps = []
+        for name, edit in by_family.items():
+            pairs = [changed_pair(edit, seed + 100 * i, IMAGE_SIZE) for i in range(count)]
+            sources = render_batch([scene for scene, _ in pairs])
+            truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
+            decoded = pipe.vae.decode(pipe.vae.encode(truth * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
+            identity = ((sources + 1) / 2 - truth).abs().mean().item()
+            floor = ((decoded + 1) / 2 - truth).abs().mean().item()
+            prompt = encoder(torch.from_numpy(instruction_vector(edit))[None])
+            output = (edit_images(pipe, prompt, sources) - truth).abs().mean().item()
+            gaps.append((identity - output) / max(identity - floor, 1e-6))
+            print(
+                f"{split} {name:<22} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gaps[-1]:+.2f}"
+            )
+        print(f"{split} mean gap closed under the true instruction: {np.mean(gaps):+.2f}")
+
+
 def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     vae = AutoencoderKLFlux2.from_pretrained(args.vae_dir).eval().requires_grad_(False)
     transformer = build_transformer(vae.config.latent_channels).train()
-    # Row 0: the empty prompt; row 1 + i: the instruction of the i-th edit of EDITS.
-    prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D_txt)
-    optimizer = torch.optim.AdamW([*transformer.parameters(), prompts], lr=args.learning_rate)
+    families = args.world == "families"
+    if families:  # toy world 2: instructions are structured, read by a learned text-encoder stand-in
+        encoder = InstructionEncoder(prompt_tokens=PROMPT_TOKENS, prompt_dim=PROMPT_DIM).train()
+        instruction_weights = list(encoder.parameters())
+    else:  # row 0: the empty prompt; row 1 + i: the instruction of the i-th edit of EDITS
+        prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D)
+        instruction_weights = [prompts]
+    optimizer = torch.optim.AdamW([*transformer.parameters(), *instruction_weights], lr=args.learning_rate)
     scheduler = klein_scheduler()
     deadline = time.monotonic() + args.minutes * 60
     progress = tqdm(desc="base editor", unit="step", mininterval=2)
     step = 0
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
-        references, targets, instructions = instruction_batch(
-            rng, args.batch_size, edited_fraction=args.edited_fraction, instruction_fraction=args.instruction_fraction
-        )
+        if families:
+            references, targets, vectors = world_batch(
+                rng,
+                args.batch_size,
+                edited_fraction=args.edited_fraction,
+                instruction_fraction=args.instruction_fraction,
+            )
+            prompt_embeds = encoder(vectors)  # (B, L, D_txt)
+        else:
+            references, targets, instructions = instruction_batch(
+                rng,
+                args.batch_size,
+                edited_fraction=args.edited_fraction,
+                instruction_fraction=args.instruction_fraction,
+            )
+            prompt_embeds = prompts[instructions + 1]  # (B, L, D_txt)
         reference_latents, latents = encode_latents(vae, torch.cat([references, targets])).chunk(2)  # (B, 4C, h, w)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         velocity, _, _ = predict_velocity(
-            transformer, add_noise(latents, noise, sigmas), reference_latents, prompts[instructions + 1], sigmas
+            transformer, add_noise(latents, noise, sigmas), reference_latents, prompt_embeds, sigmas
         )
         loss = flow_matching_loss(
             velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)
@@ -171,13 +233,21 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
         scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer, is_distilled=True
     )
     pipe.set_progress_bar_config(disable=True)
-    prompts = prompts.detach()
     print(f"base editor: {step} steps")
-    report(pipe, prompts, seed=args.seed + 10_000)
+    output_dir = Path(args.output_dir)
     # Saved as a FluxDeltaEditPipeline, whose text encoder and tokenizer are optional: there are none here. It knows
     # only the world's image size, and says so to a user who brings another.
-    FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(args.output_dir)
-    output_dir = Path(args.output_dir)
+    if families:
+        encoder.eval().requires_grad_(False)
+        report_families(pipe, encoder, seed=args.seed + 10_000)
+        FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(output_dir)
+        encoder.save_pretrained(output_dir / "instruction_encoder")
+        empty = encoder.empty_prompt_embeds()
+        safetensors.torch.save_file({"prompt_embeds": empty.contiguous()}, output_dir / EMPTY_PROMPT_EMBEDS_NAME)
+        return pipe
+    prompts = prompts.detach()
+    report(pipe, prompts, seed=args.seed + 10_000)
+    FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(output_dir)
     safetensors.torch.save_file({"prompt_embeds": prompts[:1].contiguous()}, output_dir / EMPTY_PROMPT_EMBEDS_NAME)
     safetensors.torch.save_file(
         {name: prompts[i : i + 1].contiguous() for i, name in enumerate(EDITS, start=1)},

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 from tqdm.auto import tqdm
 
-from diffusers_delta.toyworld import IMAGE_SIZE, scene_batch
+from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, render, scene_batch, split_edits, world_batch
+from diffusers_delta.toyworld.families import family_of
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +36,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--edited_fraction", type=float, default=0.0,
                         help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--world",
+        default="edits",
+        choices=["edits", "families"],
+        help="edits: scenes and the shipped world's eight edits; families: toy world 2, scenes and every edit of "
+        "every split (references and targets of world_batch), with the floor reported per split and family.",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,6 +76,21 @@ def psnr(vae: AutoencoderKLFlux2, images: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / mse)
 
 
+@torch.no_grad()
+def report_floor_per_family(vae: AutoencoderKLFlux2, seed: int, count: int = 8) -> None:
+    """Toy world 2: the VAE's reconstruction error (mean absolute, 0-1) of edited pictures, per split and family:
+    the floor below which no edit's error can go."""
+    for split in SPLITS:
+        by_family = {}
+        for edit in split_edits(split):
+            by_family.setdefault(family_of(edit), []).append(edit)
+        for name, edits in by_family.items():
+            pictures = [render(changed_pair(edits[i % len(edits)], seed + i, IMAGE_SIZE)[1]) for i in range(count)]
+            images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+            print(f"floor {split} {name:<24} {((reconstruction - images).abs().mean() / 2).item():.4f}")
+
+
 def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -78,7 +101,11 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     progress = tqdm(desc="VAE", unit="step", mininterval=2)
     step = 0
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
-        images = scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction)
+        if args.world == "families":
+            references, targets, _ = world_batch(rng, args.batch_size // 2, edited_fraction=args.edited_fraction)
+            images = torch.cat([references, targets])  # (B, 3, H, W): pictures before and after edits
+        else:
+            images = scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, images) + args.kl_weight * posterior.kl().mean()
@@ -93,6 +120,8 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     vae.eval()
     fill_latent_statistics(vae, rng, args.stats_batches, args.batch_size)
     print(f"VAE: {step} steps, held-out PSNR {psnr(vae, held_out):.1f} dB")
+    if args.world == "families":
+        report_floor_per_family(vae, seed=args.seed + 20_000)
     vae.save_pretrained(args.output_dir)
     return vae
 
