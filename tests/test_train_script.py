@@ -143,22 +143,26 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_is_exact(folders, tmp_path, monkeypatch):
-    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6", "--checkpointing_steps", "2",
-              "--gradient_accumulation_steps", "1", "--lr_scheduler", "linear"]  # fmt: skip
-    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
-
+def crash_after_checkpoint(folders, output, common, crash_step: int, monkeypatch) -> None:
+    """Runs training into `output` and kills it right after the checkpoint of `crash_step` is written."""
     real_save = train_delta_adapter.save_checkpoint
 
     def save_then_crash(accelerator, args, step):
         real_save(accelerator, args, step)
-        if step == 4:
+        if step == crash_step:
             raise Crash
 
-    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *common)))
-    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_delta_adapter, "save_checkpoint", save_then_crash)
+        with pytest.raises(Crash):
+            train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, output, *common)))
+
+
+def test_resume_after_a_crash_is_exact(folders, tmp_path, monkeypatch):
+    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6", "--checkpointing_steps", "2",
+              "--gradient_accumulation_steps", "1", "--lr_scheduler", "linear"]  # fmt: skip
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
+    crash_after_checkpoint(folders, tmp_path / "resumed", common, 4, monkeypatch)
     (tmp_path / "resumed" / "checkpoint-6.tmp").mkdir()  # a save that was killed half-way
     (tmp_path / "resumed" / "checkpoint-6.tmp" / "optimizer.bin").write_bytes(b"trunc")
     train_delta_adapter.main(
@@ -318,17 +322,7 @@ def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(folders, tmp
     common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "5", "--checkpointing_steps", "1",
               "--gradient_accumulation_steps", "4", "--lr_scheduler", "linear"]  # fmt: skip
     train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
-    real_save = train_delta_adapter.save_checkpoint
-
-    def save_then_crash(accelerator, args, step):
-        real_save(accelerator, args, step)
-        if step == 2:  # the end of the first epoch (its short group)
-            raise Crash
-
-    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *common)))
-    monkeypatch.setattr(train_delta_adapter, "save_checkpoint", real_save)
+    crash_after_checkpoint(folders, tmp_path / "resumed", common, 2, monkeypatch)  # the first epoch's short group
     train_delta_adapter.main(train_delta_adapter.parse_args(
         arguments(folders, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
     ))  # fmt: skip
