@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKLFlux2
-from transformers import SiglipImageProcessorPil
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline, toyworld
 from diffusers_delta.testing import tiny_image_encoder
@@ -15,6 +15,7 @@ from diffusers_delta.testing import tiny_image_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
+import pretrain_image_encoder  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
 import train_vae  # noqa: E402
@@ -87,3 +88,12 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     torch.testing.assert_close(encoder.empty_prompt_embeds(), empty)  # the saved encoder gives the saved prompt
     pipe = FluxDeltaEditPipeline.from_pretrained(tmp_path / "base")
     assert torch.equal(pipe.empty_prompt_embeds, empty)  # the pipeline folder carries its empty prompt
+
+
+def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
+    encoder = pretrain_image_encoder.main(pretrain_image_encoder.parse_args(
+        ["--output_dir", str(tmp_path / "siglip"), "--max_steps", "2", "--batch_size", "4"]
+    ))  # fmt: skip
+    reloaded = SiglipVisionModel.from_pretrained(tmp_path / "siglip")
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), reloaded.state_dict().values()))
+    assert SiglipImageProcessorPil.from_pretrained(tmp_path / "siglip").size == {"height": 64, "width": 64}
