@@ -6,7 +6,7 @@ of the family on the flattened deltas of S1 pairs (seen families, seen values) a
 scenes, on S2 (held-out values of the same families) and the confusions, for the toy world's SigLIP stand-in (random
 and frozen, as `examples/toyworld/build_default_model.py` builds it) or any SigLIP folder.
 
-    python benchmarks/toyworld_encoder_probe.py [--encoder FOLDER] [--pairs 80]
+    python benchmarks/toyworld_encoder_probe.py [--encoder FOLDER] [--pairs 80] [--hidden 256]
 """
 
 from __future__ import annotations
@@ -62,9 +62,15 @@ def deltas(encoder: SiglipVisionModel, split: str, pairs_per_family: int, seed: 
     return delta.flatten(1), labels
 
 
-def train_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
+def train_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int = 0, steps: int = 300):
+    """A linear probe (`hidden=0`) or a one-hidden-layer MLP, trained with Adam on all the features at once."""
     torch.manual_seed(0)
-    probe = torch.nn.Linear(features.shape[1], classes)
+    if hidden:
+        probe = torch.nn.Sequential(
+            torch.nn.Linear(features.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes)
+        )
+    else:
+        probe = torch.nn.Linear(features.shape[1], classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, weight_decay=1e-4)
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(probe(features), labels)
@@ -78,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None, help="A SigLIP folder (default: the random stand-in).")
     parser.add_argument("--pairs", type=int, default=80, help="Training pairs per family.")
+    parser.add_argument("--hidden", type=int, default=0, help="Hidden width of an MLP probe (0: linear).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -87,7 +94,8 @@ def main() -> None:
     classes = sorted(SEEN_FAMILIES)
     train, train_labels = deltas(encoder, "S1", args.pairs, seed=args.seed)
     mean, std = train.mean(0), train.std(0) + 1e-6
-    probe = train_probe((train - mean) / std, torch.tensor([classes.index(c) for c in train_labels]), len(classes))
+    labels = torch.tensor([classes.index(c) for c in train_labels])
+    probe = train_probe((train - mean) / std, labels, len(classes), args.hidden)
     for split, seed in (("S1", args.seed + 1_000), ("S2", args.seed + 2_000)):
         test, test_labels = deltas(encoder, split, 30, seed=seed)
         predicted = probe((test - mean) / std).argmax(1).tolist()
