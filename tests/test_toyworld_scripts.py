@@ -15,6 +15,7 @@ from diffusers_delta.testing import tiny_image_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
+import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
@@ -97,3 +98,17 @@ def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
     reloaded = SiglipVisionModel.from_pretrained(tmp_path / "siglip")
     assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), reloaded.state_dict().values()))
     assert SiglipImageProcessorPil.from_pretrained(tmp_path / "siglip").size == {"height": 64, "width": 64}
+
+
+def test_the_world_2_build_runs_its_stages_and_resumes(tmp_path, capsys):
+    argv = ["--work_dir", str(tmp_path), "--vae_steps", "1", "--base_steps", "1", "--pairs_per_edit", "1",
+            "--adapter_steps", "1"]  # fmt: skip
+    build_world2.main(build_world2.parse_args(argv))
+    assert capsys.readouterr().out.count("stage ") == 5
+    pipe = FluxDeltaEditPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_delta_adapter(tmp_path / "adapter")
+    pipe.set_progress_bar_config(disable=True)
+    source, target = toyworld.make_pair("grayscale", seed=1)
+    assert pipe(source, exemplar=(source, target), output_type="np").images.shape == (1, 64, 64, 3)
+    build_world2.main(build_world2.parse_args(argv))  # every stage is complete: nothing runs again
+    assert "stage " not in capsys.readouterr().out

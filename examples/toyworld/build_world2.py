@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Build toy world 2's model in resumable stages: VAE, instruction base editor, SigLIP stand-in, S1 pairs, adapter.
+
+    python examples/toyworld/build_world2.py --work_dir toy2 [--pretrain_encoder] [--export]
+
+Every stage writes one folder of `--work_dir` and is skipped when that folder is complete, so a build cut off by a
+session's end goes on where it stopped. The VAE and the base editor learn every family of every split (klein knows
+every edit by text); the adapter trains on S1 only. Nothing in the package changes unless `--export` is given: then
+the base pipeline and the adapter are copied to `diffusers_delta/toyworld/default_model` (the shipped model, at most
+25 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffusers_delta import toyworld
+
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+import build_default_model  # noqa: E402
+import pretrain_image_encoder  # noqa: E402
+import train_base_editor  # noqa: E402
+import train_delta_adapter  # noqa: E402
+import train_vae  # noqa: E402
+
+
+MAX_EXPORT_BYTES = 25 * 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", required=True, help="Where every stage's folder goes.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds every stage.")
+    parser.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps.")
+    parser.add_argument("--base_steps", type=int, default=5000, help="Base editor training steps.")
+    parser.add_argument(
+        "--pretrain_encoder",
+        action="store_true",
+        help="Pre-train the SigLIP stand-in (masked patch reconstruction) instead of a random one.",
+    )
+    parser.add_argument("--encoder_steps", type=int, default=10_000, help="Pre-training steps of the encoder.")
+    parser.add_argument("--pairs_per_edit", type=int, default=100, help="Training pairs of each S1 edit.")
+    parser.add_argument("--adapter_steps", type=int, default=4000, help="Adapter training steps.")
+    parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
+    parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    seed = str(args.seed)
+    if not (work / "vae" / "config.json").is_file():
+        print("stage 1/5: VAE")
+        train_vae.main(train_vae.parse_args([
+            "--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps), "--minutes", "1e9",
+            "--seed", seed, "--world", "families",
+        ]))  # fmt: skip
+    if not (work / "base" / "instruction_encoder" / "config.json").is_file():
+        print("stage 2/5: instruction base editor")
+        train_base_editor.main(train_base_editor.parse_args([
+            "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
+            "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--world", "families",
+        ]))  # fmt: skip
+    if not (work / "siglip" / "config.json").is_file():
+        print("stage 3/5: SigLIP stand-in")
+        if args.pretrain_encoder:
+            pretrain_image_encoder.main(pretrain_image_encoder.parse_args([
+                "--output_dir", str(work / "siglip"), "--max_steps", str(args.encoder_steps), "--minutes", "1e9",
+                "--seed", seed,
+            ]))  # fmt: skip
+        else:
+            build_default_model.build_image_encoder(work / "siglip", args.seed)
+    if not (work / "pairs" / "metadata.jsonl").is_file():
+        print("stage 4/5: S1 pairs")
+        toyworld.write_family_pairs(work / "pairs.tmp", "S1", args.pairs_per_edit, seed=args.seed)
+        (work / "pairs.tmp").rename(work / "pairs")  # whole, or not there
+    if not (work / "adapter" / "diffusion_pytorch_model.safetensors").is_file():
+        print("stage 5/5: adapter")
+        train_delta_adapter.main(train_delta_adapter.parse_args(
+            build_default_model.adapter_arguments(args, work, work / "adapter", args.lambda_delta)
+        ))  # fmt: skip
+    if args.export:
+        build_default_model.export(work, build_default_model.PACKAGE_MODEL_DIR)
+        size = sum(f.stat().st_size for f in build_default_model.PACKAGE_MODEL_DIR.rglob("*") if f.is_file())
+        if size > MAX_EXPORT_BYTES:
+            raise RuntimeError(f"The exported model is {size / 2**20:.1f} MiB, over the {MAX_EXPORT_BYTES // 2**20}.")
+
+
+if __name__ == "__main__":
+    main(parse_args())
