@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Edit quality in toy world 2, per split and family, where the true edit of every query is known exactly.
+
+For every family of a split, held-out queries (scenes the edit changes), each with its own exemplar pair of the same
+edit (the family's edits taken in turn). Mean absolute error in [0, 1]; gap closed = (identity - output) /
+(identity - floor). Rows:
+
+    base + true instruction   the base editor told the edit (no adapter): what the base can do when told
+    nearest seen edit         the base told the S1 edit whose exemplar delta is nearest to this exemplar's: what a
+                              recogniser of known edits achieves (the adapter must beat it where it claims to
+                              generalise)
+    adapter                   zero-shot, from one exemplar
+    adapter, 3 exemplars      three exemplar pairs of the edit, their deltas averaged
+    adapter + adapt(N)        after adapt_to_exemplar(N) on the exemplar (S2-S4; --adapt_queries per family)
+    <ablation>                adapters of the build folder named adapter_* (no consistency loss, pooled MLP)
+
+    python benchmarks/toyworld2_quality.py --work_dir toy2 [--queries 16] [--splits S1 S2 S3 S4] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
+from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, instruction_vector, render, split_edits
+from diffusers_delta.toyworld.families import family_of
+from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
+
+
+QUERY_SEED_BASE = 50_000_000  # far from the training pairs' seeds
+EXEMPLAR_SEED_BASE = 60_000_000
+NEAREST_EXEMPLARS = 4  # exemplars per S1 edit whose mean delta stands for it
+
+
+def mae(first, second) -> float:
+    return float(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64)).mean() / 255)
+
+
+def pil(scene) -> PIL.Image.Image:
+    return PIL.Image.fromarray(render(scene))
+
+
+class Case:
+    """One query of a family: its edit, the query and truth, and its own exemplar pairs."""
+
+    def __init__(self, edit, index: int, family_number: int, exemplar_count: int = 3):
+        self.edit = edit
+        query, truth = changed_pair(edit, QUERY_SEED_BASE + 1_000 * family_number + index, IMAGE_SIZE)
+        self.query, self.truth = pil(query), pil(truth)
+        seed = EXEMPLAR_SEED_BASE + 100_000 * family_number + 10 * index
+        self.exemplars = [tuple(map(pil, changed_pair(edit, seed + k, IMAGE_SIZE))) for k in range(exemplar_count)]
+
+
+def cases_of(split: str, queries: int) -> dict[str, list[Case]]:
+    by_family: dict[str, list] = {}
+    for edit in split_edits(split):
+        by_family.setdefault(family_of(edit), []).append(edit)
+    return {
+        family: [Case(edits[i % len(edits)], i, number) for i in range(queries)]
+        for number, (family, edits) in enumerate(sorted(by_family.items()))
+    }
+
+
+@torch.no_grad()
+def floor_error(pipe, cases: list[Case]) -> float:
+    pixels = torch.stack([torch.from_numpy(np.asarray(c.truth)).permute(2, 0, 1).float() / 127.5 - 1 for c in cases])
+    reconstruction = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+    return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
+
+
+def run(pipe, cases: list[Case], prompts=None, exemplar_count: int = 1, delta_scale: float = 1.0) -> float:
+    """Mean error of the cases edited with their own exemplars, under per-case `prompts` (or the empty prompt)."""
+    errors = []
+    for index, case in enumerate(cases):
+        delta_embeds = pipe.encode_exemplar(case.exemplars[:exemplar_count])
+        output = pipe(
+            case.query,
+            delta_embeds=delta_embeds,
+            delta_scale=delta_scale,
+            prompt_embeds=None if prompts is None else prompts[index],
+            generator=torch.Generator().manual_seed(index),
+        ).images[0]
+        errors.append(mae(output, case.truth))
+    return statistics.mean(errors)
+
+
+def adapted(pipe, cases: list[Case], steps: int) -> float:
+    errors = []
+    for index, case in enumerate(cases):
+        source, target = case.exemplars[0]
+        with pipe.adapted_to_exemplar(source, target, num_steps=steps, generator=torch.Generator().manual_seed(0)):
+            output = pipe(case.query, exemplar=(source, target), generator=torch.Generator().manual_seed(index))
+        errors.append(mae(output.images[0], case.truth))
+    return statistics.mean(errors)
+
+
+@torch.no_grad()
+def exemplar_delta(pipe, pairs) -> torch.Tensor:
+    """The mean flattened semantic delta of exemplar pairs: (P * D,)."""
+    preprocessor = SiglipPreprocessor.from_feature_extractor(pipe.feature_extractor)
+    sources = images_to_siglip_pixels([s for s, _ in pairs], preprocessor, "source")
+    targets = images_to_siglip_pixels([t for _, t in pairs], preprocessor, "target")
+    return semantic_delta(pipe.image_encoder, sources, targets).mean(0).flatten()
+
+
+class NearestSeenEdit:
+    """The recogniser baseline: names the S1 edit whose exemplar delta is nearest, and tells the base that edit."""
+
+    def __init__(self, pipe, encoder: InstructionEncoder):
+        self.edits = split_edits("S1")
+        self.deltas = torch.stack([
+            exemplar_delta(pipe, [tuple(map(pil, changed_pair(e, 70_000_000 + 97 * k, IMAGE_SIZE)))
+                                  for k in range(NEAREST_EXEMPLARS)])
+            for e in self.edits
+        ])  # fmt: skip  # (E, P * D)
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def prompts(self, pipe, cases: list[Case]) -> list[torch.Tensor]:
+        prompts = []
+        for case in cases:
+            distances = (self.deltas - exemplar_delta(pipe, case.exemplars[:1])).norm(dim=1)
+            nearest = self.edits[int(distances.argmin())]
+            prompts.append(self.encoder(torch.from_numpy(instruction_vector(nearest))[None]))
+        return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", required=True, help="A world-2 build folder: base/, adapter/, adapter_*.")
+    parser.add_argument("--queries", type=int, default=16, help="Queries per family.")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--adapt_steps", type=int, default=20)
+    parser.add_argument("--adapt_queries", type=int, default=4, help="Queries per family adapted to (0: none).")
+    parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir)
+    pipe = FluxDeltaEditPipeline.from_pretrained(work / "base")
+    pipe.load_delta_adapter(work / "adapter")
+    pipe.set_progress_bar_config(disable=True)
+    encoder = InstructionEncoder.from_pretrained(work / "base" / "instruction_encoder").eval()
+    nearest = NearestSeenEdit(pipe, encoder)
+    ablations = sorted(work.glob("adapter_*"))
+
+    table = []  # (split, family, {column: error})
+    for split in args.splits:
+        for family, cases in cases_of(split, args.queries).items():
+            identity = statistics.mean(mae(c.query, c.truth) for c in cases)
+            row = {"identity": identity, "floor": floor_error(pipe, cases)}
+            told = [encoder(torch.from_numpy(instruction_vector(c.edit))[None]) for c in cases]
+            row["base + true instruction"] = run(pipe, cases, prompts=told, delta_scale=0.0)
+            row["nearest seen edit"] = run(pipe, cases, prompts=nearest.prompts(pipe, cases), delta_scale=0.0)
+            row["adapter"] = run(pipe, cases)
+            row["adapter, 3 exemplars"] = run(pipe, cases, exemplar_count=3)
+            if split != "S1" and args.adapt_queries:
+                row[f"adapter + adapt({args.adapt_steps})"] = adapted(
+                    pipe, cases[: args.adapt_queries], args.adapt_steps
+                )
+            for folder in ablations:
+                pipe.load_delta_adapter(folder)
+                row[folder.name.removeprefix("adapter_").replace("_", " ")] = run(pipe, cases)
+            if ablations:
+                pipe.load_delta_adapter(work / "adapter")
+            table.append((split, family, row))
+            print(f"{split} {family:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+
+    def gap(row, column):  # NaN where the VAE cannot even beat leaving the query alone
+        room = row["identity"] - row["floor"]
+        return (row["identity"] - row[column]) / room if room > 0 else float("nan")
+
+    columns = [c for c in table[0][2] if c not in ("identity", "floor")]
+    print("\nmean gap closed per split:")
+    for split in args.splits:
+        rows = [row for s, _, row in table if s == split]
+        cells = [f"{c} {statistics.mean(gap(r, c) for r in rows if c in r):+.2f}" for c in columns if c in rows[0]]
+        beats = statistics.mean(r["adapter"] < r["identity"] for r in rows)
+        print(f"  {split}: " + ", ".join(cells) + f"; adapter beats identity on {beats:.0%} of families")
+    if args.markdown:
+        print("\n| split | family | identity | floor | " + " | ".join(columns) + " |")
+        print("| --- | --- | --- | --- |" + " --- |" * len(columns))
+        for split, family, row in table:
+            cells = [f"{row[c]:.4f} ({gap(row, c):+.2f})" if c in row else "" for c in columns]
+            print(f"| {split} | {family} | {row['identity']:.4f} | {row['floor']:.4f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
