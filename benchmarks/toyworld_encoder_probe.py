@@ -25,14 +25,12 @@ from diffusers_delta.toyworld.families import family_of
 
 
 def build_random_encoder(seed: int) -> SiglipVisionModel:
+    """The toy world's SigLIP stand-in as `build_default_model.py` builds it: random, frozen."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toyworld"))
-    import tempfile
+    from build_default_model import image_encoder_config
 
-    from build_default_model import build_image_encoder
-
-    with tempfile.TemporaryDirectory() as folder:
-        build_image_encoder(Path(folder), seed)
-        return SiglipVisionModel.from_pretrained(folder).eval()
+    torch.manual_seed(seed)
+    return SiglipVisionModel(image_encoder_config()).eval()
 
 
 @torch.no_grad()

@@ -64,13 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_image_encoder(folder: Path, seed: int) -> None:
-    """A small SigLIP over 64x64 inputs in 8x8 patches (64 patch tokens of 64 features), random and frozen."""
-    torch.manual_seed(seed)
-    config = SiglipVisionConfig(
+def image_encoder_config() -> SiglipVisionConfig:
+    """The toy world's SigLIP: 64x64 inputs in 8x8 patches, 64 patch tokens of 64 features, 2 layers."""
+    return SiglipVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
     )
-    SiglipVisionModel(config).save_pretrained(folder)
+
+
+def build_image_encoder(folder: Path, seed: int) -> None:
+    """The toy world's SigLIP (`image_encoder_config`), random and frozen."""
+    torch.manual_seed(seed)
+    SiglipVisionModel(image_encoder_config()).save_pretrained(folder)
     SiglipImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
 
 

@@ -14,6 +14,7 @@ Writes a SigLIP folder (`SiglipVisionModel` and its preprocessing) the training 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,13 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.toyworld import IMAGE_SIZE, world_batch
 
 
-PATCH = 8
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_default_model import image_encoder_config  # noqa: E402
+
+
+PATCH = image_encoder_config().patch_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,15 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_image_encoder() -> SiglipVisionModel:
-    """The toy world's SigLIP: 64x64 inputs in 8x8 patches, 64 tokens of 64 features, 2 layers."""
-    config = SiglipVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )  # fmt: skip
-    return SiglipVisionModel(config)
-
-
 def patches(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, P, 3 * PATCH * PATCH), patches in SigLIP's row-major order."""
     return images.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
@@ -59,7 +55,7 @@ def patches(images: torch.Tensor) -> torch.Tensor:
 def main(args: argparse.Namespace) -> SiglipVisionModel:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    encoder = build_image_encoder().train()
+    encoder = SiglipVisionModel(image_encoder_config()).train()
     head = torch.nn.Linear(encoder.config.hidden_size, 3 * PATCH * PATCH)  # a patch token -> its patch's pixels
     preprocessor = SiglipPreprocessor(IMAGE_SIZE)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=args.learning_rate)
