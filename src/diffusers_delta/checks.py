@@ -45,7 +45,7 @@ def as_tensor(value, name: str, fix: str) -> torch.Tensor:
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     """Refuses a floating-point tensor holding NaN or infinity."""
-    if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+    if non_finite_keys({name: tensor}):
         raise ValueError(f"{name} holds NaN or infinite values.")
 
 
