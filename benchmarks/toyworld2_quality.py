@@ -30,7 +30,7 @@ import torch
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, instruction_vector, render, split_edits
-from diffusers_delta.toyworld.families import family_of
+from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 
 
@@ -59,12 +59,9 @@ class Case:
 
 
 def cases_of(split: str, queries: int) -> dict[str, list[Case]]:
-    by_family: dict[str, list] = {}
-    for edit in split_edits(split):
-        by_family.setdefault(family_of(edit), []).append(edit)
     return {
         family: [Case(edits[i % len(edits)], i, number) for i in range(queries)]
-        for number, (family, edits) in enumerate(sorted(by_family.items()))
+        for number, (family, edits) in enumerate(sorted(edits_by_family(split_edits(split)).items()))
     }
 
 

@@ -21,7 +21,7 @@ from transformers import SiglipVisionModel
 
 from diffusers_delta.semantic_delta import SiglipPreprocessor, semantic_delta
 from diffusers_delta.toyworld import SEEN_FAMILIES, changed_pair, render, split_edits
-from diffusers_delta.toyworld.families import family_of
+from diffusers_delta.toyworld.families import edits_by_family
 
 
 def build_random_encoder(seed: int) -> SiglipVisionModel:
@@ -36,12 +36,9 @@ def build_random_encoder(seed: int) -> SiglipVisionModel:
 @torch.no_grad()
 def deltas(encoder: SiglipVisionModel, split: str, pairs_per_family: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """Flattened semantic deltas (N, P * D) of pairs of every family of a split, and their families."""
-    by_family: dict[str, list] = {}
-    for edit in split_edits(split):
-        by_family.setdefault(family_of(edit), []).append(edit)
     preprocessor = SiglipPreprocessor(encoder.config.image_size)
     sources, targets, labels = [], [], []
-    for family, edits in sorted(by_family.items()):
+    for family, edits in sorted(edits_by_family(split_edits(split)).items()):
         for index in range(pairs_per_family):
             scene, edited = changed_pair(edits[index % len(edits)], seed + 7919 * index, encoder.config.image_size)
             sources.append(render(scene))

@@ -5,9 +5,9 @@ import re
 import PIL.Image
 import pytest
 
-from diffusers_delta import cli, compute_empty_prompt_embeds, toyworld
+from diffusers_delta import cli, toyworld
 from diffusers_delta.pipelines import FluxDeltaEditPipeline
-from diffusers_delta.testing import TEXT_KWARGS, tiny_delta_pipeline
+from diffusers_delta.testing import save_tiny_toy_model
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,7 @@ def model_dir(tmp_path_factory):
     """`base/` (a text-free 64x64-only pipeline folder) and `adapter/` (weights, SigLIP, empty prompt), like the toy
     model."""
     root = tmp_path_factory.mktemp("toy_model")
-    pipe = tiny_delta_pipeline(adapter_std=0.05)
-    pipe.empty_prompt_embeds = compute_empty_prompt_embeds(pipe, **TEXT_KWARGS)
-    pipe.save_delta_adapter(root / "adapter")
-    FluxDeltaEditPipeline(
-        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None, transformer=pipe.transformer,
-        is_distilled=True, image_size=64,
-    ).save_pretrained(root / "base")  # fmt: skip
+    save_tiny_toy_model(root)
     return root
 
 

@@ -101,7 +101,12 @@ def test_world_batches_and_family_pairs(tmp_path):
     )
     unchanged = (references == targets).flatten(1).all(dim=1)
     assert ((instructions == 0).all(dim=1) <= unchanged).all()  # the empty instruction keeps the reference
-    toyworld.write_family_pairs(tmp_path, "S2", pairs_per_edit=1, seed=3)
+    toyworld.write_family_pairs(tmp_path, "S2", pairs_per_family=2, seed=3)
     records = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
-    assert len(records) == len(families.split_edits("S2")) and {r["split"] for r in records} == {"S2"}
+    assert len(records) == 2 * len(families.SEEN_FAMILIES) and {r["split"] for r in records} == {"S2"}
+    per_family = {}
+    for record in records:  # every family equally, its edits in turn
+        per_family.setdefault(record["family"], []).append(record["edit"])
+    assert set(per_family) == set(families.SEEN_FAMILIES) and all(len(v) == 2 for v in per_family.values())
+    assert len(set(per_family["recolor"])) == 2  # a family of several edits takes them in turn
     assert len(LocalPairDataset(tmp_path)) == len(records)

@@ -101,7 +101,7 @@ def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
 
 
 def test_the_world_2_build_runs_its_stages_and_resumes(tmp_path, capsys):
-    argv = ["--work_dir", str(tmp_path), "--vae_steps", "1", "--base_steps", "1", "--pairs_per_edit", "1",
+    argv = ["--work_dir", str(tmp_path), "--vae_steps", "1", "--base_steps", "1", "--pairs_per_family", "2",
             "--adapter_steps", "1"]  # fmt: skip
     build_world2.main(build_world2.parse_args(argv))
     assert capsys.readouterr().out.count("stage ") == 5

@@ -35,15 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True, help="Where every stage's folder goes.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds every stage.")
-    parser.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps.")
-    parser.add_argument("--base_steps", type=int, default=5000, help="Base editor training steps.")
+    parser.add_argument("--vae_steps", type=int, default=1500, help="VAE training steps.")
+    parser.add_argument("--base_steps", type=int, default=6000, help="Base editor training steps.")
     parser.add_argument(
         "--pretrain_encoder",
         action="store_true",
         help="Pre-train the SigLIP stand-in (masked patch reconstruction) instead of a random one.",
     )
     parser.add_argument("--encoder_steps", type=int, default=10_000, help="Pre-training steps of the encoder.")
-    parser.add_argument("--pairs_per_edit", type=int, default=100, help="Training pairs of each S1 edit.")
+    parser.add_argument("--pairs_per_family", type=int, default=400, help="Training pairs of each S1 family.")
     parser.add_argument("--adapter_steps", type=int, default=4000, help="Adapter training steps.")
     parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
     parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
@@ -58,13 +58,15 @@ def main(args: argparse.Namespace) -> None:
         print("stage 1/5: VAE")
         train_vae.main(train_vae.parse_args([
             "--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps), "--minutes", "1e9",
-            "--seed", seed, "--world", "families",
+            "--seed", seed, "--world", "families", "--block_out_channels", "32", "64", "64", "--l1_weight", "0.5",
+            "--lr_scheduler", "cosine",
         ]))  # fmt: skip
     if not (work / "base" / "instruction_encoder" / "config.json").is_file():
         print("stage 2/5: instruction base editor")
         train_base_editor.main(train_base_editor.parse_args([
             "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
-            "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--world", "families",
+            "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--instruction_fraction", "0.7",
+            "--world", "families", "--lr_scheduler", "cosine",
         ]))  # fmt: skip
     if not (work / "siglip" / "config.json").is_file():
         print("stage 3/5: SigLIP stand-in")
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
             build_default_model.build_image_encoder(work / "siglip", args.seed)
     if not (work / "pairs" / "metadata.jsonl").is_file():
         print("stage 4/5: S1 pairs")
-        toyworld.write_family_pairs(work / "pairs.tmp", "S1", args.pairs_per_edit, seed=args.seed)
+        toyworld.write_family_pairs(work / "pairs.tmp", "S1", args.pairs_per_family, seed=args.seed)
         (work / "pairs.tmp").rename(work / "pairs")  # whole, or not there
     if not (work / "adapter" / "diffusion_pytorch_model.safetensors").is_file():
         print("stage 5/5: adapter")

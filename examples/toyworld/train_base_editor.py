@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_delta import FluxDeltaEditPipeline
@@ -38,6 +39,7 @@ from diffusers_delta.toyworld import (
     IMAGE_SIZE,
     SPLITS,
     changed_pair,
+    generate_family_scene,
     generate_scene,
     instruction_batch,
     instruction_vector,
@@ -46,7 +48,7 @@ from diffusers_delta.toyworld import (
     split_edits,
     world_batch,
 )
-from diffusers_delta.toyworld.families import family_of
+from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 from diffusers_delta.training import predict_velocity
 
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=None, help="Stop after this many steps (for tests).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"],
+                        help="cosine: warm up, then decay to zero at --max_steps (which it needs).")  # fmt: skip
+    parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Warm-up steps of the cosine schedule.")
     parser.add_argument("--edited_fraction", type=float, default=0.0,
                         help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--instruction_fraction", type=float, default=0.5,
@@ -149,16 +154,13 @@ def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: in
 def report_families(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, seed: int, count: int = 4) -> None:
     """Toy world 2: per split and family, the base editor's error under the true instruction on held-out scenes,
     with its gap closed, (identity - output) / (identity - floor), and the reproduction PSNR."""
-    reference_scenes = [generate_scene(np.random.default_rng(seed + i)) for i in range(count)]
+    reference_scenes = [generate_family_scene(np.random.default_rng(seed + i)) for i in range(count)]
     references = render_batch(reference_scenes)
     reproduced = edit_images(pipe, encoder.empty_prompt_embeds(), references)
     print(f"reproduction PSNR {10 * math.log10(1.0 / F.mse_loss(reproduced, (references + 1) / 2).item()):.1f} dB")
     for split in SPLITS:
-        by_family = {}
-        for edit in split_edits(split):
-            by_family.setdefault(family_of(edit), edit)  # the first edit of each family
         gaps = []
-        for name, edit in by_family.items():
+        for name, (edit, *_) in edits_by_family(split_edits(split)).items():  # the first edit of each family
             pairs = [changed_pair(edit, seed + 100 * i, IMAGE_SIZE) for i in range(count)]
             sources = render_batch([scene for scene, _ in pairs])
             truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
@@ -188,6 +190,11 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
         prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D)
         instruction_weights = [prompts]
     optimizer = torch.optim.AdamW([*transformer.parameters(), *instruction_weights], lr=args.learning_rate)
+    if args.lr_scheduler == "cosine" and args.max_steps is None:
+        raise SystemExit("error: --lr_scheduler cosine decays to zero at --max_steps; give it.")
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_steps
+    )
     scheduler = klein_scheduler()
     deadline = time.monotonic() + args.minutes * 60
     progress = tqdm(desc="base editor", unit="step", mininterval=2)
@@ -223,6 +230,7 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
+        lr_scheduler.step()
         step += 1
         progress.update()
         if step % 50 == 0:

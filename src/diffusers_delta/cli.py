@@ -1,7 +1,11 @@
-"""`diffusers-delta`: the command line. `demo` shows the embedded toy model at work, offline; `edit` edits a query.
+"""`diffusers-delta`: the command line. `demo` shows the embedded toy model at work, offline; `edit` edits a query
+or a folder of them; `app` serves the Gradio app.
 
 diffusers-delta demo --out demo.png
 diffusers-delta edit --exemplar before.png after.png --query query.png --out edited.png [--base ... --adapter ...]
+diffusers-delta edit --exemplar before.png after.png --queries photos/ --out edited/ [--batch-size 8]
+accelerate launch -m diffusers_delta.cli edit --exemplar before.png after.png --queries photos/ --out edited/
+diffusers-delta app [--base ... --adapter ...] [--port 7860] [--share]
 
 Inputs are checked before any model loads. A mistake prints one line, `error: ...`, and exits with code 2 (any
 other failure: code 1); `--debug` shows the traceback instead.
@@ -88,34 +92,23 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
-def _fit_to_model(pipe, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
-    """For a model that knows one image size only (the toy model), the images resized to it, saying so."""
+def _fit_to_model(pipe, images: list[PIL.Image.Image], quiet: bool = False) -> list[PIL.Image.Image]:
+    """For a model that knows one image size only (the toy model), the images resized to it, saying so unless
+    `quiet`."""
     side = pipe.config.get("image_size")
     if side is None or all(image.size == (side, side) for image in images):
         return images
-    sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
-    print(
-        f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.", file=sys.stderr
-    )
+    if not quiet:
+        sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
+        print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.",
+              file=sys.stderr)  # fmt: skip
     return [image.convert("RGB").resize((side, side), PIL.Image.Resampling.BICUBIC) for image in images]
 
 
-def _edit(args: argparse.Namespace) -> None:
+def _load_edit_pipeline(args: argparse.Namespace):
+    """The pipeline of `--base`/`--adapter`, or the embedded toy model, with its progress bar off."""
     from .pipelines import FluxDeltaEditPipeline
 
-    # 1. Check everything before loading a model
-    if args.base is not None and args.adapter is None:
-        raise UsageError("--adapter is required with --base.")
-    if args.adapt_steps < 0:
-        raise UsageError(f"--adapt-steps must be 0 or more, got {args.adapt_steps}.")
-    source, target = (_read_image(path, what) for path, what in zip(args.exemplar, ("exemplar source", "target")))
-    query = _read_image(args.query, "query")
-    out = _output_path(args.out)
-    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
-        if value is not None:
-            _model_source(value, option)
-
-    # 2. Load
     if args.base is None:
         print("No --base given: using the embedded toy-world model (64x64 scenes).", file=sys.stderr)
         pipe = toyworld.load_pipeline()
@@ -125,15 +118,65 @@ def _edit(args: argparse.Namespace) -> None:
         pipe = FluxDeltaEditPipeline.from_pretrained(args.base, text_encoder=None, tokenizer=None)
         pipe.load_delta_adapter(args.adapter)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    # 3. Edit (at the model's size, when it knows only one, and back to the query's size)
-    source, target, fitted_query = _fit_to_model(pipe, [source, target, query])
+
+def _folder_output(path: str) -> Path:
+    """`--out` of a folder edit: a folder (created if missing), not a file."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} is a file: with --queries, --out is the folder the edited images go to.")
+    return out
+
+
+def _edit(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
+
+    from .folder_edit import edit_folder, list_queries, same_size_batches
+
+    # 1. Check everything before loading a model
+    if args.base is not None and args.adapter is None:
+        raise UsageError("--adapter is required with --base.")
+    if args.adapt_steps < 0:
+        raise UsageError(f"--adapt-steps must be 0 or more, got {args.adapt_steps}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be 1 or more, got {args.batch_size}.")
+    source, target = (_read_image(path, what) for path, what in zip(args.exemplar, ("exemplar source", "target")))
+    if args.queries is not None:
+        out = _folder_output(args.out)
+        same_size_batches(Path(args.queries), list_queries(args.queries, out), 1)  # images, by their headers
+    else:
+        query = _read_image(args.query, "query")
+        out = _output_path(args.out)
+    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
+        if value is not None:
+            _model_source(value, option)
+
+    # 2. Load, on this process's device (one process, or one of `accelerate launch`'s; `--cpu` as Accelerator reads it)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    pipe = _load_edit_pipeline(args).to(state.device)
+
+    # 3. Encode the exemplar once (at the model's size, when it knows only one), adapting to it first if asked
+    source, target = _fit_to_model(pipe, [source, target])
     if args.adapt_steps:
         result = pipe.adapt_to_exemplar(source, target, num_steps=args.adapt_steps,
                                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
         print(f"Adapted for {args.adapt_steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    delta_embeds = pipe.encode_exemplar((source, target))
+
+    # 4. Edit, and write back at each query's size
+    if args.queries is not None:
+        done = edit_folder(pipe, delta_embeds, args.queries, out, batch_size=args.batch_size, seed=args.seed,
+                           fit=lambda images: _fit_to_model(pipe, images, quiet=True), state=state)  # fmt: skip
+        counts = gather_object([len(done.edited)])  # one per process
+        if state.is_main_process:
+            shares = f" ({' + '.join(map(str, counts))} by {len(counts)} processes)" if len(counts) > 1 else ""
+            print(f"Edited {sum(counts)} images into {out}{shares}; {len(done.skipped)} were there already.")
+        return
+    (fitted_query,) = _fit_to_model(pipe, [query])
     generator = torch.Generator().manual_seed(args.seed)
-    edited = pipe(fitted_query, exemplar=(source, target), generator=generator).images[0]
+    edited = pipe(fitted_query, delta_embeds=delta_embeds, generator=generator).images[0]
     if fitted_query is not query:
         edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
         print(f"Resized the output back to {query.width}x{query.height}.", file=sys.stderr)
@@ -155,8 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-dir", default=str(toyworld.DEFAULT_MODEL_DIR), help=argparse.SUPPRESS)
     edit = commands.add_parser("edit", parents=[common], help="Apply an exemplar's edit to a query image.")
     edit.add_argument("--exemplar", nargs=2, required=True, metavar=("SOURCE", "TARGET"))
-    edit.add_argument("--query", required=True)
-    edit.add_argument("--out", required=True, help="Where to write the edited image (.png, .jpg, ...).")
+    queries = edit.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--query", help="One image to edit.")
+    queries.add_argument(
+        "--queries", help="A folder of images to edit (subfolders too), resumably: existing outputs are skipped."
+    )
+    edit.add_argument(
+        "--out", required=True, help="The edited image (.png, .jpg, ...); with --queries, the folder of outputs."
+    )
+    edit.add_argument("--batch-size", type=int, default=1, help="With --queries: queries of one size per batch.")
     edit.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")

@@ -20,6 +20,9 @@ from .families import (
     SEEN_FAMILIES,
     SPLITS,
     changed_pair,
+    draw_edit,
+    edits_by_family,
+    generate_family_scene,
     instruction_vector,
     split_edits,
 )
@@ -131,34 +134,36 @@ def world_batch(
         size: image side.
         edited_fraction: the share of references that are themselves already edited.
         instruction_fraction: the share of references that get an edit rather than the empty instruction.
-        splits: the splits the edits are drawn from (a base editor knows all of them, as klein knows edits by text).
+        splits: the splits the edits are drawn from (a base editor knows all of them, as klein knows edits by text),
+            each family (and each composition) as often as any other (`families.draw_edit`).
 
     Returns:
         references (B, 3, H, W) and targets (B, 3, H, W) in [-1, 1], and instructions (B, INSTRUCTION_WIDTH) float32
         (`families.instruction_vector`; zeros for the empty instruction).
     """
-    every_edit = [edit for split in splits for edit in split_edits(split)]
+    groups = edits_by_family([edit for split in splits for edit in split_edits(split)])
     references, targets, instructions = [], [], []
     for _ in range(batch_size):
-        scene = generate_scene(rng, size)
+        scene = generate_family_scene(rng, size)
         if rng.random() < edited_fraction:
-            scene = every_edit[int(rng.integers(len(every_edit)))](scene)
-        edit = every_edit[int(rng.integers(len(every_edit)))] if rng.random() < instruction_fraction else None
+            scene = draw_edit(groups, rng)(scene)
+        edit = draw_edit(groups, rng) if rng.random() < instruction_fraction else None
         references.append(scene)
         targets.append(edit(scene) if edit is not None else scene)
         instructions.append(instruction_vector(edit))
     return render_batch(references), render_batch(targets), torch.from_numpy(np.stack(instructions))
 
 
-def write_family_pairs(folder: str | Path, split: str, pairs_per_edit: int, seed: int = 0) -> Path:
-    """Writes pairs of every edit of a split in the training script's layout (`source/`, `target/`), and
-    `metadata.jsonl` with each pair's edit and split. Each pair is a scene the edit visibly changes.
+def write_family_pairs(folder: str | Path, split: str, pairs_per_family: int, seed: int = 0) -> Path:
+    """Writes pairs of a split in the training script's layout (`source/`, `target/`), and `metadata.jsonl` with
+    each pair's edit, family and split. Every family (or composition) gets as many pairs, its edits taken in turn, so
+    that recolouring's 20 colour pairs weigh no more than flip's one; each pair is a scene its edit visibly changes.
 
     Args:
         folder: where to write.
         split: `"S1"` (the adapter's training data), or another split for evaluation sets.
-        pairs_per_edit: pairs of each edit of the split.
-        seed: seeds scene `seed * 1_000_003 + index`, so sets with different seeds do not overlap.
+        pairs_per_family: pairs of each family of the split.
+        seed: seeds the scenes, so sets with different seeds do not overlap.
 
     Returns:
         The folder.
@@ -169,13 +174,15 @@ def write_family_pairs(folder: str | Path, split: str, pairs_per_edit: int, seed
     for sub in ("source", "target"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     records = []
-    for number, edit in enumerate(split_edits(split)):
-        for index in range(pairs_per_edit):
-            scene, edited = changed_pair(edit, seed * 1_000_003 + number * 10_007 + index, IMAGE_SIZE)
+    for number, (family, edits) in enumerate(edits_by_family(split_edits(split)).items()):
+        for index in range(pairs_per_family):
+            edit = edits[index % len(edits)]
+            scene, edited = changed_pair(edit, seed * 1_000_003 + number * 100_003 + index, IMAGE_SIZE)
             name = f"{split}-{number:03d}-{index:05d}.png"
             PIL.Image.fromarray(render(scene)).save(folder / "source" / name)
             PIL.Image.fromarray(render(edited)).save(folder / "target" / name)
-            records.append({"source": f"source/{name}", "target": f"target/{name}", "edit": edit.name, "split": split})
+            records.append({"source": f"source/{name}", "target": f"target/{name}", "edit": edit.name,
+                            "family": family, "split": split})  # fmt: skip
     (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     return folder
 
@@ -221,6 +228,7 @@ __all__ = [
     "Edit",
     "Scene",
     "Shape",
+    "generate_family_scene",
     "generate_scene",
     "instruction_batch",
     "load_pipeline",

@@ -24,12 +24,31 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .edits import Edit
-from .scenes import BACKGROUND_PALETTE, SHAPE_KINDS, SHAPE_PALETTE, Scene, Shape, draw_border, generate_scene, luma
+from .scenes import (
+    BACKGROUND_PALETTE,
+    IMAGE_SIZE,
+    SHAPE_KINDS,
+    SHAPE_PALETTE,
+    Scene,
+    Shape,
+    draw_border,
+    generate_scene,
+    luma,
+)
 
 
 COLOR_NAMES = ("red", "green", "blue", "yellow", "purple", "orange")  # SHAPE_PALETTE, in order
 BACKGROUND_NAMES = ("off-white", "pale blue", "pale green", "sand", "lavender")  # BACKGROUND_PALETTE, in order
 DOMAINS = ("colour", "tone", "geometry", "content", "framing")
+#: World 2 draws bigger shapes than the shipped world, so that edits of one shape (recolour, add, remove, change its
+#: kind) change enough pixels to be measured above the VAE's reconstruction floor.
+FAMILY_SHAPE_SIZES = (0.15, 0.28)
+ADDED_SHAPE_SIZE = 0.2
+
+
+def generate_family_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """A random scene of toy world 2: `generate_scene` with `FAMILY_SHAPE_SIZES`."""
+    return generate_scene(rng, size, shape_sizes=FAMILY_SHAPE_SIZES)
 
 
 # ----------------------------------------------------------------------------------------------- pixel operations
@@ -137,7 +156,7 @@ def _remove(kind: str) -> Callable[[Scene], Scene]:
 
 def _add(kind: str, color: int, x: float, y: float) -> Callable[[Scene], Scene]:
     def add(scene: Scene) -> Scene:
-        shape = Shape(kind, (x * scene.size, y * scene.size), 0.14 * scene.size, SHAPE_PALETTE[color])
+        shape = Shape(kind, (x * scene.size, y * scene.size), ADDED_SHAPE_SIZE * scene.size, SHAPE_PALETTE[color])
         return scene.with_shapes((*scene.shapes, shape))  # on top
 
     return add
@@ -317,22 +336,34 @@ def changed_pair(edit: Edit, seed: int, size: int, attempts: int = 100) -> tuple
     from .scenes import render
 
     for attempt in range(attempts):
-        scene = generate_scene(np.random.default_rng(seed + attempt * 1_000_003), size)
+        scene = generate_family_scene(np.random.default_rng(seed + attempt * 1_000_003), size)
         edited = edit(scene)
         if not np.array_equal(render(scene), render(edited)):
             return scene, edited
     raise ValueError(f"{edit.name} changed none of {attempts} scenes.")
 
 
-def sample_edits(split: str, count: int, rng: np.random.Generator) -> Sequence[Edit]:
-    """`count` edits of a split drawn with replacement, families evenly first, then their values."""
-    edits = split_edits(split)
-    by_family: dict[str, list[Edit]] = {}
+def edits_by_family(edits: Sequence[Edit]) -> dict[str, list[Edit]]:
+    """Edits grouped by family (a composition under `"a + b"`), families in the order they first come."""
+    groups: dict[str, list[Edit]] = {}
     for edit in edits:
-        by_family.setdefault(family_of(edit), []).append(edit)
-    families = sorted(by_family)
-    chosen = rng.integers(len(families), size=count)
-    return [by_family[families[f]][int(rng.integers(len(by_family[families[f]])))] for f in chosen]
+        groups.setdefault(family_of(edit), []).append(edit)
+    return groups
+
+
+def draw_edit(groups: dict[str, list[Edit]], rng: np.random.Generator) -> Edit:
+    """One edit of `edits_by_family`'s groups: a family uniformly, then one of its edits uniformly, so that a family
+    with many parameter values (recolouring's 20 seen colour pairs) is drawn no more often than one with few (flip's
+    one)."""
+    families = sorted(groups)
+    edits = groups[families[int(rng.integers(len(families)))]]
+    return edits[int(rng.integers(len(edits)))]
+
+
+def sample_edits(split: str, count: int, rng: np.random.Generator) -> Sequence[Edit]:
+    """`count` edits of a split drawn with replacement by `draw_edit`."""
+    groups = edits_by_family(split_edits(split))
+    return [draw_edit(groups, rng) for _ in range(count)]
 
 
 #: Width of one step of a structured instruction: the family (one-hot) and its parameters' features (zero-padded).

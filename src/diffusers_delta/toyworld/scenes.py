@@ -30,6 +30,8 @@ BACKGROUND_PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 SHAPE_KINDS = ("circle", "square", "triangle")
 IMAGE_SIZE = 64
+#: Range of shape sizes of `generate_scene`, as a share of the image side.
+SHAPE_SIZES = (0.09, 0.2)
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,23 @@ class Scene:
         return replace(self, shapes=tuple(shapes))
 
 
-def generate_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
-    """A random scene: 1-3 shapes of distinct colours inside the frame, on a plain or two-tone background."""
+def generate_scene(
+    rng: np.random.Generator, size: int = IMAGE_SIZE, shape_sizes: tuple[float, float] = SHAPE_SIZES
+) -> Scene:
+    """A random scene: 1-3 shapes of distinct colours inside the frame, on a plain or two-tone background.
+
+    Args:
+        rng: the random source.
+        size: image side in pixels.
+        shape_sizes: the range shape sizes (`Shape.size`) are drawn from, as a share of `size`.
+    """
     num_shapes = int(rng.integers(1, 4))
     colors = rng.choice(len(SHAPE_PALETTE), size=num_shapes, replace=False)
     shapes = tuple(
         Shape(
             kind=SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))],
             center=(float(rng.uniform(0.2, 0.8) * size), float(rng.uniform(0.2, 0.8) * size)),
-            size=float(rng.uniform(0.09, 0.2) * size),
+            size=float(rng.uniform(*shape_sizes) * size),
             color=SHAPE_PALETTE[int(color)],
         )
         for color in colors

@@ -1,0 +1,186 @@
+"""Folder-scale editing: `diffusers-delta edit --queries DIR --out DIR`, resumable, atomic, and split between two
+processes under `accelerate launch` (gloo on CPU), on a model folder laid out like the toy model."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffusers_delta import cli, toyworld
+from diffusers_delta.folder_edit import edit_folder, list_queries, write_image_atomically
+from diffusers_delta.testing import save_tiny_toy_model
+
+
+QUERIES = ["a.png", "b.png", "c.png", "d.png", "e.png", "sub/f.jpg", "sub/g.png"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_model")
+    save_tiny_toy_model(root)
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """An exemplar pair and a folder of queries of two sizes, one in a subfolder, with a hidden file and a text file
+    that are not queries."""
+    source, target = toyworld.make_pair("flip", 1)
+    source.save(tmp_path / "source.png")
+    target.save(tmp_path / "target.png")
+    queries = tmp_path / "queries"
+    (queries / "sub").mkdir(parents=True)
+    for index, name in enumerate(QUERIES):
+        image = toyworld.make_pair("flip", 10 + index)[0]
+        (image.resize((80, 96)) if index % 3 == 0 else image).save(queries / name)
+    (queries / ".hidden.png").write_bytes(b"")
+    (queries / "notes.txt").write_text("not a query")
+    return tmp_path
+
+
+def command(folders, model_dir, out, *extra) -> list[str]:
+    return [
+        "edit", "--exemplar", str(folders / "source.png"), str(folders / "target.png"), "--queries",
+        str(folders / "queries"), "--out", str(out), "--base", str(model_dir / "base"), "--adapter",
+        str(model_dir / "adapter"), *map(str, extra),
+    ]  # fmt: skip
+
+
+def read(folder, name) -> np.ndarray:
+    return np.asarray(PIL.Image.open(folder / name), dtype=np.int16)
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_every_query_is_edited_once_keeping_names_and_sizes_and_a_rerun_skips_them(folders, model_dir, capsys):
+    out = folders / "out"
+    code, printed, _ = run(command(folders, model_dir, out, "--batch-size", 2), capsys)
+    assert code == 0 and "Edited 7 images" in printed and "0 were there already" in printed
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == QUERIES
+    for name in QUERIES:
+        assert PIL.Image.open(out / name).size == PIL.Image.open(folders / "queries" / name).size
+        assert PIL.Image.open(out / name).format == ("JPEG" if name.endswith(".jpg") else "PNG")
+    times = {name: (out / name).stat().st_mtime_ns for name in QUERIES}
+    (out / "c.png").unlink()  # as if cut off before it
+    code, printed, _ = run(command(folders, model_dir, out, "--batch-size", 2), capsys)
+    assert code == 0 and "Edited 1 images" in printed and "6 were there already" in printed
+    assert all((out / name).stat().st_mtime_ns == times[name] for name in QUERIES if name != "c.png")
+
+
+def test_outputs_do_not_depend_on_the_batch_size_and_equal_one_query_edits(folders, model_dir, capsys):
+    run(command(folders, model_dir, folders / "one", "--batch-size", 1), capsys)
+    run(command(folders, model_dir, folders / "four", "--batch-size", 4), capsys)
+    for name in QUERIES:
+        if name.endswith(".png"):  # lossless: at most one level of rounding apart
+            assert np.abs(read(folders / "one", name) - read(folders / "four", name)).max() <= 1, name
+    pipe = toyworld.load_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    delta_embeds = pipe.encode_exemplar((PIL.Image.open(folders / "source.png"), PIL.Image.open(folders / "target.png")))
+    edit_folder(pipe, delta_embeds, folders / "queries", folders / "library", batch_size=3, seed=0,
+                fit=lambda images: [image.resize((64, 64), PIL.Image.Resampling.BICUBIC) for image in images])  # fmt: skip
+    assert all(np.abs(read(folders / "one", n) - read(folders / "library", n)).max() <= 1 for n in QUERIES[1:3])
+
+
+@pytest.mark.parametrize("failing_write", [1, 7], ids=["first-file", "last-file"])
+def test_a_failed_write_leaves_only_whole_outputs_and_the_rerun_completes(
+    folders, model_dir, capsys, monkeypatch, failing_write
+):
+    out = folders / "out"
+    save = PIL.Image.Image.save
+    writes = []
+
+    def failing_save(image, fp, *args, **kwargs):
+        writes.append(fp)
+        if len(writes) == failing_write:
+            fp.write(b"\x89PNG half an image")  # a partial write, then the disk fills
+            raise OSError(28, "No space left on device")
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
+    code, _, err = run(command(folders, model_dir, out), capsys)
+    assert code == 2 and "No space left on device" in err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(written) == failing_write - 1 and not any(name.startswith(".") for name in written)  # no temporary
+    for name in written:
+        PIL.Image.open(out / name).load()  # complete
+    monkeypatch.setattr(PIL.Image.Image, "save", save)
+    code, printed, _ = run(command(folders, model_dir, out), capsys)
+    assert code == 0 and f"Edited {8 - failing_write} images" in printed
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == QUERIES
+
+
+def test_two_processes_split_the_queries_and_write_what_one_process_writes(folders, model_dir, capsys, tmp_path):
+    """`accelerate launch -m diffusers_delta.cli edit ...` on 2 CPU processes (gloo)."""
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m",
+        "diffusers_delta.cli",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [*launch, *command(folders, model_dir, folders / "two", "--batch-size", 2)],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    shares = re.search(r"Edited 7 images into .* \((\d+) \+ (\d+) by 2 processes\)", result.stdout)
+    assert shares and sorted(map(int, shares.groups())) == [3, 4]  # all 7 written, by 3 + 4 edits: each exactly once
+    one = subprocess.run(
+        [sys.executable, "-m", "diffusers_delta.cli", *command(folders, model_dir, folders / "one", "--batch-size", 2)],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    for name in QUERIES:
+        assert np.array_equal(read(folders / "one", name), read(folders / "two", name)), name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"queries": "missing"}, r"error: --queries .*missing is not a folder of images\."),
+        ({"queries": "empty"}, r"error: --queries .*empty holds no image"),
+        ({"out": "source.png"}, r"error: --out .*source.png is a file: with --queries"),
+        ({"batch": 0}, r"error: --batch-size must be 1 or more, got 0\."),
+        ({"broken": True}, r"error: query .*broken.png is not a readable image"),
+    ],
+    ids=["missing-folder", "no-images", "out-is-a-file", "batch-size-0", "not-an-image"],
+)
+def test_mistakes_are_one_line_before_any_model_loads(folders, model_dir, capsys, monkeypatch, change, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(toyworld, "load_pipeline", no_model)
+    monkeypatch.setattr(cli, "_load_edit_pipeline", no_model)
+    (folders / "empty").mkdir()
+    if change.get("broken"):
+        (folders / "queries" / "broken.png").write_text("not an image")
+    argv = command(folders, model_dir, folders / change.get("out", "out"), "--batch-size", change.get("batch", 1))
+    argv[argv.index("--queries") + 1] = str(folders / change.get("queries", "queries"))
+    code, _, err = run(argv, capsys)
+    assert code == 2 and re.match(message, err) and err.count("\n") == 1, err
+
+
+def test_listing_skips_hidden_files_other_formats_and_the_output_folder_inside(folders):
+    queries = folders / "queries"
+    write_image_atomically(PIL.Image.new("RGB", (8, 8)), queries / "edited" / "a.png")
+    assert [p.as_posix() for p in list_queries(queries, queries / "edited")] == QUERIES
+    assert not [p for p in (queries / "edited").iterdir() if p.name.startswith(".")]  # no temporary left
