@@ -19,6 +19,8 @@ install_requires = [
 
 extras_require = {
     "training": ["datasets>=5.2.0", "tensorboard>=2.21.0", "prodigyopt>=1.0"],
+    # `diffusers-delta app`: Gradio and its dependencies, about 100 MB, so not installed by default.
+    "app": ["gradio>=6.31.0"],
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.6",
@@ -27,6 +29,9 @@ extras_require = {
         "prodigyopt>=1.0",
         "build>=1.2",
         "twine>=6.0",
+        "gradio>=6.31.0",
+        "gradio_client>=2.7.2",
+        "selenium>=4.51.0",  # the opt-in browser test (-m browser), with Debian's chromium and chromium-driver
     ],
 }
 

@@ -25,6 +25,7 @@ import torch
 from . import toyworld
 from .adapter_files import AdapterLocation
 from .grids import make_edit_grid
+from .image_inputs import fit_to_model_size
 
 
 class UsageError(Exception):
@@ -95,30 +96,39 @@ def _demo(args: argparse.Namespace) -> None:
 def _fit_to_model(pipe, images: list[PIL.Image.Image], quiet: bool = False) -> list[PIL.Image.Image]:
     """For a model that knows one image size only (the toy model), the images resized to it, saying so unless
     `quiet`."""
-    side = pipe.config.get("image_size")
-    if side is None or all(image.size == (side, side) for image in images):
-        return images
-    if not quiet:
+    fitted = fit_to_model_size(pipe.config.get("image_size"), images)
+    if fitted is not images and not quiet:
+        side = pipe.config.image_size
         sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
         print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.",
               file=sys.stderr)  # fmt: skip
-    return [image.convert("RGB").resize((side, side), PIL.Image.Resampling.BICUBIC) for image in images]
+    return fitted
 
 
-def _load_edit_pipeline(args: argparse.Namespace):
-    """The pipeline of `--base`/`--adapter`, or the embedded toy model, with its progress bar off."""
+def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.device | str | None = None):
+    """The pipeline of `--base` (FLUX.2 [klein], without its text encoder: the adapter brings the empty prompt's
+    embeddings; bfloat16 on CUDA) and `--adapter`, or the embedded toy model (with `adapter` instead of its own, if
+    given).
+
+    Args:
+        base: a Hub id or folder of a FLUX.2 [klein] pipeline, or None for the toy model.
+        adapter: a Hub id or folder of a Delta-Adapter (required with `base`).
+        device: where to move the pipeline (default: where it loads, the CPU).
+    """
     from .pipelines import FluxDeltaEditPipeline
 
-    if args.base is None:
+    if base is None:
         print("No --base given: using the embedded toy-world model (64x64 scenes).", file=sys.stderr)
         pipe = toyworld.load_pipeline()
-        if args.adapter:
-            pipe.load_delta_adapter(args.adapter)
+        if adapter:
+            pipe.load_delta_adapter(adapter)
+    elif adapter is None:
+        raise UsageError("--adapter is required with --base.")
     else:
-        pipe = FluxDeltaEditPipeline.from_pretrained(args.base, text_encoder=None, tokenizer=None)
-        pipe.load_delta_adapter(args.adapter)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        pipe = FluxDeltaEditPipeline.from_pretrained(base, text_encoder=None, tokenizer=None, dtype=dtype)
+        pipe.load_delta_adapter(adapter)
+    return pipe if device is None else pipe.to(device)
 
 
 def _folder_output(path: str) -> Path:
@@ -155,7 +165,8 @@ def _edit(args: argparse.Namespace) -> None:
 
     # 2. Load, on this process's device (one process, or one of `accelerate launch`'s; `--cpu` as Accelerator reads it)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    pipe = _load_edit_pipeline(args).to(state.device)
+    pipe = load_edit_pipeline(args.base, args.adapter, device=state.device)
+    pipe.set_progress_bar_config(disable=True)
 
     # 3. Encode the exemplar once (at the model's size, when it knows only one), adapting to it first if asked
     source, target = _fit_to_model(pipe, [source, target])
@@ -167,12 +178,15 @@ def _edit(args: argparse.Namespace) -> None:
 
     # 4. Edit, and write back at each query's size
     if args.queries is not None:
+        start = time.perf_counter()
         done = edit_folder(pipe, delta_embeds, args.queries, out, batch_size=args.batch_size, seed=args.seed,
                            fit=lambda images: _fit_to_model(pipe, images, quiet=True), state=state)  # fmt: skip
+        seconds = time.perf_counter() - start  # every process has finished: edit_folder waits for them all
         counts = gather_object([len(done.edited)])  # one per process
         if state.is_main_process:
             shares = f" ({' + '.join(map(str, counts))} by {len(counts)} processes)" if len(counts) > 1 else ""
-            print(f"Edited {sum(counts)} images into {out}{shares}; {len(done.skipped)} were there already.")
+            print(f"Edited {sum(counts)} images into {out}{shares} in {seconds:.1f} s "
+                  f"({sum(counts) / seconds:.2f} images/s); {len(done.skipped)} were there already.")  # fmt: skip
         return
     (fitted_query,) = _fit_to_model(pipe, [query])
     generator = torch.Generator().manual_seed(args.seed)
@@ -182,6 +196,19 @@ def _edit(args: argparse.Namespace) -> None:
         print(f"Resized the output back to {query.width}x{query.height}.", file=sys.stderr)
     edited.save(out)
     print(f"Wrote {out}")
+
+
+def _app(args: argparse.Namespace) -> None:
+    try:
+        from .app import build_app
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
+        if value is not None:
+            _model_source(value, option)
+    pipe = load_edit_pipeline(args.base, args.adapter, device="cuda" if torch.cuda.is_available() else None)
+    app = build_app(pipe, toy_examples=args.base is None)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
     edit.add_argument("--seed", type=int, default=0)
+    app = commands.add_parser("app", parents=[common], help="Serve the Gradio app (needs the [app] extra).")
+    app.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
+    app.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
+    app.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
     return parser
 
 
@@ -218,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        {"demo": _demo, "edit": _edit}[args.command](args)
+        {"demo": _demo, "edit": _edit, "app": _app}[args.command](args)
     except (UsageError, ValueError, OSError) as error:  # the library's own errors name the fix
         if args.debug:
             raise

@@ -130,3 +130,16 @@ def pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor (3, H, W) in [0, 1]."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def fit_to_model_size(image_size: int | None, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
+    """For a model that knows one image size only (a pipeline's `config.image_size`, as the toy model's 64), the
+    images in RGB (alpha over white) resized to it (bicubic); for any other model, the images as they are.
+
+    Args:
+        image_size: the model's one image side, or None.
+        images: PIL images.
+    """
+    if image_size is None or all(image.size == (image_size, image_size) for image in images):
+        return images
+    return [_pil_to_rgb(image).resize((image_size, image_size), PIL.Image.Resampling.BICUBIC) for image in images]

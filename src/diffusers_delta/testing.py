@@ -232,20 +232,25 @@ def tiny_delta_pipeline(sizes: ModelSizes = TINY, adapter_std: float | None = No
     return pipe
 
 
-def save_tiny_toy_model(root) -> None:
-    """Writes a model folder laid out like the embedded toy model, from tiny models: `root/base` (a text-free,
-    64x64-only pipeline) and `root/adapter` (a trained-like adapter, its SigLIP and the empty prompt's embeddings),
-    which `toyworld.load_pipeline(root)` loads."""
+def save_tiny_toy_model(root, sizes: ModelSizes = TINY) -> None:
+    """Writes a model folder laid out like the embedded toy model, from tiny models: `root/base` (a text-free
+    pipeline that knows `sizes.image_size` only) and `root/adapter` (a trained-like adapter, its SigLIP and the empty
+    prompt's embeddings), which `toyworld.load_pipeline(root)` loads.
+
+    Args:
+        root: the folder to write.
+        sizes: the models' sizes (`TINY` for tests, `SMALL` for CPU benchmarks).
+    """
     from pathlib import Path
 
     from .pipelines import FluxDeltaEditPipeline
     from .pipelines.pipeline_flux_delta_edit import compute_empty_prompt_embeds
 
     root = Path(root)
-    pipe = tiny_delta_pipeline(adapter_std=0.05)
+    pipe = tiny_delta_pipeline(sizes, adapter_std=0.05)
     pipe.empty_prompt_embeds = compute_empty_prompt_embeds(pipe, **TEXT_KWARGS)
     pipe.save_delta_adapter(root / "adapter")
     FluxDeltaEditPipeline(
         scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None, transformer=pipe.transformer,
-        is_distilled=True, image_size=64,
+        is_distilled=True, image_size=sizes.image_size,
     ).save_pretrained(root / "base")  # fmt: skip

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Folder-scale editing throughput: images per second of `diffusers-delta edit --queries` for batch sizes 1, 4 and
+16, and the speed-up of splitting the folder between 2 processes under `accelerate launch`, as ratios of one run.
+
+The model is the `SMALL` CPU configuration of `diffusers_delta.testing` (random weights, 256x256 images, 4 steps),
+saved as a model folder; the queries are random 256x256 images. Every measurement is the command's own timing of
+its editing (model loading excluded), and every configuration runs `--rounds` times, interleaved, so the machine's
+drift hits them all alike; medians are printed. The 1-process runs use every core (torch's threads); the 2-process
+runs split the cores, one thread each on a 2-core machine, as `accelerate launch` leaves them.
+
+    python benchmarks/folder_edit.py [--images 16] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from diffusers_delta.testing import SMALL, random_image, save_tiny_toy_model
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def images_per_second(work: Path, batch_size: int, processes: int) -> float:
+    """One run of the command on a fresh output folder: the images per second it reports."""
+    out = Path(tempfile.mkdtemp(dir=work, prefix="out-"))
+    command = [
+        "edit", "--exemplar", str(work / "source.png"), str(work / "target.png"), "--queries", str(work / "queries"),
+        "--out", str(out), "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"),
+        "--batch-size", str(batch_size),
+    ]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        launcher = [sys.executable, "-m", "diffusers_delta.cli"]
+    else:
+        threads = max(1, (os.cpu_count() or processes) // processes)
+        environment.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=str(threads))
+        launcher = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", "diffusers_delta.cli",
+        ]  # fmt: skip
+    result = subprocess.run([*launcher, *command], env=environment, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return float(re.search(r"\(([\d.]+) images/s\)", result.stdout).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16, help="Queries in the folder.")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        save_tiny_toy_model(work / "model", SMALL)
+        size = (SMALL.image_size, SMALL.image_size)
+        random_image(1, size).save(work / "source.png")
+        random_image(2, size).save(work / "target.png")
+        (work / "queries").mkdir()
+        for index in range(args.images):
+            random_image(100 + index, size).save(work / "queries" / f"{index:04d}.png")
+
+        configurations = {"batch 1": (1, 1), "batch 4": (4, 1), "batch 16": (16, 1), "batch 4, 2 processes": (4, 2)}
+        rates: dict[str, list[float]] = {name: [] for name in configurations}
+        for _ in range(args.rounds):
+            for name, (batch_size, processes) in configurations.items():
+                rates[name].append(images_per_second(work, batch_size, processes))
+
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"{args.images} queries of {size[0]}x{size[1]}, SMALL model, 4 steps, {os.cpu_count()} cores; medians of "
+          f"{args.rounds} rounds")  # fmt: skip
+    print(f"{'configuration':<22} {'images/s':>9} {'vs batch 1':>11}")
+    for name, rate in medians.items():
+        print(f"{name:<22} {rate:>9.2f} {rate / medians['batch 1']:>10.2f}x")
+    print(f"2 processes vs 1 (batch 4): {medians['batch 4, 2 processes'] / medians['batch 4']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

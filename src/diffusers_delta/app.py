@@ -1,0 +1,182 @@
+"""The Gradio app: drop in an exemplar pair and queries, get the queries edited the same way.
+
+    diffusers-delta app                                   # the embedded toy model, offline
+    diffusers-delta app --base black-forest-labs/FLUX.2-klein-4B --adapter org/delta-adapter --port 7860
+
+The same `build_app` serves a Hugging Face Space (`space/app.py`). Edits run one at a time (the pipeline is one
+model in memory); the exemplar's encoding is cached, so that editing more queries with the same pair encodes it
+once. Input mistakes show as the library's one-line messages in the page, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from .image_inputs import fit_to_model_size
+
+
+try:
+    import gradio as gr
+except ImportError as error:  # an optional extra: the library works without it
+    raise ImportError("The app needs Gradio: pip install 'diffusers-delta[app]'.") from error
+
+
+#: Toy-world examples shown under the inputs when the app serves the toy model: (edit, exemplar seed, query seeds).
+TOY_EXAMPLES = (("recolor", 3, (11, 12)), ("flip", 5, (13, 14)), ("invert", 7, (15,)))
+CACHED_EXEMPLARS = 8
+
+
+def _image_key(image: PIL.Image.Image) -> str:
+    """A digest of an image's size, mode and pixels, to recognise an exemplar uploaded again."""
+    digest = hashlib.sha256(f"{image.size}{image.mode}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class ExemplarEditor:
+    """Edits queries with an exemplar pair on one pipeline, caching the exemplar's edit tokens.
+
+    Args:
+        pipe: a `FluxDeltaEditPipeline` with its Delta-Adapter loaded.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._delta_embeds: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.encodings = 0  # exemplar encodings computed (not taken from the cache)
+
+    def encode(self, source: PIL.Image.Image, target: PIL.Image.Image) -> torch.Tensor:
+        """(1, N, D_edit) edit tokens of the pair, from the cache when the same pair came before."""
+        key = (_image_key(source), _image_key(target))
+        if key in self._delta_embeds:
+            self._delta_embeds.move_to_end(key)
+            return self._delta_embeds[key]
+        delta_embeds = self.pipe.encode_exemplar((source, target))
+        self.encodings += 1
+        self._delta_embeds[key] = delta_embeds
+        if len(self._delta_embeds) > CACHED_EXEMPLARS:
+            self._delta_embeds.popitem(last=False)
+        return delta_embeds
+
+    def edit(
+        self,
+        source: PIL.Image.Image,
+        target: PIL.Image.Image,
+        queries: list[PIL.Image.Image],
+        strength: float = 1.0,
+        steps: int = 4,
+        seed: int = 0,
+        adapt_steps: int = 0,
+    ) -> list[PIL.Image.Image]:
+        """The queries edited as the exemplar shows, each at its own size, with noise seeded by `seed`.
+
+        Args:
+            source: the exemplar before its edit.
+            target: the exemplar after it.
+            queries: images to edit.
+            strength: the edit's strength (`delta_scale`).
+            steps: denoising steps.
+            seed: seeds every query's noise (the same query and seed give the same output).
+            adapt_steps: test-time adaptation steps on the exemplar first (0: none); the adapter is restored after.
+        """
+        image_size = self.pipe.config.get("image_size")
+        source, target = fit_to_model_size(image_size, [source, target])
+        if adapt_steps:
+            generator = torch.Generator().manual_seed(seed)
+            with self.pipe.adapted_to_exemplar(source, target, num_steps=int(adapt_steps), generator=generator):
+                delta_embeds = self.pipe.encode_exemplar((source, target))  # of the adapted adapter: not cached
+                return self._edit_queries(delta_embeds, queries, strength, steps, seed)
+        return self._edit_queries(self.encode(source, target), queries, strength, steps, seed)
+
+    def _edit_queries(self, delta_embeds, queries, strength, steps, seed) -> list[PIL.Image.Image]:
+        outputs = []
+        for query in queries:
+            (fitted,) = fit_to_model_size(self.pipe.config.get("image_size"), [query])
+            output = self.pipe(
+                fitted,
+                delta_embeds=delta_embeds,
+                delta_scale=strength,
+                num_inference_steps=int(steps),
+                generator=torch.Generator().manual_seed(int(seed)),
+            ).images[0]
+            outputs.append(output if output.size == query.size else output.resize(query.size))
+        return outputs
+
+
+def _toy_examples(folder: Path) -> list[list]:
+    """Writes the toy-world examples' images into `folder`: rows of (source, target, query paths, strength, steps,
+    seed, adaptation steps)."""
+    from . import toyworld
+
+    rows = []
+    for edit, exemplar_seed, query_seeds in TOY_EXAMPLES:
+        source, target = toyworld.make_pair(edit, exemplar_seed)
+        paths = [folder / f"{edit}-source.png", folder / f"{edit}-target.png"]
+        source.save(paths[0])
+        target.save(paths[1])
+        queries = []
+        for seed in query_seeds:
+            queries.append(folder / f"{edit}-query-{seed}.png")
+            toyworld.make_pair(edit, seed)[0].save(queries[-1])
+        rows.append([str(paths[0]), str(paths[1]), [str(q) for q in queries], 1.0, 4, 0, 0])
+    return rows
+
+
+def build_app(pipe, title: str = "Delta-Adapter: edit by example", toy_examples: bool = False) -> gr.Blocks:
+    """The app's page for one pipeline.
+
+    Args:
+        pipe: a `FluxDeltaEditPipeline` with its Delta-Adapter loaded.
+        title: the page's heading.
+        toy_examples: show ready-made toy-world examples (for the toy model).
+
+    Returns:
+        The `gr.Blocks`; its edit event is the API endpoint `/edit`.
+    """
+    editor = ExemplarEditor(pipe)
+
+    def edit(source, target, queries, strength, steps, seed, adapt_steps, progress=gr.Progress(track_tqdm=True)):
+        if source is None or target is None:
+            raise gr.Error("Give the exemplar pair: the source image and the same image edited (target).")
+        if not queries:
+            raise gr.Error("Give at least one query image to edit.")
+        images = [image for image, _ in queries]
+        try:
+            outputs = editor.edit(source, target, images, float(strength), int(steps), int(seed), int(adapt_steps))
+        except (ValueError, OSError) as error:  # the library's messages name the fix
+            raise gr.Error(str(error)) from None
+        exemplar = [(source, "exemplar source"), (target, "exemplar target")]
+        return exemplar + [(output, f"edited query {index + 1}") for index, output in enumerate(outputs)]
+
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(
+            f"# {title}\nUpload a pair of images that shows an edit (before, after) and the images to edit the same "
+            "way. No text: the exemplar says what to do."
+        )
+        with gr.Row():
+            source = gr.Image(label="Exemplar source (before)", type="pil", image_mode="RGB", height=300,
+                              elem_id="source")  # fmt: skip
+            target = gr.Image(label="Exemplar target (after)", type="pil", image_mode="RGB", height=300,
+                              elem_id="target")  # fmt: skip
+            queries = gr.Gallery(label="Queries", type="pil", format="png", interactive=True, height=300,
+                                 elem_id="queries")  # fmt: skip
+        with gr.Row():
+            strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Edit strength")
+            steps = gr.Slider(1, 50, value=4, step=1, label="Denoising steps")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            adapt_steps = gr.Slider(0, 100, value=0, step=1, label="Adaptation steps (0: none)")
+        button = gr.Button("Edit", variant="primary", elem_id="edit")
+        results = gr.Gallery(label="Exemplar and edited queries", format="png", columns=4, height=320,
+                             elem_id="results")  # fmt: skip
+        inputs = [source, target, queries, strength, steps, seed, adapt_steps]
+        button.click(edit, inputs=inputs, outputs=results, api_name="edit", concurrency_limit=1)
+        if toy_examples:
+            gr.Examples(_toy_examples(Path(tempfile.mkdtemp(prefix="delta-examples-"))), inputs=inputs)
+    app.editor = editor  # for tests and callers that want the cache
+    return app

@@ -1,0 +1,155 @@
+"""The Gradio app: `diffusers-delta app` served on localhost and called by a real `gradio_client`, and the editor
+behind it (exemplar cache, sizes, errors shown as the library's messages)."""
+
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_delta import compute_empty_prompt_embeds, toyworld
+from diffusers_delta.testing import TEXT_KWARGS, random_image, save_tiny_toy_model, tiny_delta_pipeline
+
+
+gradio_client = pytest.importorskip("gradio_client")
+from diffusers_delta.app import ExemplarEditor, build_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_model")
+    save_tiny_toy_model(root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def connect(url: str, server: subprocess.Popen | None = None, timeout: float = 120.0):
+    """A `gradio_client.Client` of the app at `url`, once it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return gradio_client.Client(url, verbose=False)
+        except Exception:
+            if server is not None and server.poll() is not None:
+                raise RuntimeError(f"the app exited with code {server.returncode}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def served_app(model_dir, tmp_path_factory):
+    """`diffusers-delta app --base ... --adapter ... --port N` in its own process, stopped by its PID at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("app_log") / "app.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "diffusers_delta.cli", "app", "--base", str(model_dir / "base"), "--adapter",
+             str(model_dir / "adapter"), "--port", str(port)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+            stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield connect(f"http://127.0.0.1:{port}/", server)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = {}
+    source, target = toyworld.make_pair("invert", 3)
+    for name, image in (("source", source), ("target", target), ("query", toyworld.make_pair("invert", 4)[0])):
+        paths[name] = tmp_path / f"{name}.png"
+        image.save(paths[name])
+    paths["wide"] = tmp_path / "wide.png"
+    toyworld.make_pair("invert", 5)[0].resize((96, 64)).save(paths["wide"])
+    return paths
+
+
+def text_free_pipeline():
+    """A tiny pipeline that edits under the empty prompt's stored embeddings, as the app's pipelines do."""
+    pipe = tiny_delta_pipeline(adapter_std=0.05)
+    pipe.empty_prompt_embeds = compute_empty_prompt_embeds(pipe, **TEXT_KWARGS)
+    return pipe
+
+
+def gallery(*paths) -> list[dict]:
+    return [{"image": gradio_client.handle_file(str(path)), "caption": None} for path in paths]
+
+
+def test_the_served_app_gives_the_pipeline_output_for_the_same_inputs(served_app, model_dir, images):
+    handle = gradio_client.handle_file
+    result = served_app.predict(
+        handle(str(images["source"])), handle(str(images["target"])), gallery(images["query"], images["wide"]),
+        0.8, 3, 5, 0, api_name="/edit",
+    )  # fmt: skip
+    assert [item["caption"] for item in result] == ["exemplar source", "exemplar target", "edited query 1",
+                                                    "edited query 2"]  # fmt: skip
+    pipe = toyworld.load_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    source, target, query = (PIL.Image.open(images[name]) for name in ("source", "target", "query"))
+    expected = pipe(query, exemplar=(source, target), delta_scale=0.8, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(result[2]["image"])), np.asarray(expected))
+    assert PIL.Image.open(result[3]["image"]).size == (96, 64)  # back at its own size
+
+
+def test_missing_inputs_show_a_message_not_a_traceback(served_app, images):
+    handle = gradio_client.handle_file
+    with pytest.raises(Exception, match="Give at least one query image to edit.") as error:
+        served_app.predict(handle(str(images["source"])), handle(str(images["target"])), [], 1.0, 4, 0, 0,
+                           api_name="/edit")  # fmt: skip
+    assert "Traceback" not in str(error.value)
+
+
+def test_the_exemplar_is_encoded_once_for_many_queries_and_again_for_a_new_pair():
+    pipe = text_free_pipeline()
+    editor = ExemplarEditor(pipe)
+    source, target, query = random_image(1), random_image(2), random_image(3)
+    first = editor.edit(source, target, [query], seed=1)[0]
+    again = editor.edit(source.copy(), target.copy(), [query, random_image(4)], seed=1)
+    assert editor.encodings == 1 and np.array_equal(np.asarray(first), np.asarray(again[0]))
+    editor.edit(source, random_image(5), [query])
+    assert editor.encodings == 2
+    adapted = editor.edit(source, target, [query], seed=1, adapt_steps=1)[0]  # adapts, then restores the adapter
+    assert editor.encodings == 2 and not np.array_equal(np.asarray(adapted), np.asarray(first))
+    assert np.array_equal(np.asarray(editor.edit(source, target, [query], seed=1)[0]), np.asarray(first))
+
+
+def test_a_library_error_reaches_the_page_as_its_one_line_message(images):
+    pipe = text_free_pipeline()  # of no one image size: a 4x4 query is refused, not resized
+    app = build_app(pipe)
+    PIL.Image.new("RGB", (4, 4)).save(images["query"])
+    _, url, _ = app.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                   quiet=True)  # fmt: skip
+    try:
+        client = connect(url)
+        handle = gradio_client.handle_file
+        with pytest.raises(Exception, match=r"query is 4x4 pixels; both sides must be at least \d+\. Upscale it"):
+            client.predict(handle(str(images["source"])), handle(str(images["target"])), gallery(images["query"]),
+                           1.0, 4, 0, 0, api_name="/edit")  # fmt: skip
+    finally:
+        app.close()
+
+
+def test_the_space_entry_builds_the_app_on_the_model_its_variables_name(model_dir, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("BASE_MODEL", str(model_dir / "base"))
+    monkeypatch.setenv("DELTA_ADAPTER", str(model_dir / "adapter"))
+    space = runpy.run_path(str(Path(__file__).parents[1] / "space" / "app.py"), run_name="space")
+    assert space["pipe"].delta_adapter is not None and space["pipe"].config.image_size == 64
+    assert "/edit" in [f"/{fn.api_name}" for fn in space["demo"].fns.values()]
