@@ -11,7 +11,8 @@ import PIL.Image
 import pytest
 
 from diffusers_delta import cli, toyworld
-from diffusers_delta.folder_edit import edit_folder, list_queries, write_image_atomically
+from diffusers_delta.atomic_folder import write_image_atomically
+from diffusers_delta.folder_edit import edit_folder, list_queries
 from diffusers_delta.image_inputs import fit_to_model_size
 from diffusers_delta.testing import save_tiny_toy_model
 

@@ -9,6 +9,8 @@ it was and no staging or backup folder remains.
 The swap moves old entries into a backup folder and new ones in with `os.replace` (renames, no copies), restoring
 the backup if a rename fails, so a failure can never leave old and new files mixed. Only a process killed in the
 middle of the renames can, and then the old entries are kept whole in a `.NAME.old-*` folder beside `target`.
+
+`write_image_atomically` does the same for one image file: a temporary file beside it, then a rename.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import PIL.Image
 
 
 def check_save_directory(save_directory: str | os.PathLike) -> Path:
@@ -109,3 +113,18 @@ def atomic_folder(save_directory: str | os.PathLike, owned: Iterable[str] = ()) 
     finally:
         if staging.exists():
             _remove(staging)
+
+
+def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:
+    """Writes `image` to `path` whole or not at all: a temporary file beside it, then a rename (atomic on one
+    filesystem). The format follows the extension (one PIL writes); JPEG is written at quality 95."""
+    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

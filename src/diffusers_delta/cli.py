@@ -24,6 +24,7 @@ import torch
 
 from . import toyworld
 from .adapter_files import AdapterLocation
+from .atomic_folder import write_image_atomically
 from .grids import make_edit_grid
 from .image_inputs import fit_to_model_size
 
@@ -87,17 +88,16 @@ def _demo(args: argparse.Namespace) -> None:
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
         lines.append(f"{name:<11} {split:<7} {identity:>9.4f} {error:>9.4f}")
     grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", "output", "truth"], cell_size=128)
-    grid.save(out)
+    write_image_atomically(grid, out)
     print(f"{'edit':<11} {'split':<7} {'identity':>9} {'output':>9}   (mean absolute error to the truth, 0-1)")
     print("\n".join(lines))
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
-def _fit_to_model(pipe, images: list[PIL.Image.Image], quiet: bool = False) -> list[PIL.Image.Image]:
-    """For a model that knows one image size only (the toy model), the images resized to it, saying so unless
-    `quiet`."""
+def _fit_to_model(pipe, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
+    """For a model that knows one image size only (the toy model), the images resized to it, saying so."""
     fitted = fit_to_model_size(pipe.config.get("image_size"), images)
-    if fitted is not images and not quiet:
+    if fitted is not images:
         side = pipe.config.image_size
         sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
         print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.",
@@ -178,9 +178,12 @@ def _edit(args: argparse.Namespace) -> None:
 
     # 4. Edit, and write back at each query's size
     if args.queries is not None:
+        side = pipe.config.get("image_size")
+        if side is not None and state.is_main_process:
+            print(f"This model edits {side}x{side} images only: queries are resized to it, and back.", file=sys.stderr)
         start = time.perf_counter()
         done = edit_folder(pipe, delta_embeds, args.queries, out, batch_size=args.batch_size, seed=args.seed,
-                           fit=lambda images: _fit_to_model(pipe, images, quiet=True), state=state)  # fmt: skip
+                           fit=lambda images: fit_to_model_size(side, images), state=state)  # fmt: skip
         seconds = time.perf_counter() - start  # every process has finished: edit_folder waits for them all
         counts = gather_object([len(done.edited)])  # one per process
         if state.is_main_process:
@@ -194,7 +197,7 @@ def _edit(args: argparse.Namespace) -> None:
     if fitted_query is not query:
         edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
         print(f"Resized the output back to {query.width}x{query.height}.", file=sys.stderr)
-    edited.save(out)
+    write_image_atomically(edited, out)
     print(f"Wrote {out}")
 
 

@@ -10,8 +10,6 @@ edited it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from .atomic_folder import write_image_atomically
 from .checks import positive_int
 
 
@@ -115,21 +114,6 @@ def same_size_batches(queries_dir: Path, relative_paths: Sequence[Path], batch_s
     return [
         group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)
     ]
-
-
-def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:
-    """Writes `image` to `path` whole or not at all: a temporary file beside it, then a rename (atomic on one
-    filesystem). The format follows the extension; JPEG is written at quality 95."""
-    image_format = WRITABLE_FORMATS[path.suffix.lower()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def edit_folder(
