@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from diffusers_delta.testing import SMALL, random_image, save_tiny_toy_model
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from diffusers_delta.testing import SMALL, free_port, random_image, save_tiny_toy_model
 
 
 def images_per_second(work: Path, batch_size: int, processes: int) -> float:

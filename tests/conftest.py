@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_delta.testing import tiny_delta_pipeline  # noqa: E402
+from diffusers_delta.testing import save_tiny_toy_model, tiny_delta_pipeline  # noqa: E402
 
 
 torch.set_num_threads(1)
@@ -19,3 +19,12 @@ torch.set_num_threads(1)
 def delta_pipe():
     """A tiny `FluxDeltaEditPipeline` with its text encoder, a SigLIP encoder and a fresh adapter loaded."""
     return tiny_delta_pipeline()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A model folder laid out like the embedded toy model, from tiny models (`save_tiny_toy_model`): `base/` (a
+    text-free 64x64-only pipeline) and `adapter/` (weights, SigLIP, empty prompt)."""
+    root = tmp_path_factory.mktemp("toy_model")
+    save_tiny_toy_model(root)
+    return root

@@ -3,7 +3,6 @@ behind it (exemplar cache, sizes, errors shown as the library's messages)."""
 
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import time
@@ -14,24 +13,11 @@ import pytest
 import torch
 
 from diffusers_delta import compute_empty_prompt_embeds, toyworld
-from diffusers_delta.testing import TEXT_KWARGS, random_image, save_tiny_toy_model, tiny_delta_pipeline
+from diffusers_delta.testing import TEXT_KWARGS, free_port, random_image, tiny_delta_pipeline
 
 
 gradio_client = pytest.importorskip("gradio_client")
 from diffusers_delta.app import ExemplarEditor, build_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_model")
-    save_tiny_toy_model(root)
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def connect(url: str, server: subprocess.Popen | None = None, timeout: float = 120.0):

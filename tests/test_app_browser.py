@@ -10,7 +10,6 @@ Opt-in (about 30 s, and it needs `apt-get install chromium chromium-driver`):
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from diffusers_delta import toyworld
 from diffusers_delta.app import ExemplarEditor
+from diffusers_delta.testing import free_port
 
 
 pytestmark = pytest.mark.browser
@@ -32,12 +32,6 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

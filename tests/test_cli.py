@@ -7,16 +7,6 @@ import pytest
 
 from diffusers_delta import cli, toyworld
 from diffusers_delta.pipelines import FluxDeltaEditPipeline
-from diffusers_delta.testing import save_tiny_toy_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """`base/` (a text-free 64x64-only pipeline folder) and `adapter/` (weights, SigLIP, empty prompt), like the toy
-    model."""
-    root = tmp_path_factory.mktemp("toy_model")
-    save_tiny_toy_model(root)
-    return root
 
 
 def test_load_pipeline_goes_through_from_pretrained_and_load_delta_adapter(model_dir):

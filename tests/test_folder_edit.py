@@ -14,17 +14,10 @@ from diffusers_delta import cli, toyworld
 from diffusers_delta.atomic_folder import write_image_atomically
 from diffusers_delta.folder_edit import edit_folder, list_queries
 from diffusers_delta.image_inputs import fit_to_model_size
-from diffusers_delta.testing import save_tiny_toy_model
+from diffusers_delta.testing import free_port
 
 
 QUERIES = ["a.png", "b.png", "c.png", "d.png", "e.png", "sub/f.jpg", "sub/g.png"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_model")
-    save_tiny_toy_model(root)
-    return root
 
 
 @pytest.fixture
@@ -147,14 +140,6 @@ def test_two_processes_split_the_queries_and_write_what_one_process_writes(folde
     for name in QUERIES:
         difference = np.abs(read(folders / "one", name) - read(folders / "two", name)).max()
         assert difference == 0, f"{name} differs by {difference} levels"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize(

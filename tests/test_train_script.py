@@ -5,7 +5,6 @@ import argparse
 import fcntl
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,13 @@ from safetensors.torch import load_file
 from transformers import SiglipImageProcessorPil
 
 from diffusers_delta import FluxDeltaEditPipeline
-from diffusers_delta.testing import TEXT_KWARGS, random_image, tiny_image_encoder, tiny_klein_components
+from diffusers_delta.testing import (
+    TEXT_KWARGS,
+    free_port,
+    random_image,
+    tiny_image_encoder,
+    tiny_klein_components,
+)
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -85,13 +90,6 @@ def launch(args: list[str], *launcher: str) -> None:
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def free_port() -> int:
-    """A port nobody listens on, so that back-to-back distributed runs never wait on each other's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def summary(output_dir) -> dict:

@@ -254,3 +254,13 @@ def save_tiny_toy_model(root, sizes: ModelSizes = TINY) -> None:
         scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None, transformer=pipe.transformer,
         is_distilled=True, image_size=sizes.image_size,
     ).save_pretrained(root / "base")  # fmt: skip
+
+
+def free_port() -> int:
+    """A localhost port nobody listens on now, for a test's server or a distributed run's rendezvous, so that
+    back-to-back runs never wait on each other."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
