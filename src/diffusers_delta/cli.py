@@ -26,7 +26,7 @@ from . import toyworld
 from .adapter_files import AdapterLocation
 from .atomic_folder import write_image_atomically
 from .grids import make_edit_grid
-from .image_inputs import fit_to_model_size
+from .image_inputs import fit_to_model_size, read_image_file
 
 
 class UsageError(Exception):
@@ -47,15 +47,18 @@ def _output_path(path: str) -> Path:
 
 
 def _read_image(path: str, what: str) -> PIL.Image.Image:
-    """An image file, fully read (so a truncated file fails here, not after a model has loaded)."""
+    """An image file, fully read before any model loads (`read_image_file`), its errors the command's."""
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist.") from None
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
-        raise UsageError(f"{what} {path} is not a readable image ({error}).") from None
+        return read_image_file(path, what)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_model_sources(args: argparse.Namespace) -> None:
+    """`--base` and `--adapter`, checked to exist without loading or downloading anything."""
+    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
+        if value is not None:
+            _model_source(value, option)
 
 
 def _model_source(source: str, option: str) -> str:
@@ -159,9 +162,7 @@ def _edit(args: argparse.Namespace) -> None:
     else:
         query = _read_image(args.query, "query")
         out = _output_path(args.out)
-    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
-        if value is not None:
-            _model_source(value, option)
+    _check_model_sources(args)
 
     # 2. Load, on this process's device (one process, or one of `accelerate launch`'s; `--cpu` as Accelerator reads it)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -206,9 +207,7 @@ def _app(args: argparse.Namespace) -> None:
         from .app import build_app
     except ImportError as error:
         raise UsageError(str(error)) from None
-    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
-        if value is not None:
-            _model_source(value, option)
+    _check_model_sources(args)
     pipe = load_edit_pipeline(args.base, args.adapter, device="cuda" if torch.cuda.is_available() else None)
     app = build_app(pipe, toy_examples=args.base is None)
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)

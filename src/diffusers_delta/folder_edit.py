@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .atomic_folder import write_image_atomically
 from .checks import positive_int
+from .image_inputs import read_image_file
 
 
 #: Formats PIL both reads and writes, by extension (".png" -> "PNG").
@@ -84,18 +85,6 @@ def query_generator(seed: int, relative_path: Path, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + name_hash) % 2**63)
 
 
-def _read_image(path: Path, load: bool) -> PIL.Image.Image:
-    """The image at `path`: its header only unless `load` (then fully read, and copied out of the file)."""
-    try:
-        with PIL.Image.open(path) as image:
-            if not load:
-                return image
-            image.load()
-            return image.copy()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
-        raise ValueError(f"query {path} is not a readable image ({error}).") from None
-
-
 def same_size_batches(queries_dir: Path, relative_paths: Sequence[Path], batch_size: int) -> list[list[Path]]:
     """The queries grouped by size (read from their headers only), in batches of at most `batch_size`, in listing
     order within a size.
@@ -110,7 +99,8 @@ def same_size_batches(queries_dir: Path, relative_paths: Sequence[Path], batch_s
     """
     by_size: dict[tuple[int, int], list[Path]] = {}
     for relative in relative_paths:
-        by_size.setdefault(_read_image(queries_dir / relative, load=False).size, []).append(relative)
+        header = read_image_file(queries_dir / relative, "query", header_only=True)
+        by_size.setdefault(header.size, []).append(relative)
     return [
         group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)
     ]
@@ -158,7 +148,7 @@ def edit_folder(
         batches = same_size_batches(queries_dir, share, batch_size)
         progress = tqdm(total=len(share), desc="editing", unit="image", disable=not state.is_local_main_process)
         for names in batches:
-            images = [_read_image(queries_dir / name, load=True) for name in names]  # one batch in memory at a time
+            images = [read_image_file(queries_dir / name, "query") for name in names]  # one batch in memory at a time
             inputs = fit(images) if fit is not None else images
             generators = [query_generator(seed, name, pipe._execution_device) for name in names]
             outputs = pipe(inputs, delta_embeds=delta_embeds, generator=generators, **call_kwargs).images

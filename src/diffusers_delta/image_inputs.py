@@ -143,3 +143,27 @@ def fit_to_model_size(image_size: int | None, images: list[PIL.Image.Image]) -> 
     if image_size is None or all(image.size == (image_size, image_size) for image in images):
         return images
     return [_pil_to_rgb(image).resize((image_size, image_size), PIL.Image.Resampling.BICUBIC) for image in images]
+
+
+def read_image_file(path, what: str = "image", header_only: bool = False) -> PIL.Image.Image:
+    """An image file, fully read (so a truncated file fails here, not after a model has loaded), or with
+    `header_only` just opened (its size and mode known, its pixels not decoded).
+
+    Args:
+        path: the file.
+        what: what the image is, for error messages (e.g. `"query"`).
+        header_only: read the header only.
+
+    Raises:
+        ValueError: naming the file, when it does not exist or is not a readable image.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            if header_only:
+                return image
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist.") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"{what} {path} is not a readable image ({error}).") from None
