@@ -28,3 +28,20 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_model")
     save_tiny_toy_model(root)
     return root
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs `diffusers-delta` with arguments (any objects, as strings); -> (exit code, stdout, stderr)."""
+    from diffusers_delta import cli
+
+    def run(argv) -> tuple[int, str, str]:
+        try:
+            cli.main([str(arg) for arg in argv])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -52,22 +52,11 @@ def images(tmp_path):
     return paths
 
 
-def run(argv, capsys):
-    """Runs the command; -> (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(arg) for arg in argv])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_a_one_size_model_edits_other_sizes_by_resizing_and_says_so(model_dir, images, tmp_path, capsys):
+def test_a_one_size_model_edits_other_sizes_by_resizing_and_says_so(run_cli, model_dir, images, tmp_path):
     out = tmp_path / "edited.png"
     exemplar = ["--exemplar", images["source"], images["target"]]
     models = ["--base", model_dir / "base", "--adapter", model_dir / "adapter"]
-    code, _, err = run(["edit", *exemplar, "--query", images["query"], "--out", out, *models], capsys)
+    code, _, err = run_cli(["edit", *exemplar, "--query", images["query"], "--out", out, *models])
     assert code == 0 and PIL.Image.open(out).size == (96, 80)
     assert "edits 64x64 images only: resizing the inputs" in err and "back to 96x80" in err
 
@@ -83,7 +72,7 @@ def test_a_one_size_model_edits_other_sizes_by_resizing_and_says_so(model_dir, i
     ids=["missing-image", "not-an-image", "bad-extension", "missing-adapter-folder"],
 )
 def test_mistakes_print_one_line_and_exit_2_before_any_model_loads(
-    model_dir, images, tmp_path, capsys, monkeypatch, change, message
+    run_cli, model_dir, images, tmp_path, monkeypatch, change, message
 ):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
@@ -95,7 +84,7 @@ def test_mistakes_print_one_line_and_exit_2_before_any_model_loads(
     paths["query"] = tmp_path / "text.png" if paths["query"] == "__text__" else paths["query"]
     exemplar = ["--exemplar", paths["source"], paths["target"]]
     models = ["--base", model_dir / "base", "--adapter", paths["adapter"]]
-    code, _, err = run(["edit", *exemplar, "--query", paths["query"], "--out", paths["out"], *models], capsys)
+    code, _, err = run_cli(["edit", *exemplar, "--query", paths["query"], "--out", paths["out"], *models])
     assert code == 2 and re.match(message, err) and err.count("\n") == 1
 
 
@@ -105,7 +94,7 @@ def test_debug_shows_the_traceback(images, tmp_path, capsys):
                   "--out", str(tmp_path / "x.png"), "--debug"])  # fmt: skip
 
 
-def test_demo_creates_the_folder_of_its_output(model_dir, tmp_path, capsys):
+def test_demo_creates_the_folder_of_its_output(run_cli, model_dir, tmp_path):
     out = tmp_path / "new" / "folder" / "demo.png"
-    code, printed, _ = run(["demo", "--out", out, "--model-dir", model_dir, "--edits", "flip"], capsys)
+    code, printed, _ = run_cli(["demo", "--out", out, "--model-dir", model_dir, "--edits", "flip"])
     assert code == 0 and PIL.Image.open(out).size == (5 * 128, 20 + 128) and "Wrote" in printed

@@ -49,19 +49,9 @@ def read(folder, name) -> np.ndarray:
     return np.asarray(PIL.Image.open(folder / name), dtype=np.int16)
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        cli.main(argv)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_every_query_is_edited_once_keeping_names_and_sizes_and_a_rerun_skips_them(folders, model_dir, capsys):
+def test_every_query_is_edited_once_keeping_names_and_sizes_and_a_rerun_skips_them(run_cli, folders, model_dir):
     out = folders / "out"
-    code, printed, _ = run(command(folders, model_dir, out, "--batch-size", 2), capsys)
+    code, printed, _ = run_cli(command(folders, model_dir, out, "--batch-size", 2))
     assert code == 0 and "Edited 7 images" in printed and "0 were there already" in printed
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == QUERIES
     for name in QUERIES:
@@ -69,14 +59,14 @@ def test_every_query_is_edited_once_keeping_names_and_sizes_and_a_rerun_skips_th
         assert PIL.Image.open(out / name).format == ("JPEG" if name.endswith(".jpg") else "PNG")
     times = {name: (out / name).stat().st_mtime_ns for name in QUERIES}
     (out / "c.png").unlink()  # as if cut off before it
-    code, printed, _ = run(command(folders, model_dir, out, "--batch-size", 2), capsys)
+    code, printed, _ = run_cli(command(folders, model_dir, out, "--batch-size", 2))
     assert code == 0 and "Edited 1 images" in printed and "6 were there already" in printed
     assert all((out / name).stat().st_mtime_ns == times[name] for name in QUERIES if name != "c.png")
 
 
-def test_outputs_do_not_depend_on_the_batch_size_and_equal_one_query_edits(folders, model_dir, capsys):
-    run(command(folders, model_dir, folders / "one", "--batch-size", 1), capsys)
-    run(command(folders, model_dir, folders / "four", "--batch-size", 4), capsys)
+def test_outputs_do_not_depend_on_the_batch_size_and_equal_one_query_edits(run_cli, folders, model_dir):
+    run_cli(command(folders, model_dir, folders / "one", "--batch-size", 1))
+    run_cli(command(folders, model_dir, folders / "four", "--batch-size", 4))
     for name in QUERIES:
         if name.endswith(".png"):  # lossless: at most one level of rounding apart
             assert np.abs(read(folders / "one", name) - read(folders / "four", name)).max() <= 1, name
@@ -90,7 +80,7 @@ def test_outputs_do_not_depend_on_the_batch_size_and_equal_one_query_edits(folde
 
 @pytest.mark.parametrize("failing_write", [1, 7], ids=["first-file", "last-file"])
 def test_a_failed_write_leaves_only_whole_outputs_and_the_rerun_completes(
-    folders, model_dir, capsys, monkeypatch, failing_write
+    run_cli, folders, model_dir, monkeypatch, failing_write
 ):
     out = folders / "out"
     save = PIL.Image.Image.save
@@ -104,14 +94,14 @@ def test_a_failed_write_leaves_only_whole_outputs_and_the_rerun_completes(
         return save(image, fp, *args, **kwargs)
 
     monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
-    code, _, err = run(command(folders, model_dir, out), capsys)
+    code, _, err = run_cli(command(folders, model_dir, out))
     assert code == 2 and "No space left on device" in err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(written) == failing_write - 1 and not any(name.startswith(".") for name in written)  # no temporary
     for name in written:
         PIL.Image.open(out / name).load()  # complete
     monkeypatch.setattr(PIL.Image.Image, "save", save)
-    code, printed, _ = run(command(folders, model_dir, out), capsys)
+    code, printed, _ = run_cli(command(folders, model_dir, out))
     assert code == 0 and f"Edited {8 - failing_write} images" in printed
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == QUERIES
 
@@ -153,7 +143,7 @@ def test_two_processes_split_the_queries_and_write_what_one_process_writes(folde
     ],
     ids=["missing-folder", "no-images", "out-is-a-file", "batch-size-0", "not-an-image"],
 )
-def test_mistakes_are_one_line_before_any_model_loads(folders, model_dir, capsys, monkeypatch, change, message):
+def test_mistakes_are_one_line_before_any_model_loads(run_cli, folders, model_dir, monkeypatch, change, message):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
@@ -164,7 +154,7 @@ def test_mistakes_are_one_line_before_any_model_loads(folders, model_dir, capsys
         (folders / "queries" / "broken.png").write_text("not an image")
     argv = command(folders, model_dir, folders / change.get("out", "out"), "--batch-size", change.get("batch", 1))
     argv[argv.index("--queries") + 1] = str(folders / change.get("queries", "queries"))
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv)
     assert code == 2 and re.match(message, err) and err.count("\n") == 1, err
 
 
