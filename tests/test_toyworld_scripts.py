@@ -1,5 +1,7 @@
 """A few steps of each toy-world training script, chained as the full build chains them (keeps them alive)."""
 
+import hashlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from diffusers_delta.testing import tiny_image_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
+import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
 import train_base_editor  # noqa: E402
@@ -100,15 +103,80 @@ def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
     assert SiglipImageProcessorPil.from_pretrained(tmp_path / "siglip").size == {"height": 64, "width": 64}
 
 
-def test_the_world_2_build_runs_its_stages_and_resumes(tmp_path, capsys):
-    argv = ["--work_dir", str(tmp_path), "--vae_steps", "1", "--base_steps", "1", "--pairs_per_family", "2",
-            "--adapter_steps", "1"]  # fmt: skip
-    build_world2.main(build_world2.parse_args(argv))
-    assert capsys.readouterr().out.count("stage ") == 5
-    pipe = FluxDeltaEditPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_delta_adapter(tmp_path / "adapter")
+BUILD_ARGV = ["--vae_steps", "1", "--base_steps", "1", "--pairs_per_family", "2", "--adapter_steps", "1",
+              "--base_layers", "1", "--base_heads", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world2_build(tmp_path_factory):
+    work = tmp_path_factory.mktemp("world2")
+    build_world2.main(build_world2.parse_args(["--work_dir", str(work), *BUILD_ARGV]))
+    return work
+
+
+def tree(folder):
+    """Every file under `folder` with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def test_the_world_2_build_runs_its_stages_and_resumes(world2_build, capsys):
+    pipe = FluxDeltaEditPipeline.from_pretrained(world2_build / "base")
+    assert pipe.transformer.config.num_layers == 1 and pipe.transformer.config.num_attention_heads == 2
+    pipe.load_delta_adapter(world2_build / "adapter")
     pipe.set_progress_bar_config(disable=True)
     source, target = toyworld.make_pair("grayscale", seed=1)
     assert pipe(source, exemplar=(source, target), output_type="np").images.shape == (1, 64, 64, 3)
-    build_world2.main(build_world2.parse_args(argv))  # every stage is complete: nothing runs again
-    assert "stage " not in capsys.readouterr().out
+    build_world2.main(build_world2.parse_args(["--work_dir", str(world2_build), *BUILD_ARGV]))
+    assert "stage " not in capsys.readouterr().out  # every stage is complete: nothing runs again
+    assert not list(world2_build.glob(".*"))  # no staging folder left behind
+
+
+def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monkeypatch, capsys):
+    def crash(args):  # a base editor that dies after writing part of its folder
+        (Path(args.output_dir) / "transformer").mkdir()
+        raise KeyboardInterrupt
+
+    argv = build_world2.parse_args(["--work_dir", str(tmp_path), *BUILD_ARGV])
+    with monkeypatch.context() as patched:
+        patched.setattr(train_base_editor, "main", crash)
+        with pytest.raises(KeyboardInterrupt):
+            build_world2.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # the VAE stage whole, nothing of the base's
+    capsys.readouterr()
+    build_world2.main(argv)
+    assert capsys.readouterr().out.count("stage ") == 4  # the VAE is not trained again
+    assert (tmp_path / "base" / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_failed_export_keeps_the_shipped_model(world2_build, tmp_path, monkeypatch, where):
+    real_copy, calls = shutil.copyfile, []
+
+    def copy(*args, **kwargs):  # the disk fills up at the first or the last file copied
+        calls.append(args)
+        if len(calls) == failing_call:
+            raise OSError(28, "No space left on device")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy)
+    shipped, failing_call = tmp_path / "default_model", 0
+    build_default_model.export(world2_build, shipped)
+    before, failing_call = tree(shipped), 1 if where == "first" else len(calls)
+    calls.clear()
+    with pytest.raises(OSError, match="No space"):
+        build_default_model.export(world2_build, shipped)
+    assert tree(shipped) == before and sorted(p.name for p in tmp_path.iterdir()) == ["default_model"]
+
+
+def test_an_export_over_the_size_limit_is_refused_and_keeps_the_shipped_model(world2_build, tmp_path):
+    shipped = tmp_path / "default_model"
+    build_default_model.export(world2_build, shipped)
+    before = tree(shipped)
+    with pytest.raises(RuntimeError, match="over 0 MiB.*unchanged"):
+        build_default_model.export(world2_build, shipped, max_bytes=1024)
+    assert tree(shipped) == before
+    build_world2.main(build_world2.parse_args(
+        ["--work_dir", str(world2_build), *BUILD_ARGV, "--export", "--export_dir", str(tmp_path / "other")]
+    ))  # fmt: skip
+    assert tree(tmp_path / "other") == before  # --export writes where --export_dir says

@@ -26,6 +26,7 @@ import torch
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 from diffusers_delta import DeltaAdapterModel, toyworld
+from diffusers_delta.atomic_folder import atomic_folder
 from diffusers_delta.hub import render_model_card
 
 
@@ -91,20 +92,30 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, proje
     ]  # fmt: skip
 
 
-def export(work: Path, export_dir: Path) -> None:
+def export(work: Path, export_dir: Path, max_bytes: int | None = None) -> None:
     """Copies the base pipeline (with its edit prompts, for the benchmark) and the adapter folder (weights, SigLIP,
-    empty prompt) into the package."""
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    shutil.copytree(work / "base", export_dir / "base", ignore=shutil.ignore_patterns("empty_prompt_embeds.*"))
-    shutil.copytree(
-        work / "adapter",
-        export_dir / "adapter",
-        ignore=shutil.ignore_patterns("checkpoint-*", "logs", "training_summary.json"),
-    )
-    write_toy_card(export_dir / "adapter")
-    size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
-    print(f"Exported the default model to {export_dir} ({size:.1f} MiB)")
+    empty prompt) into the package, atomically: the model there stays whole until the new one is complete.
+
+    Args:
+        work: the build folder (`base/`, `adapter/`).
+        export_dir: where the shipped model goes.
+        max_bytes: refuse (and keep the old model) when the new one is bigger.
+    """
+    with atomic_folder(export_dir, owned=("base", "adapter")) as staging:
+        shutil.copytree(work / "base", staging / "base", ignore=shutil.ignore_patterns("empty_prompt_embeds.*"))
+        shutil.copytree(
+            work / "adapter",
+            staging / "adapter",
+            ignore=shutil.ignore_patterns("checkpoint-*", "logs", "training_summary.json"),
+        )
+        write_toy_card(staging / "adapter")
+        size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+        if max_bytes is not None and size > max_bytes:
+            raise RuntimeError(
+                f"The model to export is {size / 2**20:.1f} MiB, over {max_bytes / 2**20:.0f} MiB; {export_dir} is "
+                "unchanged."
+            )
+    print(f"Exported the default model to {export_dir} ({size / 2**20:.1f} MiB)")
 
 
 def write_toy_card(adapter_dir: Path) -> None:
@@ -128,20 +139,26 @@ def write_toy_card(adapter_dir: Path) -> None:
 def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    # Each step writes into a staging folder swapped in when complete: a step's folder exists only whole.
     if not (work / "vae").exists():
-        train_vae.main(train_vae.parse_args(["--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps),
-                                             "--minutes", "1e9", "--seed", str(args.seed),
-                                             "--edited_fraction", str(args.edited_fraction)]))  # fmt: skip
+        with atomic_folder(work / "vae") as staging:
+            train_vae.main(train_vae.parse_args([
+                "--output_dir", str(staging), "--max_steps", str(args.vae_steps), "--minutes", "1e9",
+                "--seed", str(args.seed), "--edited_fraction", str(args.edited_fraction),
+            ]))  # fmt: skip
     if not (work / "base").exists():
-        train_base_editor.main(train_base_editor.parse_args([
-            "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
-            "--minutes", "1e9", "--seed", str(args.seed), "--edited_fraction", str(args.edited_fraction),
-            "--instruction_fraction", str(args.instruction_fraction),
-        ]))  # fmt: skip
+        with atomic_folder(work / "base") as staging:
+            train_base_editor.main(train_base_editor.parse_args([
+                "--vae_dir", str(work / "vae"), "--output_dir", str(staging), "--max_steps", str(args.base_steps),
+                "--minutes", "1e9", "--seed", str(args.seed), "--edited_fraction", str(args.edited_fraction),
+                "--instruction_fraction", str(args.instruction_fraction),
+            ]))  # fmt: skip
     if not (work / "siglip").exists():
-        build_image_encoder(work / "siglip", args.seed)
+        with atomic_folder(work / "siglip") as staging:
+            build_image_encoder(staging, args.seed)
     if not (work / "pairs").exists():
-        toyworld.write_pairs(work / "pairs", toyworld.SEEN_EDITS, args.pairs_per_edit, seed=args.seed)
+        with atomic_folder(work / "pairs") as staging:
+            toyworld.write_pairs(staging, toyworld.SEEN_EDITS, args.pairs_per_edit, seed=args.seed)
     if not (work / "adapter" / "diffusion_pytorch_model.safetensors").exists():
         train_delta_adapter.main(
             train_delta_adapter.parse_args(adapter_arguments(args, work, work / "adapter", args.lambda_delta))

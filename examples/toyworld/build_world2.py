@@ -3,11 +3,11 @@
 
     python examples/toyworld/build_world2.py --work_dir toy2 [--pretrain_encoder] [--export]
 
-Every stage writes one folder of `--work_dir` and is skipped when that folder is complete, so a build cut off by a
-session's end goes on where it stopped. The VAE and the base editor learn every family of every split (klein knows
-every edit by text); the adapter trains on S1 only. Nothing in the package changes unless `--export` is given: then
-the base pipeline and the adapter are copied to `diffusers_delta/toyworld/default_model` (the shipped model, at most
-25 MB).
+Every stage writes one folder of `--work_dir`, which exists only complete (the adapter's resumes from its
+checkpoints), and is skipped when it is there, so a build cut off by a session's end goes on where it stopped. The VAE
+and the base editor learn every family of every split (klein knows every edit by text); the adapter trains on S1 only.
+Nothing in the package changes unless `--export` is given: then the base pipeline and the adapter replace
+`diffusers_delta/toyworld/default_model` (the shipped model, at most 25 MB) atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from diffusers_delta import toyworld
+from diffusers_delta.atomic_folder import atomic_folder
 
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs_per_family", type=int, default=400, help="Training pairs of each S1 family.")
     parser.add_argument("--adapter_steps", type=int, default=4000, help="Adapter training steps.")
     parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
+    parser.add_argument("--base_layers", type=int, default=2,
+                        help="Double-stream blocks of the base editor, and as many single-stream ones.")  # fmt: skip
+    parser.add_argument("--base_heads", type=int, default=4, help="Attention heads (of 32) of the base editor.")
     parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
+    parser.add_argument("--export_dir", default=str(build_default_model.PACKAGE_MODEL_DIR),
+                        help="Where --export puts the model (default: the package's, which ships).")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -54,43 +60,45 @@ def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     seed = str(args.seed)
-    if not (work / "vae" / "config.json").is_file():
+    # Stages 1-4 write into a staging folder swapped in when complete: a stage's folder exists only whole.
+    if not (work / "vae").is_dir():
         print("stage 1/5: VAE")
-        train_vae.main(train_vae.parse_args([
-            "--output_dir", str(work / "vae"), "--max_steps", str(args.vae_steps), "--minutes", "1e9",
-            "--seed", seed, "--world", "families", "--block_out_channels", "32", "64", "64", "--l1_weight", "0.5",
-            "--lr_scheduler", "cosine",
-        ]))  # fmt: skip
-    if not (work / "base" / "instruction_encoder" / "config.json").is_file():
-        print("stage 2/5: instruction base editor")
-        train_base_editor.main(train_base_editor.parse_args([
-            "--vae_dir", str(work / "vae"), "--output_dir", str(work / "base"), "--max_steps", str(args.base_steps),
-            "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--instruction_fraction", "0.7",
-            "--world", "families", "--lr_scheduler", "cosine",
-        ]))  # fmt: skip
-    if not (work / "siglip" / "config.json").is_file():
-        print("stage 3/5: SigLIP stand-in")
-        if args.pretrain_encoder:
-            pretrain_image_encoder.main(pretrain_image_encoder.parse_args([
-                "--output_dir", str(work / "siglip"), "--max_steps", str(args.encoder_steps), "--minutes", "1e9",
-                "--seed", seed,
+        with atomic_folder(work / "vae") as staging:
+            train_vae.main(train_vae.parse_args([
+                "--output_dir", str(staging), "--max_steps", str(args.vae_steps), "--minutes", "1e9", "--seed", seed,
+                "--world", "families", "--block_out_channels", "32", "64", "64", "--l1_weight", "0.5",
+                "--lr_scheduler", "cosine",
             ]))  # fmt: skip
-        else:
-            build_default_model.build_image_encoder(work / "siglip", args.seed)
-    if not (work / "pairs" / "metadata.jsonl").is_file():
+    if not (work / "base").is_dir():
+        print("stage 2/5: instruction base editor")
+        with atomic_folder(work / "base") as staging:
+            train_base_editor.main(train_base_editor.parse_args([
+                "--vae_dir", str(work / "vae"), "--output_dir", str(staging), "--max_steps", str(args.base_steps),
+                "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--instruction_fraction", "0.7",
+                "--world", "families", "--lr_scheduler", "cosine", "--num_layers", str(args.base_layers),
+                "--num_single_layers", str(args.base_layers), "--num_attention_heads", str(args.base_heads),
+            ]))  # fmt: skip
+    if not (work / "siglip").is_dir():
+        print("stage 3/5: SigLIP stand-in")
+        with atomic_folder(work / "siglip") as staging:
+            if args.pretrain_encoder:
+                pretrain_image_encoder.main(pretrain_image_encoder.parse_args([
+                    "--output_dir", str(staging), "--max_steps", str(args.encoder_steps), "--minutes", "1e9",
+                    "--seed", seed,
+                ]))  # fmt: skip
+            else:
+                build_default_model.build_image_encoder(staging, args.seed)
+    if not (work / "pairs").is_dir():
         print("stage 4/5: S1 pairs")
-        toyworld.write_family_pairs(work / "pairs.tmp", "S1", args.pairs_per_family, seed=args.seed)
-        (work / "pairs.tmp").rename(work / "pairs")  # whole, or not there
-    if not (work / "adapter" / "diffusion_pytorch_model.safetensors").is_file():
+        with atomic_folder(work / "pairs") as staging:
+            toyworld.write_family_pairs(staging, "S1", args.pairs_per_family, seed=args.seed)
+    if not (work / "adapter" / "diffusion_pytorch_model.safetensors").is_file():  # resumes from its checkpoints
         print("stage 5/5: adapter")
         train_delta_adapter.main(train_delta_adapter.parse_args(
             build_default_model.adapter_arguments(args, work, work / "adapter", args.lambda_delta)
         ))  # fmt: skip
     if args.export:
-        build_default_model.export(work, build_default_model.PACKAGE_MODEL_DIR)
-        size = sum(f.stat().st_size for f in build_default_model.PACKAGE_MODEL_DIR.rglob("*") if f.is_file())
-        if size > MAX_EXPORT_BYTES:
-            raise RuntimeError(f"The exported model is {size / 2**20:.1f} MiB, over the {MAX_EXPORT_BYTES // 2**20}.")
+        build_default_model.export(work, Path(args.export_dir), max_bytes=MAX_EXPORT_BYTES)
 
 
 if __name__ == "__main__":

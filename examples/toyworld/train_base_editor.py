@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--instruction_fraction", type=float, default=0.5,
                         help="Share of references edited by an instruction (0: a pure reproducer).")  # fmt: skip
+    parser.add_argument("--num_layers", type=int, default=2, help="Double-stream blocks.")
+    parser.add_argument("--num_single_layers", type=int, default=2, help="Single-stream blocks.")
+    parser.add_argument("--num_attention_heads", type=int, default=4, help="Attention heads of 32 features.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--world",
@@ -82,15 +85,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_transformer(latent_channels: int) -> Flux2Transformer2DModel:
-    """2 double + 2 single blocks, 4 heads of 32: FLUX.2 [klein]'s architecture at toy scale."""
+def build_transformer(
+    latent_channels: int, num_layers: int = 2, num_single_layers: int = 2, num_attention_heads: int = 4
+) -> Flux2Transformer2DModel:
+    """FLUX.2 [klein]'s architecture at toy scale: by default 2 double + 2 single blocks, 4 heads of 32.
+
+    Args:
+        latent_channels: the VAE's latent channels (the transformer reads 2x2 patches of them).
+        num_layers: double-stream blocks.
+        num_single_layers: single-stream blocks.
+        num_attention_heads: heads of 32 features.
+    """
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4 * latent_channels,
-        num_layers=2,
-        num_single_layers=2,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=32,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         joint_attention_dim=PROMPT_DIM,
         timestep_guidance_channels=64,
         mlp_ratio=3.0,
@@ -181,7 +193,9 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     vae = AutoencoderKLFlux2.from_pretrained(args.vae_dir).eval().requires_grad_(False)
-    transformer = build_transformer(vae.config.latent_channels).train()
+    transformer = build_transformer(
+        vae.config.latent_channels, args.num_layers, args.num_single_layers, args.num_attention_heads
+    ).train()
     families = args.world == "families"
     if families:  # toy world 2: instructions are structured, read by a learned text-encoder stand-in
         encoder = InstructionEncoder(prompt_tokens=PROMPT_TOKENS, prompt_dim=PROMPT_DIM).train()
