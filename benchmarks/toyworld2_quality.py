@@ -15,6 +15,7 @@ edit (the family's edits taken in turn). Mean absolute error in [0, 1]; gap clos
     <ablation>                adapters of the build folder named adapter_* (no consistency loss, pooled MLP)
 
     python benchmarks/toyworld2_quality.py --work_dir toy2 [--queries 16] [--splits S1 S2 S3 S4] [--markdown]
+        [--grid world2.png]
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import PIL.Image
 import torch
 
 from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.atomic_folder import write_image_atomically
+from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, instruction_vector, render, split_edits
 from diffusers_delta.toyworld.families import edits_by_family
@@ -72,9 +75,10 @@ def floor_error(pipe, cases: list[Case]) -> float:
     return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
 
 
-def run(pipe, cases: list[Case], prompts=None, exemplar_count: int = 1, delta_scale: float = 1.0) -> float:
-    """Mean error of the cases edited with their own exemplars, under per-case `prompts` (or the empty prompt)."""
-    errors = []
+def run(pipe, cases: list[Case], prompts=None, exemplar_count: int = 1, delta_scale: float = 1.0):
+    """Mean error of the cases edited with their own exemplars, under per-case `prompts` (or the empty prompt), and
+    the first case's output."""
+    errors, outputs = [], []
     for index, case in enumerate(cases):
         delta_embeds = pipe.encode_exemplar(case.exemplars[:exemplar_count])
         output = pipe(
@@ -85,7 +89,8 @@ def run(pipe, cases: list[Case], prompts=None, exemplar_count: int = 1, delta_sc
             generator=torch.Generator().manual_seed(index),
         ).images[0]
         errors.append(mae(output, case.truth))
-    return statistics.mean(errors)
+        outputs.append(output)
+    return statistics.mean(errors), outputs[0]
 
 
 def adapted(pipe, cases: list[Case], steps: int) -> float:
@@ -137,6 +142,7 @@ def main() -> None:
     parser.add_argument("--adapt_steps", type=int, default=20)
     parser.add_argument("--adapt_queries", type=int, default=4, help="Queries per family adapted to (0: none).")
     parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    parser.add_argument("--grid", type=Path, help="Also write a PNG: each family's first query, truth and outputs.")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
@@ -148,22 +154,28 @@ def main() -> None:
     ablations = sorted(work.glob("adapter_*"))
 
     table = []  # (split, family, {column: error})
+    grid_rows, grid_titles = [], []  # each family's first case: exemplar, query, truth, then the zero-shot outputs
     for split in args.splits:
         for family, cases in cases_of(split, args.queries).items():
             identity = statistics.mean(mae(c.query, c.truth) for c in cases)
             row = {"identity": identity, "floor": floor_error(pipe, cases)}
             told = [encoder(torch.from_numpy(instruction_vector(c.edit))[None]) for c in cases]
-            row["base + true instruction"] = run(pipe, cases, prompts=told, delta_scale=0.0)
-            row["nearest seen edit"] = run(pipe, cases, prompts=nearest.prompts(pipe, cases), delta_scale=0.0)
-            row["adapter"] = run(pipe, cases)
-            row["adapter, 3 exemplars"] = run(pipe, cases, exemplar_count=3)
+            row["base + true instruction"], told_image = run(pipe, cases, prompts=told, delta_scale=0.0)
+            row["nearest seen edit"], nearest_image = run(
+                pipe, cases, prompts=nearest.prompts(pipe, cases), delta_scale=0.0
+            )
+            row["adapter"], adapter_image = run(pipe, cases)
+            row["adapter, 3 exemplars"], _ = run(pipe, cases, exemplar_count=3)
+            first = cases[0]
+            grid_rows.append([*first.exemplars[0], first.query, first.truth, told_image, nearest_image, adapter_image])
+            grid_titles.append(f"{split} {family}\n{first.edit.name.split('(', 1)[-1].rstrip(')')}")
             if split != "S1" and args.adapt_queries:
                 row[f"adapter + adapt({args.adapt_steps})"] = adapted(
                     pipe, cases[: args.adapt_queries], args.adapt_steps
                 )
             for folder in ablations:
                 pipe.load_delta_adapter(folder)
-                row[folder.name.removeprefix("adapter_").replace("_", " ")] = run(pipe, cases)
+                row[folder.name.removeprefix("adapter_").replace("_", " ")], _ = run(pipe, cases)
             if ablations:
                 pipe.load_delta_adapter(work / "adapter")
             table.append((split, family, row))
@@ -189,6 +201,12 @@ def main() -> None:
         for split, family, row in table:
             cells = [f"{row[c]:.4f} ({gap(row, c):+.2f})" if c in row else "" for c in columns]
             print(f"| {split} | {family} | {row['identity']:.4f} | {row['floor']:.4f} | " + " | ".join(cells) + " |")
+    if args.grid:
+        titles = ["exemplar source", "exemplar target", "query", "truth", "base + true instr.", "nearest seen",
+                  "adapter"]  # fmt: skip
+        grid = make_edit_grid(grid_rows, titles, cell_size=96, row_labels=grid_titles, row_label_width=150)
+        write_image_atomically(grid, args.grid)
+        print(f"Wrote {args.grid}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 import re
 
+import numpy as np
 import PIL.Image
 import pytest
 
 from diffusers_delta import cli, toyworld
+from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.pipelines import FluxDeltaEditPipeline
 
 
@@ -20,7 +22,9 @@ def test_demo_writes_its_grid_and_prints_per_edit_errors(model_dir, tmp_path, ca
     out = tmp_path / "demo.png"
     cli.main(["demo", "--out", str(out), "--model-dir", str(model_dir), "--edits", "recolor", "enlarge"])
     grid = PIL.Image.open(out)
-    assert grid.size == (5 * 128, 20 + 2 * 128)  # 5 columns (src, tgt, query, output, truth), 2 edits
+    assert grid.size == (110 + 5 * 128, 20 + 2 * 128)  # a strip of row titles, 5 columns, 2 edits
+    titles = np.asarray(grid.crop((0, 20, 110, 20 + 2 * 128)).convert("L"))
+    assert (titles[:128] < 128).any() and (titles[128:] < 128).any()  # each row is titled
     printed = capsys.readouterr().out
     assert "recolor     seen" in printed and "enlarge     unseen" in printed
 
@@ -97,4 +101,10 @@ def test_debug_shows_the_traceback(images, tmp_path, capsys):
 def test_demo_creates_the_folder_of_its_output(run_cli, model_dir, tmp_path):
     out = tmp_path / "new" / "folder" / "demo.png"
     code, printed, _ = run_cli(["demo", "--out", out, "--model-dir", model_dir, "--edits", "flip"])
-    assert code == 0 and PIL.Image.open(out).size == (5 * 128, 20 + 128) and "Wrote" in printed
+    assert code == 0 and PIL.Image.open(out).size == (110 + 5 * 128, 20 + 128) and "Wrote" in printed
+
+
+def test_grid_row_titles_must_match_the_rows():
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="2 row labels for 1 rows"):
+        make_edit_grid([[image]], ["output"], row_labels=["a", "b"])

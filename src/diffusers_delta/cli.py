@@ -75,7 +75,7 @@ def _demo(args: argparse.Namespace) -> None:
     out = _output_path(args.out)
     pipe = toyworld.load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
-    rows, lines = [], []
+    rows, row_labels, lines = [], [], []
     for index, name in enumerate(args.edits):
         edit = toyworld.EDITS[name]
         source, target = toyworld.make_pair(edit, seed=args.seed + 2 * index)
@@ -90,7 +90,14 @@ def _demo(args: argparse.Namespace) -> None:
         )
         split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
         lines.append(f"{name:<11} {split:<7} {identity:>9.4f} {error:>9.4f}")
-    grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", "output", "truth"], cell_size=128)
+        row_labels.append(f"{name}\n{split} edit\nerror {error:.3f}\n(identity {identity:.3f})")
+    grid = make_edit_grid(
+        rows,
+        ["exemplar source", "exemplar target", "query", "output", "truth"],
+        cell_size=128,
+        row_labels=row_labels,
+        row_label_width=110,
+    )
     write_image_atomically(grid, out)
     print(f"{'edit':<11} {'split':<7} {'identity':>9} {'output':>9}   (mean absolute error to the truth, 0-1)")
     print("\n".join(lines))
