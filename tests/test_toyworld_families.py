@@ -110,3 +110,14 @@ def test_world_batches_and_family_pairs(tmp_path):
     assert set(per_family) == set(families.SEEN_FAMILIES) and all(len(v) == 2 for v in per_family.values())
     assert len(set(per_family["recolor"])) == 2  # a family of several edits takes them in turn
     assert len(LocalPairDataset(tmp_path)) == len(records)
+
+
+def test_world_batches_of_chosen_families():
+    _, _, instructions = toyworld.world_batch(
+        np.random.default_rng(0), 32, edited_fraction=1.0, instruction_fraction=1.0, families=("flip",)
+    )
+    names = list(families.FAMILIES)
+    chosen = instructions[:, : len(names)].argmax(dim=1)  # each instruction's family (its first step's one-hot)
+    assert (chosen == names.index("flip")).all() and not instructions[:, families.STEP_WIDTH :].any()
+    with pytest.raises(ValueError, match=r"No edits of \['rotate'\] in \('S1',\)"):
+        toyworld.world_batch(np.random.default_rng(0), 2, splits=("S1",), families=("rotate",))

@@ -119,14 +119,16 @@ def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 @torch.no_grad()
 def edit_images(pipe: Flux2KleinPipeline, prompt_embeds: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """4-step edits (B, 3, H, W) in [0, 1] of `images` (B, 3, H, W) in [-1, 1] under one prompt."""
+    """4-step edits (B, 3, H, W) in [0, 1] of `images` (B, 3, H, W) in [-1, 1] under one prompt (1, L, D_txt) or one
+    each (B, L, D_txt)."""
     import PIL.Image
 
     outputs = []
     for index, image in enumerate(images):
         pil = PIL.Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
         generator = torch.Generator().manual_seed(index)
-        output = pipe(image=pil, prompt_embeds=prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
+        prompt = prompt_embeds[index : index + 1] if prompt_embeds.shape[0] > 1 else prompt_embeds
+        output = pipe(image=pil, prompt_embeds=prompt, num_inference_steps=4, guidance_scale=1.0,
                       generator=generator, output_type="pt").images  # fmt: skip
         outputs.append(output[0])
     return torch.stack(outputs)
@@ -163,6 +165,30 @@ def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: in
 
 
 @torch.no_grad()
+def gap_under_instruction(
+    pipe: Flux2KleinPipeline, encoder: InstructionEncoder, edits: list, seed: int, count: int
+) -> tuple[float, float, float, float]:
+    """Toy world 2: how well the base editor does edits when told them, on `count` held-out scenes each edit changes
+    (the edits taken in turn).
+
+    Returns:
+        The mean absolute error (0-1) of its 4-step output, of leaving the scene alone (identity) and of the VAE's
+        reconstruction (floor), and the gap closed, (identity - output) / (identity - floor): NaN where the floor is
+        above identity (too small an edit to measure).
+    """
+    pairs = [changed_pair(edits[i % len(edits)], seed + 100 * i, IMAGE_SIZE) for i in range(count)]
+    sources = render_batch([scene for scene, _ in pairs])
+    truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
+    decoded = pipe.vae.decode(pipe.vae.encode(truth * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
+    identity = ((sources + 1) / 2 - truth).abs().mean().item()
+    floor = ((decoded + 1) / 2 - truth).abs().mean().item()
+    prompts = encoder(torch.from_numpy(np.stack([instruction_vector(edits[i % len(edits)]) for i in range(count)])))
+    output = (edit_images(pipe, prompts, sources) - truth).abs().mean().item()
+    gap = (identity - output) / (identity - floor) if identity > floor else float("nan")
+    return output, identity, floor, gap
+
+
+@torch.no_grad()
 def report_families(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, seed: int, count: int = 4) -> None:
     """Toy world 2: per split and family, the base editor's error under the true instruction on held-out scenes,
     with its gap closed, (identity - output) / (identity - floor), and the reproduction PSNR."""
@@ -173,20 +199,41 @@ def report_families(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, seed:
     for split in SPLITS:
         gaps = []
         for name, (edit, *_) in edits_by_family(split_edits(split)).items():  # the first edit of each family
-            pairs = [changed_pair(edit, seed + 100 * i, IMAGE_SIZE) for i in range(count)]
-            sources = render_batch([scene for scene, _ in pairs])
-            truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
-            decoded = pipe.vae.decode(pipe.vae.encode(truth * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
-            identity = ((sources + 1) / 2 - truth).abs().mean().item()
-            floor = ((decoded + 1) / 2 - truth).abs().mean().item()
-            prompt = encoder(torch.from_numpy(instruction_vector(edit))[None])
-            output = (edit_images(pipe, prompt, sources) - truth).abs().mean().item()
-            # Undefined (NaN) where the VAE's floor is above leaving the query alone: too small an edit to measure.
-            gaps.append((identity - output) / (identity - floor) if identity > floor else float("nan"))
-            print(
-                f"{split} {name:<22} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gaps[-1]:+.2f}"
-            )
+            output, identity, floor, gap = gap_under_instruction(pipe, encoder, [edit], seed, count)
+            gaps.append(gap)
+            print(f"{split} {name:<22} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gap:+.2f}")
         print(f"{split} mean gap closed under the true instruction: {np.nanmean(gaps):+.2f} (where defined)")
+
+
+def flow_matching_step(
+    transformer: Flux2Transformer2DModel,
+    vae: AutoencoderKLFlux2,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    references: torch.Tensor,
+    targets: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The base editor's flow-matching loss on one batch (to be back-propagated).
+
+    Args:
+        transformer: the base editor being trained.
+        vae: the frozen VAE.
+        scheduler: the training scheduler, whose sigmas are drawn (logit-normal).
+        references: (B, 3, H, W) in [-1, 1], what the editor receives.
+        targets: (B, 3, H, W) in [-1, 1], what it must produce.
+        prompt_embeds: (B, L, D_txt) the instructions' embeddings.
+        generator: draws the sigmas and the noise.
+    """
+    reference_latents, latents = encode_latents(vae, torch.cat([references, targets])).chunk(2)  # (B, 4C, h, w)
+    sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    velocity, _, _ = predict_velocity(
+        transformer, add_noise(latents, noise, sigmas), reference_latents, prompt_embeds, sigmas
+    )
+    return flow_matching_loss(
+        velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)
+    )
 
 
 def main(args: argparse.Namespace) -> Flux2KleinPipeline:
@@ -230,16 +277,8 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
                 instruction_fraction=args.instruction_fraction,
             )
             prompt_embeds = prompts[instructions + 1]  # (B, L, D_txt)
-        reference_latents, latents = encode_latents(vae, torch.cat([references, targets])).chunk(2)  # (B, 4C, h, w)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        velocity, _, _ = predict_velocity(
-            transformer, add_noise(latents, noise, sigmas), reference_latents, prompt_embeds, sigmas
-        )
-        loss = flow_matching_loss(
-            velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)
-        )
+        loss = flow_matching_step(transformer, vae, scheduler, references, targets, prompt_embeds, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

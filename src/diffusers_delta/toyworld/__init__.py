@@ -123,6 +123,7 @@ def world_batch(
     edited_fraction: float = 0.5,
     instruction_fraction: float = 0.5,
     splits: tuple[str, ...] = SPLITS,
+    families: tuple[str, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of toy world 2 for models that stand in for ones pretrained on everything (the VAE, the instruction
     base editor): references, some already edited by an edit of any split, and targets: the reference edited by a
@@ -136,12 +137,18 @@ def world_batch(
         instruction_fraction: the share of references that get an edit rather than the empty instruction.
         splits: the splits the edits are drawn from (a base editor knows all of them, as klein knows edits by text),
             each family (and each composition) as often as any other (`families.draw_edit`).
+        families: only the edits of these families (and compositions, by their `"a + b"` name); default: every one.
 
     Returns:
         references (B, 3, H, W) and targets (B, 3, H, W) in [-1, 1], and instructions (B, INSTRUCTION_WIDTH) float32
         (`families.instruction_vector`; zeros for the empty instruction).
     """
     groups = edits_by_family([edit for split in splits for edit in split_edits(split)])
+    if families is not None:
+        unknown = set(families) - set(groups)
+        if unknown:
+            raise ValueError(f"No edits of {sorted(unknown)} in {splits}; the families are {sorted(groups)}.")
+        groups = {name: edits for name, edits in groups.items() if name in families}
     references, targets, instructions = [], [], []
     for _ in range(batch_size):
         scene = generate_family_scene(rng, size)
