@@ -94,6 +94,42 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     assert torch.equal(pipe.empty_prompt_embeds, empty)  # the pipeline folder carries its empty prompt
 
 
+def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, monkeypatch):
+    """A base editor cut off mid-training and run again ends with the same weights as one never cut off; a checkpoint
+    is not resumed with other flags."""
+    argv = ["--vae_dir", str(toy / "vae"), "--max_steps", "4", "--batch_size", "2", "--world", "families",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--num_layers", "1", "--num_single_layers", "1",
+            "--num_attention_heads", "2"]  # fmt: skip
+    train_base_editor.main(train_base_editor.parse_args([*argv, "--output_dir", str(tmp_path / "straight")]))
+    real_step, calls = train_base_editor.flow_matching_step, []
+
+    def cut_off_in_step_3(*args):  # the session ends during the third step
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    checkpoint = tmp_path / "checkpoint"
+    resumed_argv = [*argv, "--output_dir", str(tmp_path / "resumed"), "--checkpoint_dir", str(checkpoint),
+                    "--checkpointing_steps", "2"]  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(train_base_editor, "flow_matching_step", cut_off_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_base_editor.main(train_base_editor.parse_args(resumed_argv))
+    assert torch.load(checkpoint / "training_state.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "resumed").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint", "straight"]  # fmt: skip
+    saved = tree(checkpoint)
+    with pytest.raises(SystemExit, match="other --learning_rate.*same flags"):
+        train_base_editor.main(train_base_editor.parse_args([*resumed_argv, "--learning_rate", "1e-3"]))
+    assert tree(checkpoint) == saved
+    train_base_editor.main(train_base_editor.parse_args(resumed_argv))
+    for part in ("transformer", "instruction_encoder"):
+        straight = safetensors.torch.load_file(tmp_path / "straight" / part / "diffusion_pytorch_model.safetensors")
+        resumed = safetensors.torch.load_file(tmp_path / "resumed" / part / "diffusion_pytorch_model.safetensors")
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
     encoder = pretrain_image_encoder.main(pretrain_image_encoder.parse_args(
         ["--output_dir", str(tmp_path / "siglip"), "--max_steps", "2", "--batch_size", "4"]
@@ -130,6 +166,7 @@ def test_the_world_2_build_runs_its_stages_and_resumes(world2_build, capsys):
     build_world2.main(build_world2.parse_args(["--work_dir", str(world2_build), *BUILD_ARGV]))
     assert "stage " not in capsys.readouterr().out  # every stage is complete: nothing runs again
     assert not list(world2_build.glob(".*"))  # no staging folder left behind
+    assert not (world2_build / "base_checkpoint").exists()  # spent once base/ is complete
 
 
 def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monkeypatch, capsys):

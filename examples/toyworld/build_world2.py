@@ -3,8 +3,10 @@
 
     python examples/toyworld/build_world2.py --work_dir toy2 [--pretrain_encoder] [--export]
 
-Every stage writes one folder of `--work_dir`, which exists only complete (the adapter's resumes from its
-checkpoints), and is skipped when it is there, so a build cut off by a session's end goes on where it stopped. The VAE
+Every stage writes one folder of `--work_dir`, which exists only complete, and is skipped when it is there, so a build
+cut off by a session's end goes on where it stopped. The two long stages also resume from their checkpoints: the base
+editor's (`base_checkpoint/`, every `--base_checkpointing_steps` steps, removed once `base/` is complete) and the
+adapter's. The VAE
 and the base editor learn every family of every split (klein knows every edit by text); the adapter trains on S1 only.
 Nothing in the package changes unless `--export` is given: then the base pipeline and the adapter replace
 `diffusers_delta/toyworld/default_model` (the shipped model, at most 25 MB) atomically.
@@ -13,6 +15,7 @@ Nothing in the package changes unless `--export` is given: then the base pipelin
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base_layers", type=int, default=2,
                         help="Double-stream blocks of the base editor, and as many single-stream ones.")  # fmt: skip
     parser.add_argument("--base_heads", type=int, default=4, help="Attention heads (of 32) of the base editor.")
+    parser.add_argument("--base_checkpointing_steps", type=int, default=500,
+                        help="Base editor steps between two checkpoints (a cut-off build resumes there).")  # fmt: skip
     parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
     parser.add_argument("--export_dir", default=str(build_default_model.PACKAGE_MODEL_DIR),
                         help="Where --export puts the model (default: the package's, which ships).")  # fmt: skip
@@ -69,6 +74,7 @@ def main(args: argparse.Namespace) -> None:
                 "--world", "families", "--block_out_channels", "32", "64", "64", "--l1_weight", "0.5",
                 "--lr_scheduler", "cosine",
             ]))  # fmt: skip
+    base_checkpoint = work / "base_checkpoint"
     if not (work / "base").is_dir():
         print("stage 2/5: instruction base editor")
         with atomic_folder(work / "base") as staging:
@@ -77,7 +83,9 @@ def main(args: argparse.Namespace) -> None:
                 "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--instruction_fraction", "0.7",
                 "--world", "families", "--lr_scheduler", "cosine", "--num_layers", str(args.base_layers),
                 "--num_single_layers", str(args.base_layers), "--num_attention_heads", str(args.base_heads),
+                "--checkpoint_dir", str(base_checkpoint), "--checkpointing_steps", str(args.base_checkpointing_steps),
             ]))  # fmt: skip
+    shutil.rmtree(base_checkpoint, ignore_errors=True)  # base/ is complete: its checkpoint is spent
     if not (work / "siglip").is_dir():
         print("stage 3/5: SigLIP stand-in")
         with atomic_folder(work / "siglip") as staging:

@@ -12,6 +12,10 @@ prompt per edit, for the benchmark's text-instruction row); prints the PSNR of 4
 against the VAE's own reconstruction floor, and each instruction's gap closed.
 
     python examples/toyworld/train_base_editor.py --vae_dir toy/vae --output_dir toy/base --minutes 9
+
+With `--checkpoint_dir`, the training state (weights, optimizer, schedule, data stream) is written there every
+`--checkpointing_steps` steps and when the time budget ends, and a run started with the same flags resumes from it
+exactly: a long base editor trains across several runs, each cut off wherever a session ends.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.adapter_files import EMPTY_PROMPT_EMBEDS_NAME
+from diffusers_delta.atomic_folder import atomic_folder
 from diffusers_delta.latents import encode_latents
 from diffusers_delta.losses import add_noise, flow_matching_loss, sample_sigmas
 from diffusers_delta.toyworld import (
@@ -54,6 +59,12 @@ from diffusers_delta.training import predict_velocity
 
 
 PROMPT_TOKENS, PROMPT_DIM = 8, 64
+CHECKPOINT_WEIGHTS_NAME, CHECKPOINT_STATE_NAME = "model.safetensors", "training_state.pt"
+# The flags a checkpoint must be resumed with: any other value would train a different model from its state.
+RESUME_FLAGS = (
+    "world", "batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "edited_fraction",
+    "instruction_fraction", "num_layers", "num_single_layers", "num_attention_heads", "seed",
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_single_layers", type=int, default=2, help="Single-stream blocks.")
     parser.add_argument("--num_attention_heads", type=int, default=4, help="Attention heads of 32 features.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint_dir", default=None,
+                        help="Where the training state is kept, and resumed from when it is there.")  # fmt: skip
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="Steps between two checkpoints (with --checkpoint_dir).")  # fmt: skip
     parser.add_argument(
         "--world",
         default="edits",
@@ -82,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="edits: the shipped world's eight edits, each a learned prompt; families: toy world 2's parameterised "
         "edit families (every split), read through a learned InstructionEncoder from structured instructions.",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be at least 1.")
+    return args
 
 
 def build_transformer(
@@ -236,6 +254,74 @@ def flow_matching_step(
     )
 
 
+def resume_flags(args: argparse.Namespace) -> dict:
+    """The flags a checkpoint is tied to (--max_steps too when the cosine schedule decays towards it)."""
+    flags = {name: getattr(args, name) for name in RESUME_FLAGS}
+    if args.lr_scheduler == "cosine":
+        flags["max_steps"] = args.max_steps
+    return flags
+
+
+def save_checkpoint(
+    folder: Path,
+    trained: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    step: int,
+    flags: dict,
+) -> None:
+    """Writes what training needs to go on exactly from `step` into `folder`, whole or not at all.
+
+    Args:
+        folder: the checkpoint folder (its previous checkpoint is replaced only once the new one is complete).
+        trained: every trained module (the transformer and the instructions).
+        optimizer: its AdamW state.
+        lr_scheduler: its schedule's position.
+        rng: the data stream's generator (the noise generators are seeded by step).
+        step: steps done.
+        flags: `resume_flags` of the run.
+    """
+    with atomic_folder(folder, owned=(CHECKPOINT_WEIGHTS_NAME, CHECKPOINT_STATE_NAME)) as staging:
+        weights = {name: tensor.detach().contiguous() for name, tensor in trained.state_dict().items()}
+        safetensors.torch.save_file(weights, staging / CHECKPOINT_WEIGHTS_NAME)
+        state = {
+            "step": step,
+            "flags": flags,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": rng.bit_generator.state,
+        }
+        torch.save(state, staging / CHECKPOINT_STATE_NAME)
+
+
+def load_checkpoint(
+    folder: Path,
+    trained: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    flags: dict,
+) -> int:
+    """Restores a `save_checkpoint` folder into the run's objects; returns the steps it had done (0 when `folder`
+    holds no checkpoint). Refuses, before changing anything, a checkpoint written with other flags."""
+    if not (folder / CHECKPOINT_STATE_NAME).is_file():
+        return 0
+    state = torch.load(folder / CHECKPOINT_STATE_NAME, weights_only=True)
+    if state["flags"] != flags:
+        differing = sorted(name for name in flags if state["flags"].get(name) != flags[name])
+        raise SystemExit(
+            f"error: the checkpoint in {folder} was trained with other {', '.join('--' + n for n in differing)} "
+            f"({', '.join(str(state['flags'].get(n)) for n in differing)}): pass the same flags to resume it, or "
+            "another --checkpoint_dir to start afresh."
+        )
+    trained.load_state_dict(safetensors.torch.load_file(folder / CHECKPOINT_WEIGHTS_NAME))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng.bit_generator.state = state["rng"]
+    return state["step"]
+
+
 def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -246,20 +332,24 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     families = args.world == "families"
     if families:  # toy world 2: instructions are structured, read by a learned text-encoder stand-in
         encoder = InstructionEncoder(prompt_tokens=PROMPT_TOKENS, prompt_dim=PROMPT_DIM).train()
-        instruction_weights = list(encoder.parameters())
     else:  # row 0: the empty prompt; row 1 + i: the instruction of the i-th edit of EDITS
         prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D)
-        instruction_weights = [prompts]
-    optimizer = torch.optim.AdamW([*transformer.parameters(), *instruction_weights], lr=args.learning_rate)
+    # Everything trained, under the names its checkpoint holds.
+    trained = torch.nn.ModuleDict({"transformer": transformer})
+    trained["instructions"] = encoder if families else torch.nn.ParameterList([prompts])
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.learning_rate)
     if args.lr_scheduler == "cosine" and args.max_steps is None:
         raise SystemExit("error: --lr_scheduler cosine decays to zero at --max_steps; give it.")
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_steps
     )
     scheduler = klein_scheduler()
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    flags = resume_flags(args)
+    step = load_checkpoint(checkpoint_dir, trained, optimizer, lr_scheduler, rng, flags) if checkpoint_dir else 0
+    saved_step = step
     deadline = time.monotonic() + args.minutes * 60
-    progress = tqdm(desc="base editor", unit="step", mininterval=2)
-    step = 0
+    progress = tqdm(desc="base editor", unit="step", mininterval=2, initial=step, total=args.max_steps)
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
         if families:
             references, targets, vectors = world_batch(
@@ -288,7 +378,12 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
         progress.update()
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint_dir and step % args.checkpointing_steps == 0:
+            save_checkpoint(checkpoint_dir, trained, optimizer, lr_scheduler, rng, step, flags)
+            saved_step = step
     progress.close()
+    if checkpoint_dir and step != saved_step:  # the time budget ended between two checkpoints
+        save_checkpoint(checkpoint_dir, trained, optimizer, lr_scheduler, rng, step, flags)
 
     transformer.eval().requires_grad_(False)
     pipe = Flux2KleinPipeline(
