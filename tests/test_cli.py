@@ -108,3 +108,13 @@ def test_grid_row_titles_must_match_the_rows():
     image = PIL.Image.new("RGB", (8, 8))
     with pytest.raises(ValueError, match="2 row labels for 1 rows"):
         make_edit_grid([[image]], ["output"], row_labels=["a", "b"])
+
+
+def test_grid_titles_spell_arrows_and_times_in_ascii():
+    """PIL's default font has no glyph for → or ×: they would show as empty boxes."""
+    image = PIL.Image.new("RGB", (8, 8))
+
+    def titled(label, row_label):
+        return np.asarray(make_edit_grid([[image]], [label], cell_size=64, row_labels=[row_label]))
+
+    assert np.array_equal(titled("red→blue", "scale ×0.5"), titled("red->blue", "scale x0.5"))

@@ -8,6 +8,10 @@ import PIL.Image
 import PIL.ImageDraw
 
 
+# PIL's default font draws these as empty boxes: titles get their ASCII spelling.
+ASCII_SPELLING = str.maketrans({"→": "->", "×": "x", "−": "-", "–": "-", "±": "+/-"})
+
+
 def make_edit_grid(
     rows: Sequence[Sequence[PIL.Image.Image]],
     labels: Sequence[str],
@@ -37,11 +41,11 @@ def make_edit_grid(
     grid = PIL.Image.new("RGB", (left + cell_size * len(labels), label_height + cell_size * len(rows)), "white")
     draw = PIL.ImageDraw.Draw(grid)
     for column, label in enumerate(labels):
-        draw.text((left + column * cell_size + 4, 4), label, fill="black")
+        draw.text((left + column * cell_size + 4, 4), label.translate(ASCII_SPELLING), fill="black")
     for row_index, row in enumerate(rows):
         top = label_height + row_index * cell_size
         if row_labels is not None:
-            draw.multiline_text((4, top + 4), row_labels[row_index], fill="black")
+            draw.multiline_text((4, top + 4), row_labels[row_index].translate(ASCII_SPELLING), fill="black")
         for column, image in enumerate(row):
             cell = image.convert("RGB").resize((cell_size, cell_size), PIL.Image.Resampling.BICUBIC)
             grid.paste(cell, (left + column * cell_size, top))
