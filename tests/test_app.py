@@ -5,6 +5,7 @@ import os
 import runpy
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -139,3 +140,21 @@ def test_the_space_entry_builds_the_app_on_the_model_its_variables_name(model_di
     space = runpy.run_path(str(Path(__file__).parents[1] / "space" / "app.py"), run_name="space")
     assert space["pipe"].delta_adapter is not None and space["pipe"].config.image_size == 64
     assert "/edit" in [f"/{fn.api_name}" for fn in space["demo"].fns.values()]
+
+
+def test_the_toy_examples_are_drawn_once_and_reused_by_every_launch(tmp_path, monkeypatch):
+    """The app's examples live in one folder of the temporary directory: launches neither redraw nor leave copies."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    build_app(text_free_pipeline(), toy_examples=True)
+    (folder,) = tmp_path.glob("diffusers-delta-examples-*")  # beside Gradio's own cache
+    drawn = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    assert len(drawn) == 2 * 3 + 5 and all(name.endswith(".png") for name in drawn)  # 3 exemplars, 5 queries
+    (folder / "flip-query-13.png").unlink()  # a folder left incomplete is drawn again, whole
+    build_app(text_free_pipeline(), toy_examples=True)
+    assert list(tmp_path.glob("diffusers-delta-examples-*")) == [folder]
+    assert sorted(path.name for path in folder.iterdir()) == sorted(drawn)
+    query = PIL.Image.open(folder / "flip-query-13.png")
+    assert np.array_equal(np.asarray(query), np.asarray(toyworld.make_pair("flip", 13)[0]))
+    unchanged = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    build_app(text_free_pipeline(), toy_examples=True)
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == unchanged  # complete: reused as is

@@ -220,7 +220,9 @@ def report_families(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, seed:
             output, identity, floor, gap = gap_under_instruction(pipe, encoder, [edit], seed, count)
             gaps.append(gap)
             print(f"{split} {name:<22} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gap:+.2f}")
-        print(f"{split} mean gap closed under the true instruction: {np.nanmean(gaps):+.2f} (where defined)")
+        defined = [gap for gap in gaps if not math.isnan(gap)]  # undefined where identity is at the floor
+        mean = f"{np.mean(defined):+.2f}" if defined else "undefined"
+        print(f"{split} mean gap closed under the true instruction: {mean} (where defined)")
 
 
 def flow_matching_step(

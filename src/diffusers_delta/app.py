@@ -10,6 +10,7 @@ once. Input mistakes show as the library's one-line messages in the page, never 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import tempfile
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from .atomic_folder import atomic_folder
 from .image_inputs import fit_to_model_size
 
 
@@ -109,22 +111,30 @@ class ExemplarEditor:
         return outputs
 
 
-def _toy_examples(folder: Path) -> list[list]:
-    """Writes the toy-world examples' images into `folder`: rows of (source, target, query paths, strength, steps,
-    seed, adaptation steps)."""
+def _toy_examples() -> list[list]:
+    """The toy-world examples: rows of (source, target, query paths, strength, steps, seed, adaptation steps).
+
+    Their images are drawn once into one folder of the temporary directory (where Gradio serves files from), per user,
+    and reused by every later launch: a launch leaves nothing new behind, however it ends.
+    """
     from . import toyworld
 
-    rows = []
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a process whose user id has no name (some containers)
+        user = "anonymous"
+    folder = Path(tempfile.gettempdir()) / f"diffusers-delta-examples-{user}"
+    images, rows = {}, []
     for edit, exemplar_seed, query_seeds in TOY_EXAMPLES:
-        source, target = toyworld.make_pair(edit, exemplar_seed)
-        paths = [folder / f"{edit}-source.png", folder / f"{edit}-target.png"]
-        source.save(paths[0])
-        target.save(paths[1])
-        queries = []
-        for seed in query_seeds:
-            queries.append(folder / f"{edit}-query-{seed}.png")
-            toyworld.make_pair(edit, seed)[0].save(queries[-1])
-        rows.append([str(paths[0]), str(paths[1]), [str(q) for q in queries], 1.0, 4, 0, 0])
+        images[f"{edit}-source.png"], images[f"{edit}-target.png"] = toyworld.make_pair(edit, exemplar_seed)
+        query_names = [f"{edit}-query-{seed}.png" for seed in query_seeds]
+        images.update((name, toyworld.make_pair(edit, seed)[0]) for name, seed in zip(query_names, query_seeds))
+        sources = [str(folder / f"{edit}-source.png"), str(folder / f"{edit}-target.png")]
+        rows.append([*sources, [str(folder / name) for name in query_names], 1.0, 4, 0, 0])
+    if not all((folder / name).is_file() for name in images):  # drawn whole or not at all (two launches may race)
+        with atomic_folder(folder) as staging:
+            for name, image in images.items():
+                image.save(staging / name)
     return rows
 
 
@@ -177,6 +187,6 @@ def build_app(pipe, title: str = "Delta-Adapter: edit by example", toy_examples:
         inputs = [source, target, queries, strength, steps, seed, adapt_steps]
         button.click(edit, inputs=inputs, outputs=results, api_name="edit", concurrency_limit=1)
         if toy_examples:
-            gr.Examples(_toy_examples(Path(tempfile.mkdtemp(prefix="delta-examples-"))), inputs=inputs)
+            gr.Examples(_toy_examples(), inputs=inputs)
     app.editor = editor  # for tests and callers that want the cache
     return app
