@@ -107,7 +107,7 @@ def test_a_failed_write_leaves_only_whole_outputs_and_the_rerun_completes(
 
 
 def test_two_processes_split_the_queries_and_write_what_one_process_writes(folders, model_dir, capsys, tmp_path):
-    """`accelerate launch -m diffusers_delta.cli edit ...` on 2 CPU processes (gloo)."""
+    """`accelerate launch -m diffusers_delta.cli edit ...` on 2 CPU processes (gloo); one --query is edited once."""
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
@@ -130,6 +130,12 @@ def test_two_processes_split_the_queries_and_write_what_one_process_writes(folde
     for name in QUERIES:
         difference = np.abs(read(folders / "one", name) - read(folders / "two", name)).max()
         assert difference == 0, f"{name} differs by {difference} levels"
+    argv = command(folders, model_dir, folders / "single.png")
+    argv[argv.index("--queries") : argv.index("--queries") + 2] = ["--query", str(folders / "queries" / QUERIES[0])]
+    single_query = subprocess.run([*launch, *argv], env=environment, capture_output=True, text=True, timeout=300)
+    assert single_query.returncode == 0, single_query.stderr[-2000:]
+    assert single_query.stdout.count("Wrote ") == 1  # edited and written by one process, not by each
+    assert "edited by one of the 2 processes" in single_query.stderr
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,10 @@ def _edit(args: argparse.Namespace) -> None:
 
     # 2. Load, on this process's device (one process, or one of `accelerate launch`'s; `--cpu` as Accelerator reads it)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if args.queries is None and not state.is_main_process:  # one query is one process's work: the others stop
+        return
+    if args.queries is None and state.num_processes > 1:
+        print(f"One --query: edited by one of the {state.num_processes} processes.", file=sys.stderr)
     pipe = load_edit_pipeline(args.base, args.adapter, device=state.device)
     pipe.set_progress_bar_config(disable=True)
 
