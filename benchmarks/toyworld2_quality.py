@@ -70,7 +70,7 @@ def cases_of(split: str, queries: int) -> dict[str, list[Case]]:
 
 @torch.no_grad()
 def floor_error(pipe, cases: list[Case]) -> float:
-    pixels = torch.stack([torch.from_numpy(np.asarray(c.truth)).permute(2, 0, 1).float() / 127.5 - 1 for c in cases])
+    pixels = torch.stack([torch.from_numpy(np.array(c.truth)).permute(2, 0, 1).float() / 127.5 - 1 for c in cases])
     reconstruction = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
     return float(((reconstruction + 1) / 2 - (pixels + 1) / 2).abs().mean())
 
@@ -134,7 +134,14 @@ class NearestSeenEdit:
         return prompts
 
 
-def main() -> None:
+def row_title(split: str, family: str, edit_name: str) -> str:
+    """A grid row's title: the split and family, then the edit's parameters (`"S4 flip + remove"`,
+    `"horizontal + circle"` for `flip(horizontal) + remove(circle)`)."""
+    parameters = " + ".join(part.split("(", 1)[-1].removesuffix(")") for part in edit_name.split(" + "))
+    return f"{split} {family}\n{parameters}"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True, help="A world-2 build folder: base/, adapter/, adapter_*.")
     parser.add_argument("--queries", type=int, default=16, help="Queries per family.")
@@ -143,7 +150,7 @@ def main() -> None:
     parser.add_argument("--adapt_queries", type=int, default=4, help="Queries per family adapted to (0: none).")
     parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
     parser.add_argument("--grid", type=Path, help="Also write a PNG: each family's first query, truth and outputs.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(args.work_dir)
     pipe = FluxDeltaEditPipeline.from_pretrained(work / "base")
@@ -168,7 +175,7 @@ def main() -> None:
             row["adapter, 3 exemplars"], _ = run(pipe, cases, exemplar_count=3)
             first = cases[0]
             grid_rows.append([*first.exemplars[0], first.query, first.truth, told_image, nearest_image, adapter_image])
-            grid_titles.append(f"{split} {family}\n{first.edit.name.split('(', 1)[-1].rstrip(')')}")
+            grid_titles.append(row_title(split, family, first.edit.name))
             if split != "S1" and args.adapt_queries:
                 row[f"adapter + adapt({args.adapt_steps})"] = adapted(
                     pipe, cases[: args.adapt_queries], args.adapt_steps

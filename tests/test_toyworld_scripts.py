@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import safetensors.torch
 import torch
@@ -16,10 +17,11 @@ from diffusers_delta.testing import tiny_image_encoder
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
+sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES), str(EXAMPLES.parent / "benchmarks")]
 import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
+import toyworld2_quality  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
 import train_vae  # noqa: E402
@@ -184,6 +186,24 @@ def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monke
     build_world2.main(argv)
     assert capsys.readouterr().out.count("stage ") == 4  # the VAE is not trained again
     assert (tmp_path / "base" / "transformer" / "config.json").is_file()
+
+
+def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablations(world2_build, tmp_path, capsys):
+    build_world2.main(build_world2.parse_args(["--work_dir", str(world2_build), *BUILD_ARGV, "--ablations"]))
+    printed = capsys.readouterr().out
+    assert "stage " not in printed and printed.count("ablation: ") == 2  # only the ablation adapters are trained
+    grid = tmp_path / "world2.png"
+    toyworld2_quality.main([
+        "--work_dir", str(world2_build), "--queries", "1", "--splits", "S3", "S4", "--adapt_queries", "1",
+        "--adapt_steps", "1", "--markdown", "--grid", str(grid),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    header = "| split | family | identity | floor | base + true instruction | nearest seen edit | adapter | "
+    assert header + "adapter, 3 exemplars | adapter + adapt(1) | no consistency | pooled mlp |" in printed
+    assert printed.count("| S3 | ") == 4 and printed.count("| S4 | ") == 6  # a row per family
+    assert PIL.Image.open(grid).size == (150 + 7 * 96, 20 + 10 * 96)  # row titles, 7 columns, a row per family
+    assert toyworld2_quality.row_title("S4", "flip + remove", "flip(horizontal) + remove(circle)") == (
+        "S4 flip + remove\nhorizontal + circle")  # fmt: skip
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

@@ -92,6 +92,23 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, proje
     ]  # fmt: skip
 
 
+#: The benchmarks' ablations, as (consistency-loss weight, projection): the same adapter without the consistency loss,
+#: and with RelationAdapter's pooled SigLIP + MLP in place of the Perceiver and per-token projection.
+ABLATIONS = {"no_consistency": (0.0, "perceiver"), "pooled_mlp": (1.0, "pooled_mlp")}
+
+
+def train_ablations(args, work: Path) -> None:
+    """Trains each of `ABLATIONS` into `work/adapter_<name>` as the main adapter is trained (same data, steps and
+    seed); one that is complete is skipped, one cut off resumes from its checkpoints."""
+    for name, (lambda_delta, projection) in ABLATIONS.items():
+        output = work / f"adapter_{name}"
+        if not (output / "diffusion_pytorch_model.safetensors").exists():
+            print(f"ablation: adapter_{name}")
+            train_delta_adapter.main(
+                train_delta_adapter.parse_args(adapter_arguments(args, work, output, lambda_delta, projection))
+            )
+
+
 def export(work: Path, export_dir: Path, max_bytes: int | None = None) -> None:
     """Copies the base pipeline (with its edit prompts, for the benchmark) and the adapter folder (weights, SigLIP,
     empty prompt) into the package, atomically: the model there stays whole until the new one is complete.
@@ -165,14 +182,8 @@ def main(args: argparse.Namespace) -> None:
         )
     export(work, Path(args.export_dir))
 
-    # The benchmark's ablations: the same adapter without the consistency loss, and with RelationAdapter's projection.
-    ablations = {"no_consistency": (0.0, "perceiver"), "pooled_mlp": (1.0, "pooled_mlp")} if args.ablations else {}
-    for name, (lambda_delta, projection) in ablations.items():
-        output = work / f"adapter_{name}"
-        if not (output / "diffusion_pytorch_model.safetensors").exists():
-            train_delta_adapter.main(
-                train_delta_adapter.parse_args(adapter_arguments(args, work, output, lambda_delta, projection))
-            )
+    if args.ablations:
+        train_ablations(args, work)
     if not args.skip_benchmark:
         subprocess.run(
             [sys.executable, str(HERE.parents[1] / "benchmarks" / "toyworld_quality.py"), "--model_dir",

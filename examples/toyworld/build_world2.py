@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Build toy world 2's model in resumable stages: VAE, instruction base editor, SigLIP stand-in, S1 pairs, adapter.
 
-    python examples/toyworld/build_world2.py --work_dir toy2 [--pretrain_encoder] [--export]
+    python examples/toyworld/build_world2.py --work_dir toy2 [--pretrain_encoder] [--ablations] [--export]
 
 Every stage writes one folder of `--work_dir`, which exists only complete, and is skipped when it is there, so a build
 cut off by a session's end goes on where it stopped. The two long stages also resume from their checkpoints: the base
 editor's (`base_checkpoint/`, every `--base_checkpointing_steps` steps, removed once `base/` is complete) and the
-adapter's. The VAE
-and the base editor learn every family of every split (klein knows every edit by text); the adapter trains on S1 only.
+adapter's. The VAE and the base editor learn every family of every split (klein knows every edit by text); the
+adapter trains on S1 only, and so do the ablation adapters of `--ablations` (`adapter_no_consistency`,
+`adapter_pooled_mlp`, which `benchmarks/toyworld2_quality.py` compares it with).
 Nothing in the package changes unless `--export` is given: then the base pipeline and the adapter replace
 `diffusers_delta/toyworld/default_model` (the shipped model, at most 25 MB) atomically.
 """
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base_heads", type=int, default=4, help="Attention heads (of 32) of the base editor.")
     parser.add_argument("--base_checkpointing_steps", type=int, default=500,
                         help="Base editor steps between two checkpoints (a cut-off build resumes there).")  # fmt: skip
+    parser.add_argument("--ablations", action="store_true",
+                        help="Also train the ablation adapters: no consistency loss; pooled MLP.")  # fmt: skip
     parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
     parser.add_argument("--export_dir", default=str(build_default_model.PACKAGE_MODEL_DIR),
                         help="Where --export puts the model (default: the package's, which ships).")  # fmt: skip
@@ -105,6 +108,8 @@ def main(args: argparse.Namespace) -> None:
         train_delta_adapter.main(train_delta_adapter.parse_args(
             build_default_model.adapter_arguments(args, work, work / "adapter", args.lambda_delta)
         ))  # fmt: skip
+    if args.ablations:
+        build_default_model.train_ablations(args, work)
     if args.export:
         build_default_model.export(work, Path(args.export_dir), max_bytes=MAX_EXPORT_BYTES)
 
