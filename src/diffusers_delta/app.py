@@ -124,17 +124,18 @@ def _toy_examples() -> list[list]:
     except (KeyError, OSError):  # a process whose user id has no name (some containers)
         user = "anonymous"
     folder = Path(tempfile.gettempdir()) / f"diffusers-delta-examples-{user}"
-    images, rows = {}, []
+    drawings, rows = {}, []  # file name -> (edit, seed, 0 for a pair's source or 1 for its target)
     for edit, exemplar_seed, query_seeds in TOY_EXAMPLES:
-        images[f"{edit}-source.png"], images[f"{edit}-target.png"] = toyworld.make_pair(edit, exemplar_seed)
+        exemplar_names = [f"{edit}-source.png", f"{edit}-target.png"]
         query_names = [f"{edit}-query-{seed}.png" for seed in query_seeds]
-        images.update((name, toyworld.make_pair(edit, seed)[0]) for name, seed in zip(query_names, query_seeds))
-        sources = [str(folder / f"{edit}-source.png"), str(folder / f"{edit}-target.png")]
-        rows.append([*sources, [str(folder / name) for name in query_names], 1.0, 4, 0, 0])
-    if not all((folder / name).is_file() for name in images):  # drawn whole or not at all (two launches may race)
+        drawings.update((name, (edit, exemplar_seed, side)) for side, name in enumerate(exemplar_names))
+        drawings.update((name, (edit, seed, 0)) for name, seed in zip(query_names, query_seeds))
+        rows.append([*(str(folder / name) for name in exemplar_names), [str(folder / name) for name in query_names],
+                     1.0, 4, 0, 0])  # fmt: skip
+    if not all((folder / name).is_file() for name in drawings):  # drawn whole or not at all (two launches may race)
         with atomic_folder(folder) as staging:
-            for name, image in images.items():
-                image.save(staging / name)
+            for name, (edit, seed, side) in drawings.items():
+                toyworld.make_pair(edit, seed)[side].save(staging / name)
     return rows
 
 
