@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 
+from diffusers_delta.latents import encode_latents
 from diffusers_delta.toyworld import FAMILIES, SPLITS, split_edits, world_batch
 from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
@@ -80,8 +81,9 @@ def train_family(args: argparse.Namespace, family: str, vae: AutoencoderKLFlux2)
             families=(family,),
         )  # fmt: skip
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        reference_latents, latents = encode_latents(vae, torch.cat([references, targets])).chunk(2)  # (B, 4C, h, w)
         loss = train_base_editor.flow_matching_step(
-            transformer, vae, training_scheduler, references, targets, encoder(instructions), generator
+            transformer, training_scheduler, reference_latents, latents, encoder(instructions), generator
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -104,6 +104,19 @@ def test_subfolder_and_hub_cache_resolution_offline(adapter_folder, bare_pipe, t
     assert (edit(bare_pipe) == expected).all()
 
 
+def test_unload_gives_back_the_pipelines_own_empty_prompt(bare_pipe, adapter_folder):
+    """A text-free base folder carries its own empty prompt (as the toy world's does): an adapter that brings
+    another replaces it while loaded, and unloading gives the pipeline's own back, not none."""
+    folder, _ = adapter_folder
+    own = torch.randn_like(safetensors.torch.load_file(folder / "empty_prompt_embeds.safetensors")["prompt_embeds"])
+    bare_pipe.empty_prompt_embeds = own
+    bare_pipe.load_delta_adapter(folder)
+    assert not torch.equal(bare_pipe.empty_prompt_embeds, own)
+    bare_pipe.load_delta_adapter(folder)  # a second load keeps what the pipeline had before the first
+    bare_pipe.unload_delta_adapter()
+    assert bare_pipe.empty_prompt_embeds is own
+
+
 def test_unload_restores_the_base_output_bit_for_bit(bare_pipe, adapter_folder):
     folder, _ = adapter_folder
     original_processors = dict(bare_pipe.transformer.attn_processors)

@@ -13,7 +13,7 @@ from diffusers_delta.losses import (
     sample_sigmas,
     semantic_delta_consistency_loss,
 )
-from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features, semantic_delta
+from diffusers_delta.semantic_delta import SiglipPreprocessor, delta_from_features, patch_features, semantic_delta
 from diffusers_delta.testing import (
     random_image,
     randomize_,
@@ -127,3 +127,12 @@ def test_objective_gradients_reach_only_the_adapter_through_both_losses():
     torch.testing.assert_close(fm_only["flow_matching"], both["flow_matching"])
     assert all(g.abs().sum() > 0 for g in both_gradients.values())
     assert any(not torch.allclose(fm_gradients[n], both_gradients[n]) for n in fm_gradients)  # L_delta adds its own
+
+    # A delta given in place of the features' (the ladder's oracle codes) drives the adapter; the features' own delta
+    # given so is the default exactly, and the consistency loss still compares against the features' delta.
+    objective = DeltaAdapterObjective(adapter, transformer, vae, encoder, preprocessor, prompt_embeds, lambda_delta=1.0)
+    with torch.no_grad():
+        own = delta_from_features(features[:1].float(), features[1:].float())
+        same, code = objective(**inputs, delta=own), objective(**inputs, delta=torch.randn_like(own))
+        default = objective(**inputs)
+    assert torch.equal(same["loss"], default["loss"]) and not torch.equal(code["flow_matching"], same["flow_matching"])

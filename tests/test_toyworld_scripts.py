@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import safetensors.torch
@@ -21,6 +22,7 @@ sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES), str(EXAMPLES.parent /
 import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
+import toyworld2_ladder  # noqa: E402
 import toyworld2_quality  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
@@ -96,12 +98,13 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     assert torch.equal(pipe.empty_prompt_embeds, empty)  # the pipeline folder carries its empty prompt
 
 
-def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, monkeypatch):
-    """A base editor cut off mid-training and run again ends with the same weights as one never cut off; a checkpoint
-    is not resumed with other flags."""
+@pytest.mark.parametrize("reuse", ["1", "2"])
+def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, monkeypatch, reuse):
+    """A base editor cut off mid-training and run again ends with the same weights as one never cut off, also when
+    it was cut off in the middle of a pool of reused examples; a checkpoint is not resumed with other flags."""
     argv = ["--vae_dir", str(toy / "vae"), "--max_steps", "4", "--batch_size", "2", "--world", "families",
             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--num_layers", "1", "--num_single_layers", "1",
-            "--num_attention_heads", "2"]  # fmt: skip
+            "--num_attention_heads", "2", "--reuse", reuse, "--pool_batches", "2"]  # fmt: skip
     train_base_editor.main(train_base_editor.parse_args([*argv, "--output_dir", str(tmp_path / "straight")]))
     real_step, calls = train_base_editor.flow_matching_step, []
 
@@ -130,6 +133,28 @@ def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, mon
         straight = safetensors.torch.load_file(tmp_path / "straight" / part / "diffusion_pytorch_model.safetensors")
         resumed = safetensors.torch.load_file(tmp_path / "resumed" / part / "diffusion_pytorch_model.safetensors")
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_pool_encodes_each_example_once_and_serves_it_reuse_times(toy):
+    vae = AutoencoderKLFlux2.from_pretrained(toy / "vae")
+    drawn = []
+
+    def draw(rng):  # a batch of 2 scenes, numbered in their instructions
+        references, targets, _ = toyworld.world_batch(rng, 2)
+        drawn.append(torch.arange(2 * len(drawn), 2 * len(drawn) + 2))
+        return references, targets, drawn[-1]
+
+    pool = train_base_editor.ExamplePool(draw, vae, np.random.default_rng(0), pool_batches=3, reuse=2, seed=0)
+    served = [pool.batch(step) for step in range(6)]
+    assert len(drawn) == 3  # one pool: drawn and encoded once
+    numbers = torch.cat([instructions for _, _, instructions in served])
+    assert sorted(numbers.tolist()) == sorted(2 * list(range(6)))  # every example twice, once per epoch
+    assert sorted(numbers[:6].tolist()) == list(range(6))
+    for references, latents, instructions in served:  # each example keeps its own latents
+        index = int(instructions[0])
+        assert torch.equal(references[0], pool.examples[0][index]) and torch.equal(latents[0], pool.examples[1][index])
+    pool.batch(6)
+    assert len(drawn) == 6  # the next pool
 
 
 def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
@@ -166,9 +191,27 @@ def test_the_world_2_build_runs_its_stages_and_resumes(world2_build, capsys):
     source, target = toyworld.make_pair("grayscale", seed=1)
     assert pipe(source, exemplar=(source, target), output_type="np").images.shape == (1, 64, 64, 3)
     build_world2.main(build_world2.parse_args(["--work_dir", str(world2_build), *BUILD_ARGV]))
-    assert "stage " not in capsys.readouterr().out  # every stage is complete: nothing runs again
+    printed = capsys.readouterr().out
+    assert "stage " not in printed  # every stage is complete: nothing runs again
+    assert "VAE done, base editor done, adapter done; about 0.0 h of training left" in printed
     assert not list(world2_build.glob(".*"))  # no staging folder left behind
     assert not (world2_build / "base_checkpoint").exists()  # spent once base/ is complete
+
+
+def test_the_world_2_build_says_where_it_stands(tmp_path, capsys):
+    work = tmp_path / "build"
+    (work / "vae").mkdir(parents=True)
+    (work / "base_checkpoint").mkdir()
+    torch.save({"step": 300}, work / "base_checkpoint" / "training_state.pt")
+    (work / "adapter" / "checkpoint-500").mkdir(parents=True)
+    args = build_world2.parse_args(["--work_dir", str(work), "--base_steps", "1000", "--adapter_steps", "2000"])
+    assert [(name, done, total) for name, done, total, _ in build_world2.progress(args, work)] == [
+        ("VAE", 1500, 1500), ("base editor", 300, 1000), ("adapter", 500, 2000)]  # fmt: skip
+    left = (700 * build_world2.SECONDS_PER_STEP["base"] + 1500 * build_world2.SECONDS_PER_STEP["adapter"]) / 3600
+    build_world2.report_progress(args, work)
+    printed = capsys.readouterr().out
+    assert "VAE done, base editor 300/1000 steps, adapter 500/2000 steps" in printed
+    assert f"about {left:.1f} h of training left" in printed
 
 
 def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monkeypatch, capsys):
@@ -204,6 +247,22 @@ def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablati
     assert PIL.Image.open(grid).size == (150 + 7 * 96, 20 + 10 * 96)  # row titles, 7 columns, a row per family
     assert toyworld2_quality.row_title("S4", "flip + remove", "flip(horizontal) + remove(circle)") == (
         "S4 flip + remove\nhorizontal + circle")  # fmt: skip
+
+
+def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
+    """Rungs 1-4 on a tiny build: the told base, the oracle and the delta adapter on one and on two families, each
+    measured on the families it trained on, with the mean and the ratio to the told base."""
+    table = toyworld2_ladder.main([
+        "--work_dir", str(world2_build), "--families", "brightness", "flip", "--family_counts", "1", "2",
+        "--steps", "1", "--pairs_per_family", "2", "--queries", "1", "--markdown",
+    ])  # fmt: skip
+    rungs = ["1 told base", "2 oracle", "3 delta (1 family)", "3 delta (2 families)"]
+    assert list(table["brightness"])[2:] == rungs
+    assert list(table["flip"])[2:] == [rung for rung in rungs if rung != "3 delta (1 family)"]
+    assert all(0 <= error <= 1 for row in table.values() for error in row.values())
+    printed = capsys.readouterr().out
+    assert "| family | identity | floor | " + " | ".join(rungs) + " |" in printed
+    assert "| mean |" in printed and "ratio to the told base" in printed
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

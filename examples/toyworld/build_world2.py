@@ -6,7 +6,8 @@
 Every stage writes one folder of `--work_dir`, which exists only complete, and is skipped when it is there, so a build
 cut off by a session's end goes on where it stopped. The two long stages also resume from their checkpoints: the base
 editor's (`base_checkpoint/`, every `--base_checkpointing_steps` steps, removed once `base/` is complete) and the
-adapter's. The VAE and the base editor learn every family of every split (klein knows every edit by text); the
+adapter's. Each run first prints which parts are done and an estimate of the training time left. The VAE and the
+base editor learn every family of every split (klein knows every edit by text); the
 adapter trains on S1 only, and so do the ablation adapters of `--ablations` (`adapter_no_consistency`,
 `adapter_pooled_mlp`, which `benchmarks/toyworld2_quality.py` compares it with).
 Nothing in the package changes unless `--export` is given: then the base pipeline and the adapter replace
@@ -34,6 +35,48 @@ import train_vae  # noqa: E402
 
 
 MAX_EXPORT_BYTES = 25 * 2**20
+#: Seconds a training step of each part takes on 2 CPU cores (measured with 1 thread, the build beside other work;
+#: the base editor with --base_reuse 4), for the estimate of what is left.
+SECONDS_PER_STEP = {"vae": 2.2, "base": 0.72, "encoder": 0.3, "adapter": 0.4}
+
+
+def progress(args: argparse.Namespace, work: Path) -> list[tuple[str, int, int, str]]:
+    """Where a build stands: (part, steps done, steps in all, its timing key) for every part it trains."""
+    import torch
+
+    def base_done() -> int:
+        if (work / "base").is_dir():
+            return args.base_steps
+        state = work / "base_checkpoint" / train_base_editor.CHECKPOINT_STATE_NAME
+        return torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+
+    def adapter_done(folder: Path, steps: int) -> int:
+        if (folder / "diffusion_pytorch_model.safetensors").is_file():
+            return steps
+        steps_saved = train_delta_adapter.checkpoint_steps(str(folder))
+        return steps_saved[-1] if steps_saved else 0
+
+    parts = [
+        ("VAE", args.vae_steps if (work / "vae").is_dir() else 0, args.vae_steps, "vae"),
+        ("base editor", base_done(), args.base_steps, "base"),
+    ]
+    if args.pretrain_encoder:
+        encoder_done = args.encoder_steps if (work / "siglip").is_dir() else 0
+        parts.append(("SigLIP stand-in", encoder_done, args.encoder_steps, "encoder"))
+    adapters = ["adapter"] + ([f"adapter_{name}" for name in build_default_model.ABLATIONS] if args.ablations else [])
+    for name in adapters:
+        parts.append((name, adapter_done(work / name, args.adapter_steps), args.adapter_steps, "adapter"))
+    return parts
+
+
+def report_progress(args: argparse.Namespace, work: Path) -> None:
+    """Prints which parts of the build are done, and about how long the rest takes on 2 CPU cores."""
+    parts = progress(args, work)
+    left = sum((total - done) * SECONDS_PER_STEP[key] for _, done, total, key in parts)
+    states = ", ".join(
+        f"{name} {'done' if done >= total else f'{done}/{total} steps'}" for name, done, total, _ in parts
+    )
+    print(f"build in {work}: {states}; about {left / 3600:.1f} h of training left on 2 CPU cores")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base_layers", type=int, default=2,
                         help="Double-stream blocks of the base editor, and as many single-stream ones.")  # fmt: skip
     parser.add_argument("--base_heads", type=int, default=4, help="Attention heads (of 32) of the base editor.")
+    parser.add_argument("--base_reuse", type=int, default=4,
+                        help="Uses of each encoded example by the base editor (its --reuse).")  # fmt: skip
     parser.add_argument("--base_checkpointing_steps", type=int, default=500,
                         help="Base editor steps between two checkpoints (a cut-off build resumes there).")  # fmt: skip
     parser.add_argument("--ablations", action="store_true",
@@ -68,6 +113,7 @@ def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     seed = str(args.seed)
+    report_progress(args, work)
     # Stages 1-4 write into a staging folder swapped in when complete: a stage's folder exists only whole.
     if not (work / "vae").is_dir():
         print("stage 1/5: VAE")
@@ -87,6 +133,7 @@ def main(args: argparse.Namespace) -> None:
                 "--world", "families", "--lr_scheduler", "cosine", "--num_layers", str(args.base_layers),
                 "--num_single_layers", str(args.base_layers), "--num_attention_heads", str(args.base_heads),
                 "--checkpoint_dir", str(base_checkpoint), "--checkpointing_steps", str(args.base_checkpointing_steps),
+                "--reuse", str(args.base_reuse),
             ]))  # fmt: skip
     shutil.rmtree(base_checkpoint, ignore_errors=True)  # base/ is complete: its checkpoint is spent
     if not (work / "siglip").is_dir():

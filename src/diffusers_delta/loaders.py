@@ -112,6 +112,9 @@ class DeltaAdapterMixin:
 
     #: Original attention processors, kept while an adapter is loaded so that unloading restores them exactly.
     _delta_original_processors: dict | None = None
+    #: The empty prompt's embeddings the pipeline had before the first load (its own folder's, or None), which
+    #: unloading gives back.
+    _delta_original_empty_prompt_embeds: torch.Tensor | None = None
     #: The peft adapter name of the LoRA the loaded adapter brought, if any.
     _delta_lora_name: str | None = None
     #: Whether the image encoder came with an adapter (a later load then takes the new folder's own encoder).
@@ -306,6 +309,7 @@ class DeltaAdapterMixin:
             self._delta_lora_name = lora_name
             if self._delta_original_processors is None:
                 self._delta_original_processors = dict(self.transformer.attn_processors)
+                self._delta_original_empty_prompt_embeds = self.empty_prompt_embeds
             self.register_modules(
                 delta_adapter=incoming.adapter,
                 image_encoder=incoming.image_encoder,
@@ -418,14 +422,16 @@ class DeltaAdapterMixin:
             processor.scale = scales[kind][int(name.split(".")[1])]
 
     def unload_delta_adapter(self) -> None:
-        """Removes the adapter, its LoRA, image encoder and stored embeddings; restores the original processors."""
+        """Removes the adapter, its LoRA and image encoder; restores the original processors and the empty prompt's
+        embeddings the pipeline had before loading (those of its own folder, or none)."""
         if self._delta_original_processors is None:
             return
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self._delta_original_processors = None
         self._delete_delta_lora()
         self._delta_lora_name = None
-        self.empty_prompt_embeds = None
+        self.empty_prompt_embeds = self._delta_original_empty_prompt_embeds
+        self._delta_original_empty_prompt_embeds = None
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self._delta_image_encoder_loaded = False
         self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)

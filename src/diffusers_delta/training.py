@@ -132,6 +132,7 @@ class DeltaAdapterObjective(nn.Module):
         noise: torch.Tensor,
         sigmas: torch.Tensor,
         loss_weights: torch.Tensor | None = None,
+        delta: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss of one batch.
 
@@ -143,14 +144,18 @@ class DeltaAdapterObjective(nn.Module):
             noise: (B, 4C, h, w) Gaussian noise.
             sigmas: (B,) noise levels.
             loss_weights: optional (B,) flow-matching weights.
+            delta: optional (B, P, D) input for the adapter in place of the features' semantic delta (a measurement
+                of the injection path alone, as `benchmarks/toyworld2_ladder.py`'s oracle rung feeds it a learned
+                code per edit); the consistency loss still compares against the features' delta.
 
         Returns:
             `loss` (to backpropagate), and the detached `flow_matching` and `delta_consistency` terms.
         """
         height, width = target_latents.shape[-2:]
 
-        delta = delta_from_features(source_features.float(), target_features.float())  # (B, P, D)
-        edit_tokens = self.adapter(delta.to(self.adapter.dtype))  # (B, N, D_edit)
+        delta_of_features = delta_from_features(source_features.float(), target_features.float())  # (B, P, D)
+        adapter_input = delta_of_features if delta is None else delta
+        edit_tokens = self.adapter(adapter_input.to(self.adapter.dtype))  # (B, N, D_edit)
 
         noisy_latents = add_noise(target_latents, noise, sigmas)  # (B, 4C, h, w)
         velocity, packed_noisy, latent_ids = predict_velocity(
@@ -166,7 +171,7 @@ class DeltaAdapterObjective(nn.Module):
             clean_estimate = estimate_clean_latents(packed_noisy.float(), velocity.float(), sigmas)  # (B, hw, 4C)
             images = decode_packed_latents(self.vae, clean_estimate, latent_ids, height, width)  # (B, 3, H, W)
             delta_loss = semantic_delta_consistency_loss(
-                self.image_encoder, self.preprocessor, images, source_features, delta
+                self.image_encoder, self.preprocessor, images, source_features, delta_of_features
             )
         else:
             delta_loss = torch.zeros((), device=fm_loss.device)
