@@ -135,6 +135,33 @@ def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, mon
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_the_vae_resumes_exactly_where_it_was_cut_off(tmp_path, monkeypatch):
+    argv = ["--max_steps", "4", "--batch_size", "2", "--stats_batches", "1", "--world", "families",
+            "--lr_scheduler", "cosine", "--block_out_channels", "8", "8", "8"]  # fmt: skip
+    train_vae.main(train_vae.parse_args([*argv, "--output_dir", str(tmp_path / "straight")]))
+    real_batch, calls = train_vae.world_batch, []
+
+    def cut_off_in_step_3(*args, **kwargs):  # the session ends during the third step
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    resumed_argv = [*argv, "--output_dir", str(tmp_path / "resumed"), "--checkpoint_dir", str(tmp_path / "checkpoint"),
+                    "--checkpointing_steps", "2"]  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(train_vae, "world_batch", cut_off_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_vae.main(train_vae.parse_args(resumed_argv))
+    assert torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 2
+    with pytest.raises(SystemExit, match="other --l1_weight"):
+        train_vae.main(train_vae.parse_args([*resumed_argv, "--l1_weight", "0.5"]))
+    train_vae.main(train_vae.parse_args(resumed_argv))
+    straight = safetensors.torch.load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
+    resumed = safetensors.torch.load_file(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_a_pool_encodes_each_example_once_and_serves_it_reuse_times(toy):
     vae = AutoencoderKLFlux2.from_pretrained(toy / "vae")
     drawn = []

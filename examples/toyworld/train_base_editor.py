@@ -374,6 +374,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "rng": rng_state,
+            "torch_rng": torch.get_rng_state(),  # torch's global generator, for whatever draws from it
         }
         torch.save(state, staging / CHECKPOINT_STATE_NAME)
 
@@ -402,6 +403,7 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
     return state["step"]
 
 

@@ -6,13 +6,18 @@ VAE's batch-norm running statistics, which FLUX.2 uses to normalise latents and 
 filled from encoded scenes at the end. Prints held-out PSNR.
 
     python examples/toyworld/train_vae.py --output_dir toy/vae --minutes 8
+
+With `--checkpoint_dir`, the training state is written there every `--checkpointing_steps` steps (and when the time
+budget ends), and a run started with the same flags resumes from it exactly, as the base editor's does.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +28,10 @@ from tqdm.auto import tqdm
 
 from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, render, scene_batch, split_edits, world_batch
 from diffusers_delta.toyworld.families import edits_by_family
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_base_editor import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--edited_fraction", type=float, default=0.0,
                         help="Share of training scenes shown after a random edit.")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint_dir", default=None,
+                        help="Where the training state is kept, and resumed from when it is there.")  # fmt: skip
+    parser.add_argument("--checkpointing_steps", type=int, default=200,
+                        help="Steps between two checkpoints (with --checkpoint_dir).")  # fmt: skip
     parser.add_argument(
         "--world",
         default="edits",
@@ -50,7 +63,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="edits: scenes and the shipped world's eight edits; families: toy world 2, scenes and every edit of "
         "every split (references and targets of world_batch), with the floor reported per split and family.",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be at least 1.")
+    return args
+
+
+def resume_flags(args: argparse.Namespace) -> dict:
+    """The flags a checkpoint is tied to: any other value would train another VAE from its state."""
+    names = ("world", "batch_size", "learning_rate", "kl_weight", "l1_weight", "block_out_channels", "lr_scheduler",
+             "edited_fraction", "seed")  # fmt: skip
+    flags = {name: getattr(args, name) for name in names}
+    if args.lr_scheduler == "cosine":
+        flags["max_steps"] = args.max_steps
+    return flags
 
 
 def build_vae(block_out_channels: tuple[int, int, int] = (16, 32, 64)) -> AutoencoderKLFlux2:
@@ -104,9 +130,12 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     if args.lr_scheduler == "cosine" and args.max_steps is None:
         raise SystemExit("error: --lr_scheduler cosine decays to zero at --max_steps; give it.")
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=50, num_training_steps=args.max_steps)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    flags = resume_flags(args)
+    step = load_checkpoint(checkpoint_dir, vae, optimizer, lr_scheduler, rng, flags) if checkpoint_dir else 0
+    saved_step = step
     deadline = time.monotonic() + args.minutes * 60
-    progress = tqdm(desc="VAE", unit="step", mininterval=2)
-    step = 0
+    progress = tqdm(desc="VAE", unit="step", mininterval=2, initial=step, total=args.max_steps)
     while time.monotonic() < deadline and (args.max_steps is None or step < args.max_steps):
         if args.world == "families":
             references, targets, _ = world_batch(rng, args.batch_size // 2, edited_fraction=args.edited_fraction)
@@ -126,7 +155,12 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
         progress.update()
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint_dir and step % args.checkpointing_steps == 0:
+            save_checkpoint(checkpoint_dir, vae, optimizer, lr_scheduler, rng.bit_generator.state, step, flags)
+            saved_step = step
     progress.close()
+    if checkpoint_dir and step != saved_step:  # the time budget ended between two checkpoints
+        save_checkpoint(checkpoint_dir, vae, optimizer, lr_scheduler, rng.bit_generator.state, step, flags)
     vae.eval()
     fill_latent_statistics(vae, rng, args.stats_batches, args.batch_size)
     print(f"VAE: {step} steps, held-out PSNR {psnr(vae, held_out):.1f} dB")
