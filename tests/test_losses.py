@@ -130,7 +130,7 @@ def test_objective_gradients_reach_only_the_adapter_through_both_losses():
 
     # A delta given in place of the features' (the ladder's oracle codes) drives the adapter; the features' own delta
     # given so is the default exactly, and the consistency loss still compares against the features' delta.
-    objective = DeltaAdapterObjective(adapter, transformer, vae, encoder, preprocessor, prompt_embeds, lambda_delta=1.0)
+    objective = DeltaAdapterObjective(adapter, transformer, vae, encoder, preprocessor, prompt_embeds, lambda_delta=1)
     with torch.no_grad():
         own = delta_from_features(features[:1].float(), features[1:].float())
         same, code = objective(**inputs, delta=own), objective(**inputs, delta=torch.randn_like(own))
