@@ -276,6 +276,19 @@ def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablati
         "S4 flip + remove\nhorizontal + circle")  # fmt: skip
 
 
+def test_the_goals_ratio_counts_only_families_the_told_base_makes():
+    told, adapter = "base + true instruction", "adapter"
+    rows = [  # identity 0.5, floor 0.1: an error e closes (0.5 - e) / 0.4 of the gap
+        {"identity": 0.5, "floor": 0.1, told: 0.1, adapter: 0.3},  # told +1.0, adapter +0.5
+        {"identity": 0.5, "floor": 0.1, told: 0.3, adapter: 0.4},  # told +0.5, adapter +0.25
+        {"identity": 0.5, "floor": 0.1, told: 0.46, adapter: 0.1},  # told +0.1: not counted, whatever the adapter
+        {"identity": 0.1, "floor": 0.2, told: 0.1, adapter: 0.1},  # no room above the floor: not counted
+    ]
+    counted, ratios = toyworld2_quality.ratios_to_told(rows, told)
+    assert counted == 2 and ratios[told] == 1.0 and ratios[adapter] == pytest.approx(0.375 / 0.75)
+    assert toyworld2_quality.ratios_to_told(rows[2:], told) == (0, {})
+
+
 def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     """Rungs 1-4 on a tiny build: the told base, the oracle and the delta adapter on one and on two families, each
     measured on the families it trained on, with the mean and the ratio to the told base."""
@@ -289,7 +302,7 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     assert all(0 <= error <= 1 for row in table.values() for error in row.values())
     printed = capsys.readouterr().out
     assert "| family | identity | floor | " + " | ".join(rungs) + " |" in printed
-    assert "| mean |" in printed and "ratio to the told base" in printed
+    assert "| mean |" in printed and "| ratio to the told base (families it closes by 0.3 or more) |" in printed
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
