@@ -524,3 +524,60 @@ def _encoder_not_square(folder):
 )
 def test_a_damaged_image_encoder_is_refused(adapter_folder, bare_pipe, damage, message):
     assert_damage_is_refused(bare_pipe, adapter_folder[0], damage, ValueError, message)
+
+
+def test_unloading_an_adapter_with_a_lora_leaves_the_transformer_as_it_was(adapter_folder, tmp_path):
+    """No peft wrapper stays behind: the state dict's names and weights are the base's, so a pipeline saved after
+    unloading loads back with the base's weights (not `to_q` initialised at random)."""
+    folder, _ = adapter_folder
+    source = FluxDeltaEditPipeline(**tiny_klein_components())
+    source.load_delta_adapter(folder)
+    _save_with_lora(source, tmp_path / "with_lora")
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components())
+    before = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    pipe.load_delta_adapter(tmp_path / "with_lora")
+    assert any("lora" in name for name in pipe.transformer.state_dict())
+    pipe.unload_delta_adapter()
+    after = pipe.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = FluxDeltaEditPipeline.from_pretrained(tmp_path / "saved").transformer.state_dict()
+    assert reloaded.keys() == before.keys() and all(torch.equal(reloaded[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize("dtypes", ["bfloat16", "mixed"])
+def test_weights_of_another_float_dtype_load_and_edit_alike_either_way(adapter_folder, bare_pipe, tmp_path, dtypes):
+    folder, _ = adapter_folder
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    weights = safetensors.torch.load_file(other / "diffusion_pytorch_model.safetensors")
+    for index, name in enumerate(sorted(weights)):
+        if dtypes == "bfloat16" or index % 2:
+            weights[name] = weights[name].to(torch.bfloat16 if dtypes == "bfloat16" else torch.float16)
+    safetensors.torch.save_file(weights, other / "diffusion_pytorch_model.safetensors")
+    outputs = []
+    for low_cpu_mem_usage in (True, False):
+        bare_pipe.load_delta_adapter(other, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert {p.dtype for p in bare_pipe.delta_adapter.parameters()} == {bare_pipe.transformer.dtype}
+        outputs.append(edit(bare_pipe))
+    assert (outputs[0] == outputs[1]).all()
+
+
+@pytest.mark.parametrize("field, value", [("num_edit_tokens", 50_000_000), ("resampler_depth", 10_000_000),
+                                          ("resampler_dim", 40_000_000)])  # fmt: skip
+def test_a_hostile_config_is_refused_at_once_in_bounded_memory(adapter_folder, bare_pipe, field, value):
+    import resource
+    import time
+
+    folder, _ = adapter_folder
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    before = snapshot(bare_pipe)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"{field}|do not match its config"):
+        bare_pipe.load_delta_adapter(folder)
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # under 200 MiB more
+    assert_unchanged(bare_pipe, before)

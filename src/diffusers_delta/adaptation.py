@@ -18,6 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .checks import finite_float, positive_int
+from .concurrency import changes_the_adapter, model_access
 from .image_inputs import ImageInput, to_rgb_image
 from .latents import encode_latents
 from .loaders import cast_model, copy_state
@@ -164,6 +165,7 @@ class DeltaAdaptationMixin:
     """Test-time adaptation of a loaded Delta-Adapter (`adapt_to_exemplar`, `reset_delta_adapter`,
     `adapted_to_exemplar`), for a pipeline that also has `loaders.DeltaAdapterMixin`."""
 
+    @changes_the_adapter
     def adapt_to_exemplar(
         self,
         source: ImageInput,
@@ -288,6 +290,7 @@ class DeltaAdaptationMixin:
             "target_features": features[1:],
         }
 
+    @changes_the_adapter
     def reset_delta_adapter(self) -> None:
         """Restores the adapter's weights as they were loaded, bit-for-bit (undoing `adapt_to_exemplar`)."""
         self._require_delta_adapter()
@@ -306,5 +309,6 @@ class DeltaAdaptationMixin:
         try:
             yield self.adapt_to_exemplar(source, target, **kwargs)
         finally:
-            self.delta_adapter.load_state_dict(state)
-            self._delta_adaptation = adaptation
+            with model_access(self.transformer).exclusive():
+                self.delta_adapter.load_state_dict(state)
+                self._delta_adaptation = adaptation

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from accelerate import init_empty_weights
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
@@ -295,10 +294,29 @@ def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], di
         ) from None
 
 
+def _check_config_counts(config: dict, keys, where: str) -> None:
+    """Refuses a config whose block and layer counts are not those of its weights, before a model is built from it
+    (a hostile count of millions would take minutes to build even on the `meta` device)."""
+    counts = {"num_double_blocks": "double_blocks.", "num_single_blocks": "single_blocks."}
+    if config.get("projection_type", "perceiver") == "perceiver":
+        counts["resampler_depth"] = "resampler.layers."
+    for name, prefix in counts.items():
+        held = len({key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+        if config.get(name) is not None and config[name] != held:
+            raise ValueError(
+                f"The Delta-Adapter config of {where} says {name}={config[name]}, but its weights hold {held}. Save "
+                "the adapter again, or pass the config these weights were made with."
+            )
+
+
 def check_adapter_state_dict(config: dict, state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """Refuses weights that do not fit the adapter `config` exactly (names, shapes) or that hold NaN/infinity."""
+    """Refuses weights that do not fit the adapter `config` exactly (names, shapes) or that hold NaN/infinity.
+
+    The config's shapes come from a model built on the `meta` device (no memory, whatever sizes the config claims;
+    a thread-local device context, where accelerate's `init_empty_weights` would patch torch for every thread)."""
+    _check_config_counts(config, state_dict.keys(), where)
     try:
-        with init_empty_weights():
+        with torch.device("meta"):
             expected = DeltaAdapterModel.from_config(config).state_dict()
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(
@@ -344,8 +362,10 @@ def build_adapter(config: dict, state_dict: dict[str, torch.Tensor], low_cpu_mem
             of initialising weights that are overwritten at once.
     """
     if low_cpu_mem_usage:
-        with init_empty_weights():
+        with torch.device("meta"):  # thread-local, unlike accelerate's init_empty_weights
             adapter = DeltaAdapterModel.from_config(config)
+        if len({tensor.dtype for tensor in state_dict.values()}) > 1:  # as the copying path casts them: one dtype
+            state_dict = {key: tensor.float() for key, tensor in state_dict.items()}
         adapter.load_state_dict(state_dict, strict=True, assign=True)
     else:
         adapter = DeltaAdapterModel.from_config(config)

@@ -43,6 +43,7 @@ from .adapter_files import (
 from .atomic_folder import check_save_directory
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
 from .checks import finite_float
+from .concurrency import changes_the_adapter
 from .hub import push_folder, render_model_card
 from .image_inputs import ImageInput
 from .models.delta_adapter import DeltaAdapterModel
@@ -135,6 +136,7 @@ class DeltaAdapterMixin:
 
     # ------------------------------------------------------------------ loading
 
+    @changes_the_adapter
     def load_delta_adapter(
         self,
         pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
@@ -348,8 +350,15 @@ class DeltaAdapterMixin:
         return name
 
     def _delete_delta_lora(self) -> None:
-        """Removes the LoRA the loaded adapter brought (unless the user already removed it)."""
-        if self._delta_lora_name in (getattr(self.transformer, "peft_config", None) or {}):
+        """Removes the LoRA the loaded adapter brought (unless the user already removed it). When it is the only
+        LoRA, peft's wrapper layers go too, so that the transformer's modules and state-dict names are those it had
+        before (`save_pretrained` would otherwise write `to_q.base_layer.weight`, which `from_pretrained` ignores)."""
+        loras = getattr(self.transformer, "peft_config", None) or {}
+        if self._delta_lora_name not in loras:
+            return
+        if set(loras) == {self._delta_lora_name}:
+            self.transformer.unload_lora()
+        else:  # the user's own LoRA stays, in its wrappers
             self.delete_adapters(self._delta_lora_name)
 
     def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
@@ -383,6 +392,7 @@ class DeltaAdapterMixin:
             for kind, prefix in (("double", "transformer_blocks."), ("single", "single_transformer_blocks."))
         }
 
+    @changes_the_adapter
     def set_delta_adapter_scale(self, scale: float | dict[str, float | Sequence[float]]) -> None:
         """Sets the strength of the decoupled branch, for all blocks or per block. Everything is checked before any
         block changes. Negative values push away from the edit.
@@ -421,6 +431,7 @@ class DeltaAdapterMixin:
             kind = "double" if name.startswith("transformer_blocks.") else "single"
             processor.scale = scales[kind][int(name.split(".")[1])]
 
+    @changes_the_adapter
     def unload_delta_adapter(self) -> None:
         """Removes the adapter, its LoRA and image encoder; restores the original processors and the empty prompt's
         embeddings the pipeline had before loading (those of its own folder, or none)."""

@@ -30,6 +30,7 @@ from ..adapter_files import (
 )
 from ..atomic_folder import atomic_folder, check_save_directory
 from ..checks import as_tensor, check_finite, finite_float, positive_int
+from ..concurrency import one_call_at_a_time
 from ..hub import push_folder
 from ..image_inputs import ImageInput, to_rgb_image
 from ..latents import unpack_to_vae_latents
@@ -87,6 +88,18 @@ def compute_empty_prompt_embeds(
         text_encoder_out_layers=text_encoder_out_layers,
     )
     return prompt_embeds.to("cpu")
+
+
+#: What a pipeline made by `from_pipe` takes over from the one whose transformer and adapter it shares.
+_SHARED_ADAPTER_STATE = (
+    "_delta_original_processors",
+    "_delta_original_empty_prompt_embeds",
+    "_delta_lora_name",
+    "_delta_loaded_state",
+    "_delta_adapter_source",
+    "_delta_adaptation",
+    "_delta_image_encoder_loaded",
+)
 
 
 class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinPipeline):
@@ -154,6 +167,37 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
             self._remember_loaded_adapter(
                 delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
             )
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "FluxDeltaEditPipeline":
+        """diffusers' `from_pipe`: a pipeline sharing `pipeline`'s models (no extra memory), which is the way to
+        edit from several threads (one pipeline each). It gets a scheduler of its own, built from the same config
+        (a scheduler holds one call's timesteps), unless one is given; and when it shares the transformer and the
+        loaded adapter, it shares the adapter's state too: the same processors with their per-block scales, the
+        empty prompt, and what `reset_delta_adapter` and `unload_delta_adapter` restore.
+
+        Args:
+            pipeline: the pipeline whose models to share.
+            kwargs: components or config values to replace, as diffusers' `from_pipe` takes them.
+        """
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is not None and "scheduler" not in kwargs:
+            kwargs["scheduler"] = type(scheduler).from_config(scheduler.config)
+        adapter = getattr(pipeline, "delta_adapter", None)
+        shares_adapter = (
+            adapter is not None
+            and kwargs.get("transformer", pipeline.transformer) is pipeline.transformer
+            and kwargs.get("delta_adapter", adapter) is adapter
+        )
+        processors = dict(pipeline.transformer.attn_processors)
+        new = super().from_pipe(pipeline, **kwargs)
+        if shares_adapter:
+            new.transformer.set_attn_processor(processors)  # the very processors, with the user's scales
+            for name in _SHARED_ADAPTER_STATE:
+                setattr(new, name, getattr(pipeline, name))
+        if new.empty_prompt_embeds is None:
+            new.empty_prompt_embeds = getattr(pipeline, "empty_prompt_embeds", None)
+        return new
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -324,6 +368,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
 
     # ------------------------------------------------------------------ call
 
+    @one_call_at_a_time
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
