@@ -72,8 +72,9 @@ def test_a_one_size_model_edits_other_sizes_by_resizing_and_says_so(run_cli, mod
         ({"query": "__text__"}, "error: query .* is not a readable image"),
         ({"out": "edited.txt"}, "error: --out .*edited.txt: .txt is not an image format"),
         ({"adapter": "./no/such/adapter"}, "error: --adapter: No folder './no/such/adapter'"),
+        ({"query": "__bomb__"}, "error: query .*bomb.png is too large to decode safely"),
     ],
-    ids=["missing-image", "not-an-image", "bad-extension", "missing-adapter-folder"],
+    ids=["missing-image", "not-an-image", "bad-extension", "missing-adapter-folder", "decompression-bomb"],
 )
 def test_mistakes_print_one_line_and_exit_2_before_any_model_loads(
     run_cli, model_dir, images, tmp_path, monkeypatch, change, message
@@ -85,11 +86,38 @@ def test_mistakes_print_one_line_and_exit_2_before_any_model_loads(
     monkeypatch.setattr(FluxDeltaEditPipeline, "from_pretrained", no_model)
     (tmp_path / "text.png").write_text("not an image")
     paths = {**images, "out": tmp_path / "edited.png", "adapter": model_dir / "adapter", **change}
-    paths["query"] = tmp_path / "text.png" if paths["query"] == "__text__" else paths["query"]
+    paths["query"] = {"__text__": tmp_path / "text.png", "__bomb__": bomb_png(tmp_path / "bomb.png")}.get(
+        paths["query"], paths["query"])  # fmt: skip
     exemplar = ["--exemplar", paths["source"], paths["target"]]
     models = ["--base", model_dir / "base", "--adapter", paths["adapter"]]
     code, _, err = run_cli(["edit", *exemplar, "--query", paths["query"], "--out", paths["out"], *models])
     assert code == 2 and re.match(message, err) and err.count("\n") == 1
+
+
+def bomb_png(path):
+    """A small PNG whose header declares 100000 x 100000 pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    PIL.Image.new("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    header = struct.pack(">II", 100_000, 100_000) + data[24:29]  # IHDR: width, height, then depth, colour, ...
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_photo_is_edited_upright_as_its_exif_orientation_shows_it(run_cli, model_dir, images, tmp_path):
+    """A query stored 96x80 with EXIF orientation 6 (a quarter turn) is displayed 80x96: so is its edit."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.open(images["query"]).save(tmp_path / "turned.png", exif=exif)
+    out = tmp_path / "edited.png"
+    exemplar = ["--exemplar", images["source"], images["target"]]
+    models = ["--base", model_dir / "base", "--adapter", model_dir / "adapter"]
+    code, _, err = run_cli(["edit", *exemplar, "--query", tmp_path / "turned.png", "--out", out, *models])
+    assert code == 0 and PIL.Image.open(out).size == (80, 96) and "back to 80x96" in err
 
 
 def test_debug_shows_the_traceback(images, tmp_path, capsys):

@@ -1,9 +1,10 @@
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 
-from diffusers_delta.image_inputs import pil_to_tensor, to_rgb_image
+from diffusers_delta.image_inputs import pil_to_tensor, read_image_file, read_image_size, to_rgb_image
 
 
 def test_rgba_is_composited_over_white():
@@ -46,3 +47,15 @@ def test_pil_to_tensor_range_and_layout():
     tensor = pil_to_tensor(PIL.Image.new("RGB", (80, 64), (255, 0, 51)))
     assert tensor.shape == (3, 64, 80)
     assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+
+
+@pytest.mark.parametrize("orientation, turned", [(1, False), (3, False), (6, True), (8, True)])
+def test_files_are_read_upright_as_their_exif_orientation_shows_them(tmp_path, orientation, turned):
+    stored = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    PIL.Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    upright = read_image_file(tmp_path / "photo.png")
+    assert upright.size == read_image_size(tmp_path / "photo.png") == ((64, 96) if turned else (96, 64))
+    expected = PIL.ImageOps.exif_transpose(PIL.Image.open(tmp_path / "photo.png"))  # as load_image turns it
+    assert np.array_equal(np.asarray(upright), np.asarray(expected))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .atomic_folder import write_image_atomically
 from .checks import positive_int
-from .image_inputs import read_image_file
+from .image_inputs import read_image_file, read_image_size
 
 
 #: Formats PIL both reads and writes, by extension (".png" -> "PNG").
@@ -99,8 +99,7 @@ def same_size_batches(queries_dir: Path, relative_paths: Sequence[Path], batch_s
     """
     by_size: dict[tuple[int, int], list[Path]] = {}
     for relative in relative_paths:
-        header = read_image_file(queries_dir / relative, "query", header_only=True)
-        by_size.setdefault(header.size, []).append(relative)
+        by_size.setdefault(read_image_size(queries_dir / relative, "query"), []).append(relative)
     return [
         group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)
     ]

@@ -6,10 +6,12 @@ bit depths and sizes are handled in one place and bad input fails early with an 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 
@@ -145,25 +147,49 @@ def fit_to_model_size(image_size: int | None, images: list[PIL.Image.Image]) -> 
     return [_pil_to_rgb(image).resize((image_size, image_size), PIL.Image.Resampling.BICUBIC) for image in images]
 
 
-def read_image_file(path, what: str = "image", header_only: bool = False) -> PIL.Image.Image:
-    """An image file, fully read (so a truncated file fails here, not after a model has loaded), or with
-    `header_only` just opened (its size and mode known, its pixels not decoded).
+#: EXIF orientations that turn the stored picture a quarter turn: its displayed width and height are swapped.
+_QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+@contextmanager
+def _opened(path, what: str):
+    """`PIL.Image.open`, its errors one `ValueError` naming the file (a decompression bomb among them)."""
+    try:
+        with PIL.Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist.") from None
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{what} {path} is too large to decode safely ({error}).") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"{what} {path} is not a readable image ({error}).") from None
+
+
+def read_image_file(path, what: str = "image") -> PIL.Image.Image:
+    """An image file, fully read (so a truncated file fails here, not after a model has loaded) and turned upright
+    by its EXIF orientation, as `diffusers.utils.load_image` and viewers show it.
 
     Args:
         path: the file.
         what: what the image is, for error messages (e.g. `"query"`).
-        header_only: read the header only.
 
     Raises:
-        ValueError: naming the file, when it does not exist or is not a readable image.
+        ValueError: naming the file, when it does not exist, is not a readable image or is too large to decode.
     """
-    try:
-        with PIL.Image.open(path) as image:
-            if header_only:
-                return image
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} does not exist.") from None
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
-        raise ValueError(f"{what} {path} is not a readable image ({error}).") from None
+    with _opened(path, what) as image:
+        image.load()
+        return PIL.ImageOps.exif_transpose(image)  # a copy, upright
+
+
+def read_image_size(path, what: str = "image") -> tuple[int, int]:
+    """The (width, height) an image file is displayed at (its EXIF orientation applied), from its header only.
+
+    Raises:
+        ValueError: as `read_image_file`.
+    """
+    with _opened(path, what) as image:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURN_ORIENTATIONS:
+            return height, width
+        return width, height
