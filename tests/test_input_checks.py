@@ -206,3 +206,10 @@ def test_every_method_says_no_adapter_is_loaded_the_same_way():
     for call in calls:
         with pytest.raises(RuntimeError, match="^No Delta-Adapter is loaded: call pipe.load_delta_adapter"):
             call()
+
+
+def test_a_bare_image_among_exemplar_pairs_is_named_by_its_place(trained_pipe):
+    with pytest.raises(ValueError, match=r"exemplar 2 of 2 is not a \(source, target\) pair \(it is a Image\)"):
+        trained_pipe.encode_exemplar([(SOURCE, TARGET), QUERY])
+    with pytest.raises(ValueError, match=r"exemplar 1 of 2 is not a \(source, target\) pair \(it is 3 images\)"):
+        trained_pipe.encode_exemplar([(SOURCE, TARGET, QUERY), (SOURCE, TARGET)])

@@ -581,3 +581,32 @@ def test_a_hostile_config_is_refused_at_once_in_bounded_memory(adapter_folder, b
     assert time.perf_counter() - start < 1.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # under 200 MiB more
     assert_unchanged(bare_pipe, before)
+
+
+@pytest.mark.parametrize("kwargs", [{"weight_name": "../../x.safetensors"}, {"subfolder": "../other"},
+                                    {"weight_name": "/etc/x.safetensors"}])  # fmt: skip
+def test_names_that_leave_the_adapter_folder_are_refused(adapter_folder, bare_pipe, tmp_path, kwargs):
+    folder, _ = adapter_folder
+    inner = tmp_path / "inner" / "adapter"
+    shutil.copytree(folder, inner)
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", tmp_path / "x.safetensors")  # what ../../ reaches
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=r"(weight_name|subfolder)=.* leaves the adapter's folder"):
+        bare_pipe.load_delta_adapter(inner, **kwargs)
+    assert_unchanged(bare_pipe, before)
+
+
+@pytest.mark.parametrize("damage, message", [("dangling", r"is a broken link \(to .*gone.safetensors\)"),
+                                             ("folder", "is a folder, not a file")])  # fmt: skip
+def test_a_broken_link_or_a_folder_in_place_of_the_weights_is_named_as_such(adapter_folder, bare_pipe, damage, message):
+    folder, _ = adapter_folder
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    if damage == "dangling":
+        weights.symlink_to(folder / "gone.safetensors")
+    else:
+        weights.mkdir()
+    before = snapshot(bare_pipe)
+    with pytest.raises(FileNotFoundError, match=message):
+        bare_pipe.load_delta_adapter(folder)
+    assert_unchanged(bare_pipe, before)

@@ -124,6 +124,14 @@ def _hub_error(repo_id: str, filename: str, error: Exception, local_files_only: 
     return OSError(f"Could not download {filename} of {repo_id!r}: {error}")
 
 
+def _inside_the_adapter(name: str, what: str) -> str:
+    """`name` (a file or subfolder name, '/'-separated) when it stays inside the adapter's folder or repo."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise ValueError(f"{what}={name!r} leaves the adapter's folder: name a path inside it.")
+    return name
+
+
 @dataclass(frozen=True)
 class AdapterLocation:
     """Where an adapter lies: a local folder, or a Hub repo (and subfolder) fetched file by file into the cache.
@@ -145,7 +153,7 @@ class AdapterLocation:
             subfolder: the adapter's folder inside it, if any.
             hub_kwargs: `HUB_KWARGS` for downloads.
         """
-        subfolder = (subfolder or "").strip("/")
+        subfolder = _inside_the_adapter((subfolder or "").strip("/"), "subfolder")
         hub_kwargs = {key: value for key, value in hub_kwargs.items() if key != "proxies"}  # set through the env
         path = Path(source).expanduser()
         if path.is_file():
@@ -180,10 +188,15 @@ class AdapterLocation:
         A required file that is missing raises `FileNotFoundError` (local) or `OSError` (Hub) naming it; a file
         that could not be looked at because the Hub is unreachable is never reported as missing.
         """
+        filename = _inside_the_adapter(filename, "weight_name" if filename.endswith(".safetensors") else "file")
         if self.local_root is not None:
             path = self.folder / filename
             if path.is_file():
                 return str(path)
+            if path.is_symlink() and not path.exists():
+                raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): its target is missing.")
+            if path.is_dir():
+                raise FileNotFoundError(f"{path} is a folder, not a file: {filename} must be the file itself.")
             if required:
                 self._refuse_pickles(filename)
                 held = sorted(p.name for p in self.folder.iterdir())

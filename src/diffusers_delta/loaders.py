@@ -62,16 +62,19 @@ NO_ADAPTER = "No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) firs
 def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
     """A (source, target) pair or a non-empty list of pairs -> list of pairs; anything else raises."""
     fix = "pass exemplar=(source, target), or a list of such pairs to average their edits"
-    if isinstance(exemplar, list) and exemplar and all(isinstance(pair, (tuple, list)) for pair in exemplar):
-        pairs = exemplar
-    elif isinstance(exemplar, (tuple, list)):
-        pairs = [exemplar]
-    else:
+    if isinstance(exemplar, list) and any(isinstance(pair, (tuple, list)) for pair in exemplar):  # several pairs
+        for number, pair in enumerate(exemplar, start=1):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                got = f"{len(pair)} images" if isinstance(pair, (tuple, list)) else f"a {type(pair).__name__}"
+                raise ValueError(
+                    f"exemplar {number} of {len(exemplar)} is not a (source, target) pair (it is {got}): {fix}."
+                )
+        return [tuple(pair) for pair in exemplar]
+    if not isinstance(exemplar, (tuple, list)):
         raise ValueError(f"exemplar must be a (source, target) pair, got {type(exemplar).__name__}: {fix}.")
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {len(pair)}: {fix}.")
-    return [tuple(pair) for pair in pairs]
+    if len(exemplar) != 2:
+        raise ValueError(f"An exemplar is a (source, target) pair of 2 images, got {len(exemplar)}: {fix}.")
+    return [tuple(exemplar)]
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
