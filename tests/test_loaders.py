@@ -598,7 +598,7 @@ def test_names_that_leave_the_adapter_folder_are_refused(adapter_folder, bare_pi
 
 @pytest.mark.parametrize("damage, message", [("dangling", r"is a broken link \(to .*gone.safetensors\)"),
                                              ("folder", "is a folder, not a file")])  # fmt: skip
-def test_a_broken_link_or_a_folder_in_place_of_the_weights_is_named_as_such(adapter_folder, bare_pipe, damage, message):
+def test_a_broken_link_or_a_folder_in_place_of_the_weights_is_named(adapter_folder, bare_pipe, damage, message):
     folder, _ = adapter_folder
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.unlink()
