@@ -146,8 +146,9 @@ def test_two_processes_split_the_queries_and_write_what_one_process_writes(folde
         ({"out": "source.png"}, r"error: --out .*source.png is a file: with --queries"),
         ({"batch": 0}, r"error: --batch-size must be 1 or more, got 0\."),
         ({"broken": True}, r"error: query .*broken.png is not a readable image"),
+        ({"out": "queries"}, r"error: --out .*queries is the --queries folder .*: write the outputs to a folder"),
     ],
-    ids=["missing-folder", "no-images", "out-is-a-file", "batch-size-0", "not-an-image"],
+    ids=["missing-folder", "no-images", "out-is-a-file", "batch-size-0", "not-an-image-strict", "out-is-queries"],
 )
 def test_mistakes_are_one_line_before_any_model_loads(run_cli, folders, model_dir, monkeypatch, change, message):
     def no_model(*args, **kwargs):
@@ -158,7 +159,8 @@ def test_mistakes_are_one_line_before_any_model_loads(run_cli, folders, model_di
     (folders / "empty").mkdir()
     if change.get("broken"):
         (folders / "queries" / "broken.png").write_text("not an image")
-    argv = command(folders, model_dir, folders / change.get("out", "out"), "--batch-size", change.get("batch", 1))
+    argv = command(folders, model_dir, folders / change.get("out", "out"), "--batch-size", change.get("batch", 1),
+                   *(["--strict"] if change.get("broken") else []))  # fmt: skip
     argv[argv.index("--queries") + 1] = str(folders / change.get("queries", "queries"))
     code, _, err = run_cli(argv)
     assert code == 2 and re.match(message, err) and err.count("\n") == 1, err
@@ -169,3 +171,49 @@ def test_listing_skips_hidden_files_other_formats_and_the_output_folder_inside(f
     write_image_atomically(PIL.Image.new("RGB", (8, 8)), queries / "edited" / "a.png")
     assert [p.as_posix() for p in list_queries(queries, queries / "edited")] == QUERIES
     assert not [p for p in (queries / "edited").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_unreadable_queries_are_skipped_named_and_fail_the_run_at_the_end(run_cli, folders, model_dir):
+    """Every readable query is edited (one whose name is not UTF-8 too); a file that is not an image and one whose
+    pixels are cut short are named, and the run exits with an error once the rest is written."""
+    queries, out = folders / "queries", folders / "out"
+    (queries / "broken.png").write_text("not an image")
+    whole = (queries / "a.png").read_bytes()
+    (queries / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    odd_name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or archive leaves them
+    (queries / odd_name).write_bytes(whole)
+    code, printed, err = run_cli(command(folders, model_dir, out))
+    assert code == 2 and "Edited 8 images" in printed
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        [*QUERIES, odd_name])  # fmt: skip
+    lines = err.strip().splitlines()
+    assert re.match(r"skipped broken.png: query .*broken.png is not a readable image", lines[-3])
+    assert re.match(r"skipped truncated.png: query .*truncated.png is not a readable image", lines[-2])
+    assert re.match(r"error: 2 of the queries could not be read and were left unedited", lines[-1])
+    code, printed, _ = run_cli(command(folders, model_dir, out))
+    assert code == 2 and "Nothing left to edit: 8 outputs" in printed  # no "0.00 images/s"
+
+
+def test_a_rerun_removes_the_temporaries_a_killed_run_left_and_only_those(run_cli, folders, model_dir):
+    out = folders / "out"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / ".a.png.k3x_9zq1.tmp", out / "sub" / ".g.png.abcdefgh.tmp"]
+    kept = [out / ".a.png.mine.tmp", out / "notes.tmp", out / ".a.png.k3x_9zq1.tmp.bak"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    code, _, _ = run_cli(command(folders, model_dir, out))
+    assert code == 0 and not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
+def test_outputs_have_the_modes_of_a_plain_write_under_the_umask(run_cli, folders, model_dir):
+    previous = os.umask(0o022)
+    try:
+        out = folders / "out"
+        assert run_cli(command(folders, model_dir, out))[0] == 0
+        assert {(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {0o644}
+        os.umask(0o027)
+        (out / "a.png").unlink()
+        assert run_cli(command(folders, model_dir, out))[0] == 0
+        assert (out / "a.png").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)

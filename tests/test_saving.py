@@ -263,3 +263,18 @@ def test_push_to_hub_uploads_the_saved_folder(trained_pipe, tmp_path, monkeypatc
     saved = {str(p.relative_to(tmp_path / "adapter")) for p in (tmp_path / "adapter").rglob("*") if p.is_file()}
     assert uploaded == saved and "README.md" in saved  # the folder as saved, with its card
     assert _HubStandIn.validated[0].startswith("---\nbase_model: org/base\n")
+
+
+def test_saved_folders_have_the_modes_of_a_plain_write_under_the_umask(trained_pipe, tmp_path):
+    """Not the private modes of the temporary folder they were staged in: a folder saved for a shared server or
+    a container volume is readable as the user's umask says."""
+    previous = os.umask(0o022)
+    try:
+        trained_pipe.save_delta_adapter(tmp_path / "adapter")
+        trained_pipe.save_pretrained(tmp_path / "pipeline")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "adapter", tmp_path / "pipeline"):
+        entries = [folder, *folder.rglob("*")]
+        assert {p.stat().st_mode & 0o777 for p in entries if p.is_dir()} == {0o755}
+        assert {p.stat().st_mode & 0o777 for p in entries if p.is_file()} == {0o644}

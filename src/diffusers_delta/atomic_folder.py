@@ -10,12 +10,14 @@ The swap moves old entries into a backup folder and new ones in with `os.replace
 the backup if a rename fails, so a failure can never leave old and new files mixed. Only a process killed in the
 middle of the renames can, and then the old entries are kept whole in a `.NAME.old-*` folder beside `target`.
 
-`write_image_atomically` does the same for one image file: a temporary file beside it, then a rename.
+`write_image_atomically` does the same for one image file: a temporary file beside it, then a rename. What is
+written gets the modes a plain write would give under the user's umask, not the private ones of temporary files.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -105,6 +107,7 @@ def atomic_folder(save_directory: str | os.PathLike, owned: Iterable[str] = ()) 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        _give_plain_modes(staging)
         _swap_in(staging, target, set(owned))
     except BaseException:
         if created_parents:  # the outermost folder this call created holds everything else it made
@@ -115,13 +118,57 @@ def atomic_folder(save_directory: str | os.PathLike, owned: Iterable[str] = ()) 
             _remove(staging)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (`os.umask` can only be read by setting it, which would give
+    files other threads create meanwhile the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_plain_modes(folder: Path) -> None:
+    """Gives a staged folder and everything in it the modes a plain write gives under the umask: `mkdtemp` makes
+    folders 0700, and writers that stage their own files (safetensors) leave them 0600."""
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
+def _temporary_image_name(path: Path) -> str:
+    """The pattern of `write_image_atomically`'s temporary files for `path` (`mkstemp`'s 8 random characters)."""
+    return rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp"
+
+
+def remove_stale_temporaries(path: Path) -> int:
+    """Removes the temporary files a killed `write_image_atomically(..., path)` left beside `path` (and only
+    those); returns how many."""
+    if not path.parent.is_dir():
+        return 0
+    pattern = re.compile(_temporary_image_name(path))
+    stale = [entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name) and entry.is_file()]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:
     """Writes `image` to `path` whole or not at all: a temporary file beside it, then a rename (atomic on one
-    filesystem). The format follows the extension (one PIL writes); JPEG is written at quality 95."""
+    filesystem), with the mode a plain write gives under the user's umask. The format follows the extension (one PIL
+    writes); JPEG is written at quality 95."""
     image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         with os.fdopen(handle, "wb") as file:
             image.save(file, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
         os.replace(temporary, path)

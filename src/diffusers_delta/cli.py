@@ -153,7 +153,7 @@ def _edit(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    from .folder_edit import edit_folder, list_queries, same_size_batches
+    from .folder_edit import display_name, edit_folder, list_queries, same_size_batches
 
     # 1. Check everything before loading a model
     if args.base is not None and args.adapter is None:
@@ -165,7 +165,9 @@ def _edit(args: argparse.Namespace) -> None:
     source, target = (_read_image(path, what) for path, what in zip(args.exemplar, ("exemplar source", "target")))
     if args.queries is not None:
         out = _folder_output(args.out)
-        same_size_batches(Path(args.queries), list_queries(args.queries, out), 1)  # images, by their headers
+        listed = list_queries(args.queries, out)
+        if args.strict:  # every query must be an image: check their headers before a model loads
+            same_size_batches(Path(args.queries), listed, 1)
     else:
         query = _read_image(args.query, "query")
         out = _output_path(args.out)
@@ -195,13 +197,26 @@ def _edit(args: argparse.Namespace) -> None:
             print(f"This model edits {side}x{side} images only: queries are resized to it, and back.", file=sys.stderr)
         start = time.perf_counter()
         done = edit_folder(pipe, delta_embeds, args.queries, out, batch_size=args.batch_size, seed=args.seed,
-                           fit=lambda images: fit_to_model_size(side, images), state=state)  # fmt: skip
+                           fit=lambda images: fit_to_model_size(side, images), state=state,
+                           strict=args.strict)  # fmt: skip
         seconds = time.perf_counter() - start  # every process has finished: edit_folder waits for them all
         counts = gather_object([len(done.edited)])  # one per process
-        if state.is_main_process:
+        unreadable = gather_object([(display_name(name), why) for name, why in done.unreadable.items()])
+        if not state.is_main_process:
+            return
+        if sum(counts):
             shares = f" ({' + '.join(map(str, counts))} by {len(counts)} processes)" if len(counts) > 1 else ""
             print(f"Edited {sum(counts)} images into {out}{shares} in {seconds:.1f} s "
                   f"({sum(counts) / seconds:.2f} images/s); {len(done.skipped)} were there already.")  # fmt: skip
+        else:
+            print(f"Nothing left to edit: {len(done.skipped)} outputs were in {out} already.")
+        for name, why in sorted(unreadable):
+            print(f"skipped {name}: {why}", file=sys.stderr)
+        if unreadable:
+            raise UsageError(
+                f"{len(unreadable)} of the queries could not be read and were left unedited (named above); every "
+                "other output is written. Replace or remove them and run again (--strict stops at the first one)."
+            )
         return
     (fitted_query,) = _fit_to_model(pipe, [query])
     generator = torch.Generator().manual_seed(args.seed)
@@ -247,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="The edited image (.png, .jpg, ...); with --queries, the folder of outputs."
     )
     edit.add_argument("--batch-size", type=int, default=1, help="With --queries: queries of one size per batch.")
+    edit.add_argument("--strict", action="store_true",
+                      help="With --queries: stop before editing when a query is not a readable image (default: "
+                           "edit every other one, name it, and exit with an error at the end).")  # fmt: skip
     edit.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
