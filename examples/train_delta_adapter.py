@@ -266,6 +266,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.use_8bit_adam and args.optimizer != "adamw":
         parser.error("--use_8bit_adam is an AdamW: it does not go with --optimizer prodigy.")
+    for flag in ("max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}: there would be nothing to train.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is a file: name the folder checkpoints and the release go to.")
     return args
 
 
@@ -430,7 +435,7 @@ def checkpoint_steps(output_dir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if m)
 
 
-def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
+def save_checkpoint(accelerator: Accelerator, args, step: int, flags: dict) -> None:
     """Writes `checkpoint-STEP` atomically (a temporary folder renamed when complete), then prunes old ones.
 
     A run killed while saving leaves only a `.tmp` folder behind; the previous checkpoint stays whole. A run killed
@@ -444,6 +449,8 @@ def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(temporary, RUN_FLAGS_NAME), "w") as file:
+            json.dump(flags, file, indent=2)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -455,6 +462,57 @@ def save_checkpoint(accelerator: Accelerator, args, step: int) -> None:
                 shutil.rmtree(doomed)
         logger.info(f"Saved {final}")
     accelerator.wait_for_everyone()
+
+
+#: The flags that define a run: a checkpoint resumed with any other value would not continue the same training
+#: (another schedule, optimizer, data order or data). Recorded in every checkpoint as RUN_FLAGS_NAME.
+RUN_FLAGS = (
+    "pretrained_model_name_or_path", "revision", "variant", "image_encoder", "pretrained_adapter", "num_edit_tokens",
+    "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank", "lora_alpha",
+    "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
+    "side_by_side_data_dir", "streaming", "cache_latents", "resolution", "seed", "train_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "lr_num_cycles", "lr_power", "optimizer", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "lambda_delta", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "mixed_precision",
+)  # fmt: skip
+RUN_FLAGS_NAME = "run_flags.json"
+#: Schedules that do not depend on the run's length: with them a resumed run may train longer.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def run_flags(args, num_processes: int) -> dict:
+    """The values of `RUN_FLAGS` (local paths made absolute), the number of processes and, when the learning-rate
+    schedule depends on it, the run's length."""
+    flags = {}
+    for name in RUN_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and name.endswith(("_dir", "_path", "image_encoder", "pretrained_adapter")):
+            value = os.path.abspath(value) if os.path.exists(value) else value
+        flags[name] = value
+    flags["num_processes"] = num_processes
+    if args.lr_scheduler not in LENGTH_FREE_SCHEDULES:
+        flags["max_train_steps"] = args.max_train_steps
+    return flags
+
+
+def check_resume_flags(resume_path: str, flags: dict) -> None:
+    """Refuses to resume a checkpoint written with other run flags, naming each difference (checkpoints written
+    before flags were recorded resume with a warning)."""
+    recorded_path = os.path.join(resume_path, RUN_FLAGS_NAME)
+    if not os.path.isfile(recorded_path):
+        logger.warning(f"{resume_path} records no run flags: resuming it as if they were this run's.")
+        return
+    with open(recorded_path) as file:
+        recorded = json.load(file)
+    differing = [name for name in flags if recorded.get(name) != flags[name]]
+    if differing:
+        changes = "; ".join(f"--{name} {recorded.get(name)!r} -> {flags[name]!r}" for name in differing)
+        raise SystemExit(
+            f"error: {resume_path} was trained with other flags ({changes}), and resuming it with these would not "
+            "continue the same run (schedule, optimizer state, data order). Resume with the same flags, or start a "
+            "new run from its weights with --pretrained_adapter and another --output_dir."
+        )
 
 
 def resolve_resume(args) -> str | None:
@@ -706,7 +764,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # 5. Resume
     global_step = 0
     resume_path = resolve_resume(args)
+    flags = run_flags(args, accelerator.num_processes)
     if resume_path:
+        check_resume_flags(resume_path, flags)
         accelerator.load_state(resume_path)
         global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
         logger.info(f"Resumed from {resume_path} at step {global_step}")
@@ -799,7 +859,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 summary["epochs"][global_step] = position.epoch
                 group_indices, group_finite = [], True
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
+                    save_checkpoint(accelerator, args, global_step, flags)
                 if (
                     args.validation_exemplar
                     and global_step % args.validation_steps == 0

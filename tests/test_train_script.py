@@ -5,6 +5,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,8 +146,8 @@ def crash_after_checkpoint(folders, output, common, crash_step: int, monkeypatch
     """Runs training into `output` and kills it right after the checkpoint of `crash_step` is written."""
     real_save = train_delta_adapter.save_checkpoint
 
-    def save_then_crash(accelerator, args, step):
-        real_save(accelerator, args, step)
+    def save_then_crash(accelerator, args, step, flags):
+        real_save(accelerator, args, step, flags)
         if step == crash_step:
             raise Crash
 
@@ -161,6 +162,10 @@ def test_resume_after_a_crash_is_exact(folders, tmp_path, monkeypatch):
               "--gradient_accumulation_steps", "1", "--lr_scheduler", "linear"]  # fmt: skip
     train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
     crash_after_checkpoint(folders, tmp_path / "resumed", common, 4, monkeypatch)
+    changed = [*common, "--resume_from_checkpoint", "latest", "--learning_rate", "5e-4", "--train_batch_size", "2"]
+    with pytest.raises(SystemExit, match=r"other flags \(--train_batch_size .*--learning_rate 0.001 -> 0.0005.*"
+                                         r"--pretrained_adapter"):  # fmt: skip
+        train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "resumed", *changed)))
     (tmp_path / "resumed" / "checkpoint-6.tmp").mkdir()  # a save that was killed half-way
     (tmp_path / "resumed" / "checkpoint-6.tmp" / "optimizer.bin").write_bytes(b"trunc")
     train_delta_adapter.main(
@@ -177,6 +182,20 @@ def test_resume_after_a_crash_is_exact(folders, tmp_path, monkeypatch):
     whole_order, resumed_order = summary(tmp_path / "whole")["data_order"], summary(tmp_path / "resumed")["data_order"]
     assert resumed_order == {step: whole_order[step] for step in ("5", "6")}
     assert not (tmp_path / "resumed" / "checkpoint-6.tmp").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_train_steps", "0"], "--max_train_steps must be at least 1, got 0: there would be nothing to train"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be at least 1"),
+    (["--output_dir", "__file__"], "--output_dir .*file.txt is a file: name the folder"),
+])  # fmt: skip
+def test_runs_that_would_train_nothing_or_cannot_write_are_refused_up_front(folders, tmp_path, capsys, flags, message):
+    (tmp_path / "file.txt").write_text("a file")
+    flags = [str(tmp_path / "file.txt") if flag == "__file__" else flag for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        train_delta_adapter.parse_args(arguments(folders, tmp_path / "out", "--train_data_dir", str(folders), *flags))
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_finite_loss_skips_the_step(folders, tmp_path, monkeypatch):
