@@ -1,3 +1,5 @@
+import copy
+
 import PIL.Image
 import pytest
 import torch
@@ -218,3 +220,48 @@ def test_whole_pipeline_save_and_from_pretrained_keeps_the_adapter(delta_pipe, t
     reloaded.set_progress_bar_config(disable=True)
     assert len(reloaded.delta_processors) == 3
     assert (edit(reloaded) == expected).all()
+
+
+def test_one_mixin_gives_a_users_own_klein_pipeline_the_whole_interface(delta_pipe, tmp_path):
+    """`DeltaAdapterMixin` on any `Flux2KleinPipeline` class: load, scale, encode, adapt, reset, save, unload."""
+    from diffusers_delta import DeltaAdapterMixin
+
+    class MyKleinPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
+        pass
+
+    randomize_(delta_pipe.delta_adapter, std=0.3)
+    delta_pipe.save_delta_adapter(tmp_path / "adapter")
+    components = {name: getattr(delta_pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer")}
+    pipe = MyKleinPipeline(**components, transformer=delta_pipe.transformer, is_distilled=True)
+    pipe.load_delta_adapter(tmp_path / "adapter")
+    pipe.set_delta_adapter_scale(0.5)
+    assert pipe.get_delta_adapter_scale()["double"] == [0.5] * len(pipe.delta_adapter.double_blocks)
+    tokens = pipe.encode_exemplar((SOURCE, TARGET))
+    torch.testing.assert_close(tokens, delta_pipe.encode_exemplar((SOURCE, TARGET)))
+    loaded = copy.deepcopy(pipe.delta_adapter.state_dict())
+    result = pipe.adapt_to_exemplar(SOURCE, TARGET, num_steps=2, generator=torch.Generator().manual_seed(0),
+                                    max_sequence_length=16, text_encoder_out_layers=(1, 2, 3))  # fmt: skip
+    assert len(result.losses) == 2
+    assert any(not torch.equal(loaded[k], v) for k, v in pipe.delta_adapter.state_dict().items())
+    pipe.reset_delta_adapter()
+    assert all(torch.equal(loaded[k], v) for k, v in pipe.delta_adapter.state_dict().items())
+    with pipe.adapted_to_exemplar(SOURCE, TARGET, num_steps=1, max_sequence_length=16,
+                                  text_encoder_out_layers=(1, 2, 3)):  # fmt: skip
+        pass
+    pipe.save_delta_adapter(tmp_path / "again")
+    assert (tmp_path / "again" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe.unload_delta_adapter()
+    assert pipe.delta_adapter is None
+
+
+def test_height_and_width_set_the_output_size_as_klein_takes_them(delta_pipe):
+    unit = delta_pipe.vae_scale_factor * 2
+    height, width = 96, 64  # multiples of it
+    kwargs = {"exemplar": (SOURCE, TARGET), "output_type": "np", **TEXT_KWARGS}
+    assert delta_pipe(QUERY, height=height, width=width, **kwargs).images.shape == (1, height, width, 3)
+    default = delta_pipe(QUERY, **kwargs).images
+    assert default.shape[1:3] == (QUERY.height // unit * unit, QUERY.width // unit * unit)  # the query's size
+    with pytest.raises(ValueError, match=f"height must be a multiple of {unit}"):
+        delta_pipe(QUERY, height=height + 1, width=width, **kwargs)
+    with pytest.raises(ValueError, match="Give both height and width"):
+        delta_pipe(QUERY, height=height, **kwargs)

@@ -21,8 +21,8 @@ from .checks import finite_float, positive_int
 from .concurrency import changes_the_adapter, model_access
 from .image_inputs import ImageInput, to_rgb_image
 from .latents import encode_latents
-from .loaders import cast_model, copy_state
 from .losses import sample_sigmas
+from .model_state import cast_model, copy_state
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features
 from .training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
@@ -163,7 +163,7 @@ def run_adaptation(
 
 class DeltaAdaptationMixin:
     """Test-time adaptation of a loaded Delta-Adapter (`adapt_to_exemplar`, `reset_delta_adapter`,
-    `adapted_to_exemplar`), for a pipeline that also has `loaders.DeltaAdapterMixin`."""
+    `adapted_to_exemplar`), part of `loaders.DeltaAdapterMixin`, which a pipeline takes."""
 
     @changes_the_adapter
     def adapt_to_exemplar(

@@ -1,7 +1,8 @@
 """`DeltaAdapterMixin`: the Delta-Adapter lifecycle on a FLUX.2 pipeline, mirroring diffusers' IP-Adapter mixins.
 
-`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter` and
-`encode_exemplar` (test-time adaptation is `adaptation.DeltaAdaptationMixin`).
+`load_delta_adapter` -> `set_delta_adapter_scale` -> `unload_delta_adapter`, plus `save_delta_adapter`,
+`encode_exemplar` and test-time adaptation (`adapt_to_exemplar`, `reset_delta_adapter`, `adapted_to_exemplar`, from
+`adaptation.DeltaAdaptationMixin`, which it includes): one mixin gives any `Flux2KleinPipeline` class all of it.
 The adapter folder's files are found, read, checked and written by `adapter_files`. Loading is atomic: everything is
 read and checked before the pipeline is touched, and the one step that can still fail (injecting a LoRA) runs
 before anything else changes, so a failed load leaves processors, components, LoRA and outputs exactly as they were.
@@ -21,6 +22,7 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.hooks.tensor_parallel import _raise_if_tensor_parallel
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
+from .adaptation import DeltaAdaptationMixin
 from .adapter_files import (
     ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
@@ -42,10 +44,11 @@ from .adapter_files import (
 )
 from .atomic_folder import check_save_directory
 from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
-from .checks import finite_float
+from .checks import check_finite, finite_float, positive_int
 from .concurrency import changes_the_adapter
 from .hub import push_folder, render_model_card
-from .image_inputs import ImageInput
+from .image_inputs import ImageInput, to_rgb_image
+from .model_state import cast_model, copy_state
 from .models.delta_adapter import DeltaAdapterModel
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 
@@ -77,22 +80,6 @@ def _as_exemplar_pairs(exemplar) -> list[ExemplarPair]:
     return [tuple(exemplar)]
 
 
-def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
-    """Moves a model, casting only when the dtype differs (diffusers warns on every cast through `to()`)."""
-    cast = {} if model.dtype == dtype else {"dtype": dtype}
-    if device is not None or cast:
-        model.to(device=device, **cast)
-
-
-def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of a model's weights on the CPU, for restoring them bit-for-bit (never on the accelerator, where a
-    klein-size adapter's copy would take over a gigabyte)."""
-    return {
-        name: tensor.detach().clone() if tensor.is_meta else tensor.detach().to("cpu", copy=True)  # meta: no data
-        for name, tensor in model.state_dict().items()
-    }
-
-
 @dataclass
 class _IncomingAdapter:
     """Everything a load brings, read and checked, before anything of the pipeline changes."""
@@ -106,7 +93,7 @@ class _IncomingAdapter:
     source_name: str
 
 
-class DeltaAdapterMixin:
+class DeltaAdapterMixin(DeltaAdaptationMixin):
     """Loads, scales, saves and unloads a Delta-Adapter on a pipeline with a `Flux2Transformer2DModel`.
 
     The pipeline gains three components (`delta_adapter`, `image_encoder`, `feature_extractor`) and, when the adapter
@@ -315,7 +302,7 @@ class DeltaAdapterMixin:
             if self._delta_original_processors is None:
                 self._delta_original_processors = dict(self.transformer.attn_processors)
                 self._delta_original_empty_prompt_embeds = self.empty_prompt_embeds
-            self.register_modules(
+            self._set_delta_components(
                 delta_adapter=incoming.adapter,
                 image_encoder=incoming.image_encoder,
                 feature_extractor=incoming.feature_extractor,
@@ -434,6 +421,72 @@ class DeltaAdapterMixin:
             kind = "double" if name.startswith("transformer_blocks.") else "single"
             processor.scale = scales[kind][int(name.split(".")[1])]
 
+    def _preprocess_queries(
+        self, image: ImageInput | list[ImageInput], height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Query images -> (B, 3, H, W) in [-1, 1]: resized to `height` x `width` when given (multiples of 16),
+        else sized as `Flux2KleinPipeline` sizes its reference image."""
+        queries = image if isinstance(image, list) else [image]
+        if not queries:
+            raise ValueError("image must be a query image or a non-empty list of them.")
+        multiple_of = self.vae_scale_factor * 2
+        if (height is None) != (width is None):
+            raise ValueError("Give both height and width (the output size), or neither (the query's size).")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (positive_int(value, name) % multiple_of):
+                raise ValueError(f"{name} must be a multiple of {multiple_of}, got {value}.")
+        fixed = self.config.get("image_size")
+        if height is not None and fixed is not None and (height, width) != (fixed, fixed):
+            raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
+        processed = []
+        for index, query in enumerate(queries):
+            name = f"query {index}" if len(queries) > 1 else "query"
+            rgb = to_rgb_image(query, name=name)
+            fixed = self.config.get("image_size")
+            if fixed is not None and rgb.size != (fixed, fixed):
+                raise ValueError(
+                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
+                    f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
+                )
+            self.image_processor.check_image_input(rgb)
+            if height is not None:  # the size asked for: the query is resized to it
+                processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
+                continue
+            if rgb.width * rgb.height > 1024 * 1024:
+                rgb = self.image_processor._resize_to_target_area(rgb, 1024 * 1024)
+            sized = (rgb.height // multiple_of) * multiple_of, (rgb.width // multiple_of) * multiple_of
+            processed.append(self.image_processor.preprocess(rgb, height=sized[0], width=sized[1], resize_mode="crop"))
+        sizes = {tuple(p.shape[-2:]) for p in processed}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
+                "size, or call the pipeline once per size."
+            )
+        return torch.cat(processed, dim=0)
+
+    def _prompt_embeds(
+        self, prompt: str, prompt_embeds: torch.Tensor | None, max_sequence_length: int, text_encoder_out_layers
+    ) -> torch.Tensor:
+        """(1, L, D_txt) prompt embeddings: given, stored for the empty prompt, or from the text encoder."""
+        if prompt_embeds is not None:
+            return prompt_embeds
+        if prompt == "" and self.empty_prompt_embeds is not None:
+            check_finite(self.empty_prompt_embeds, "pipe.empty_prompt_embeds")
+            return self.empty_prompt_embeds.to(self.transformer.dtype)
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose "
+                "folder has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
+            )
+        return self._get_qwen3_prompt_embeds(
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            prompt=prompt,
+            device=self._execution_device,
+            max_sequence_length=max_sequence_length,
+            hidden_states_layers=text_encoder_out_layers,
+        )
+
     @changes_the_adapter
     def unload_delta_adapter(self) -> None:
         """Removes the adapter, its LoRA and image encoder; restores the original processors and the empty prompt's
@@ -448,7 +501,19 @@ class DeltaAdapterMixin:
         self._delta_original_empty_prompt_embeds = None
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self._delta_image_encoder_loaded = False
-        self.register_modules(delta_adapter=None, image_encoder=None, feature_extractor=None)
+        self._set_delta_components(delta_adapter=None, image_encoder=None, feature_extractor=None)
+
+    def _set_delta_components(self, **modules) -> None:
+        """Registers the adapter's modules as components where the pipeline's `__init__` takes them (as
+        `FluxDeltaEditPipeline`'s does, so that they are saved and offloaded), and sets them as plain attributes on
+        a pipeline class that only added this mixin (diffusers' `components` would refuse unknown ones)."""
+        expected, optional = self._get_signature_keys(self)
+        declared = {name: module for name, module in modules.items() if name in set(expected) | set(optional)}
+        if declared:
+            self.register_modules(**declared)
+        for name, module in modules.items():
+            if name not in declared:
+                setattr(self, name, module)
 
     @torch.no_grad()
     def encode_exemplar(

@@ -18,7 +18,6 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
-from ..adaptation import DeltaAdaptationMixin
 from ..adapter_files import (
     EMPTY_PROMPT_EMBEDS_NAME,
     HUB_KWARGS,
@@ -29,10 +28,10 @@ from ..adapter_files import (
     read_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
-from ..checks import as_tensor, check_finite, finite_float, positive_int
+from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
 from ..hub import push_folder
-from ..image_inputs import ImageInput, to_rgb_image
+from ..image_inputs import ImageInput
 from ..latents import unpack_to_vae_latents
 from ..loaders import DeltaAdapterMixin, ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
@@ -102,7 +101,7 @@ _SHARED_ADAPTER_STATE = (
 )
 
 
-class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinPipeline):
+class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
     r"""Exemplar-based image editing with Delta-Adapter on FLUX.2 [klein].
 
     The query image rides as FLUX.2's reference image; the exemplar pair's semantic delta, turned into edit tokens by
@@ -293,35 +292,6 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
 
     # ------------------------------------------------------------------ inputs
 
-    def _preprocess_queries(self, image: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """Query images -> (B, 3, H, W) in [-1, 1], sized as `Flux2KleinPipeline` sizes its reference image."""
-        queries = image if isinstance(image, list) else [image]
-        if not queries:
-            raise ValueError("image must be a query image or a non-empty list of them.")
-        processed = []
-        for index, query in enumerate(queries):
-            name = f"query {index}" if len(queries) > 1 else "query"
-            rgb = to_rgb_image(query, name=name)
-            fixed = self.config.get("image_size")
-            if fixed is not None and rgb.size != (fixed, fixed):
-                raise ValueError(
-                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
-                    f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
-                )
-            self.image_processor.check_image_input(rgb)
-            if rgb.width * rgb.height > 1024 * 1024:
-                rgb = self.image_processor._resize_to_target_area(rgb, 1024 * 1024)
-            multiple_of = self.vae_scale_factor * 2
-            width, height = (rgb.width // multiple_of) * multiple_of, (rgb.height // multiple_of) * multiple_of
-            processed.append(self.image_processor.preprocess(rgb, height=height, width=width, resize_mode="crop"))
-        sizes = {tuple(p.shape[-2:]) for p in processed}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
-                "size, or call the pipeline once per size."
-            )
-        return torch.cat(processed, dim=0)
-
     def _edit_tokens(
         self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device
     ) -> torch.Tensor:
@@ -343,29 +313,6 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
             raise ValueError(f"delta_embeds has batch {delta_embeds.shape[0]}, expected 1 or {batch_size}.")
         return delta_embeds.to(device=device, dtype=self.delta_adapter.dtype)
 
-    def _prompt_embeds(
-        self, prompt: str, prompt_embeds: torch.Tensor | None, max_sequence_length: int, text_encoder_out_layers
-    ) -> torch.Tensor:
-        """(1, L, D_txt) prompt embeddings: given, stored for the empty prompt, or from the text encoder."""
-        if prompt_embeds is not None:
-            return prompt_embeds
-        if prompt == "" and self.empty_prompt_embeds is not None:
-            check_finite(self.empty_prompt_embeds, "pipe.empty_prompt_embeds")
-            return self.empty_prompt_embeds.to(self.transformer.dtype)
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError(
-                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose "
-                "folder has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
-            )
-        return self._get_qwen3_prompt_embeds(
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            prompt=prompt,
-            device=self._execution_device,
-            max_sequence_length=max_sequence_length,
-            hidden_states_layers=text_encoder_out_layers,
-        )
-
     # ------------------------------------------------------------------ call
 
     @one_call_at_a_time
@@ -378,6 +325,8 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         delta_embeds: torch.Tensor | None = None,
         delta_scale: float = 1.0,
         prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 4,
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
@@ -403,6 +352,9 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
             delta_embeds: (1 or B, N, D_edit) edit tokens from `encode_exemplar`, to edit many queries with one
                 encoding.
             delta_scale: edit strength; 0 gives the base model's output, 1 the trained strength.
+            height: the output's height (with `width`; multiples of 16): the query is resized to it. By default the
+                query's own size (its area capped at 1024², rounded down to multiples of 16), as klein sizes it.
+            width: the output's width (with `height`).
             prompt: an optional text prompt; Delta-Adapter is trained with the empty prompt.
             num_inference_steps: denoising steps (4 for the step-distilled klein).
             sigmas: custom sigmas for the scheduler.
@@ -454,7 +406,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, DeltaAdaptationMixin, Flux2KleinP
         device = self._execution_device
 
         # 2. Preprocess the queries
-        query_pixels = self._preprocess_queries(image)  # (B, 3, H, W) in [-1, 1]
+        query_pixels = self._preprocess_queries(image, height, width)  # (B, 3, H, W) in [-1, 1]
         batch_size = query_pixels.shape[0]
         total = batch_size * num_images_per_prompt
         height, width = query_pixels.shape[-2:]
