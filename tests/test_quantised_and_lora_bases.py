@@ -7,7 +7,7 @@ from diffusers import Flux2KleinPipeline
 from peft import LoraConfig
 
 from diffusers_delta import FluxDeltaEditPipeline, compute_empty_prompt_embeds
-from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_delta_pipeline, tiny_klein_components
+from diffusers_delta.testing import TEXT_KWARGS, random_image, tiny_delta_pipeline, tiny_klein_components
 
 
 QUERY, SOURCE, TARGET = random_image(0), random_image(1), random_image(2)
