@@ -146,3 +146,15 @@ def test_grid_titles_spell_arrows_and_times_in_ascii():
         return np.asarray(make_edit_grid([[image]], [label], cell_size=64, row_labels=[row_label]))
 
     assert np.array_equal(titled("red→blue", "scale ×0.5"), titled("red->blue", "scale x0.5"))
+
+
+def test_the_documentations_placeholder_adapter_is_named_as_such_at_once(run_cli, images, tmp_path):
+    import time
+
+    start = time.perf_counter()
+    code, _, err = run_cli(["edit", "--exemplar", images["source"], images["target"], "--query", images["query"],
+                            "--out", tmp_path / "x.png", "--base", "black-forest-labs/FLUX.2-klein-4B",
+                            "--adapter", "org/delta-adapter"])  # fmt: skip
+    assert code == 2 and time.perf_counter() - start < 2
+    assert re.match(r"error: --adapter: 'org/delta-adapter' is the documentation's placeholder.*no trained FLUX.2 "
+                    r"\[klein\] Delta-Adapter is published yet", err) and err.count("\n") == 1  # fmt: skip

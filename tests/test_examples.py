@@ -56,7 +56,7 @@ def test_errors_are_one_line_and_advise_only_what_the_script_offers(tmp_path, ca
     common = [part for flag in images for part in (flag, str(tmp_path / "image.png"))]
     common += ["--output", str(tmp_path / "edited.png"), "--device", "cpu"]
     capsys.readouterr()
-    for base, adapter in ((str(tmp_path / "base"), "org/delta-adapter"), ("org/klein", "org/delta-adapter")):
+    for base, adapter in ((str(tmp_path / "base"), "org/my-adapter"), ("org/klein", "org/my-adapter")):
         with pytest.raises(SystemExit) as exit_info:
             edit_with_exemplar.main(["--base", base, "--adapter", adapter, *common])
         lines = capsys.readouterr().err.splitlines()

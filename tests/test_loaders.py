@@ -96,11 +96,11 @@ def test_subfolder_and_hub_cache_resolution_offline(adapter_folder, bare_pipe, t
     """A repo id resolves through a cache laid out as huggingface_hub lays it out, with no network."""
     folder, expected = adapter_folder
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--org--delta-adapter"
+    repo = tmp_path / "hub" / "models--org--my-delta-adapter"
     shutil.copytree(folder, repo / "snapshots" / commit / "weights")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    bare_pipe.load_delta_adapter("org/delta-adapter", subfolder="weights", cache_dir=tmp_path / "hub")
+    bare_pipe.load_delta_adapter("org/my-delta-adapter", subfolder="weights", cache_dir=tmp_path / "hub")
     assert (edit(bare_pipe) == expected).all()
 
 
@@ -468,7 +468,7 @@ def test_an_unreachable_hub_is_named_as_such(bare_pipe, tmp_path, monkeypatch):
     assert hub_constants.HF_HUB_OFFLINE  # the suite runs offline
     before = snapshot(bare_pipe)
     with pytest.raises(OSError) as error:
-        bare_pipe.load_delta_adapter("org/delta-adapter", cache_dir=tmp_path)
+        bare_pipe.load_delta_adapter("org/my-delta-adapter", cache_dir=tmp_path)
     message = str(error.value)
     assert "HF_HUB_OFFLINE is set" in message and "Pass a local folder" in message
     assert "does not appear to have" not in message and "No Delta-Adapter" not in message
@@ -609,4 +609,11 @@ def test_a_broken_link_or_a_folder_in_place_of_the_weights_is_named(adapter_fold
     before = snapshot(bare_pipe)
     with pytest.raises(FileNotFoundError, match=message):
         bare_pipe.load_delta_adapter(folder)
+    assert_unchanged(bare_pipe, before)
+
+
+def test_the_documentations_placeholder_id_is_refused_without_asking_the_hub(bare_pipe):
+    before = snapshot(bare_pipe)
+    with pytest.raises(FileNotFoundError, match="placeholder, not a published adapter.*train_delta_adapter.py"):
+        bare_pipe.load_delta_adapter("org/delta-adapter")
     assert_unchanged(bare_pipe, before)

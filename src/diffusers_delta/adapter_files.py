@@ -124,6 +124,11 @@ def _hub_error(repo_id: str, filename: str, error: Exception, local_files_only: 
     return OSError(f"Could not download {filename} of {repo_id!r}: {error}")
 
 
+#: The adapter id the documentation's commands and snippets use: a placeholder, since no trained FLUX.2 [klein]
+#: Delta-Adapter is published yet.
+PLACEHOLDER_ADAPTER_ID = "org/delta-adapter"
+
+
 def _inside_the_adapter(name: str, what: str) -> str:
     """`name` (a file or subfolder name, '/'-separated) when it stays inside the adapter's folder or repo."""
     parts = name.replace("\\", "/").split("/")
@@ -164,6 +169,12 @@ class AdapterLocation:
             if not location.folder.is_dir():
                 raise FileNotFoundError(f"{str(source)!r} has no subfolder {subfolder!r}.")
             return location
+        if str(source) == PLACEHOLDER_ADAPTER_ID:
+            raise FileNotFoundError(
+                f"{PLACEHOLDER_ADAPTER_ID!r} is the documentation's placeholder, not a published adapter: no trained "
+                "FLUX.2 [klein] Delta-Adapter is published yet. Train one with examples/train_delta_adapter.py (or "
+                "use one you have), and pass its folder or Hub id."
+            )
         try:
             if isinstance(source, os.PathLike) or is_filesystem_path(str(source)):
                 raise HFValidationError("a path")
