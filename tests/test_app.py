@@ -159,3 +159,23 @@ def test_the_toy_examples_are_drawn_once_and_reused_by_every_launch(tmp_path, mo
     unchanged = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     build_app(text_free_pipeline(), toy_examples=True)
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == unchanged  # complete: reused as is
+
+
+def test_the_page_says_which_model_it_serves_and_what_it_knows(model_dir):
+    from diffusers_delta.app import describe_model
+
+    toy = describe_model(None, None)
+    assert "toy-world model" in toy and "64x64" in toy and "photos come out as noise" in toy
+    assert all(edit in toy for edit in (*toyworld.SEEN_EDITS, *toyworld.UNSEEN_EDITS))
+    real = describe_model("black-forest-labs/FLUX.2-klein-4B", "me/my-adapter")
+    assert "`black-forest-labs/FLUX.2-klein-4B`" in real and "`me/my-adapter`" in real and "64x64" in real
+    app = build_app(text_free_pipeline(), about=toy)
+    shown = [c["props"].get("value") for c in app.config["components"] if c["type"] == "markdown"]
+    assert toy in shown
+
+
+def test_a_query_too_small_for_the_toy_model_gets_the_librarys_message(model_dir):
+    editor = ExemplarEditor(toyworld.load_pipeline(model_dir))
+    source, target = toyworld.make_pair("flip", 1)
+    with pytest.raises(ValueError, match=r"query is 1x1 pixels; both sides must be at least 64"):
+        editor.edit(source, target, [PIL.Image.new("RGB", (1, 1))])

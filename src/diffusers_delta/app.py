@@ -88,7 +88,7 @@ class ExemplarEditor:
             adapt_steps: test-time adaptation steps on the exemplar first (0: none); the adapter is restored after.
         """
         image_size = self.pipe.config.get("image_size")
-        source, target = fit_to_model_size(image_size, [source, target])
+        source, target = fit_to_model_size(image_size, [source, target], ["exemplar source", "exemplar target"])
         if adapt_steps:
             generator = torch.Generator().manual_seed(seed)
             with self.pipe.adapted_to_exemplar(source, target, num_steps=int(adapt_steps), generator=generator):
@@ -99,7 +99,7 @@ class ExemplarEditor:
     def _edit_queries(self, delta_embeds, queries, strength, steps, seed) -> list[PIL.Image.Image]:
         outputs = []
         for query in queries:
-            (fitted,) = fit_to_model_size(self.pipe.config.get("image_size"), [query])
+            (fitted,) = fit_to_model_size(self.pipe.config.get("image_size"), [query], ["query"])
             output = self.pipe(
                 fitted,
                 delta_embeds=delta_embeds,
@@ -139,13 +139,39 @@ def _toy_examples() -> list[list]:
     return rows
 
 
-def build_app(pipe, title: str = "Delta-Adapter: edit by example", toy_examples: bool = False) -> gr.Blocks:
+def describe_model(base: str | None, adapter: str | None) -> str:
+    """What the page says of the model it serves: which one, what it knows, the sizes it takes (markdown).
+
+    Args:
+        base: the base model's Hub id or folder, or None for the embedded toy model.
+        adapter: the adapter's Hub id or folder (with the toy model: None for its own).
+    """
+    if base is None:
+        from . import toyworld
+
+        served = "the embedded toy-world model" + (f", with the adapter `{adapter}`" if adapter else "")
+        return (
+            f"**Model: {served}** (offline, on the CPU). It knows only {toyworld.IMAGE_SIZE}x{toyworld.IMAGE_SIZE} "
+            "synthetic scenes of flat shapes: other images are resized to that size and back, and photos come out "
+            f"as noise. Its adapter trained on the edits {', '.join(toyworld.SEEN_EDITS)}; "
+            f"{', '.join(toyworld.UNSEEN_EDITS)} it never saw (the README measures each). Try the examples below."
+        )
+    return (
+        f"**Model:** FLUX.2 [klein] `{base}` with the Delta-Adapter `{adapter}`. Queries from 64x64 pixels up, edited "
+        "at their own size (areas over 1024x1024 are scaled down; sides are rounded down to multiples of 16)."
+    )
+
+
+def build_app(
+    pipe, title: str = "Delta-Adapter: edit by example", toy_examples: bool = False, about: str | None = None
+) -> gr.Blocks:
     """The app's page for one pipeline.
 
     Args:
         pipe: a `FluxDeltaEditPipeline` with its Delta-Adapter loaded.
         title: the page's heading.
         toy_examples: show ready-made toy-world examples (for the toy model).
+        about: what the page says of the model (`describe_model`), under the heading.
 
     Returns:
         The `gr.Blocks`; its edit event is the API endpoint `/edit`.
@@ -170,6 +196,8 @@ def build_app(pipe, title: str = "Delta-Adapter: edit by example", toy_examples:
             f"# {title}\nUpload a pair of images that shows an edit (before, after) and the images to edit the same "
             "way. No text: the exemplar says what to do."
         )
+        if about:
+            gr.Markdown(about, elem_id="about")
         with gr.Row():
             source = gr.Image(label="Exemplar source (before)", type="pil", image_mode="RGB", height=300,
                               elem_id="source")  # fmt: skip

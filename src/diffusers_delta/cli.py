@@ -104,13 +104,17 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
-def _fit_to_model(pipe, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
-    """For a model that knows one image size only (the toy model), the images resized to it, saying so."""
-    fitted = fit_to_model_size(pipe.config.get("image_size"), images)
+def _fit_to_model(pipe, images: list[PIL.Image.Image], names: list[str], back_to=None) -> list[PIL.Image.Image]:
+    """For a model that knows one image size only (the toy model), the images resized to it, saying so once (and
+    that the output goes back to `back_to`'s size, when given)."""
+    fitted = fit_to_model_size(pipe.config.get("image_size"), images, names)
     if fitted is not images:
         side = pipe.config.image_size
         sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
-        print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}.",
+        back = f", and the output back to {back_to.width}x{back_to.height}" if back_to is not None else ""
+        if back_to is not None and back_to.size == (side, side):
+            back = ""
+        print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}{back}.",
               file=sys.stderr)  # fmt: skip
     return fitted
 
@@ -128,7 +132,10 @@ def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.devi
     from .pipelines import FluxDeltaEditPipeline
 
     if base is None:
-        print("No --base given: using the embedded toy-world model (64x64 scenes).", file=sys.stderr)
+        model = "the embedded toy-world model (64x64 scenes)"
+        if adapter:
+            model = f"the embedded toy-world model's base (64x64 scenes) with the adapter {adapter}"
+        print(f"No --base given: using {model}.", file=sys.stderr)
         pipe = toyworld.load_pipeline()
         if adapter:
             pipe.load_delta_adapter(adapter)
@@ -183,7 +190,13 @@ def _edit(args: argparse.Namespace) -> None:
     pipe.set_progress_bar_config(disable=True)
 
     # 3. Encode the exemplar once (at the model's size, when it knows only one), adapting to it first if asked
-    source, target = _fit_to_model(pipe, [source, target])
+    side = pipe.config.get("image_size")
+    if args.queries is not None:  # the folder's own line says the queries are resized
+        source, target = fit_to_model_size(side, [source, target], ["exemplar source", "exemplar target"])
+    else:
+        source, target, fitted_query = _fit_to_model(
+            pipe, [source, target, query], ["exemplar source", "exemplar target", "query"], back_to=query
+        )
     if args.adapt_steps:
         result = pipe.adapt_to_exemplar(source, target, num_steps=args.adapt_steps,
                                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
@@ -192,12 +205,12 @@ def _edit(args: argparse.Namespace) -> None:
 
     # 4. Edit, and write back at each query's size
     if args.queries is not None:
-        side = pipe.config.get("image_size")
         if side is not None and state.is_main_process:
-            print(f"This model edits {side}x{side} images only: queries are resized to it, and back.", file=sys.stderr)
+            print(f"This model edits {side}x{side} images only: the exemplar and the queries are resized to it, and "
+                  "the outputs back.", file=sys.stderr)  # fmt: skip
         start = time.perf_counter()
         done = edit_folder(pipe, delta_embeds, args.queries, out, batch_size=args.batch_size, seed=args.seed,
-                           fit=lambda images: fit_to_model_size(side, images), state=state,
+                           fit=lambda images: fit_to_model_size(side, images, ["query"] * len(images)), state=state,
                            strict=args.strict)  # fmt: skip
         seconds = time.perf_counter() - start  # every process has finished: edit_folder waits for them all
         counts = gather_object([len(done.edited)])  # one per process
@@ -218,24 +231,22 @@ def _edit(args: argparse.Namespace) -> None:
                 "other output is written. Replace or remove them and run again (--strict stops at the first one)."
             )
         return
-    (fitted_query,) = _fit_to_model(pipe, [query])
     generator = torch.Generator().manual_seed(args.seed)
     edited = pipe(fitted_query, delta_embeds=delta_embeds, generator=generator).images[0]
-    if fitted_query is not query:
+    if edited.size != query.size:
         edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
-        print(f"Resized the output back to {query.width}x{query.height}.", file=sys.stderr)
     write_image_atomically(edited, out)
     print(f"Wrote {out}")
 
 
 def _app(args: argparse.Namespace) -> None:
     try:
-        from .app import build_app
+        from .app import build_app, describe_model
     except ImportError as error:
         raise UsageError(str(error)) from None
     _check_model_sources(args)
     pipe = load_edit_pipeline(args.base, args.adapter, device="cuda" if torch.cuda.is_available() else None)
-    app = build_app(pipe, toy_examples=args.base is None)
+    app = build_app(pipe, toy_examples=args.base is None, about=describe_model(args.base, args.adapter))
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

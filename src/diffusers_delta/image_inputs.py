@@ -6,6 +6,7 @@ bit depths and sizes are handled in one place and bad input fails early with an 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Union
 
@@ -134,17 +135,25 @@ def pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def fit_to_model_size(image_size: int | None, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
+def fit_to_model_size(
+    image_size: int | None, images: list[PIL.Image.Image], names: Sequence[str] | None = None
+) -> list[PIL.Image.Image]:
     """For a model that knows one image size only (a pipeline's `config.image_size`, as the toy model's 64), the
-    images in RGB (alpha over white) resized to it (bicubic); for any other model, the images as they are.
+    images in RGB (alpha over white) resized to it (bicubic); for any other model, the images as they are. An image
+    too small for any model (a side under `MIN_SIDE_LENGTH`) is refused, not blown up.
 
     Args:
         image_size: the model's one image side, or None.
         images: PIL images.
+        names: what each image is, for error messages (default: "image").
     """
     if image_size is None or all(image.size == (image_size, image_size) for image in images):
         return images
-    return [_pil_to_rgb(image).resize((image_size, image_size), PIL.Image.Resampling.BICUBIC) for image in images]
+    names = names or ["image"] * len(images)
+    return [
+        to_rgb_image(image, name=name).resize((image_size, image_size), PIL.Image.Resampling.BICUBIC)
+        for image, name in zip(images, names)
+    ]
 
 
 #: EXIF orientations that turn the stored picture a quarter turn: its displayed width and height are swapped.
