@@ -606,8 +606,9 @@ def main(args: argparse.Namespace) -> None:
             ).repo_id
         train(args, accelerator)
     finally:
-        if lock is not None:
-            lock.close()  # releases the lock
+        if lock is not None:  # removed while still held (no later run can take a stale one), then released
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
 
 
 def hold_output_dir(accelerator: Accelerator, output_dir: str):

@@ -2,6 +2,7 @@ import re
 
 import PIL.Image
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -96,8 +97,10 @@ def test_a_card_runs_as_written_on_local_folders_and_names_no_local_path(delta_p
     delta_pipe.save_delta_adapter(tmp_path / "my-adapter", model_card=card)
 
     snippet = _python_block(card.text)
-    assert 'BASE = "path/to/klein-base"' in snippet and 'ADAPTER = "my-adapter"' in snippet
-    snippet = snippet.replace("path/to/klein-base", str(base)).replace('"my-adapter"', f'"{tmp_path / "my-adapter"}"')
+    assert 'BASE = "path/to/klein-base"' in snippet and 'ADAPTER = "path/to/my-adapter"' in snippet
+    assert "was a local folder, klein-base: put its path here" in snippet and "folder my-adapter: put" in snippet
+    snippet = snippet.replace("path/to/klein-base", str(base))
+    snippet = snippet.replace("path/to/my-adapter", str(tmp_path / "my-adapter"))
     for name, seed in (("before", 1), ("after", 2), ("query", 0)):
         random_image(seed).save(tmp_path / f"{name}.png")
     monkeypatch.chdir(tmp_path)
@@ -114,3 +117,23 @@ def test_the_shipped_toy_adapter_card_loads_what_ships():
     namespace = {}
     exec(compile(_python_block(card.text).replace('edited.save("edited.png")', ""), "toy-card", "exec"), namespace)
     assert namespace["edited"].size == (64, 64)
+
+
+def test_every_saved_adapter_carries_a_card_the_hub_accepts(delta_pipe, tmp_path, caplog):
+    """Without a repo id or a card: a card all the same, titled by the adapter and its base, licence fields the Hub
+    accepts (none for an unknown local base: the text names the base's licence), and no spurious warning."""
+    randomize_(delta_pipe.delta_adapter)
+    delta_pipe.save_delta_adapter(tmp_path / "my-adapter")
+    card = ModelCard.load(tmp_path / "my-adapter" / "README.md")
+    assert card.text.lstrip().startswith("# my-adapter: a Delta-Adapter for a FLUX.2 [klein] base")
+    data = card.data.to_dict()
+    assert "license" not in data and "whose licence applies to it" in card.text
+    compile(_python_block(card.text), "card-snippet", "exec")
+    other = render_model_card(tiny_adapter(tiny_transformer()), repo_id="me/a", base_model="someone/klein-tuned",
+                              image_encoder="e").data.to_dict()  # fmt: skip
+    assert other["license"] == "other" and other["license_name"] and other["license_link"].endswith("klein-tuned")
+    pipe = FluxDeltaEditPipeline.from_pipe(delta_pipe).to(torch.bfloat16)  # (diffusers' own warning, for klein)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pipe.load_delta_adapter(tmp_path / "my-adapter")  # the float32 adapter cast to bfloat16, quietly
+    assert pipe.delta_adapter.dtype == torch.bfloat16 and "should be kept in float32" not in caplog.text

@@ -79,6 +79,7 @@ def assert_unchanged(pipe, before):
 def test_folder_round_trip_loads_encoder_embeds_and_identical_weights(adapter_folder, bare_pipe, delta_pipe):
     folder, expected = adapter_folder
     assert {p.name for p in folder.iterdir()} == {
+        "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "image_encoder",

@@ -113,6 +113,7 @@ def test_a_saved_folder_holds_exactly_what_was_saved(trained_pipe, tmp_path):
     trained_pipe.empty_prompt_embeds = None
     trained_pipe.save_delta_adapter(folder, save_image_encoder=False)
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",  # a card of its own, rendered
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "notes.txt",

@@ -384,6 +384,7 @@ def test_a_second_job_on_the_same_output_dir_is_refused(folders, tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [".training.lock"]  # nothing written beside it
     train_delta_adapter.main(train_delta_adapter.parse_args(train))  # the folder is free again
     assert summary(tmp_path)["global_step"] == 1
+    assert not (tmp_path / ".training.lock").exists()  # a finished run leaves no lock in the released folder
 
 
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(folders, tmp_path, monkeypatch):

@@ -48,17 +48,24 @@ def is_hub_repo_id(name: str) -> bool:
     return True
 
 
-def license_metadata(base_model: str, license: str | None) -> dict:
-    """The card's licence fields: the one given, or the base model's (`other` when the base is not a known one)."""
+def license_metadata(base_model: str | None, license: str | None) -> dict:
+    """The card's licence fields, as the Hub accepts them: the one given; else the base model's when it is a known
+    one; else, for another base on the Hub, `other` with a name and a link to that base; else none (an unknown local
+    base: the card's text says the base's licence applies)."""
     if license is not None:
         return {"license": license}
-    return dict(BASE_MODEL_LICENSES.get(base_model, {"license": "other"}))
+    if base_model in BASE_MODEL_LICENSES:
+        return dict(BASE_MODEL_LICENSES[base_model])
+    if base_model and is_hub_repo_id(base_model):
+        return {"license": "other", "license_name": "base-model-license",
+                "license_link": f"https://huggingface.co/{base_model}"}  # fmt: skip
+    return {}
 
 
 def render_model_card(
     adapter: DeltaAdapterModel,
     repo_id: str,
-    base_model: str,
+    base_model: str | None,
     image_encoder: str,
     license: str | None = None,
     datasets: list[str] | None = None,
@@ -69,13 +76,15 @@ def render_model_card(
     tags: list[str] | None = None,
     toyworld: bool = False,
 ) -> ModelCard:
-    """The model card of a Delta-Adapter. Names of folders on the training machine never enter it: a local base or
-    image encoder is named by its folder's name only, and the snippet then asks for the path.
+    """The model card of a Delta-Adapter. Names of folders on the training machine never enter it: a local base,
+    adapter or image encoder is named by its folder's name only, and the snippet then has a line that says what
+    path to put there (a Hub base or adapter is loaded as it is, and the snippet runs as written).
 
     Args:
         adapter: the adapter (its config and size go into the card).
-        repo_id: the Hub repo the card's usage snippet loads (`"org/name"`), or the adapter folder's name.
-        base_model: the FLUX.2 [klein] checkpoint it was trained for (Hub id or folder).
+        repo_id: the Hub repo the card's usage snippet loads (`"org/name"`), or the adapter's folder.
+        base_model: the FLUX.2 [klein] checkpoint it was trained for (Hub id or folder), or None when unknown (the
+            snippet then has a placeholder line that says what to put there).
         image_encoder: the SigLIP checkpoint it reads exemplars with (Hub id or folder).
         license: the adapter's licence; by default the base model's (see `BASE_MODEL_LICENSES`).
         datasets: Hub datasets it was trained on.
@@ -86,14 +95,14 @@ def render_model_card(
         tags: extra tags.
         toyworld: the adapter of the toy world's embedded model: the snippet loads it with `toyworld.load_pipeline()`.
     """
-    base_on_hub = is_hub_repo_id(base_model)
+    base_on_hub = base_model is not None and is_hub_repo_id(base_model)
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         base_model=base_model if base_on_hub else None,
         pipeline_tag="image-to-image",
         datasets=datasets or None,
         tags=DEFAULT_TAGS + [tag for tag in (tags or []) if tag not in DEFAULT_TAGS],
-        **license_metadata(base_model if base_on_hub else "", license),
+        **license_metadata(base_model if base_on_hub else None, license),
     )
     if base_on_hub:
         card_data.base_model_relation = "adapter"
@@ -112,9 +121,13 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        repo_id=shown(repo_id),
-        base_model=shown(base_model),
+        repo_id=repo_id,
+        adapter_on_hub=is_hub_repo_id(repo_id),
+        adapter_name=shown(repo_id),
+        base_model=shown(base_model) if base_model else "a FLUX.2 [klein] base",
+        base_known=base_model is not None,
         base_on_hub=base_on_hub,
+        licensed=bool(card_data.license),
         image_encoder=shown(image_encoder),
         num_edit_tokens=adapter.config.num_edit_tokens,
         edit_token_dim=adapter.config.edit_token_dim,

@@ -559,9 +559,9 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         commit_message: str | None = None,
     ) -> None:
         """Writes the adapter in the layout `load_delta_adapter` reads (safetensors only): its weights, its LoRA
-        (with rank, alpha and targets), the image encoder and the empty prompt's embeddings, with a model card when
-        one is given, the folder is pushed or named by `repo_id`, or the adapter was adapted at test time (the card
-        then says so). The write is atomic: the folder then holds exactly what was saved, and a failed save leaves
+        (with rank, alpha and targets), the image encoder and the empty prompt's embeddings, and a model card (the
+        one given, or one rendered whose snippet loads this folder or `repo_id`; it says when the adapter was adapted
+        at test time). The write is atomic: the folder then holds exactly what was saved, and a failed save leaves
         it exactly as it was.
 
         Args:
@@ -569,8 +569,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             save_image_encoder: also write `image_encoder/` (with its preprocessing config), so the folder is
                 self-contained.
             model_card: a `huggingface_hub.ModelCard` to write as `README.md` (see `hub.render_model_card`).
-            repo_id: the Hub repo to push to and that the rendered card's snippet loads (defaults to the folder's
-                name).
+            repo_id: the Hub repo to push to and that the rendered card's snippet loads (defaults to the folder).
             base_model: the base checkpoint named in a rendered card (defaults to the pipeline's own).
             is_main_process: whether this process writes (pass `accelerator.is_main_process` under distributed runs).
             push_to_hub: also upload the folder to the Hub repo `repo_id` (created if needed).
@@ -580,15 +579,14 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         """
         adapter = self._require_delta_adapter()
         check_save_directory(save_directory)
-        folder_name = os.path.basename(os.path.normpath(os.fspath(save_directory)))
-        if model_card is None and (push_to_hub or repo_id is not None or self._delta_adaptation is not None):
+        if model_card is None:  # every saved folder carries a card whose snippet loads it
             base_model = base_model or self.name_or_path or self.transformer.config.get("_name_or_path")
-            if not base_model:
+            if not base_model and (push_to_hub or repo_id is not None):
                 raise ValueError("This pipeline was not loaded from a checkpoint: pass base_model= for the card.")
             model_card = render_model_card(
                 adapter,
-                repo_id=repo_id or folder_name,
-                base_model=str(base_model),
+                repo_id=repo_id or os.fspath(save_directory),
+                base_model=str(base_model) if base_model else None,
                 image_encoder=str(self.image_encoder.name_or_path or "SigLIP"),
                 adaptation=self._delta_adaptation,
             )
@@ -613,7 +611,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         if push_to_hub:
             push_folder(
                 save_directory,
-                repo_id or folder_name,
+                repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory))),
                 token=token,
                 private=private,
                 commit_message=commit_message or "Upload Delta-Adapter",

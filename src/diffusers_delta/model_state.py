@@ -9,7 +9,11 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device 
     """Moves a model, casting only when the dtype differs (diffusers warns on every cast through `to()`)."""
     cast = {} if model.dtype == dtype else {"dtype": dtype}
     if device is not None or cast:
-        model.to(device=device, **cast)
+        if cast and not getattr(model, "_keep_in_fp32_modules", None):
+            # diffusers' `to()` warns of modules to keep in float32 on every cast, even when there are none
+            torch.nn.Module.to(model, device=device, **cast)
+        else:
+            model.to(device=device, **cast)
 
 
 def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
