@@ -5,8 +5,8 @@
 The model is the `SMALL` CPU configuration of `diffusers_delta.testing` (random weights, 256x256 images, 4 steps),
 saved as a model folder; the queries are random 256x256 images. Every measurement is the command's own timing of
 its editing (model loading excluded), and every configuration runs `--rounds` times, interleaved, so the machine's
-drift hits them all alike; medians are printed. The 1-process runs use every core (torch's threads); the 2-process
-runs split the cores, one thread each on a 2-core machine, as `accelerate launch` leaves them.
+drift hits them all alike; medians are printed. Threads are the command's own choice (`cli.cpu_threads`: one per
+process for a model this small), and for batch 4 also every core and one thread, set by OMP_NUM_THREADS.
 
     python benchmarks/folder_edit.py [--images 16] [--rounds 2]
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from diffusers_delta.testing import SMALL, free_port, random_image, save_tiny_toy_model
 
 
-def images_per_second(work: Path, batch_size: int, processes: int) -> float:
+def images_per_second(work: Path, batch_size: int, processes: int, threads: int | None = None) -> float:
     """One run of the command on a fresh output folder: the images per second it reports."""
     out = Path(tempfile.mkdtemp(dir=work, prefix="out-"))
     command = [
@@ -33,12 +33,14 @@ def images_per_second(work: Path, batch_size: int, processes: int) -> float:
         "--out", str(out), "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"),
         "--batch-size", str(batch_size),
     ]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    environment["HF_HUB_OFFLINE"] = "1"
+    if threads is not None:  # else the command's own choice (cli.cpu_threads)
+        environment["OMP_NUM_THREADS"] = str(threads)
     if processes == 1:
         launcher = [sys.executable, "-m", "diffusers_delta.cli"]
     else:
-        threads = max(1, (os.cpu_count() or processes) // processes)
-        environment.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=str(threads))
+        environment.update(ACCELERATE_USE_CPU="true")
         launcher = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -66,11 +68,16 @@ def main() -> None:
         for index in range(args.images):
             random_image(100 + index, size).save(work / "queries" / f"{index:04d}.png")
 
-        configurations = {"batch 1": (1, 1), "batch 4": (4, 1), "batch 16": (16, 1), "batch 4, 2 processes": (4, 2)}
+        cores = os.cpu_count() or 1
+        configurations = {  # (batch, processes, threads per process: None for the command's own choice)
+            "batch 1": (1, 1, None), "batch 4": (4, 1, None), "batch 16": (16, 1, None),
+            "batch 4, 2 processes": (4, 2, None), f"batch 4, {cores} threads": (4, 1, cores),
+            "batch 4, 1 thread": (4, 1, 1),
+        }  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in configurations}
         for _ in range(args.rounds):
-            for name, (batch_size, processes) in configurations.items():
-                rates[name].append(images_per_second(work, batch_size, processes))
+            for name, (batch_size, processes, threads) in configurations.items():
+                rates[name].append(images_per_second(work, batch_size, processes, threads))
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"{args.images} queries of {size[0]}x{size[1]}, SMALL model, 4 steps, {os.cpu_count()} cores; medians of "
