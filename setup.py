@@ -32,7 +32,6 @@ extras_require = {
         "gradio>=6.31.0",
         "gradio_client>=2.7.2",
         "selenium>=4.51.0",  # the opt-in browser test (-m browser), with Debian's chromium and chromium-driver
-        "torchao>=0.18.0",  # a quantised klein (int8 weight-only) beside the adapter
     ],
 }
 

@@ -26,7 +26,11 @@ def klein(pipe):
 
 
 def test_an_int8_weight_only_transformer_edits_adapts_and_keeps_scale_0_exact():
-    quantization = pytest.importorskip("torchao.quantization", reason="torchao is in the test extra")
+    quantization = pytest.importorskip(
+        "torchao.quantization",
+        reason="pip install torchao to run it (not in the test extra: beside torch's CPU build, torchao 0.18 prints "
+        "library-load warnings at every import of diffusers)",
+    )
     pipe = tiny_delta_pipeline(adapter_std=0.3)
     quantization.quantize_(pipe.transformer, quantization.Int8WeightOnlyConfig())
     assert "Int8" in type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__
