@@ -12,9 +12,11 @@ family on `--queries` held-out queries (each with its own exemplar pair; mean ab
     3-4. delta (k)      the paper's adapter (semantic delta, consistency loss), trained on the first k of
                         `--families` for each k of `--family_counts`: does competition between families explain a
                         shortfall?
+    7. source + delta   outside the paper, a measurement only: the exemplar source's layer-normed SigLIP tokens
+                        beside the delta, as the adapter's input (what does the delta alone lose?)
 
-Rungs 5 and 7 are flags of the same script: `--num_edit_tokens`, `--resampler_depth` (more edit tokens, a deeper
-resampler); rung 6 is `--image_encoder` (another SigLIP stand-in). Adapters train as the build trains its own (batch
+Rungs 5 and 6 are flags of the same script: `--num_edit_tokens`, `--resampler_depth` (more edit tokens, a deeper
+resampler) and `--image_encoder` (another SigLIP stand-in). Adapters train as the build trains its own (batch
 16, AdamW 1e-3, cosine schedule, logit-normal timesteps, λ_delta = 1; the oracle without the consistency loss), on
 `--pairs_per_family` pairs per family encoded once, each batch drawing families evenly.
 
@@ -40,7 +42,13 @@ from transformers import SiglipVisionModel
 from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline
 from diffusers_delta.latents import encode_latents
 from diffusers_delta.losses import loss_weighting, sample_sigmas
-from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
+from diffusers_delta.semantic_delta import (
+    SiglipPreprocessor,
+    delta_from_features,
+    images_to_siglip_pixels,
+    patch_features,
+    token_layer_norm,
+)
 from diffusers_delta.toyworld import IMAGE_SIZE, changed_pair, instruction_vector, render_batch, split_edits
 from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
@@ -52,7 +60,7 @@ import toyworld2_quality  # noqa: E402
 from toyworld2_quality import gap, ratios_to_told  # noqa: E402
 
 
-RUNGS = ("told", "oracle", "delta")
+RUNGS = ("told", "oracle", "delta", "source")
 TOLD = "1 told base"
 TRAIN_SEED_BASE = 20_000_000  # far from the benchmark's query and exemplar seeds
 
@@ -105,9 +113,17 @@ class EncodedPairs:
         ])  # fmt: skip
 
 
-def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], oracle: bool, args):
-    """Trains a fresh adapter on `families` with the base frozen; returns it and, for the oracle, its codes
-    (E, P, D_enc), one per S1 edit."""
+def source_and_delta(source_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
+    """Rung 7's adapter input: the semantic delta and the source's layer-normed tokens, (B, 2P, D) float32."""
+    delta = delta_from_features(source_features.float(), target_features.float())  # (B, P, D)
+    return torch.cat([delta, token_layer_norm(source_features.float())], dim=1)
+
+
+def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], kind: str, args):
+    """Trains a fresh adapter on `families` with the base frozen, fed the semantic delta (`kind` "delta"), a learned
+    code per S1 edit ("oracle") or the delta beside the source's tokens ("source"); returns it and, for the oracle,
+    its codes (E, P, D_enc)."""
+    oracle = kind == "oracle"
     torch.manual_seed(args.seed)
     base_processors = pipe.transformer.attn_processors
     adapter = DeltaAdapterModel.from_transformer(
@@ -139,7 +155,8 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
         losses = objective(
             data.source_latents[rows], data.target_latents[rows], data.source_features[rows],
             data.target_features[rows], noise, sigmas, loss_weights=loss_weighting("logit_normal", sigmas),
-            delta=codes[data.edit_ids[rows]] if oracle else None,
+            delta={"oracle": lambda: codes[data.edit_ids[rows]], "delta": lambda: None,
+                   "source": lambda: source_and_delta(data.source_features[rows], data.target_features[rows])}[kind](),
         )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -150,15 +167,24 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
     return adapter.eval().requires_grad_(False), None if codes is None else codes.detach()
 
 
-def oracle_run(pipe, adapter, codes: torch.Tensor, cases, edit_index: dict) -> float:
-    """Mean error of the cases edited with their edit's oracle code in place of an exemplar."""
+def run_with_inputs(pipe, adapter, cases, adapter_input) -> float:
+    """Mean error of the cases edited with the edit tokens the adapter makes of `adapter_input(case)` (1, P', D)."""
     errors = []
     for index, case in enumerate(cases):
         with torch.no_grad():
-            tokens = adapter(codes[edit_index[case.edit.name]][None])  # (1, N, D_edit)
+            tokens = adapter(adapter_input(case).to(adapter.dtype))  # (1, N, D_edit)
         output = pipe(case.query, delta_embeds=tokens, generator=torch.Generator().manual_seed(index)).images[0]
         errors.append(toyworld2_quality.mae(output, case.truth))
     return statistics.mean(errors)
+
+
+@torch.no_grad()
+def exemplar_features(pipe, case) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP patch features of a case's first exemplar, as `encode_exemplar` computes them: (1, P, D) each."""
+    preprocessor = SiglipPreprocessor.from_feature_extractor(pipe.feature_extractor)
+    source, target = case.exemplars[0]
+    pixels = torch.cat([images_to_siglip_pixels([image], preprocessor, "exemplar") for image in (source, target)])
+    return patch_features(pipe.image_encoder, pixels).chunk(2)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,23 +235,27 @@ def main(argv: list[str] | None = None) -> dict:
             table[family][TOLD] = told_run(pipe, cases[family], told)
     data = EncodedPairs(pipe, image_encoder, args.families, args.pairs_per_family, args.seed)
     edit_index = {edit.name: index for index, edit in enumerate(data.edits)}
-    trainings = ([("2 oracle", args.families, True)] if "oracle" in args.rungs else []) + (
-        [(f"3 delta ({k} famil{'y' if k == 1 else 'ies'})", args.families[:k], False) for k in counts]
-        if "delta" in args.rungs
-        else []
-    )
+    # (name, families, adapter input): the paper's rung on every family first, then what explains it
+    delta_rungs = [(f"3 delta ({k} famil{'y' if k == 1 else 'ies'})", args.families[:k], "delta")
+                   for k in sorted(counts, reverse=True)] if "delta" in args.rungs else []  # fmt: skip
+    trainings = delta_rungs[:1] + ([("2 oracle", args.families, "oracle")] if "oracle" in args.rungs else [])
+    trainings += delta_rungs[1:] + ([("7 source + delta", args.families, "source")] if "source" in args.rungs else [])
     with tempfile.TemporaryDirectory() as scratch:
-        for name, families, oracle in trainings:
+        for name, families, kind in trainings:
             start = time.perf_counter()
-            adapter, codes = train_adapter(pipe, image_encoder, data, families, oracle, args)
+            adapter, codes = train_adapter(pipe, image_encoder, data, families, kind, args)
             folder = Path(scratch) / name.replace(" ", "_")
             adapter.save_pretrained(folder)
             pipe.load_delta_adapter(folder, image_encoder_folder=str(args.image_encoder or work / "siglip"))
+            inputs = {
+                "oracle": lambda case: codes[edit_index[case.edit.name]][None],
+                "source": lambda case: source_and_delta(*exemplar_features(pipe, case)),
+            }
             for family in families:
-                if oracle:
-                    table[family][name] = oracle_run(pipe, pipe.delta_adapter, codes, cases[family], edit_index)
-                else:
+                if kind == "delta":  # through the pipeline's own exemplar encoding
                     table[family][name], _ = toyworld2_quality.run(pipe, cases[family])
+                else:
+                    table[family][name] = run_with_inputs(pipe, pipe.delta_adapter, cases[family], inputs[kind])
             pipe.unload_delta_adapter()
             print(f"{name}: trained {args.steps} steps in {time.perf_counter() - start:.0f} s, " + ", ".join(
                 f"{family} {gap(table[family], name):+.2f}" for family in families), flush=True)  # fmt: skip

@@ -290,13 +290,15 @@ def test_the_goals_ratio_counts_only_families_the_told_base_makes():
 
 
 def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
-    """Rungs 1-4 on a tiny build: the told base, the oracle and the delta adapter on one and on two families, each
-    measured on the families it trained on, with the mean and the ratio to the told base."""
+    """Rungs 1-4 and 7 on a tiny build: the told base, the oracle, the delta adapter on one and on two families, and
+    the source's tokens beside the delta, each measured on the families it trained on, with the mean and the ratio
+    to the told base."""
     table = toyworld2_ladder.main([
         "--work_dir", str(world2_build), "--families", "brightness", "flip", "--family_counts", "1", "2",
         "--steps", "1", "--pairs_per_family", "2", "--queries", "1", "--markdown",
     ])  # fmt: skip
-    rungs = ["1 told base", "2 oracle", "3 delta (1 family)", "3 delta (2 families)"]
+    # the paper's rung on every family first, then the oracle, fewer families, and the source tokens beside the delta
+    rungs = ["1 told base", "3 delta (2 families)", "2 oracle", "3 delta (1 family)", "7 source + delta"]
     assert list(table["brightness"])[2:] == rungs
     assert list(table["flip"])[2:] == [rung for rung in rungs if rung != "3 delta (1 family)"]
     assert all(0 <= error <= 1 for row in table.values() for error in row.values())
