@@ -39,7 +39,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from diffusers.optimization import get_scheduler
 from transformers import SiglipVisionModel
 
-from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline
+from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.latents import encode_latents
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import (
@@ -55,8 +55,9 @@ from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 from diffusers_delta.training import DeltaAdapterObjective
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples")]
 import toyworld2_quality  # noqa: E402
+import train_delta_adapter  # noqa: E402
 from toyworld2_quality import gap, ratios_to_told  # noqa: E402
 
 
@@ -126,15 +127,7 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
     oracle = kind == "oracle"
     torch.manual_seed(args.seed)
     base_processors = pipe.transformer.attn_processors
-    adapter = DeltaAdapterModel.from_transformer(
-        pipe.transformer,
-        image_encoder.config.hidden_size,
-        num_edit_tokens=args.num_edit_tokens,
-        resampler_dim=args.resampler_dim,
-        resampler_depth=args.resampler_depth,
-        resampler_heads=args.resampler_heads,
-        resampler_head_dim=args.resampler_dim // args.resampler_heads,
-    ).train()
+    adapter = train_delta_adapter.new_adapter(args, pipe.transformer, image_encoder).train()
     objective = DeltaAdapterObjective(
         adapter, pipe.transformer, pipe.vae, image_encoder, SiglipPreprocessor(image_encoder.config.image_size),
         pipe.empty_prompt_embeds, lambda_delta=0.0 if oracle else args.lambda_delta,

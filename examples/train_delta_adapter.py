@@ -611,6 +611,21 @@ def main(args: argparse.Namespace) -> None:
             lock.close()
 
 
+def new_adapter(args, transformer, image_encoder) -> DeltaAdapterModel:
+    """A freshly initialised adapter for `transformer` and `image_encoder`, sized by the script's adapter flags
+    (`--num_edit_tokens`, `--resampler_*`, `--projection_type`)."""
+    return DeltaAdapterModel.from_transformer(
+        transformer,
+        image_encoder.config.hidden_size,
+        num_edit_tokens=args.num_edit_tokens,
+        resampler_dim=args.resampler_dim,
+        resampler_depth=args.resampler_depth,
+        resampler_heads=args.resampler_heads,
+        resampler_head_dim=args.resampler_dim // args.resampler_heads,
+        projection_type=getattr(args, "projection_type", "perceiver"),
+    )
+
+
 def hold_output_dir(accelerator: Accelerator, output_dir: str):
     """Locks `output_dir` for this run (the main process holds an exclusive lock on `.training.lock` until it ends;
     the kernel releases it if the process dies). A second job on the same folder, for instance one started while the
@@ -668,16 +683,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if args.pretrained_adapter:
         adapter = DeltaAdapterModel.from_pretrained(args.pretrained_adapter, cache_dir=args.cache_dir)
     else:
-        adapter = DeltaAdapterModel.from_transformer(
-            transformer,
-            image_encoder.config.hidden_size,
-            num_edit_tokens=args.num_edit_tokens,
-            resampler_dim=args.resampler_dim,
-            resampler_depth=args.resampler_depth,
-            resampler_heads=args.resampler_heads,
-            resampler_head_dim=args.resampler_dim // args.resampler_heads,
-            projection_type=args.projection_type,
-        )
+        adapter = new_adapter(args, transformer, image_encoder)
     adapter.to(device).train()
     if args.lora_rank:
         from peft import LoraConfig
