@@ -118,7 +118,7 @@ def test_two_processes_split_the_queries_and_write_what_one_process_writes(folde
         [*launch, *command(folders, model_dir, folders / "two", "--batch-size", 2)],
         env=environment, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[:2000] + "\n...\n" + result.stderr[-2000:]  # the first error too
     shares = re.search(r"Edited 7 images into .* \((\d+) \+ (\d+) by 2 processes\)", result.stdout)
     assert shares and sorted(map(int, shares.groups())) == [3, 4], result.stdout  # all 7, by 3 + 4: each once
     single = [sys.executable, "-m", "diffusers_delta.cli"]
