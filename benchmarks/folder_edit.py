@@ -5,10 +5,11 @@
 The model is the `SMALL` CPU configuration of `diffusers_delta.testing` (random weights, 256x256 images, 4 steps),
 saved as a model folder; the queries are random 256x256 images. Every measurement is the command's own timing of
 its editing (model loading excluded), and every configuration runs `--rounds` times, interleaved, so the machine's
-drift hits them all alike; medians are printed. Threads are the command's own choice (`cli.cpu_threads`: one per
-process for a model this small), and for batch 4 also every core and one thread, set by OMP_NUM_THREADS.
+drift hits them all alike; medians are printed. Threads are torch's default (one process) or accelerate's one per
+process, and for batch 4 also every core and one thread, set by OMP_NUM_THREADS. `--toy` runs the embedded toy model
+on 64x64 queries instead.
 
-    python benchmarks/folder_edit.py [--images 16] [--rounds 2]
+    python benchmarks/folder_edit.py [--images 16] [--rounds 2] [--toy]
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from diffusers_delta import toyworld
 from diffusers_delta.testing import SMALL, free_port, random_image, save_tiny_toy_model
 
 
@@ -35,7 +38,7 @@ def images_per_second(work: Path, batch_size: int, processes: int, threads: int 
     ]  # fmt: skip
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     environment["HF_HUB_OFFLINE"] = "1"
-    if threads is not None:  # else the command's own choice (cli.cpu_threads)
+    if threads is not None:  # else torch's default, or accelerate's one thread per process
         environment["OMP_NUM_THREADS"] = str(threads)
     if processes == 1:
         launcher = [sys.executable, "-m", "diffusers_delta.cli"]
@@ -56,12 +59,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16, help="Queries in the folder.")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--toy", action="store_true", help="The embedded toy model and 64x64 queries instead.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        save_tiny_toy_model(work / "model", SMALL)
-        size = (SMALL.image_size, SMALL.image_size)
+        if args.toy:
+            shutil.copytree(toyworld.DEFAULT_MODEL_DIR, work / "model")
+            size = (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
+        else:
+            save_tiny_toy_model(work / "model", SMALL)
+            size = (SMALL.image_size, SMALL.image_size)
         random_image(1, size).save(work / "source.png")
         random_image(2, size).save(work / "target.png")
         (work / "queries").mkdir()
@@ -80,7 +88,8 @@ def main() -> None:
                 rates[name].append(images_per_second(work, batch_size, processes, threads))
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"{args.images} queries of {size[0]}x{size[1]}, SMALL model, 4 steps, {os.cpu_count()} cores; medians of "
+    model = "the toy model" if args.toy else "SMALL model"
+    print(f"{args.images} queries of {size[0]}x{size[1]}, {model}, 4 steps, {os.cpu_count()} cores; medians of "
           f"{args.rounds} rounds")  # fmt: skip
     print(f"{'configuration':<22} {'images/s':>9} {'vs batch 1':>11}")
     for name, rate in medians.items():

@@ -159,10 +159,3 @@ def test_the_documentations_placeholder_adapter_is_named_as_such_at_once(run_cli
     assert re.match(r"error: --adapter: 'org/delta-adapter' is the documentation's placeholder.*no trained FLUX.2 "
                     r"\[klein\] Delta-Adapter is published yet", err) and err.count("\n") == 1  # fmt: skip
 
-
-def test_cpu_threads_suit_the_model_size_and_the_processes():
-    import os
-
-    assert cli.cpu_threads(3_000_000, processes=1) == 1  # the toy model: threading costs more than it splits
-    assert cli.cpu_threads(4_000_000_000, processes=1) == (os.cpu_count() or 1)
-    assert cli.cpu_threads(4_000_000_000, processes=64) == 1

@@ -14,7 +14,6 @@ other failure: code 1); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -105,19 +104,6 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
-#: Below this many transformer parameters (the toy model has about 3 million), one torch thread per process edits
-#: fastest on the CPU: the per-operation cost of threading outweighs what it splits (`benchmarks/folder_edit.py`).
-SMALL_MODEL_PARAMETERS = 20_000_000
-
-
-def cpu_threads(transformer_parameters: int, processes: int) -> int:
-    """Torch threads for each of `processes` processes editing on the CPU: one for a small model, else the cores
-    shared between the processes."""
-    if transformer_parameters < SMALL_MODEL_PARAMETERS:
-        return 1
-    return max(1, (os.cpu_count() or 1) // processes)
-
-
 def _fit_to_model(pipe, images: list[PIL.Image.Image], names: list[str], back_to=None) -> list[PIL.Image.Image]:
     """For a model that knows one image size only (the toy model), the images resized to it, saying so once (and
     that the output goes back to `back_to`'s size, when given)."""
@@ -202,8 +188,6 @@ def _edit(args: argparse.Namespace) -> None:
         print(f"One --query: edited by one of the {state.num_processes} processes.", file=sys.stderr)
     pipe = load_edit_pipeline(args.base, args.adapter, device=state.device)
     pipe.set_progress_bar_config(disable=True)
-    if state.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
-        torch.set_num_threads(cpu_threads(sum(p.numel() for p in pipe.transformer.parameters()), state.num_processes))
 
     # 3. Encode the exemplar once (at the model's size, when it knows only one), adapting to it first if asked
     side = pipe.config.get("image_size")
