@@ -24,7 +24,8 @@ class ModelAccess:
     """A readers-writer lock: many edits at once, or one adapter change.
 
     A thread that holds shared access may take exclusive access too (a step callback that changes the adapter's
-    scale): it does not wait for itself, and the change lands between its own steps.
+    scale): it does not wait for itself, and the change lands between its own steps once no other edit runs. Two
+    such callbacks in two threads' edits at once would wait for each other: change the adapter from one thread.
     """
 
     def __init__(self):
