@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 from transformers import SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline
@@ -141,7 +142,7 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=50, num_training_steps=args.steps)
     training_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # its full grid
     generator = torch.Generator().manual_seed(args.seed)
-    for step in range(args.steps):
+    for step in tqdm(range(args.steps), desc=f"{kind} adapter", unit="step", mininterval=10):
         rows = data.batch(families, args.batch_size, generator)
         sigmas = sample_sigmas(training_scheduler, len(rows), "logit_normal", generator=generator)
         noise = torch.randn(data.target_latents[rows].shape, generator=generator)
