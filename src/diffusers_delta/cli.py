@@ -111,9 +111,9 @@ def _fit_to_model(pipe, images: list[PIL.Image.Image], names: list[str], back_to
     if fitted is not images:
         side = pipe.config.image_size
         sizes = ", ".join(sorted({f"{image.width}x{image.height}" for image in images}))
-        back = f", and the output back to {back_to.width}x{back_to.height}" if back_to is not None else ""
-        if back_to is not None and back_to.size == (side, side):
-            back = ""
+        back = ""
+        if back_to is not None and back_to.size != (side, side):
+            back = f", and the output back to {back_to.width}x{back_to.height}"
         print(f"This model edits {side}x{side} images only: resizing the inputs ({sizes}) to {side}x{side}{back}.",
               file=sys.stderr)  # fmt: skip
     return fitted

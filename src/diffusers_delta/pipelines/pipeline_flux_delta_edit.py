@@ -188,7 +188,7 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             and kwargs.get("transformer", pipeline.transformer) is pipeline.transformer
             and kwargs.get("delta_adapter", adapter) is adapter
         )
-        processors = dict(pipeline.transformer.attn_processors)
+        processors = dict(pipeline.transformer.attn_processors) if shares_adapter else None  # before __init__ swaps
         new = super().from_pipe(pipeline, **kwargs)
         if shares_adapter:
             new.transformer.set_attn_processor(processors)  # the very processors, with the user's scales
