@@ -143,21 +143,30 @@ def _give_plain_modes(folder: Path) -> None:
         os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
-def _temporary_image_name(path: Path) -> str:
-    """The pattern of `write_image_atomically`'s temporary files for `path` (`mkstemp`'s 8 random characters)."""
-    return rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp"
+#: `write_image_atomically`'s temporary files: `.NAME.` then `mkstemp`'s 8 random characters, then `.tmp`.
+_TEMPORARY_IMAGE = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
-def remove_stale_temporaries(path: Path) -> int:
-    """Removes the temporary files a killed `write_image_atomically(..., path)` left beside `path` (and only
-    those); returns how many."""
-    if not path.parent.is_dir():
-        return 0
-    pattern = re.compile(_temporary_image_name(path))
-    stale = [entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name) and entry.is_file()]
-    for entry in stale:
-        entry.unlink(missing_ok=True)
-    return len(stale)
+def remove_stale_temporaries(paths) -> int:
+    """Removes the temporary files a killed `write_image_atomically(..., path)` left beside each of `paths` (and only
+    those), listing each folder once; returns how many.
+
+    Args:
+        paths: the outputs whose leftovers to remove.
+    """
+    by_folder: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        by_folder.setdefault(path.parent, set()).add(path.name)
+    removed = 0
+    for folder, names in by_folder.items():
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            match = _TEMPORARY_IMAGE.fullmatch(entry.name)
+            if match and match.group(1) in names and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:

@@ -170,8 +170,7 @@ def edit_folder(
     pending = [relative for relative in queries if relative not in existing]
     result = FolderEditResult(skipped=[relative for relative in queries if relative in existing])
     if state.is_main_process:  # what a run killed mid-write left: its own temporary files, and only those
-        for relative in pending:
-            remove_stale_temporaries(out_dir / relative)
+        remove_stale_temporaries(out_dir / relative for relative in pending)
     state.wait_for_everyone()  # every process lists the folder before any writes to it
     unreadable = None if strict else result.unreadable
     with state.split_between_processes(pending) as share:
