@@ -31,6 +31,7 @@ extras_require = {
         "twine>=6.0",
         "gradio>=6.31.0",
         "gradio_client>=2.7.2",
+        "gguf>=0.17",  # the GGUF-quantised base test
         "selenium>=4.51.0",  # the opt-in browser test (-m browser), with Debian's chromium and chromium-driver
     ],
 }

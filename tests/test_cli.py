@@ -162,4 +162,3 @@ def test_the_documentations_placeholder_adapter_is_named_as_such_at_once(run_cli
     assert code == 2 and time.perf_counter() - start < 2
     assert re.match(r"error: --adapter: 'org/delta-adapter' is the documentation's placeholder.*no trained FLUX.2 "
                     r"\[klein\] Delta-Adapter is published yet", err) and err.count("\n") == 1  # fmt: skip
-
