@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 
-from diffusers_delta.latents import encode_latents
+from diffusers_delta.backbones.flux2 import encode_latents
 from diffusers_delta.toyworld import FAMILIES, SPLITS, split_edits, world_batch
 from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder

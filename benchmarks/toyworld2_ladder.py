@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline
-from diffusers_delta.latents import encode_latents
+from diffusers_delta.backbones.flux2 import encode_latents
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import (
     SiglipPreprocessor,

@@ -28,8 +28,8 @@ CONFIGS = {  # name: (lambda_delta, gradient_checkpointing)
 
 
 def measure(lambda_delta: float, checkpointing: bool, steps: int, queue) -> None:
+    from diffusers_delta.backbones.flux2 import encode_latents
     from diffusers_delta.image_inputs import pil_to_tensor
-    from diffusers_delta.latents import encode_latents
     from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
     from diffusers_delta.testing import SMALL, random_image, tiny_adapter, tiny_image_encoder, tiny_klein_components
     from diffusers_delta.training import DeltaAdapterObjective

@@ -47,6 +47,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipImageProcessorPi
 
 from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, compute_empty_prompt_embeds
 from diffusers_delta.adapter_files import default_feature_extractor, write_adapter_folder
+from diffusers_delta.backbones.flux2 import encode_latents
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
@@ -59,7 +60,6 @@ from diffusers_delta.data import (
 )
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
-from diffusers_delta.latents import encode_latents
 from diffusers_delta.losses import loss_weighting, sample_sigmas
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
+from diffusers_delta.backbones.flux2 import decode_packed_latents, encode_latents
 from diffusers_delta.image_inputs import pil_to_tensor
-from diffusers_delta.latents import decode_packed_latents, encode_latents
 from diffusers_delta.losses import (
     add_noise,
     delta_consistency_loss,

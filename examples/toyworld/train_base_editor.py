@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.adapter_files import EMPTY_PROMPT_EMBEDS_NAME
 from diffusers_delta.atomic_folder import atomic_folder
-from diffusers_delta.latents import encode_latents
+from diffusers_delta.backbones.flux2 import encode_latents, predict_velocity
 from diffusers_delta.losses import add_noise, flow_matching_loss, sample_sigmas
 from diffusers_delta.toyworld import (
     EDIT_PROMPT_EMBEDS_NAME,
@@ -58,7 +58,6 @@ from diffusers_delta.toyworld import (
 )
 from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
-from diffusers_delta.training import predict_velocity
 
 
 PROMPT_TOKENS, PROMPT_DIM = 8, 64
@@ -328,8 +327,8 @@ def flow_matching_step(
     """
     sigmas = sample_sigmas(scheduler, latents.shape[0], "logit_normal", generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    velocity, _, _ = predict_velocity(
-        transformer, add_noise(latents, noise, sigmas), reference_latents, prompt_embeds, sigmas
+    velocity, _ = predict_velocity(
+        transformer, add_noise(latents, noise, sigmas), reference_latents, {"prompt_embeds": prompt_embeds}, sigmas
     )
     return flow_matching_loss(
         velocity, Flux2KleinPipeline._pack_latents(latents), Flux2KleinPipeline._pack_latents(noise)

@@ -1,6 +1,8 @@
-"""diffusers-delta: edit an image by example (Delta-Adapter) on FLUX.2 [klein], in the diffusers way."""
+"""diffusers-delta: edit an image by example (Delta-Adapter) on FLUX.2 [klein] and FLUX.1 Kontext, in the diffusers
+way."""
 
-from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
+from .backbones.flux1 import FluxDeltaAttnProcessor
+from .backbones.flux2 import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
 from .loaders import DeltaAdapterMixin
 from .models import DeltaAdapterModel
 from .pipelines import FluxDeltaEditPipeline, compute_empty_prompt_embeds
@@ -14,6 +16,7 @@ __all__ = [
     "DeltaAdapterModel",
     "Flux2DeltaAttnProcessor",
     "Flux2DeltaParallelSelfAttnProcessor",
+    "FluxDeltaAttnProcessor",
     "FluxDeltaEditPipeline",
     "SiglipPreprocessor",
     "compute_empty_prompt_embeds",

@@ -17,10 +17,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from .backbones import backbone_of
 from .checks import finite_float, positive_int
 from .concurrency import changes_the_adapter, model_access
 from .image_inputs import ImageInput, to_rgb_image
-from .latents import encode_latents
 from .losses import sample_sigmas
 from .model_state import cast_model, copy_state
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, patch_features
@@ -279,7 +279,8 @@ class DeltaAdaptationMixin:
         height, width = source_pixels.shape[-2:]
         target_rgb = to_rgb_image(target, name="exemplar target")
         target_pixels = self.image_processor.preprocess(target_rgb, height=height, width=width, resize_mode="crop")
-        latents = encode_latents(self.vae, torch.cat([source_pixels, target_pixels]).to(device))  # (2, 4C, h, w)
+        pixels = torch.cat([source_pixels, target_pixels]).to(device)
+        latents = backbone_of(self.transformer).encode_latents(self.vae, pixels)  # (2, C', h, w)
         preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
         siglip = images_to_siglip_pixels([source, target_rgb], preprocessor, "exemplar image")
         features = patch_features(self.image_encoder, siglip.to(device, self.image_encoder.dtype))  # (2, P, D)

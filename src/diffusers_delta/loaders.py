@@ -43,7 +43,8 @@ from .adapter_files import (
     write_adapter_folder,
 )
 from .atomic_folder import check_save_directory
-from .attention_processor import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor, delta_processors_for
+from .attention_processor import DeltaBranch
+from .backbones import backbone_of
 from .checks import check_finite, finite_float, positive_int
 from .concurrency import changes_the_adapter
 from .hub import push_folder, render_model_card
@@ -359,7 +360,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
     def _attach_delta_processors(self, adapter: DeltaAdapterModel) -> None:
         """Routes every attention layer through the adapter (replacing the processors of an earlier adapter)."""
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
-        self.transformer.set_attn_processor(delta_processors_for(self.transformer, adapter))
+        self.transformer.set_attn_processor(backbone_of(self.transformer).processors_for(self.transformer, adapter))
 
     # ------------------------------------------------------------------ using
 
@@ -369,7 +370,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         return {
             name: processor
             for name, processor in self.transformer.attn_processors.items()
-            if isinstance(processor, (Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor))
+            if isinstance(processor, DeltaBranch)
         }
 
     def get_delta_adapter_scale(self) -> dict[str, list[float]]:

@@ -28,11 +28,11 @@ from ..adapter_files import (
     read_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
+from ..backbones.flux2 import unpack_to_vae_latents
 from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
 from ..hub import push_folder
 from ..image_inputs import ImageInput
-from ..latents import unpack_to_vae_latents
 from ..loaders import DeltaAdapterMixin, ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
 

@@ -1,0 +1,34 @@
+"""The backbones Delta-Adapter runs on, one module each, all with the same names:
+
+- `NAME` (recorded in an adapter's config), `DISPLAY_NAME` (for messages), `TRANSFORMER_CLASS`;
+- `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer;
+- `encode_latents(vae, pixels)`: images -> the latent grid the objective noises, (B, C', h, w);
+- `pack_latents(latents)`: that grid -> the transformer's tokens; `decode_tokens(vae, tokens, h, w)`: back to pixels;
+- `predict_velocity(transformer, noisy, reference, text_conditioning, sigmas, joint_attention_kwargs)`: one
+  prediction with a reference image, as the backbone's pipeline lays it out.
+
+Everything else (the adapter model, its files and checks, the mixin, adaptation, the training objective) is shared.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import flux1, flux2
+
+
+BACKBONES: dict[str, ModuleType] = {module.NAME: module for module in (flux2, flux1)}
+
+
+def backbone_of(transformer) -> ModuleType:
+    """The backbone module of a transformer (a model or its class), by its class.
+
+    Raises:
+        TypeError: a transformer of no known backbone.
+    """
+    cls = transformer if isinstance(transformer, type) else type(transformer)
+    for module in BACKBONES.values():
+        if issubclass(cls, module.TRANSFORMER_CLASS):
+            return module
+    known = ", ".join(module.TRANSFORMER_CLASS.__name__ for module in BACKBONES.values())
+    raise TypeError(f"Delta-Adapter runs on {known}, not on a {cls.__name__}.")

@@ -1,0 +1,226 @@
+"""FLUX.2 ([klein] and [dev], `Flux2Transformer2DModel`): what Delta-Adapter needs to know of this backbone.
+
+- Its attention processors: `Flux2DeltaAttnProcessor` for the double-stream `Flux2Attention`,
+  `Flux2DeltaParallelSelfAttnProcessor` for the single-stream `Flux2ParallelSelfAttention`.
+- Its latents: VAE latents are 2x2-patchified and normalised with the VAE's batch-norm running statistics before the
+  transformer sees them, then packed into token sequences; the objective noises the patchified grid (B, 4C, h, w).
+- One prediction with a reference image, laid out as `Flux2KleinPipeline` lays it out.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2Attention,
+    Flux2ParallelSelfAttention,
+    _get_qkv_projections,
+)
+
+from ..attention_processor import DeltaBranch, delta_processors_for
+from ..models.delta_adapter import DeltaAdapterModel
+
+
+#: The name adapter configs record for this backbone, and how messages name it.
+NAME = "flux2"
+DISPLAY_NAME = "FLUX.2 (Flux2Transformer2DModel)"
+TRANSFORMER_CLASS = Flux2Transformer2DModel
+
+
+class Flux2DeltaAttnProcessor(DeltaBranch):
+    """Processor for the double-stream `Flux2Attention`: the image stream's queries read the edit tokens.
+
+    Args:
+        block_projection: this block's `DeltaBlockProjection` (owned by the `DeltaAdapterModel`).
+        scale: this block's strength, set by `set_delta_adapter_scale`.
+    """
+
+    def __call__(
+        self,
+        attn: Flux2Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        delta_hidden_states: torch.Tensor | None = None,
+        delta_scale: float | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = self._heads(attn, query, key, value)  # (B, S_img, H, D) each
+        image_query = query  # before RoPE and before the text tokens are joined
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))  # (B, S_txt, H, D)
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)  # (B, S_txt + S_img, H, D)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        hidden_states = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        strength = self._strength(delta_hidden_states, delta_scale)
+        if strength != 0.0:
+            hidden_states = hidden_states + self._branch(image_query, delta_hidden_states, strength)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class Flux2DeltaParallelSelfAttnProcessor(DeltaBranch):
+    """Processor for the single-stream `Flux2ParallelSelfAttention`: every token of the joint sequence reads the
+    edit tokens, and the branch joins the attention half before the fused output projection.
+
+    Args:
+        block_projection: this block's `DeltaBlockProjection` (owned by the `DeltaAdapterModel`).
+        scale: this block's strength, set by `set_delta_adapter_scale`.
+    """
+
+    def __call__(
+        self,
+        attn: Flux2ParallelSelfAttention,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        delta_hidden_states: torch.Tensor | None = None,
+        delta_scale: float | None = None,
+    ) -> torch.Tensor:
+        projected = attn.to_qkv_mlp_proj(hidden_states)  # (B, S, 3 * inner + mlp)
+        # Split by the global QKV:MLP ratio, as upstream does, so column-sharded (tensor-parallel) weights work too.
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp_hidden_states = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+
+        query, key, value = self._heads(attn, *qkv.chunk(3, dim=-1))  # (B, S, H, D) each
+        attn_output = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
+
+        strength = self._strength(delta_hidden_states, delta_scale)
+        if strength != 0.0:
+            attn_output = attn_output + self._branch(query, delta_hidden_states, strength)
+
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
+
+
+def processors_for(transformer: Flux2Transformer2DModel, adapter: DeltaAdapterModel) -> dict[str, DeltaBranch]:
+    """One Delta-Adapter processor per attention layer of a FLUX.2 transformer (see `delta_processors_for`)."""
+    return delta_processors_for(transformer, adapter, Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor)
+
+
+def latent_statistics(vae: AutoencoderKLFlux2, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's batch-norm mean and standard deviation, (1, 4C, 1, 1) each, on `like`'s device and dtype."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKLFlux2, pixels: torch.Tensor) -> torch.Tensor:
+    """Images -> normalised, patchified latents, as the pipeline encodes its reference image.
+
+    Args:
+        vae: FLUX.2's VAE.
+        pixels: (B, 3, H, W) in [-1, 1].
+
+    Returns:
+        (B, 4C, H / 2f, W / 2f) for a VAE that downsamples f times (f = 8 for FLUX.2's).
+    """
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()  # (B, C, H / f, W / f)
+    latents = Flux2KleinPipeline._patchify_latents(latents)  # (B, 4C, H / 2f, W / 2f)
+    mean, std = latent_statistics(vae, latents)
+    return (latents - mean) / std
+
+
+def unpack_to_vae_latents(
+    vae: AutoencoderKLFlux2, packed_latents: torch.Tensor, latent_ids: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Packed, normalised tokens -> the VAE's own latents, ready for `vae.decode`.
+
+    Args:
+        vae: FLUX.2's VAE.
+        packed_latents: (B, h·w, 4C) as the transformer sees them.
+        latent_ids: (B, h·w, 4) their position ids.
+        height: h, the patchified latent height.
+        width: w, the patchified latent width.
+
+    Returns:
+        (B, C, 2h, 2w).
+    """
+    latents = Flux2KleinPipeline._unpack_latents_with_ids(packed_latents, latent_ids, height, width)  # (B, 4C, h, w)
+    mean, std = latent_statistics(vae, latents)
+    return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
+
+
+def decode_packed_latents(
+    vae: AutoencoderKLFlux2, packed_latents: torch.Tensor, latent_ids: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Packed, normalised tokens -> images in [0, 1], (B, 3, H, W) float32, differentiably (see
+    `unpack_to_vae_latents` for the arguments)."""
+    latents = unpack_to_vae_latents(vae, packed_latents, latent_ids, height, width)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in about [-1, 1]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 4C, h, w) patchified latents -> (B, hw, 4C) tokens, in the order `Flux2KleinPipeline` packs them."""
+    return Flux2KleinPipeline._pack_latents(latents)
+
+
+def decode_tokens(vae: AutoencoderKLFlux2, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, hw, 4C) tokens of an (h, w) patchified grid -> images in [0, 1], (B, 3, H, W), differentiably."""
+    latent_ids = Flux2KleinPipeline._prepare_latent_ids(tokens.new_empty(tokens.shape[0], 1, height, width))
+    return decode_packed_latents(vae, tokens, latent_ids.to(tokens.device), height, width)
+
+
+def predict_velocity(
+    transformer: Flux2Transformer2DModel,
+    noisy_latents: torch.Tensor,
+    reference_latents: torch.Tensor,
+    text_conditioning: dict[str, torch.Tensor],
+    sigmas: torch.Tensor,
+    joint_attention_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FLUX.2 [klein] prediction with a reference image, laid out as the pipeline lays it out.
+
+    Args:
+        transformer: the FLUX.2 transformer.
+        noisy_latents: (B, 4C, h, w) x_t, normalised and patchified.
+        reference_latents: (B, 4C, h, w) the reference (query) image's latents, ridden as extra tokens.
+        text_conditioning: `prompt_embeds`, (1 or B, L, D_txt) prompt embeddings.
+        sigmas: (B,) noise levels (klein's timestep / 1000 is σ on the training grid).
+        joint_attention_kwargs: passed to the attention processors (e.g. `delta_hidden_states`).
+
+    Returns:
+        The velocity for the noisy tokens (B, hw, 4C) and the packed noisy latents (B, hw, 4C).
+    """
+    batch_size = noisy_latents.shape[0]
+    device, dtype = noisy_latents.device, transformer.dtype
+    latent_ids = Flux2KleinPipeline._prepare_latent_ids(noisy_latents).to(device)  # (B, hw, 4)
+    reference_ids = Flux2KleinPipeline._prepare_image_ids([reference_latents[:1]]).to(device)  # (1, hw, 4)
+    packed_noisy = Flux2KleinPipeline._pack_latents(noisy_latents)  # (B, hw, 4C)
+    model_input = torch.cat([packed_noisy, Flux2KleinPipeline._pack_latents(reference_latents)], dim=1)
+    image_ids = torch.cat([latent_ids, reference_ids.expand(batch_size, -1, -1)], dim=1)  # (B, 2hw, 4)
+    prompt_embeds = text_conditioning["prompt_embeds"].expand(batch_size, -1, -1).to(dtype)  # (B, L, D_txt)
+    velocity = transformer(
+        hidden_states=model_input.to(dtype),
+        timestep=sigmas.to(device, dtype),
+        guidance=None,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(device),
+        img_ids=image_ids,
+        joint_attention_kwargs=joint_attention_kwargs,
+        return_dict=False,
+    )[0][:, : packed_noisy.shape[1]]  # predictions for the noisy tokens only
+    return velocity, packed_noisy
