@@ -719,7 +719,10 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(models[0])
             write_adapter_folder(
-                output_dir, model.adapter, empty_prompt_embeds=prompt_embeds, **transformer_lora(model.transformer)
+                output_dir,
+                model.adapter,
+                empty_prompt_embeds={"prompt_embeds": prompt_embeds},
+                **transformer_lora(model.transformer),
             )
         weights.clear()
 
@@ -1024,7 +1027,7 @@ def save_release(args, model, feature_extractor, prompt_embeds, grid, global_ste
         model.adapter,
         model.image_encoder,
         feature_extractor,
-        prompt_embeds,
+        {"prompt_embeds": prompt_embeds},
         model_card=card,
         extra_files=extra_files,
         **transformer_lora(model.transformer),

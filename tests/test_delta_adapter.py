@@ -52,6 +52,7 @@ def test_config_records_the_backbone_signature():
     transformer = tiny_transformer()
     config = DeltaAdapterModel.config_for_transformer(transformer, image_embed_dim=32)
     assert config == {
+        "backbone": "flux2",
         "image_embed_dim": 32,
         "edit_token_dim": 32,
         "transformer_inner_dim": 32,

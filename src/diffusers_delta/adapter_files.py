@@ -433,16 +433,25 @@ def read_image_encoder(folder: Path) -> tuple[SiglipVisionModel, SiglipImageProc
     return image_encoder.eval(), feature_extractor
 
 
-def read_empty_prompt_embeds(path: str, text_dim: int) -> torch.Tensor:
-    """(1, L, text_dim) embeddings of the empty prompt from `empty_prompt_embeds.safetensors`, checked."""
+def read_empty_prompt_embeds(path: str, text_dim: int, pooled_dim: int | None = None) -> dict[str, torch.Tensor]:
+    """The empty prompt's embeddings from `empty_prompt_embeds.safetensors`, checked: `prompt_embeds`
+    (1, L, text_dim), and `pooled_prompt_embeds` (1, pooled_dim) for a backbone that takes pooled text embeddings
+    too (FLUX.1: CLIP's, beside T5's)."""
     tensors, _ = _read_safetensors(path, "The empty-prompt embeddings file")
-    embeds = tensors.get("prompt_embeds")
     fix = "Recompute it with diffusers_delta.compute_empty_prompt_embeds and save the adapter again."
-    if embeds is None or embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != text_dim:
-        found = "no prompt_embeds" if embeds is None else f"prompt_embeds of shape {tuple(embeds.shape)}"
-        raise ValueError(f"{path} holds {found}, expected shape (1, L, {text_dim}) for this transformer. {fix}")
-    if not torch.isfinite(embeds).all():
-        raise ValueError(f"{path} holds NaN or infinite values. {fix}")
+    expected = {"prompt_embeds": (1, None, text_dim)}
+    if pooled_dim is not None:
+        expected["pooled_prompt_embeds"] = (1, pooled_dim)
+    embeds = {}
+    for name, shape in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.ndim != len(shape) or any(n not in (None, m) for n, m in zip(shape, tensor.shape)):
+            found = f"no {name}" if tensor is None else f"{name} of shape {tuple(tensor.shape)}"
+            wanted = ", ".join("L" if n is None else str(n) for n in shape)
+            raise ValueError(f"{path} holds {found}, expected shape ({wanted}) for this transformer. {fix}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path} holds NaN or infinite values. {fix}")
+        embeds[name] = tensor
     return embeds
 
 
@@ -498,7 +507,7 @@ def write_adapter_folder(
     adapter: DeltaAdapterModel,
     image_encoder: SiglipVisionModel | None = None,
     feature_extractor: SiglipImageProcessorPil | None = None,
-    empty_prompt_embeds: torch.Tensor | None = None,
+    empty_prompt_embeds: dict[str, torch.Tensor] | None = None,
     lora_state_dict: dict[str, torch.Tensor] | None = None,
     lora_metadata: dict | None = None,
     model_card=None,
@@ -513,7 +522,8 @@ def write_adapter_folder(
         adapter: the adapter.
         image_encoder: the SigLIP encoder to store in `image_encoder/`.
         feature_extractor: its preprocessing config (SigLIP's default at the encoder's size if `None`).
-        empty_prompt_embeds: (1, L, D_txt) embeddings of the empty prompt.
+        empty_prompt_embeds: the empty prompt's embeddings by name (`prompt_embeds` (1, L, D_txt), and for FLUX.1
+            `pooled_prompt_embeds` (1, D_pooled)).
         lora_state_dict: a LoRA of the transformer, as peft's `get_peft_model_state_dict` gives it.
         lora_metadata: its peft `LoraConfig` as a dict (rank, alpha, targets), stored in the file's metadata.
         model_card: a `huggingface_hub.ModelCard` to save as `README.md`.
@@ -528,10 +538,7 @@ def write_adapter_folder(
             image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
             (feature_extractor or default_feature_extractor(image_encoder)).save_pretrained(encoder_dir)
         if empty_prompt_embeds is not None:
-            safetensors.torch.save_file(
-                {"prompt_embeds": empty_prompt_embeds.detach().to("cpu").contiguous()},
-                staging / EMPTY_PROMPT_EMBEDS_NAME,
-            )
+            write_empty_prompt_embeds(empty_prompt_embeds, staging / EMPTY_PROMPT_EMBEDS_NAME)
         if lora_state_dict is not None:
             Flux2KleinPipeline.save_lora_weights(
                 staging,
@@ -542,6 +549,13 @@ def write_adapter_folder(
             model_card.save(staging / MODEL_CARD_NAME)
         for name, write in (extra_files or {}).items():
             write(staging / name)
+
+
+def write_empty_prompt_embeds(embeds: dict[str, torch.Tensor], path: Path) -> None:
+    """Writes the empty prompt's embeddings by name (as `read_empty_prompt_embeds` reads them) to `path`."""
+    safetensors.torch.save_file(
+        {name: tensor.detach().to("cpu").contiguous() for name, tensor in embeds.items()}, path
+    )
 
 
 def default_feature_extractor(image_encoder: SiglipVisionModel) -> SiglipImageProcessorPil:

@@ -89,7 +89,7 @@ class _IncomingAdapter:
     image_encoder: SiglipVisionModel
     feature_extractor: SiglipImageProcessorPil
     image_encoder_is_new: bool
-    empty_prompt_embeds: torch.Tensor | None
+    empty_prompt_embeds: dict[str, torch.Tensor] | None
     lora: tuple[dict[str, torch.Tensor], dict | None] | None
     source_name: str
 
@@ -104,9 +104,9 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
 
     #: Original attention processors, kept while an adapter is loaded so that unloading restores them exactly.
     _delta_original_processors: dict | None = None
-    #: The empty prompt's embeddings the pipeline had before the first load (its own folder's, or None), which
-    #: unloading gives back.
-    _delta_original_empty_prompt_embeds: torch.Tensor | None = None
+    #: The empty prompt's embeddings the pipeline had before the first load (its own folder's, or None), by name,
+    #: which unloading gives back.
+    _delta_original_empty_prompt: dict[str, torch.Tensor] | None = None
     #: The peft adapter name of the LoRA the loaded adapter brought, if any.
     _delta_lora_name: str | None = None
     #: Whether the image encoder came with an adapter (a later load then takes the new folder's own encoder).
@@ -118,6 +118,8 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
     _delta_adaptation: dict | None = None
     #: (1, L, D_txt) embeddings of the empty prompt, from the adapter folder or `compute_empty_prompt_embeds`.
     empty_prompt_embeds: torch.Tensor | None = None
+    #: (1, D_pooled) pooled embeddings of the empty prompt, for backbones that take them (FLUX.1: CLIP's).
+    empty_pooled_prompt_embeds: torch.Tensor | None = None
 
     def _require_delta_adapter(self) -> DeltaAdapterModel:
         adapter = getattr(self, "delta_adapter", None)
@@ -219,9 +221,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         where = location.describe()
         adapter = read_adapter(config, weights_path, where, low_cpu_mem_usage)
         embeds_path = location.fetch(EMPTY_PROMPT_EMBEDS_NAME, required=False)
-        embeds = (
-            read_empty_prompt_embeds(embeds_path, self.transformer.config.joint_attention_dim) if embeds_path else None
-        )
+        embeds = read_empty_prompt_embeds(embeds_path, *self._empty_prompt_dims()) if embeds_path else None
         lora_path = location.fetch(LORA_WEIGHTS_NAME, required=False)
         lora = read_lora(lora_path) if lora_path else None
         if lora is not None:
@@ -302,7 +302,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             self._delta_lora_name = lora_name
             if self._delta_original_processors is None:
                 self._delta_original_processors = dict(self.transformer.attn_processors)
-                self._delta_original_empty_prompt_embeds = self.empty_prompt_embeds
+                self._delta_original_empty_prompt = self._empty_prompt()
             self._set_delta_components(
                 delta_adapter=incoming.adapter,
                 image_encoder=incoming.image_encoder,
@@ -310,7 +310,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             )
             self._delta_image_encoder_loaded = self._delta_image_encoder_loaded or incoming.image_encoder_is_new
             if incoming.empty_prompt_embeds is not None:
-                self.empty_prompt_embeds = incoming.empty_prompt_embeds
+                self._restore_empty_prompt(incoming.empty_prompt_embeds)
             self._attach_delta_processors(incoming.adapter)
             self._remember_loaded_adapter(incoming.adapter, incoming.source_name)
         finally:
@@ -498,11 +498,31 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         self._delta_original_processors = None
         self._delete_delta_lora()
         self._delta_lora_name = None
-        self.empty_prompt_embeds = self._delta_original_empty_prompt_embeds
-        self._delta_original_empty_prompt_embeds = None
+        self._restore_empty_prompt(self._delta_original_empty_prompt)
+        self._delta_original_empty_prompt = None
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self._delta_image_encoder_loaded = False
         self._set_delta_components(delta_adapter=None, image_encoder=None, feature_extractor=None)
+
+    def _empty_prompt_dims(self) -> tuple[int, int | None]:
+        """The widths of the empty prompt's embeddings this transformer takes: (D_txt, D_pooled or None)."""
+        config = self.transformer.config
+        return config.joint_attention_dim, config.get("pooled_projection_dim")
+
+    def _empty_prompt(self) -> dict[str, torch.Tensor] | None:
+        """The stored empty prompt's embeddings by name (as its file holds them), or None when there are none."""
+        if self.empty_prompt_embeds is None:
+            return None
+        embeds = {"prompt_embeds": self.empty_prompt_embeds}
+        if self.empty_pooled_prompt_embeds is not None:
+            embeds["pooled_prompt_embeds"] = self.empty_pooled_prompt_embeds
+        return embeds
+
+    def _restore_empty_prompt(self, embeds: dict[str, torch.Tensor] | None) -> None:
+        """Stores the empty prompt's embeddings by name (None: none)."""
+        embeds = embeds or {}
+        self.empty_prompt_embeds = embeds.get("prompt_embeds")
+        self.empty_pooled_prompt_embeds = embeds.get("pooled_prompt_embeds")
 
     def _set_delta_components(self, **modules) -> None:
         """Registers the adapter's modules as components where the pipeline's `__init__` takes them (as
@@ -604,7 +624,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             adapter,
             image_encoder=self.image_encoder if save_image_encoder else None,
             feature_extractor=self.feature_extractor,
-            empty_prompt_embeds=self.empty_prompt_embeds,
+            empty_prompt_embeds=self._empty_prompt(),
             lora_state_dict=lora_state_dict,
             lora_metadata=lora_metadata,
             model_card=model_card,

@@ -6,8 +6,9 @@ semantic delta (B, P, D_enc)
   -> per-token projection          one affine map per query, one batched weight    (B, N, D_edit)  = edit tokens
   -> per-block K/V (used by the attention processors, one `DeltaBlockProjection` per FLUX.2 block)
 
-The config records the target transformer's signature (inner dim, head dim, block counts), so an adapter refuses a
-backbone it was not made for instead of failing deep inside a matmul, and loading never guesses a size from a shape.
+The config records the target backbone (`"flux2"`: FLUX.2 [klein]/[dev]; `"flux1"`: FLUX.1 Kontext) and its
+transformer's signature (inner dim, head dim, block counts), so an adapter refuses a backbone it was not made for
+instead of failing deep inside a matmul, and loading never guesses a size from a shape.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import Flux2Transformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -196,11 +196,15 @@ class DeltaBlockProjection(nn.Module):
         return key, value
 
 
+#: The backbones an adapter can be made for, by the name its config records (see `backbones`).
+BACKBONE_NAMES = ("flux2", "flux1")
+
+
 class DeltaAdapterModel(ModelMixin, ConfigMixin):
     """Delta-Adapter: semantic delta -> edit tokens, plus the per-block K/V projections of the decoupled branch.
 
     Defaults fit FLUX.2 [klein] 4B with `google/siglip-so400m-patch14-384`; `DeltaAdapterModel.from_transformer`
-    builds the config for any `Flux2Transformer2DModel`.
+    builds the config for any `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
 
     Args:
         image_embed_dim: D_enc, the width of the image encoder's patch tokens.
@@ -217,6 +221,8 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         num_single_blocks: the target transformer's single-stream block count.
         projection_type: `"perceiver"` (Delta-Adapter: Perceiver resampler + per-token projection) or
             `"pooled_mlp"` (RelationAdapter's pooled MLP, for the ablation; `resampler_dim` is its hidden width).
+        backbone: the backbone the adapter is made for: `"flux2"` (FLUX.2, the default, which configs written
+            before FLUX.1 support imply) or `"flux1"` (FLUX.1 Kontext).
     """
 
     _supports_gradient_checkpointing = False
@@ -237,10 +243,13 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         num_double_blocks: int = 5,
         num_single_blocks: int = 20,
         projection_type: str = "perceiver",
+        backbone: str = "flux2",
     ):
         super().__init__()
         if projection_type not in ("perceiver", "pooled_mlp"):
             raise ValueError(f"projection_type must be 'perceiver' or 'pooled_mlp', got {projection_type!r}.")
+        if backbone not in BACKBONE_NAMES:
+            raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone!r}.")
         if transformer_inner_dim % transformer_head_dim:
             raise ValueError(
                 f"transformer_inner_dim ({transformer_inner_dim}) must be a multiple of "
@@ -277,17 +286,20 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         self.single_blocks = nn.ModuleList(block_projection() for _ in range(num_single_blocks))
 
     @staticmethod
-    def config_for_transformer(transformer_config, image_embed_dim: int, **overrides) -> dict:
+    def config_for_transformer(transformer, image_embed_dim: int, **overrides) -> dict:
         """The config dict of an adapter for a given transformer and image encoder width.
 
         Args:
-            transformer_config: a `Flux2Transformer2DModel` config (or the model itself).
+            transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel` (its class names the backbone).
             image_embed_dim: the image encoder's hidden size.
             overrides: any other `DeltaAdapterModel` argument (e.g. `num_edit_tokens=64`).
         """
-        config = getattr(transformer_config, "config", transformer_config)
+        from ..backbones import backbone_of  # the backbones' processors import this module
+
+        config = transformer.config
         inner_dim = config.num_attention_heads * config.attention_head_dim
         signature = {
+            "backbone": backbone_of(transformer).NAME,
             "image_embed_dim": image_embed_dim,
             "edit_token_dim": inner_dim,
             "transformer_inner_dim": inner_dim,
@@ -298,23 +310,28 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         return {**signature, **overrides}
 
     @classmethod
-    def from_transformer(
-        cls, transformer: Flux2Transformer2DModel, image_embed_dim: int, **overrides
-    ) -> "DeltaAdapterModel":
+    def from_transformer(cls, transformer, image_embed_dim: int, **overrides) -> "DeltaAdapterModel":
         """A freshly initialised adapter for `transformer` (see `config_for_transformer` for the arguments)."""
         return cls(**cls.config_for_transformer(transformer, image_embed_dim, **overrides))
 
     @classmethod
-    def signature_mismatches(cls, adapter_config, transformer_config, image_embed_dim: int) -> list[str]:
+    def signature_mismatches(cls, adapter_config, transformer, image_embed_dim: int) -> list[str]:
         """What in an adapter config disagrees with a transformer and image encoder width; empty if nothing.
 
         Args:
-            adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`).
-            transformer_config: a `Flux2Transformer2DModel` config (or the model itself).
+            adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`; one without `backbone` is FLUX.2's).
+            transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
             image_embed_dim: the image encoder's hidden size.
         """
-        expected = cls.config_for_transformer(transformer_config, image_embed_dim)
+        from ..backbones import BACKBONES
+
+        expected = cls.config_for_transformer(transformer, image_embed_dim)
         expected.pop("edit_token_dim")  # free to differ: it only has to agree with the adapter's own K/V inputs
+        made_for, backbone = adapter_config.get("backbone", "flux2"), expected.pop("backbone")
+        if made_for != backbone:  # the rest is then beside the point
+            trained_for = BACKBONES[made_for].DISPLAY_NAME if made_for in BACKBONES else repr(made_for)
+            this_one = BACKBONES[backbone].DISPLAY_NAME
+            return [f"it was trained for {trained_for}, and this pipeline's transformer is {this_one}"]
         return [
             f"{key}: adapter has {adapter_config.get(key)}, backbone has {value}"
             for key, value in expected.items()

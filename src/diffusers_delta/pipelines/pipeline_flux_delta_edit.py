@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
@@ -18,27 +14,15 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
-from ..adapter_files import (
-    EMPTY_PROMPT_EMBEDS_NAME,
-    HUB_KWARGS,
-    AdapterLocation,
-    default_feature_extractor,
-    hub_unreachable_error,
-    is_hub_unreachable,
-    read_empty_prompt_embeds,
-)
-from ..atomic_folder import atomic_folder, check_save_directory
 from ..backbones.flux2 import unpack_to_vae_latents
 from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
-from ..hub import push_folder
 from ..image_inputs import ImageInput
-from ..loaders import DeltaAdapterMixin, ExemplarPair
+from ..loaders import ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
+from .delta_edit_pipeline import DeltaEditPipelineMixin
 
 
-#: The per-block strengths (`get_delta_adapter_scale`), saved beside a pipeline by `save_pretrained`.
-DELTA_SCALES_NAME = "delta_adapter_scales.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -89,19 +73,7 @@ def compute_empty_prompt_embeds(
     return prompt_embeds.to("cpu")
 
 
-#: What a pipeline made by `from_pipe` takes over from the one whose transformer and adapter it shares.
-_SHARED_ADAPTER_STATE = (
-    "_delta_original_processors",
-    "_delta_original_empty_prompt_embeds",
-    "_delta_lora_name",
-    "_delta_loaded_state",
-    "_delta_adapter_source",
-    "_delta_adaptation",
-    "_delta_image_encoder_loaded",
-)
-
-
-class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
+class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
     r"""Exemplar-based image editing with Delta-Adapter on FLUX.2 [klein].
 
     The query image rides as FLUX.2's reference image; the exemplar pair's semantic delta, turned into edit tokens by
@@ -151,167 +123,8 @@ class FluxDeltaEditPipeline(DeltaAdapterMixin, Flux2KleinPipeline):
             transformer=transformer,
             is_distilled=is_distilled,
         )
-        if image_encoder is not None and feature_extractor is None:
-            feature_extractor = default_feature_extractor(image_encoder)  # as load_delta_adapter does
-        self.register_modules(
-            image_encoder=image_encoder, feature_extractor=feature_extractor, delta_adapter=delta_adapter
-        )
+        self._register_delta_components(image_encoder, feature_extractor, delta_adapter)
         self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
-        if delta_adapter is not None:
-            if image_encoder is None:
-                raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
-            self._check_adapter_fits(delta_adapter.config, image_encoder)
-            self._delta_original_processors = dict(transformer.attn_processors)
-            self._attach_delta_processors(delta_adapter)
-            self._remember_loaded_adapter(
-                delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
-            )
-
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs) -> "FluxDeltaEditPipeline":
-        """diffusers' `from_pipe`: a pipeline sharing `pipeline`'s models (no extra memory), which is the way to
-        edit from several threads (one pipeline each). It gets a scheduler of its own, built from the same config
-        (a scheduler holds one call's timesteps), unless one is given; and when it shares the transformer and the
-        loaded adapter, it shares the adapter's state too: the same processors with their per-block scales, the
-        empty prompt, and what `reset_delta_adapter` and `unload_delta_adapter` restore.
-
-        Args:
-            pipeline: the pipeline whose models to share.
-            kwargs: components or config values to replace, as diffusers' `from_pipe` takes them.
-        """
-        scheduler = getattr(pipeline, "scheduler", None)
-        if scheduler is not None and "scheduler" not in kwargs:
-            kwargs["scheduler"] = type(scheduler).from_config(scheduler.config)
-        adapter = getattr(pipeline, "delta_adapter", None)
-        shares_adapter = (
-            adapter is not None
-            and kwargs.get("transformer", pipeline.transformer) is pipeline.transformer
-            and kwargs.get("delta_adapter", adapter) is adapter
-        )
-        processors = dict(pipeline.transformer.attn_processors) if shares_adapter else None  # before __init__ swaps
-        new = super().from_pipe(pipeline, **kwargs)
-        if shares_adapter:
-            new.transformer.set_attn_processor(processors)  # the very processors, with the user's scales
-            for name in _SHARED_ADAPTER_STATE:
-                setattr(new, name, getattr(pipeline, name))
-        if new.empty_prompt_embeds is None:
-            new.empty_prompt_embeds = getattr(pipeline, "empty_prompt_embeds", None)
-        return new
-
-    # ------------------------------------------------------------------ saving and loading
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ) -> None:
-        """diffusers' `save_pretrained`, made atomic, plus what lives beside the components: the stored empty-prompt
-        embeddings and the per-block edit strengths, so that `from_pretrained` gives the same edits bit-for-bit.
-        The folder then holds exactly this pipeline (other files in it are left alone); a failed save leaves it
-        exactly as it was.
-
-        Args:
-            save_directory: the folder to write (created if missing).
-            safe_serialization: write safetensors (the default; always for the adapter).
-            variant: a weights variant name, e.g. `"fp16"`.
-            max_shard_size: the largest weights file before sharding.
-            push_to_hub: also upload the folder to the Hub; `repo_id` (defaults to the folder's name), `token`,
-                `private` and `commit_message` may be passed as keyword arguments.
-        """
-        if self._delta_lora_name is not None:
-            raise ValueError(
-                "The loaded Delta-Adapter brought a LoRA, which a pipeline folder cannot hold beside the transformer "
-                "weights: save the adapter with save_delta_adapter(folder), and the pipeline after "
-                "unload_delta_adapter()."
-            )
-        target = check_save_directory(save_directory)
-        owned = {"model_index.json", EMPTY_PROMPT_EMBEDS_NAME, DELTA_SCALES_NAME}
-        owned |= set(self.components) | set(self._optional_components) | self._components_saved_in(target)
-        with atomic_folder(target, owned=owned) as staging:
-            super().save_pretrained(
-                staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
-            )
-            if self.empty_prompt_embeds is not None:
-                safetensors.torch.save_file(
-                    {"prompt_embeds": self.empty_prompt_embeds.detach().to("cpu").contiguous()},
-                    staging / EMPTY_PROMPT_EMBEDS_NAME,
-                )
-            if self.delta_processors:
-                (staging / DELTA_SCALES_NAME).write_text(json.dumps(self.get_delta_adapter_scale(), indent=2))
-        if push_to_hub:
-            push_folder(
-                target,
-                kwargs.get("repo_id") or target.absolute().name,
-                token=kwargs.get("token"),
-                private=kwargs.get("private"),
-                commit_message=kwargs.get("commit_message") or "Upload FluxDeltaEditPipeline",
-            )
-
-    @staticmethod
-    def _components_saved_in(folder: Path) -> set[str]:
-        """The component folders an earlier pipeline saved in `folder` (named by its model_index.json)."""
-        try:
-            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return set()
-        return {name for name in index if not name.startswith("_")} if isinstance(index, dict) else set()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FluxDeltaEditPipeline":
-        """diffusers' `from_pretrained`, plus the empty-prompt embeddings and per-block strengths that
-        `save_pretrained` stores beside the components (a folder without them loads as before)."""
-        try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as error:
-            if os.path.isdir(pretrained_model_name_or_path) or not is_hub_unreachable(error):
-                raise
-            raise hub_unreachable_error(
-                str(pretrained_model_name_or_path), "the pipeline", kwargs.get("local_files_only", False)
-            ) from None
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        location = AdapterLocation.resolve(pretrained_model_name_or_path, None, hub_kwargs)
-        embeds_path = location.fetch(EMPTY_PROMPT_EMBEDS_NAME, required=False)
-        if embeds_path is not None:
-            pipe.empty_prompt_embeds = read_empty_prompt_embeds(
-                embeds_path, pipe.transformer.config.joint_attention_dim
-            )
-        scales_path = location.fetch(DELTA_SCALES_NAME, required=False)
-        if scales_path is not None and pipe.delta_processors:
-            try:
-                pipe.set_delta_adapter_scale(json.loads(Path(scales_path).read_text(encoding="utf-8")))
-            except (ValueError, TypeError) as error:
-                raise ValueError(
-                    f"{scales_path} does not hold this pipeline's per-block scales ({error}). Delete it to load the "
-                    "pipeline with every scale at 1."
-                ) from None
-        return pipe
-
-    # ------------------------------------------------------------------ inputs
-
-    def _edit_tokens(
-        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device
-    ) -> torch.Tensor:
-        """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
-        self._check_not_tensor_parallel()
-        if delta_embeds is None:
-            delta_embeds = self.encode_exemplar(exemplar, device=device)
-        else:
-            delta_embeds = as_tensor(delta_embeds, "delta_embeds", "pass the edit tokens encode_exemplar returns")
-        expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)
-        if delta_embeds.ndim != 3 or tuple(delta_embeds.shape[1:]) != expected:
-            raise ValueError(
-                f"delta_embeds must have shape (1 or batch, {expected[0]}, {expected[1]}) as returned by "
-                f"encode_exemplar, got {tuple(delta_embeds.shape)}."
-            )
-        if delta_embeds.shape[0] == 1:
-            delta_embeds = delta_embeds.expand(batch_size, -1, -1)
-        elif delta_embeds.shape[0] != batch_size:
-            raise ValueError(f"delta_embeds has batch {delta_embeds.shape[0]}, expected 1 or {batch_size}.")
-        return delta_embeds.to(device=device, dtype=self.delta_adapter.dtype)
 
     # ------------------------------------------------------------------ call
 
