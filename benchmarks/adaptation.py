@@ -52,7 +52,7 @@ def sweep(pipe, learning_rates: list[float]) -> None:
     size = (SMALL.image_size, SMALL.image_size)
     source, target = random_image(1, size), random_image(2, size)
     pair = pipe._encode_pair_for_training(source, target, "cpu")
-    prompt_embeds = pipe._prompt_embeds("", None, **TEXT_KWARGS).detach()
+    prompt_embeds = pipe._text_conditioning("", **TEXT_KWARGS)["prompt_embeds"].detach()
     objective = DeltaAdapterObjective(
         pipe.delta_adapter, pipe.transformer, pipe.vae, pipe.image_encoder,
         SiglipPreprocessor(SMALL.siglip_image_size), prompt_embeds,

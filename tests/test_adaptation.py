@@ -48,7 +48,7 @@ def test_only_adapter_weights_change(pipe):
 
 def test_the_loss_goes_down_on_held_out_noise(pipe):
     pair = pipe._encode_pair_for_training(SOURCE, TARGET, "cpu")
-    prompt = pipe._prompt_embeds("", None, **TEXT_KWARGS).detach()
+    prompt = pipe._text_conditioning("", **TEXT_KWARGS)["prompt_embeds"].detach()
     objective = DeltaAdapterObjective(
         pipe.delta_adapter, pipe.transformer, pipe.vae, pipe.image_encoder, SiglipPreprocessor(32), prompt
     )

@@ -214,7 +214,9 @@ class DeltaAdaptationMixin:
         device = self._execution_device
         pair = self._encode_pair_for_training(source, target, device)
         with torch.no_grad():
-            prompt_embeds = self._prompt_embeds("", None, max_sequence_length, text_encoder_out_layers).to(device)
+            text_conditioning = self._text_conditioning("", max_sequence_length, text_encoder_out_layers)
+            text_conditioning = {name: tensor.to(device) for name, tensor in text_conditioning.items()}
+            text_conditioning.update(backbone_of(self.transformer).training_conditioning(device))
 
         adapter, transformer, vae, image_encoder = self.delta_adapter, self.transformer, self.vae, self.image_encoder
         state_before = copy_state(adapter)  # on the CPU
@@ -241,7 +243,7 @@ class DeltaAdaptationMixin:
                 enable_image_encoder_checkpointing(image_encoder)
             preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
             objective = DeltaAdapterObjective(
-                adapter, transformer, vae, image_encoder, preprocessor, prompt_embeds, config.lambda_delta
+                adapter, transformer, vae, image_encoder, preprocessor, text_conditioning, config.lambda_delta
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
             with torch.enable_grad():

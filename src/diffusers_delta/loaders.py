@@ -426,7 +426,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         self, image: ImageInput | list[ImageInput], height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
         """Query images -> (B, 3, H, W) in [-1, 1]: resized to `height` x `width` when given (multiples of 16),
-        else sized as `Flux2KleinPipeline` sizes its reference image."""
+        else sized as the backbone's pipeline sizes its reference image (`preprocess_query`)."""
         queries = image if isinstance(image, list) else [image]
         if not queries:
             raise ValueError("image must be a query image or a non-empty list of them.")
@@ -453,10 +453,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             if height is not None:  # the size asked for: the query is resized to it
                 processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
                 continue
-            if rgb.width * rgb.height > 1024 * 1024:
-                rgb = self.image_processor._resize_to_target_area(rgb, 1024 * 1024)
-            sized = (rgb.height // multiple_of) * multiple_of, (rgb.width // multiple_of) * multiple_of
-            processed.append(self.image_processor.preprocess(rgb, height=sized[0], width=sized[1], resize_mode="crop"))
+            processed.append(backbone_of(self.transformer).preprocess_query(self, rgb))
         sizes = {tuple(p.shape[-2:]) for p in processed}
         if len(sizes) > 1:
             raise ValueError(
@@ -465,28 +462,29 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             )
         return torch.cat(processed, dim=0)
 
-    def _prompt_embeds(
-        self, prompt: str, prompt_embeds: torch.Tensor | None, max_sequence_length: int, text_encoder_out_layers
-    ) -> torch.Tensor:
-        """(1, L, D_txt) prompt embeddings: given, stored for the empty prompt, or from the text encoder."""
-        if prompt_embeds is not None:
-            return prompt_embeds
+    def _text_conditioning(
+        self, prompt: str = "", max_sequence_length: int = 512, text_encoder_out_layers=(9, 18, 27)
+    ) -> dict[str, torch.Tensor]:
+        """The prompt's conditioning by name, as the backbone's transformer takes it (`prompt_embeds`, and
+        `pooled_prompt_embeds` for FLUX.1): the stored empty prompt's for `""`, else the text encoders'.
+
+        Args:
+            prompt: the prompt (Delta-Adapter is trained with the empty one).
+            max_sequence_length: prompt length for the text encoder.
+            text_encoder_out_layers: FLUX.2's Qwen3 layers stacked into the prompt embeddings (FLUX.1: unused).
+        """
         if prompt == "" and self.empty_prompt_embeds is not None:
-            check_finite(self.empty_prompt_embeds, "pipe.empty_prompt_embeds")
-            return self.empty_prompt_embeds.to(self.transformer.dtype)
-        if self.text_encoder is None or self.tokenizer is None:
+            stored = self._empty_prompt()
+            for name, tensor in stored.items():
+                check_finite(tensor, f"pipe.empty_{name}")
+            return {name: tensor.to(self.transformer.dtype) for name, tensor in stored.items()}
+        backbone = backbone_of(self.transformer)
+        if any(getattr(self, name, None) is None for name in backbone.TEXT_COMPONENTS):
             raise ValueError(
                 "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose "
-                "folder has empty_prompt_embeds.safetensors, or pass text_encoder and tokenizer."
+                f"folder has empty_prompt_embeds.safetensors, or pass {', '.join(backbone.TEXT_COMPONENTS)}."
             )
-        return self._get_qwen3_prompt_embeds(
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            prompt=prompt,
-            device=self._execution_device,
-            max_sequence_length=max_sequence_length,
-            hidden_states_layers=text_encoder_out_layers,
-        )
+        return backbone.encode_prompt(self, prompt, max_sequence_length, text_encoder_out_layers)
 
     @changes_the_adapter
     def unload_delta_adapter(self) -> None:

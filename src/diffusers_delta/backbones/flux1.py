@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
 from ..attention_processor import DeltaBranch, delta_processors_for
 from ..models.delta_adapter import DeltaAdapterModel
@@ -24,6 +26,10 @@ from ..models.delta_adapter import DeltaAdapterModel
 NAME = "flux1"
 DISPLAY_NAME = "FLUX.1 (FluxTransformer2DModel)"
 TRANSFORMER_CLASS = FluxTransformer2DModel
+#: The pipeline components that encode a prompt.
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+#: The distilled guidance the adapter trains and adapts under: `FluxKontextPipeline`'s default.
+TRAINING_GUIDANCE = 3.5
 
 
 class FluxDeltaAttnProcessor(DeltaBranch):
@@ -111,6 +117,38 @@ def decode_tokens(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: 
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in about [-1, 1]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def reference_size(pipe: FluxKontextPipeline, rgb: PIL.Image.Image, auto_resize: bool = True) -> tuple[int, int]:
+    """(height, width) `FluxKontextPipeline` gives its reference image: with `auto_resize`, the preferred Kontext
+    resolution nearest the image's aspect ratio, else its own size; rounded down to multiples of 16."""
+    height, width = rgb.height, rgb.width
+    if auto_resize:
+        _, width, height = min((abs(rgb.width / rgb.height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    multiple_of = pipe.vae_scale_factor * 2
+    return height // multiple_of * multiple_of, width // multiple_of * multiple_of
+
+
+def preprocess_query(pipe: FluxKontextPipeline, rgb: PIL.Image.Image) -> torch.Tensor:
+    """A query as `FluxKontextPipeline` preprocesses its reference image -> (1, 3, H, W) in [-1, 1]."""
+    height, width = reference_size(pipe, rgb)
+    return pipe.image_processor.preprocess(pipe.image_processor.resize(rgb, height, width), height, width)
+
+
+def encode_prompt(
+    pipe: FluxKontextPipeline, prompt: str, max_sequence_length: int, text_encoder_out_layers=None
+) -> dict[str, torch.Tensor]:
+    """A prompt's conditioning with the pipeline's T5 and CLIP: `prompt_embeds` (1, L, D_t5) and
+    `pooled_prompt_embeds` (1, D_clip) (`text_encoder_out_layers` is FLUX.2's, unused here)."""
+    prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+        prompt=prompt, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length
+    )
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+
+def training_conditioning(device: torch.device) -> dict[str, torch.Tensor]:
+    """What the objective takes beside the prompt's embeddings: the distilled guidance (`TRAINING_GUIDANCE`)."""
+    return {"guidance": torch.full([1], TRAINING_GUIDANCE, device=device, dtype=torch.float32)}
 
 
 def predict_velocity(

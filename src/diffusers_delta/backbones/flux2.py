@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import (
@@ -25,6 +26,10 @@ from ..models.delta_adapter import DeltaAdapterModel
 NAME = "flux2"
 DISPLAY_NAME = "FLUX.2 (Flux2Transformer2DModel)"
 TRANSFORMER_CLASS = Flux2Transformer2DModel
+#: The pipeline components that encode a prompt.
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+#: The most pixels a query keeps (larger ones are scaled down to this area), as klein sizes its reference image.
+MAX_QUERY_AREA = 1024 * 1024
 
 
 class Flux2DeltaAttnProcessor(DeltaBranch):
@@ -182,6 +187,36 @@ def decode_tokens(vae: AutoencoderKLFlux2, tokens: torch.Tensor, height: int, wi
     """(B, hw, 4C) tokens of an (h, w) patchified grid -> images in [0, 1], (B, 3, H, W), differentiably."""
     latent_ids = Flux2KleinPipeline._prepare_latent_ids(tokens.new_empty(tokens.shape[0], 1, height, width))
     return decode_packed_latents(vae, tokens, latent_ids.to(tokens.device), height, width)
+
+
+def preprocess_query(pipe: Flux2KleinPipeline, rgb: PIL.Image.Image) -> torch.Tensor:
+    """A query as `Flux2KleinPipeline` sizes its reference image: its own size, scaled down to `MAX_QUERY_AREA` when
+    larger, cropped to multiples of 16 -> (1, 3, H, W) in [-1, 1]."""
+    if rgb.width * rgb.height > MAX_QUERY_AREA:
+        rgb = pipe.image_processor._resize_to_target_area(rgb, MAX_QUERY_AREA)
+    multiple_of = pipe.vae_scale_factor * 2
+    height, width = (rgb.height // multiple_of) * multiple_of, (rgb.width // multiple_of) * multiple_of
+    return pipe.image_processor.preprocess(rgb, height=height, width=width, resize_mode="crop")
+
+
+def encode_prompt(
+    pipe: Flux2KleinPipeline, prompt: str, max_sequence_length: int, text_encoder_out_layers: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """A prompt's conditioning with the pipeline's Qwen3: `prompt_embeds` (1, L, D_txt)."""
+    prompt_embeds = pipe._get_qwen3_prompt_embeds(
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        prompt=prompt,
+        device=pipe._execution_device,
+        max_sequence_length=max_sequence_length,
+        hidden_states_layers=text_encoder_out_layers,
+    )
+    return {"prompt_embeds": prompt_embeds}
+
+
+def training_conditioning(device: torch.device) -> dict[str, torch.Tensor]:
+    """What the objective takes beside the prompt's embeddings: nothing for klein (no guidance embedding)."""
+    return {}
 
 
 def predict_velocity(

@@ -225,7 +225,9 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
         height, width = query_pixels.shape[-2:]
 
         # 3. Prompt embeddings (the empty prompt's, stored with the adapter, by default)
-        prompt_embeds = self._prompt_embeds(prompt, prompt_embeds, max_sequence_length, text_encoder_out_layers)
+        if prompt_embeds is None:
+            text_conditioning = self._text_conditioning(prompt, max_sequence_length, text_encoder_out_layers)
+            prompt_embeds = text_conditioning["prompt_embeds"]  # (1, L, D_txt)
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=None,
             prompt_embeds=prompt_embeds.to(device).expand(total, -1, -1),
