@@ -5,7 +5,7 @@ from .backbones.flux1 import FluxDeltaAttnProcessor
 from .backbones.flux2 import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
 from .loaders import DeltaAdapterMixin
 from .models import DeltaAdapterModel
-from .pipelines import FluxDeltaEditPipeline, compute_empty_prompt_embeds
+from .pipelines import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline, compute_empty_prompt_embeds
 from .semantic_delta import SiglipPreprocessor, semantic_delta
 
 
@@ -18,6 +18,7 @@ __all__ = [
     "Flux2DeltaParallelSelfAttnProcessor",
     "FluxDeltaAttnProcessor",
     "FluxDeltaEditPipeline",
+    "FluxKontextDeltaEditPipeline",
     "SiglipPreprocessor",
     "compute_empty_prompt_embeds",
     "semantic_delta",

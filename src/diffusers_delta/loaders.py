@@ -449,7 +449,8 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
                     f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
                     f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
                 )
-            self.image_processor.check_image_input(rgb)
+            if hasattr(self.image_processor, "check_image_input"):  # FLUX.2's: its aspect-ratio and size limits
+                self.image_processor.check_image_input(rgb)
             if height is not None:  # the size asked for: the query is resized to it
                 processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
                 continue
@@ -478,11 +479,16 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             for name, tensor in stored.items():
                 check_finite(tensor, f"pipe.empty_{name}")
             return {name: tensor.to(self.transformer.dtype) for name, tensor in stored.items()}
+        return self._encode_prompt(prompt, max_sequence_length, text_encoder_out_layers)
+
+    def _encode_prompt(self, prompt: str, max_sequence_length: int, text_encoder_out_layers) -> dict:
+        """A prompt's conditioning by name from the pipeline's text encoders (see `_text_conditioning`)."""
         backbone = backbone_of(self.transformer)
-        if any(getattr(self, name, None) is None for name in backbone.TEXT_COMPONENTS):
+        missing = [name for name in backbone.TEXT_COMPONENTS if getattr(self, name, None) is None]
+        if missing:
             raise ValueError(
-                "This pipeline has no text encoder and no stored empty-prompt embeddings: load an adapter whose "
-                f"folder has empty_prompt_embeds.safetensors, or pass {', '.join(backbone.TEXT_COMPONENTS)}."
+                f"This pipeline has no {', '.join(missing)} and no stored empty-prompt embeddings: load an adapter "
+                f"whose folder has empty_prompt_embeds.safetensors, or pass {', '.join(backbone.TEXT_COMPONENTS)}."
             )
         return backbone.encode_prompt(self, prompt, max_sequence_length, text_encoder_out_layers)
 
@@ -501,6 +507,20 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         self._delta_loaded_state = self._delta_adapter_source = self._delta_adaptation = None
         self._delta_image_encoder_loaded = False
         self._set_delta_components(delta_adapter=None, image_encoder=None, feature_extractor=None)
+
+    @torch.no_grad()
+    def encode_empty_prompt(self, max_sequence_length: int = 512, text_encoder_out_layers=(9, 18, 27)) -> None:
+        """Encodes the empty prompt with the pipeline's text encoders and stores its embeddings
+        (`empty_prompt_embeds`, and `empty_pooled_prompt_embeds` for FLUX.1), so that `save_delta_adapter` writes
+        them and pipelines that load the adapter run without text encoders.
+
+        Args:
+            max_sequence_length: the padded prompt length the pipeline uses (512 for klein and Kontext).
+            text_encoder_out_layers: FLUX.2's Qwen3 layers stacked into the embeddings (klein's default; FLUX.1:
+                unused).
+        """
+        embeds = self._encode_prompt("", max_sequence_length, text_encoder_out_layers)
+        self._restore_empty_prompt({name: tensor.to("cpu") for name, tensor in embeds.items()})
 
     def _empty_prompt_dims(self) -> tuple[int, int | None]:
         """The widths of the empty prompt's embeddings this transformer takes: (D_txt, D_pooled or None)."""

@@ -1,7 +1,10 @@
-"""Small, seeded instances of the real classes FLUX.2 [klein] and Delta-Adapter are made of, built in code.
+"""Small, seeded instances of the real classes FLUX.2 [klein], FLUX.1 Kontext and Delta-Adapter are made of, built in
+code.
 
 No download and no imitation: these are `Flux2Transformer2DModel`, `AutoencoderKLFlux2`, `SiglipVisionModel`,
-`Qwen3ForCausalLM` and a Qwen2 tokenizer at toy sizes, so tests and CPU benchmarks run the real code paths offline.
+`Qwen3ForCausalLM` and a Qwen2 tokenizer (klein), `FluxTransformer2DModel`, `AutoencoderKL`, `CLIPTextModel`,
+`T5EncoderModel` and their tokenizers (Kontext) at toy sizes, so tests and CPU benchmarks run the real code paths
+offline.
 Two sizes exist: `TINY` (the test suite: milliseconds per call) and `SMALL` (CPU benchmarks: big enough that
 attention and matmuls, not Python, dominate the time).
 """
@@ -13,9 +16,28 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from .models.delta_adapter import DeltaAdapterModel
 
@@ -217,12 +239,141 @@ def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> PIL.Image.Image
     return PIL.Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
 
 
-def tiny_delta_pipeline(sizes: ModelSizes = TINY, adapter_std: float | None = None):
-    """A `FluxDeltaEditPipeline` with its text encoder, a SigLIP encoder and an adapter loaded: a fresh one (which
-    leaves the base output unchanged), or with `adapter_std`, a trained-like one of random non-zero weights."""
-    from .pipelines import FluxDeltaEditPipeline
+# ------------------------------------------------------------------------------------------------ FLUX.1 Kontext
 
-    pipe = FluxDeltaEditPipeline(**tiny_klein_components(sizes))
+LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+#: Keyword arguments every Kontext call on these models needs: a short T5 prompt.
+KONTEXT_TEXT_KWARGS = {"max_sequence_length": 16}
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A BPE tokenizer over lowercase letters with CLIP's special tokens and 77-token prompts."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(specials + LETTERS + [f"{c}</w>" for c in LETTERS])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[1], end_of_word_suffix="</w>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return CLIPTokenizer(
+        tokenizer_object=backend,
+        bos_token=specials[0],
+        eos_token=specials[1],
+        pad_token=specials[1],
+        unk_token=specials[1],
+        model_max_length=77,
+    )
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A unigram tokenizer over lowercase letters with T5's special tokens."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in LETTERS]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def tiny_clip_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> CLIPTextModel:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=sizes.qwen_hidden,
+        intermediate_size=2 * sizes.qwen_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=sizes.qwen_hidden,
+        bos_token_id=0,  # tiny_clip_tokenizer's <|startoftext|> and <|endoftext|>
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_t5_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> T5EncoderModel:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=3 * sizes.qwen_hidden,
+        d_kv=sizes.qwen_hidden,
+        d_ff=2 * sizes.qwen_hidden,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flux_transformer(sizes: ModelSizes = TINY) -> FluxTransformer2DModel:
+    """A FLUX.1 transformer over 4 latent channels packed 2x2 (16 input channels), guidance-distilled as Kontext
+    [dev] is."""
+    torch.manual_seed(0)
+    axis = sizes.head_dim // 8
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=sizes.double_blocks,
+        num_single_layers=sizes.single_blocks,
+        attention_head_dim=sizes.head_dim,
+        num_attention_heads=sizes.heads,
+        joint_attention_dim=3 * sizes.qwen_hidden,
+        pooled_projection_dim=sizes.qwen_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=(2 * axis, 3 * axis, 3 * axis),
+    ).eval()
+
+
+def tiny_flux_vae(sizes: ModelSizes = TINY) -> AutoencoderKL:
+    """4x downsampling, 4 latent channels, FLUX.1's shift and scale: a 64x64 image becomes 8x8 = 64 tokens."""
+    torch.manual_seed(0)
+    levels = len(sizes.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=sizes.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sizes.image_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+
+
+def tiny_kontext_components(sizes: ModelSizes = TINY) -> dict:
+    """The keyword arguments of `FluxKontextPipeline` (and `FluxKontextDeltaEditPipeline`)."""
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        ),
+        "vae": tiny_flux_vae(sizes),
+        "text_encoder": tiny_clip_text_encoder(len(tokenizer), sizes),
+        "tokenizer": tokenizer,
+        "text_encoder_2": tiny_t5_text_encoder(len(tokenizer_2), sizes),
+        "tokenizer_2": tokenizer_2,
+        "transformer": tiny_flux_transformer(sizes),
+    }
+
+
+def tiny_delta_pipeline(sizes: ModelSizes = TINY, adapter_std: float | None = None, backbone: str = "flux2"):
+    """A Delta-Adapter pipeline with its text encoders, a SigLIP encoder and an adapter loaded: a fresh one (which
+    leaves the base output unchanged), or with `adapter_std`, a trained-like one of random non-zero weights.
+
+    Args:
+        sizes: the models' sizes.
+        adapter_std: the spread of a trained-like adapter's random weights (None: a fresh adapter).
+        backbone: `"flux2"` (a `FluxDeltaEditPipeline` on klein) or `"flux1"` (a `FluxKontextDeltaEditPipeline` on
+            Kontext, for `sizes.image_size` images, with the empty prompt's embeddings stored).
+    """
+    from .pipelines import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
+
+    if backbone == "flux1":
+        pipe = FluxKontextDeltaEditPipeline(**tiny_kontext_components(sizes), image_size=sizes.image_size)
+        pipe.encode_empty_prompt(**KONTEXT_TEXT_KWARGS)
+    else:
+        pipe = FluxDeltaEditPipeline(**tiny_klein_components(sizes))
     pipe.register_modules(image_encoder=tiny_image_encoder(sizes))
     adapter = tiny_adapter(pipe.transformer, sizes)
     if adapter_std is not None:

@@ -130,8 +130,9 @@ def reference_size(pipe: FluxKontextPipeline, rgb: PIL.Image.Image, auto_resize:
 
 
 def preprocess_query(pipe: FluxKontextPipeline, rgb: PIL.Image.Image) -> torch.Tensor:
-    """A query as `FluxKontextPipeline` preprocesses its reference image -> (1, 3, H, W) in [-1, 1]."""
-    height, width = reference_size(pipe, rgb)
+    """A query as `FluxKontextPipeline` preprocesses its reference image -> (1, 3, H, W) in [-1, 1] (a model that
+    knows one `image_size` keeps the query's size, as `FluxKontextDeltaEditPipeline` does)."""
+    height, width = reference_size(pipe, rgb, auto_resize=pipe.config.get("image_size") is None)
     return pipe.image_processor.preprocess(pipe.image_processor.resize(rgb, height, width), height, width)
 
 

@@ -1,0 +1,280 @@
+"""`FluxKontextDeltaEditPipeline`: edit a query image the way an exemplar pair shows, on FLUX.1 Kontext [dev], with no
+text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils import replace_example_docstring
+from transformers import (
+    CLIPTextModel,
+    CLIPTokenizer,
+    SiglipImageProcessorPil,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from ..backbones.flux1 import reference_size
+from ..checks import finite_float, positive_int
+from ..concurrency import one_call_at_a_time
+from ..image_inputs import ImageInput, to_rgb_image
+from ..loaders import ExemplarPair
+from ..models.delta_adapter import DeltaAdapterModel
+from .delta_edit_pipeline import DeltaEditPipelineMixin
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers.utils import load_image
+        >>> from diffusers_delta import FluxKontextDeltaEditPipeline
+
+        >>> pipe = FluxKontextDeltaEditPipeline.from_pretrained(
+        ...     "black-forest-labs/FLUX.1-Kontext-dev",
+        ...     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,  # the adapter brings
+        ...     torch_dtype=torch.bfloat16,                                              # the empty prompt's
+        ... )
+        >>> pipe.load_delta_adapter("path/to/your-kontext-delta-adapter")  # one you trained: none is published yet
+        >>> pipe.to("cuda")
+        >>> source, target = load_image("exemplar_before.png"), load_image("exemplar_after.png")
+        >>> edited = pipe(load_image("query.png"), exemplar=(source, target)).images[0]
+        >>> edited.save("edited.png")
+        ```
+"""
+
+
+class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
+    r"""Exemplar-based image editing with Delta-Adapter on FLUX.1 Kontext [dev].
+
+    The query rides as Kontext's reference image; the exemplar pair's semantic delta, turned into edit tokens by the
+    `delta_adapter`, reaches every double- and single-stream block through a decoupled cross-attention branch. The
+    call is `FluxKontextPipeline`'s (its steps, distilled guidance, `max_area`, true CFG and callbacks) with the
+    empty prompt, whose T5 and CLIP embeddings the adapter folder stores, so T5-XXL need not be loaded.
+
+    Args:
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the flow-matching scheduler.
+        vae ([`AutoencoderKL`]): FLUX.1's VAE.
+        text_encoder ([`CLIPTextModel`], *optional*): only needed without stored empty-prompt embeddings, or for a
+            non-empty `prompt`.
+        tokenizer ([`CLIPTokenizer`], *optional*): its tokenizer.
+        text_encoder_2 ([`T5EncoderModel`], *optional*): likewise.
+        tokenizer_2 ([`T5TokenizerFast`], *optional*): its tokenizer.
+        transformer ([`FluxTransformer2DModel`]): the frozen FLUX.1 Kontext transformer.
+        image_encoder ([`SiglipVisionModel`], *optional*): the exemplar encoder, set by `load_delta_adapter` (it takes
+            the place of Kontext's IP-Adapter encoder: the two adapters do not load together).
+        feature_extractor ([`SiglipImageProcessorPil`], *optional*): the encoder's preprocessing settings.
+        delta_adapter ([`DeltaAdapterModel`], *optional*): the adapter, set by `load_delta_adapter`.
+        image_size (`int`, *optional*): the one image side the models were trained for, for models that know only
+            one size (test and toy models); queries of another size are then refused, and the output and reference
+            keep that size. `None` (Kontext [dev]): any size.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
+    _optional_components = [
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "image_encoder",
+        "feature_extractor",
+        "delta_adapter",
+    ]
+    # The processors call the adapter's per-block weights inside the transformer's forward, so the (small) adapter
+    # stays on the accelerator instead of being offloaded as a model of its own.
+    _exclude_from_cpu_offload = ["delta_adapter"]
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        text_encoder_2: T5EncoderModel | None,
+        tokenizer_2: T5TokenizerFast | None,
+        transformer: FluxTransformer2DModel,
+        image_encoder: SiglipVisionModel | None = None,
+        feature_extractor: SiglipImageProcessorPil | None = None,
+        delta_adapter: DeltaAdapterModel | None = None,
+        image_size: int | None = None,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+        self._register_delta_components(image_encoder, feature_extractor, delta_adapter)
+        self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
+
+    def _query_images(self, image) -> list:
+        """The queries as RGB images (checked, EXIF-free), refused when a fixed-size model gets another size."""
+        queries = image if isinstance(image, list) else [image]
+        if not queries:
+            raise ValueError("image must be a query image or a non-empty list of them.")
+        fixed = self.config.get("image_size")
+        images = []
+        for index, query in enumerate(queries):
+            name = f"query {index}" if len(queries) > 1 else "query"
+            rgb = to_rgb_image(query, name=name)
+            if fixed is not None and rgb.size != (fixed, fixed):
+                raise ValueError(
+                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
+                    f"it to {fixed}x{fixed} first."
+                )
+            images.append(rgb)
+        return images
+
+    @one_call_at_a_time
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: ImageInput | list[ImageInput] | None = None,
+        exemplar: ExemplarPair | list[ExemplarPair] | None = None,
+        delta_embeds: torch.Tensor | None = None,
+        delta_scale: float = 1.0,
+        prompt: str = "",
+        negative_prompt: str | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        max_area: int | None = None,
+        _auto_resize: bool = True,
+    ) -> FluxPipelineOutput | tuple:
+        r"""Applies the exemplar's edit to the query image(s), through `FluxKontextPipeline`'s call.
+
+        Args:
+            image: the query: a PIL image, numpy array or tensor (values in [0, 1]), or a list of queries of one
+                size, edited as one batch. Kontext gives it its preferred resolution nearest its aspect ratio.
+            exemplar: `(source, target)` showing the edit, or a list of such pairs (their semantic deltas are
+                averaged). Give this or `delta_embeds`.
+            delta_embeds: (1 or B, N, D_edit) edit tokens from `encode_exemplar`, to edit many queries with one
+                encoding.
+            delta_scale: edit strength; 0 gives Kontext's own output with the empty prompt, 1 the trained strength.
+            prompt: an optional text prompt; Delta-Adapter is trained with the empty prompt.
+            negative_prompt: with `true_cfg_scale` > 1, Kontext's true classifier-free guidance (needs the text
+                encoders).
+            true_cfg_scale: Kontext's true CFG scale.
+            height: the output's height, before Kontext fits it to `max_area` (with `width`). By default the query's
+                size as Kontext sizes its reference (upstream defaults to 1024x1024 whatever the query's shape).
+            width: the output's width (with `height`).
+            num_inference_steps: denoising steps (Kontext's 28).
+            sigmas: custom sigmas for the scheduler.
+            guidance_scale: Kontext's distilled guidance (its default 3.5).
+            num_images_per_prompt: outputs per query.
+            generator: a generator, or one per output, for reproducible noise.
+            latents: pre-generated noise latents, packed.
+            prompt_embeds: pre-computed (1 or B, L, D_t5) T5 embeddings (with `pooled_prompt_embeds`).
+            pooled_prompt_embeds: pre-computed (1 or B, D_clip) pooled CLIP embeddings.
+            negative_prompt_embeds: pre-computed negative T5 embeddings, for true CFG.
+            negative_pooled_prompt_embeds: pre-computed negative pooled CLIP embeddings, for true CFG.
+            output_type: `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict: return a `FluxPipelineOutput` instead of a tuple.
+            joint_attention_kwargs: extra kwargs for the attention processors (e.g. a LoRA `scale`).
+            callback_on_step_end: called after each step as in diffusers pipelines.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback.
+            max_sequence_length: T5 prompt length, when a prompt is encoded.
+            max_area: the output's area, as Kontext fits its size to it (default 1024², or `image_size`² for a
+                fixed-size model).
+            _auto_resize: Kontext's own flag: give the reference its preferred resolution (off for fixed-size models).
+
+        Examples:
+
+        Returns:
+            [`~pipelines.flux.FluxPipelineOutput`] or `tuple` whose first element is the list of edited images.
+        """
+        if image is None:
+            raise ValueError("image (the query to edit) is required.")
+        if (exemplar is None) == (delta_embeds is None):
+            raise ValueError(
+                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
+            )
+        self._require_delta_adapter()
+        delta_scale = finite_float(delta_scale, "delta_scale")
+        num_images_per_prompt = positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if joint_attention_kwargs and {"delta_hidden_states", "delta_scale"} & set(joint_attention_kwargs):
+            raise ValueError("Pass the edit through exemplar/delta_embeds/delta_scale, not joint_attention_kwargs.")
+        if (height is None) != (width is None):
+            raise ValueError("Give both height and width (the output size), or neither (the query's size).")
+
+        queries = self._query_images(image)
+        fixed = self.config.get("image_size")
+        auto_resize = _auto_resize and fixed is None
+        sizes = {reference_size(self, rgb, auto_resize) for rgb in queries}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
+                "size, or call the pipeline once per size."
+            )
+        if height is None:
+            height, width = sizes.pop()
+        if max_area is None:
+            max_area = fixed * fixed if fixed is not None else 1024**2
+        batch_size = len(queries)
+        device = self._execution_device
+
+        # The empty prompt's stored T5 and CLIP embeddings (or the text encoders'), one per query
+        if prompt_embeds is None:
+            text = self._text_conditioning(prompt, max_sequence_length)
+            prompt_embeds, pooled_prompt_embeds = text["prompt_embeds"], text["pooled_prompt_embeds"]
+        if prompt_embeds.shape[0] == 1:
+            prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
+        if pooled_prompt_embeds is not None and pooled_prompt_embeds.shape[0] == 1:
+            pooled_prompt_embeds = pooled_prompt_embeds.expand(batch_size, -1)
+
+        # Edit tokens, tiled as Kontext tiles the queries' latents for num_images_per_prompt: (B * n, N, D_edit)
+        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device).repeat(num_images_per_prompt, 1, 1)
+        attention_kwargs = {**(joint_attention_kwargs or {}), "delta_hidden_states": edit_tokens}
+        attention_kwargs["delta_scale"] = delta_scale
+
+        return super().__call__(
+            image=queries if batch_size > 1 else queries[0],
+            prompt=None,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            height=height,
+            width=width,
+            num_inference_steps=positive_int(num_inference_steps, "num_inference_steps"),
+            sigmas=sigmas,
+            guidance_scale=finite_float(guidance_scale, "guidance_scale"),
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds.to(device),
+            pooled_prompt_embeds=None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(device),
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            output_type=output_type,
+            return_dict=return_dict,
+            joint_attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+            max_area=max_area,
+            _auto_resize=auto_resize,
+        )

@@ -1,0 +1,159 @@
+"""Delta-Adapter on FLUX.1 Kontext: the klein invariants, on tiny real Kontext models (`FluxTransformer2DModel`,
+`AutoencoderKL`, CLIP and T5 text encoders, SigLIP)."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import FluxKontextPipeline
+
+from diffusers_delta import (
+    DeltaAdapterModel,
+    FluxDeltaAttnProcessor,
+    FluxDeltaEditPipeline,
+    FluxKontextDeltaEditPipeline,
+)
+from diffusers_delta.testing import (
+    KONTEXT_TEXT_KWARGS,
+    random_image,
+    tiny_delta_pipeline,
+    tiny_kontext_components,
+)
+
+
+QUERY, SOURCE, TARGET = random_image(0), random_image(1), random_image(2)
+STEPS = 3
+
+
+def render(pipe, query=QUERY, seed=0, **kwargs):
+    return pipe(query, exemplar=kwargs.pop("exemplar", (SOURCE, TARGET)), num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images  # fmt: skip
+
+
+def kontext(pipe, query=QUERY, seed=0, **kwargs):
+    """Upstream `FluxKontextPipeline`'s own output with the empty prompt, on the same weights and size."""
+    return FluxKontextPipeline.__call__(
+        pipe, image=query, prompt_embeds=pipe.empty_prompt_embeds,
+        pooled_prompt_embeds=pipe.empty_pooled_prompt_embeds, height=64, width=64, max_area=64 * 64,
+        _auto_resize=False, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+        output_type="np", **kwargs,
+    ).images  # fmt: skip
+
+
+@pytest.fixture
+def pipe():
+    return tiny_delta_pipeline(adapter_std=0.3, backbone="flux1")
+
+
+def test_processors_reach_every_double_and_single_block_and_record_the_backbone(pipe):
+    processors = pipe.delta_processors
+    assert len(processors) == len(pipe.transformer.attn_processors) == 3  # 1 double + 2 single blocks
+    assert all(isinstance(p, FluxDeltaAttnProcessor) for p in processors.values())
+    assert pipe.delta_adapter.config.backbone == "flux1"
+    assert pipe.get_delta_adapter_scale() == {"double": [1.0], "single": [1.0, 1.0]}
+
+
+def test_scale_0_and_a_fresh_adapter_give_kontext_bit_for_bit(pipe):
+    base = kontext(pipe)
+    assert (render(pipe, delta_scale=0.0) == base).all()
+    edited = render(pipe)
+    assert np.abs(edited - base).max() > 1e-3
+    pipe.set_delta_adapter_scale({"double": 0.0, "single": 0.0})
+    assert (render(pipe) == base).all()
+    fresh = tiny_delta_pipeline(backbone="flux1")  # to_v_delta starts at zero: nothing added
+    assert (render(fresh) == kontext(fresh)).all()
+
+
+def test_kontexts_guidance_reaches_the_transformer(pipe):
+    assert (render(pipe, guidance_scale=2.0) != render(pipe)).any()
+    assert (render(pipe, guidance_scale=2.0, delta_scale=0.0) == kontext(pipe, guidance_scale=2.0)).all()
+
+
+def test_unload_restores_kontext_exactly_and_the_empty_prompt(pipe):
+    base = kontext(pipe)
+    pipe.unload_delta_adapter()
+    assert not any(isinstance(p, FluxDeltaAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    assert (kontext(pipe) == base).all()
+
+
+def test_a_batch_equals_its_singles_and_delta_embeds_equal_the_exemplar(pipe):
+    other = random_image(5)
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    both = pipe([QUERY, other], exemplar=(SOURCE, TARGET), num_inference_steps=STEPS, generator=generators,
+                output_type="np").images  # fmt: skip
+    assert np.allclose(both[0], render(pipe, seed=0), atol=1e-5)
+    assert np.allclose(both[1], render(pipe, query=other, seed=1), atol=1e-5)
+    tokens = pipe.encode_exemplar((SOURCE, TARGET))
+    by_tokens = pipe(QUERY, delta_embeds=tokens, num_inference_steps=STEPS, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert (by_tokens == render(pipe)).all()
+    two = pipe(QUERY, delta_embeds=tokens, num_inference_steps=STEPS, output_type="np", num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert two.shape == (2, 64, 64, 3) and not np.allclose(two[0], two[1])
+
+
+def test_callbacks_see_every_step_and_may_change_the_latents(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append(step)
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == STEPS - 1 else {}
+
+    out = render(pipe, callback_on_step_end=callback)
+    zero = render(pipe, callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros_like(k["latents"])})
+    assert seen == list(range(STEPS)) and (out == zero).all()
+
+
+def test_save_and_load_text_free_bit_identical_and_another_backbones_adapter_refused(pipe, tmp_path):
+    edited = render(pipe)
+    pipe.save_delta_adapter(tmp_path / "adapter")
+    stored = safetensors.torch.load_file(tmp_path / "adapter" / "empty_prompt_embeds.safetensors")
+    assert set(stored) == {"prompt_embeds", "pooled_prompt_embeds"}
+    assert DeltaAdapterModel.load_config(tmp_path / "adapter")["backbone"] == "flux1"
+
+    components = tiny_kontext_components()
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        components[name] = None  # no T5, no CLIP: the adapter brings the empty prompt's embeddings
+    text_free = FluxKontextDeltaEditPipeline(**components, image_size=64)
+    text_free.set_progress_bar_config(disable=True)
+    text_free.load_delta_adapter(tmp_path / "adapter")
+    assert (render(text_free) == edited).all()
+
+    klein = FluxDeltaEditPipeline(
+        **{k: v for k, v in tiny_delta_pipeline().components.items() if k != "delta_adapter"}
+    )
+    with pytest.raises(ValueError, match=r"trained for FLUX.1 \(FluxTransformer2DModel\), and this pipeline's "
+                                         r"transformer is FLUX.2 \(Flux2Transformer2DModel\)"):  # fmt: skip
+        klein.load_delta_adapter(tmp_path / "adapter")
+    assert klein.delta_adapter is None
+    tiny_delta_pipeline().save_delta_adapter(tmp_path / "klein_adapter")
+    with pytest.raises(ValueError, match=r"trained for FLUX.2 .*this pipeline's transformer is FLUX.1"):
+        pipe.load_delta_adapter(tmp_path / "klein_adapter")
+    assert (render(pipe) == edited).all()
+
+
+def test_adaptation_moves_only_the_adapter_and_resets_exactly(pipe):
+    before = render(pipe)
+    frozen = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    flags = [p.requires_grad for p in pipe.transformer.parameters()]  # as from_pretrained leaves them: True
+    result = pipe.adapt_to_exemplar(SOURCE, TARGET, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert all(torch.equal(pipe.transformer.state_dict()[name], tensor) for name, tensor in frozen.items())
+    assert [p.requires_grad for p in pipe.transformer.parameters()] == flags
+    assert all(p.grad is None for p in pipe.transformer.parameters())
+    assert (render(pipe) != before).any()
+    pipe.reset_delta_adapter()
+    assert (render(pipe) == before).all()
+
+
+def test_a_non_empty_prompt_needs_the_text_encoders_and_uses_them(pipe):
+    with_text = render(pipe, prompt="make it red", max_sequence_length=KONTEXT_TEXT_KWARGS["max_sequence_length"])
+    assert (with_text != render(pipe)).any()
+    pipe.text_encoder_2 = None
+    with pytest.raises(ValueError, match="no text_encoder_2 and no stored empty-prompt embeddings"):
+        render(pipe, prompt="make it red")
+
+
+def test_a_query_of_another_size_is_refused_by_a_fixed_size_model(pipe):
+    with pytest.raises(ValueError, match="edits only 64x64 images and the query is 96x64"):
+        render(pipe, query=random_image(0, (96, 64)))
