@@ -157,3 +157,39 @@ def test_a_non_empty_prompt_needs_the_text_encoders_and_uses_them(pipe):
 def test_a_query_of_another_size_is_refused_by_a_fixed_size_model(pipe):
     with pytest.raises(ValueError, match="edits only 64x64 images and the query is 96x64"):
         render(pipe, query=random_image(0, (96, 64)))
+
+
+def test_model_cpu_offload_after_or_before_loading_keeps_the_edit(pipe, tmp_path):
+    expected = render(pipe)
+    pipe.save_delta_adapter(tmp_path / "adapter")
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks and placement logic, on the only device here
+    assert not hasattr(pipe.delta_adapter, "_hf_hook") and hasattr(pipe.transformer, "_hf_hook")
+    assert (render(pipe) == expected).all()
+
+    offloaded_first = FluxKontextDeltaEditPipeline(**tiny_kontext_components(), image_size=64)
+    offloaded_first.set_progress_bar_config(disable=True)
+    offloaded_first.enable_model_cpu_offload(device="cpu")
+    offloaded_first.load_delta_adapter(tmp_path / "adapter")
+    assert type(getattr(offloaded_first.image_encoder, "_hf_hook", None)).__name__ == "CpuOffload"
+    assert (render(offloaded_first) == expected).all()
+
+
+def test_from_pipe_shares_the_adapter_and_gives_its_own_scheduler(pipe):
+    pipe.set_delta_adapter_scale({"single": [0.5, 1.0]})
+    expected = render(pipe)
+    twin = FluxKontextDeltaEditPipeline.from_pipe(pipe)
+    twin.set_progress_bar_config(disable=True)
+    assert twin.transformer is pipe.transformer and twin.scheduler is not pipe.scheduler
+    assert twin.get_delta_adapter_scale() == {"double": [1.0], "single": [0.5, 1.0]}
+    assert (render(twin) == expected).all()
+
+
+def test_whole_pipeline_save_and_from_pretrained_keeps_the_adapter_and_the_empty_prompt(pipe, tmp_path):
+    pipe.set_delta_adapter_scale(0.75)
+    expected = render(pipe)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    reloaded = FluxKontextDeltaEditPipeline.from_pretrained(tmp_path / "pipeline")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.get_delta_adapter_scale() == {"double": [0.75], "single": [0.75, 0.75]}
+    assert torch.equal(reloaded.empty_pooled_prompt_embeds, pipe.empty_pooled_prompt_embeds)
+    assert (render(reloaded) == expected).all()
