@@ -193,3 +193,31 @@ def test_whole_pipeline_save_and_from_pretrained_keeps_the_adapter_and_the_empty
     assert reloaded.get_delta_adapter_scale() == {"double": [0.75], "single": [0.75, 0.75]}
     assert torch.equal(reloaded.empty_pooled_prompt_embeds, pipe.empty_pooled_prompt_embeds)
     assert (render(reloaded) == expected).all()
+
+
+def test_the_card_names_kontext_and_its_snippet_runs_text_free(pipe, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from diffusers_delta.hub import render_model_card
+
+    card = render_model_card(pipe.delta_adapter, "org/kontext-adapter", "black-forest-labs/FLUX.1-Kontext-dev", "s")
+    data = card.data.to_dict()
+    assert data["base_model"] == "black-forest-labs/FLUX.1-Kontext-dev" and "flux1" in data["tags"]
+    assert data["license_name"] == "flux-1-dev-non-commercial-license"
+
+    base = tmp_path / "kontext-base"
+    FluxKontextDeltaEditPipeline(**tiny_kontext_components(), image_size=64).save_pretrained(base)
+    pipe.save_delta_adapter(tmp_path / "my-adapter", base_model=str(base))
+    card = ModelCard.load(tmp_path / "my-adapter" / "README.md")
+    assert card.text.lstrip().startswith("# my-adapter: a Delta-Adapter for kontext-base")
+    snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "FluxKontextDeltaEditPipeline.from_pretrained(BASE, text_encoder=None, tokenizer=None, " in snippet
+    snippet = snippet.replace("path/to/kontext-base", str(base)).replace(
+        "path/to/my-adapter", str(tmp_path / "my-adapter")
+    )
+    for name, seed in (("before", 1), ("after", 2), ("query", 0)):
+        random_image(seed).save(tmp_path / f"{name}.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace("edited = pipe(query,", "edited = pipe(num_inference_steps=2, image=query,"),
+                 "card-snippet", "exec"), {})  # fmt: skip
+    assert (tmp_path / "edited.png").exists()

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .backbones import BACKBONES
 from .models.delta_adapter import DeltaAdapterModel
 
 
@@ -22,17 +23,23 @@ CARD_TEMPLATE = "delta_adapter_card.md"
 #: under "Use this model", which cannot load an adapter-only repo. A library the Hub does not know gets no generated
 #: snippet, so the card's own (complete) snippet is the one users see.
 LIBRARY_NAME = "diffusers-delta"
-DEFAULT_TAGS = ["diffusers", "diffusers-delta", "delta-adapter", "image-editing", "exemplar-based-editing", "flux2"]
+#: Every card's tags; the backbone's name (`flux2`, `flux1`) follows them.
+DEFAULT_TAGS = ["diffusers", "diffusers-delta", "delta-adapter", "image-editing", "exemplar-based-editing"]
 #: Files a rendered card's usage snippet downloads when the folder holds the validation exemplar.
 EXAMPLE_FILES = ("examples/source.png", "examples/target.png", "examples/query.png")
 #: The licences of the bases an adapter inherits (its weights are trained on their outputs): klein-4B is Apache-2.0,
-#: klein-9B carries the FLUX non-commercial licence.
+#: klein-9B carries the FLUX non-commercial licence, Kontext [dev] the FLUX.1 [dev] non-commercial licence.
 BASE_MODEL_LICENSES = {
     "black-forest-labs/FLUX.2-klein-4B": {"license": "apache-2.0"},
     "black-forest-labs/FLUX.2-klein-9B": {
         "license": "other",
         "license_name": "flux-non-commercial-license",
         "license_link": "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md",
+    },
+    "black-forest-labs/FLUX.1-Kontext-dev": {
+        "license": "other",
+        "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
     },
 }
 
@@ -83,8 +90,9 @@ def render_model_card(
     Args:
         adapter: the adapter (its config and size go into the card).
         repo_id: the Hub repo the card's usage snippet loads (`"org/name"`), or the adapter's folder.
-        base_model: the FLUX.2 [klein] checkpoint it was trained for (Hub id or folder), or None when unknown (the
-            snippet then has a placeholder line that says what to put there).
+        base_model: the checkpoint it was trained for (Hub id or folder; a FLUX.2 [klein] or FLUX.1 Kontext one, as
+            its config's `backbone` says), or None when unknown (the snippet then has a placeholder line that says
+            what to put there).
         image_encoder: the SigLIP checkpoint it reads exemplars with (Hub id or folder).
         license: the adapter's licence; by default the base model's (see `BASE_MODEL_LICENSES`).
         datasets: Hub datasets it was trained on.
@@ -96,12 +104,13 @@ def render_model_card(
         toyworld: the adapter of the toy world's embedded model: the snippet loads it with `toyworld.load_pipeline()`.
     """
     base_on_hub = base_model is not None and is_hub_repo_id(base_model)
+    backbone = BACKBONES[adapter.config.backbone]
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         base_model=base_model if base_on_hub else None,
         pipeline_tag="image-to-image",
         datasets=datasets or None,
-        tags=DEFAULT_TAGS + [tag for tag in (tags or []) if tag not in DEFAULT_TAGS],
+        tags=DEFAULT_TAGS + [backbone.NAME] + [tag for tag in (tags or []) if tag not in DEFAULT_TAGS],
         **license_metadata(base_model if base_on_hub else None, license),
     )
     if base_on_hub:
@@ -124,7 +133,11 @@ def render_model_card(
         repo_id=repo_id,
         adapter_on_hub=is_hub_repo_id(repo_id),
         adapter_name=shown(repo_id),
-        base_model=shown(base_model) if base_model else "a FLUX.2 [klein] base",
+        base_model=shown(base_model) if base_model else f"a {backbone.FAMILY} base",
+        family=backbone.FAMILY,
+        pipeline_class=backbone.DELTA_PIPELINE,
+        default_base=backbone.DEFAULT_BASE,
+        text_free=", ".join(f"{name}=None" for name in backbone.TEXT_COMPONENTS),
         base_known=base_model is not None,
         base_on_hub=base_on_hub,
         licensed=bool(card_data.license),

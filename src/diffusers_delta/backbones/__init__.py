@@ -1,7 +1,8 @@
 """The backbones Delta-Adapter runs on, one module each, all with the same names:
 
-- `NAME` (recorded in an adapter's config), `DISPLAY_NAME` (for messages), `TRANSFORMER_CLASS`, `TEXT_COMPONENTS`
-  (the pipeline components that encode a prompt);
+- `NAME` (recorded in an adapter's config), `DISPLAY_NAME` (for messages), `TRANSFORMER_CLASS`, `VAE_CLASS`,
+  `TEXT_COMPONENTS` (the pipeline components that encode a prompt), `BASE_PIPELINES` (the diffusers pipelines
+  whose folders hold it), and for cards `FAMILY`, `DELTA_PIPELINE` and `DEFAULT_BASE`;
 - `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer;
 - `preprocess_query(pipe, rgb)`: a query sized and normalised as the backbone's pipeline does its reference image;
 - `encode_prompt(pipe, prompt, max_sequence_length, text_encoder_out_layers)`: a prompt's conditioning by name;
@@ -36,3 +37,16 @@ def backbone_of(transformer) -> ModuleType:
             return module
     known = ", ".join(module.TRANSFORMER_CLASS.__name__ for module in BACKBONES.values())
     raise TypeError(f"Delta-Adapter runs on {known}, not on a {cls.__name__}.")
+
+
+def backbone_of_pipeline(class_name: str) -> ModuleType:
+    """The backbone module of a pipeline folder, by its `model_index.json`'s `_class_name`.
+
+    Raises:
+        ValueError: a pipeline of no known backbone.
+    """
+    for module in BACKBONES.values():
+        if class_name in module.BASE_PIPELINES:
+            return module
+    known = ", ".join(name for module in BACKBONES.values() for name in module.BASE_PIPELINES)
+    raise ValueError(f"Delta-Adapter runs on the bases of {known}, not on a {class_name}.")

@@ -28,6 +28,13 @@ DISPLAY_NAME = "FLUX.1 (FluxTransformer2DModel)"
 TRANSFORMER_CLASS = FluxTransformer2DModel
 #: The pipeline components that encode a prompt.
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+#: How model cards and messages name the base family, the Delta-Adapter pipeline for it, and a base to start from.
+FAMILY = "FLUX.1 Kontext [dev]"
+DELTA_PIPELINE = "FluxKontextDeltaEditPipeline"
+DEFAULT_BASE = "black-forest-labs/FLUX.1-Kontext-dev"
+#: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
+BASE_PIPELINES = ("FluxKontextPipeline", "FluxKontextDeltaEditPipeline")
+VAE_CLASS = AutoencoderKL
 #: The distilled guidance the adapter trains and adapts under: `FluxKontextPipeline`'s default.
 TRAINING_GUIDANCE = 3.5
 

@@ -28,6 +28,13 @@ DISPLAY_NAME = "FLUX.2 (Flux2Transformer2DModel)"
 TRANSFORMER_CLASS = Flux2Transformer2DModel
 #: The pipeline components that encode a prompt.
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+#: How model cards and messages name the base family, the Delta-Adapter pipeline for it, and a base to start from.
+FAMILY = "FLUX.2 [klein]"
+DELTA_PIPELINE = "FluxDeltaEditPipeline"
+DEFAULT_BASE = "black-forest-labs/FLUX.2-klein-4B"
+#: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
+BASE_PIPELINES = ("Flux2KleinPipeline", "Flux2Pipeline", "FluxDeltaEditPipeline")
+VAE_CLASS = AutoencoderKLFlux2
 #: The most pixels a query keeps (larger ones are scaled down to this area), as klein sizes its reference image.
 MAX_QUERY_AREA = 1024 * 1024
 

@@ -38,7 +38,7 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = FluxKontextDeltaEditPipeline.from_pretrained(
         ...     "black-forest-labs/FLUX.1-Kontext-dev",
         ...     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,  # the adapter brings
-        ...     torch_dtype=torch.bfloat16,                                              # the empty prompt's
+        ...     dtype=torch.bfloat16,                                                    # the empty prompt's
         ... )
         >>> pipe.load_delta_adapter("path/to/your-kontext-delta-adapter")  # one you trained: none is published yet
         >>> pipe.to("cuda")
