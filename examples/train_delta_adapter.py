@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a Delta-Adapter on FLUX.2 [klein] from single exemplar pairs.
+"""Train a Delta-Adapter on FLUX.2 [klein] or FLUX.1 Kontext [dev] from single exemplar pairs.
 
 Each (source, target) pair supervises itself: the source is the query, the semantic delta of the pair conditions the
 frozen transformer through the adapter, and the target is reconstructed with flow matching, plus the semantic-delta
@@ -9,6 +9,9 @@ the transformer). Runs under accelerate on one or many GPUs (or CPU processes):
     accelerate launch examples/train_delta_adapter.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.2-klein-4B \
         --train_data_dir pairs/ --output_dir delta-adapter --max_train_steps 10000
+
+The base's backbone is read from its `model_index.json` (`Flux2KleinPipeline`: FLUX.2; `FluxKontextPipeline`: FLUX.1
+Kontext, trained under Kontext's default distilled guidance, 3.5).
 
 See examples/README.md for data layouts, multi-GPU runs, resuming and publishing.
 """
@@ -29,13 +32,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import diffusers
-import safetensors.torch
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import load_image
@@ -43,11 +45,11 @@ from huggingface_hub import create_repo
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
+from transformers import AutoTokenizer, SiglipImageProcessorPil, SiglipVisionModel
 
-from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, compute_empty_prompt_embeds
-from diffusers_delta.adapter_files import default_feature_extractor, write_adapter_folder
-from diffusers_delta.backbones.flux2 import encode_latents
+from diffusers_delta import DeltaAdapterModel
+from diffusers_delta.adapter_files import default_feature_extractor, read_empty_prompt_embeds, write_adapter_folder
+from diffusers_delta.backbones import backbone_of, backbone_of_pipeline
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
@@ -61,23 +63,31 @@ from diffusers_delta.data import (
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.losses import loss_weighting, sample_sigmas
+from diffusers_delta.pipelines import DELTA_PIPELINES
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# Every attention projection of both block types (the double blocks' `to_out` is a ModuleList: take its Linear).
+# Every attention projection of both block types (the double blocks' `to_out` is a ModuleList: take its Linear;
+# FLUX.2's single blocks fuse QKV with the MLP, FLUX.1's project Q, K and V apart).
 LORA_TARGETS = (
     r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+    r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out|to_q|to_k|to_v)"
 )
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a Delta-Adapter on FLUX.2 [klein] from single pairs.")
+    parser = argparse.ArgumentParser(
+        description="Train a Delta-Adapter on FLUX.2 [klein] or FLUX.1 Kontext [dev] from single pairs."
+    )
     models = parser.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", required=True, help="FLUX.2 [klein] Hub id or folder.")
+    models.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="The base: a FLUX.2 [klein] or FLUX.1 Kontext [dev] Hub id or folder (its model_index.json names it).",
+    )
     models.add_argument("--revision", default=None, help="Revision of the base model.")
     models.add_argument("--variant", default=None, help="Weight variant of the base model (e.g. 'bf16').")
     models.add_argument("--image_encoder", default="google/siglip-so400m-patch14-384", help="SigLIP Hub id/folder.")
@@ -111,7 +121,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     models.add_argument(
         "--empty_prompt_embeds",
         default=None,
-        help="A safetensors file with the empty prompt's embeddings ('prompt_embeds'), for bases without a text "
+        help="A safetensors file with the empty prompt's embeddings ('prompt_embeds', and 'pooled_prompt_embeds' for "
+        "Kontext), for bases without a text "
         "encoder (the toy world's); otherwise they are computed with the base's text encoder.",
     )
     models.add_argument(
@@ -119,7 +130,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=[9, 18, 27],
-        help="Qwen3 layers stacked into the prompt embeddings (klein's default).",
+        help="Qwen3 layers stacked into the prompt embeddings (klein's default; Kontext: unused).",
     )
 
     data = parser.add_argument_group("data (one source)")
@@ -250,7 +261,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--license",
         default=None,
         help="Licence of the trained adapter, for its card (default: the base model's: Apache-2.0 for klein-4B, the "
-        "FLUX non-commercial licence for klein-9B).",
+        "FLUX non-commercial licence for klein-9B, the FLUX.1 [dev] non-commercial licence for Kontext [dev]).",
     )
 
     args = parser.parse_args(input_args)
@@ -328,12 +339,12 @@ class EncodedPairs(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode_batch(batch: dict, vae, image_encoder, device) -> dict:
-    """Pixels -> latents and SigLIP features (a cached batch already holds them)."""
+def encode_batch(batch: dict, backbone, vae, image_encoder, device) -> dict:
+    """Pixels -> latents (as the backbone encodes them) and SigLIP features (a cached batch already holds them)."""
     if "source_latents" in batch:
         return {key: value.to(device) for key, value in batch.items() if key != "skipped"}
     pixels = torch.cat([batch["source_pixels"], batch["target_pixels"]]).to(device)  # (2B, 3, R, R)
-    latents = encode_latents(vae, pixels)  # (2B, 4C, h, w)
+    latents = backbone.encode_latents(vae, pixels)  # (2B, C', h, w)
     siglip = torch.cat([batch["source_siglip"], batch["target_siglip"]]).to(device, image_encoder.dtype)
     features = patch_features(image_encoder, siglip)  # (2B, P, D)
     source_latents, target_latents = latents.chunk(2)
@@ -346,12 +357,12 @@ def encode_batch(batch: dict, vae, image_encoder, device) -> dict:
     }
 
 
-def cache_encoded_pairs(pairs, vae, image_encoder, accelerator: Accelerator) -> EncodedPairs:
+def cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator: Accelerator) -> EncodedPairs:
     """Encodes every pair once (each rank encodes all of them: ranks then read any index)."""
     items = []
     for index in tqdm(range(len(pairs)), desc="Caching latents", disable=not accelerator.is_local_main_process):
         item = pairs[index]
-        encoded = encode_batch(collate_pairs([item]), vae, image_encoder, accelerator.device)
+        encoded = encode_batch(collate_pairs([item]), backbone, vae, image_encoder, accelerator.device)
         items.append({**{key: value[0].cpu() for key, value in encoded.items()}, "skipped": item["skipped"]})
     return EncodedPairs(items)
 
@@ -362,27 +373,42 @@ def step_generator(args, step: int, micro_step: int, accelerator: Accelerator) -
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
 
-def empty_prompt_embeds(args, base, hub, device, weight_dtype, scheduler) -> torch.Tensor:
-    """The empty prompt's embeddings: from --empty_prompt_embeds, or computed once with the base's text encoder
-    (which is then dropped: the adapter folder carries the result, so its users never load the text encoder)."""
+def empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_dtype, scheduler) -> dict:
+    """The empty prompt's embeddings by name: from --empty_prompt_embeds, or computed once with the base's text
+    encoders (which are then dropped: the adapter folder carries the result, so its users never load them)."""
     if args.empty_prompt_embeds:
-        return safetensors.torch.load_file(args.empty_prompt_embeds)["prompt_embeds"]
-    text_encoder = Qwen3ForCausalLM.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
-    text_pipe = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=None,
-        transformer=None,
-        text_encoder=text_encoder.to(device, weight_dtype),
-        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub),
-    )
-    embeds = compute_empty_prompt_embeds(
-        text_pipe,
-        max_sequence_length=args.max_sequence_length,
-        text_encoder_out_layers=tuple(args.text_encoder_out_layers),
-    )
-    del text_pipe, text_encoder
-    free_memory()  # the 4B text encoder leaves the GPU before the transformer arrives
+        return read_empty_prompt_embeds(
+            args.empty_prompt_embeds,
+            transformer.config.joint_attention_dim,
+            transformer.config.get("pooled_projection_dim"),
+        )
+    encoders = {
+        name: model_class.from_pretrained(base, subfolder=name, variant=args.variant, **hub).to(device, weight_dtype)
+        for name, model_class in backbone.TEXT_ENCODERS.items()
+    }
+    tokenizers = {
+        name: AutoTokenizer.from_pretrained(base, subfolder=name, **hub)
+        for name in backbone.TEXT_COMPONENTS
+        if name not in encoders
+    }
+    text_pipe = backbone.PIPELINE_CLASS(scheduler=scheduler, vae=None, transformer=None, **encoders, **tokenizers)
+    embeds = backbone.encode_prompt(text_pipe, "", args.max_sequence_length, tuple(args.text_encoder_out_layers))
+    embeds = {name: tensor.to("cpu") for name, tensor in embeds.items()}
+    del text_pipe, encoders
+    free_memory()  # the text encoders leave the GPU before the transformer arrives
     return embeds
+
+
+def base_backbone(base: str, hub: dict):
+    """The backbone module of a base pipeline folder or repo, from its `model_index.json`."""
+    try:
+        class_name = DiffusionPipeline.load_config(base, **hub)["_class_name"]
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"--pretrained_model_name_or_path {base} is not a diffusers pipeline with a model_index.json ({error}). "
+            "Pass a FLUX.2 [klein] or FLUX.1 Kontext [dev] pipeline folder or Hub id."
+        ) from None
+    return backbone_of_pipeline(class_name)
 
 
 def make_optimizer(args, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -528,21 +554,23 @@ def resolve_resume(args) -> str | None:
 
 
 @torch.no_grad()
-def render_validation(args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, step):
+def render_validation(args, accelerator, objective, scheduler, feature_extractor, empty_prompt, step):
     """Edits each validation query by its exemplar and returns the grid (exemplar src → tgt | query | output)."""
     model = accelerator.unwrap_model(objective)
-    pipe = FluxDeltaEditPipeline(
+    backbone = backbone_of(model.transformer)
+    pipe = DELTA_PIPELINES[backbone.NAME](
         scheduler=scheduler,
         vae=model.vae,
-        text_encoder=None,
-        tokenizer=None,
         transformer=model.transformer,
         image_encoder=model.image_encoder,
         feature_extractor=feature_extractor,
         delta_adapter=model.adapter,
+        **dict.fromkeys(backbone.TEXT_COMPONENTS),
     )
-    pipe.empty_prompt_embeds = prompt_embeds
+    pipe._restore_empty_prompt(empty_prompt)
     pipe.set_progress_bar_config(disable=True)
+    # Kontext would give the query its preferred resolution (about 1024²): validate at the training resolution
+    sizing = {"max_area": args.resolution**2, "_auto_resize": False} if backbone.NAME == "flux1" else {}
     rows = []
     for source, target, query in args.validation_exemplar:
         source, target, query = load_image(source), load_image(target), load_image(query)
@@ -557,6 +585,7 @@ def render_validation(args, accelerator, objective, scheduler, feature_extractor
                 num_images_per_prompt=args.num_validation_images,
                 num_inference_steps=args.validation_inference_steps,
                 max_sequence_length=args.max_sequence_length,
+                **sizing,
             ).images
         rows.append([source, target, query, *edited])
     outputs = ["output"] if args.num_validation_images == 1 else [f"output {i + 1}" for i in range(len(edited))]
@@ -659,14 +688,17 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     base = args.pretrained_model_name_or_path
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    vae = AutoencoderKLFlux2.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
-    transformer = Flux2Transformer2DModel.from_pretrained(base, subfolder="transformer", variant=args.variant, **hub)
+    backbone = base_backbone(base, hub)
+    vae = backbone.VAE_CLASS.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    transformer = backbone.TRANSFORMER_CLASS.from_pretrained(
+        base, subfolder="transformer", variant=args.variant, **hub
+    )
     image_encoder = SiglipVisionModel.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     try:
         feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     except OSError:
         feature_extractor = default_feature_extractor(image_encoder)
-    prompt_embeds = empty_prompt_embeds(args, base, hub, device, weight_dtype, scheduler)  # (1, L, D_txt), CPU
+    empty_prompt = empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_dtype, scheduler)
 
     for model in (vae, transformer, image_encoder):
         model.requires_grad_(False)
@@ -704,8 +736,19 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             block.delta_gate.requires_grad_(False)  # λ stays at its value (1 for a new adapter)
 
     preprocessor = SiglipPreprocessor.from_feature_extractor(feature_extractor)
+    text_conditioning = {name: tensor.to(device) for name, tensor in empty_prompt.items()}
+    text_conditioning.update(backbone.training_conditioning(device))  # Kontext: its distilled guidance
     objective = DeltaAdapterObjective(
-        adapter, transformer, vae, image_encoder, preprocessor, prompt_embeds.to(device), args.lambda_delta
+        adapter,
+        transformer,
+        vae,
+        image_encoder,
+        preprocessor,
+        {
+            **{name: tensor.to(device) for name, tensor in empty_prompt.items()},
+            **backbone.training_conditioning(device),
+        },
+        args.lambda_delta,
     )
     if accelerator.num_processes > 1:  # DDP syncs only what trains; the frozen billions are never broadcast
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, objective.frozen_state_names())
@@ -721,7 +764,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             write_adapter_folder(
                 output_dir,
                 model.adapter,
-                empty_prompt_embeds={"prompt_embeds": prompt_embeds},
+                empty_prompt_embeds=empty_prompt,
                 **transformer_lora(model.transformer),
             )
         weights.clear()
@@ -747,7 +790,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     pairs = load_pairs(args, accelerator, transform)
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
     if args.cache_latents:
-        pairs = cache_encoded_pairs(pairs, vae, image_encoder, accelerator)
+        pairs = cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator)
     if streaming:
         batches_per_epoch = None
     else:
@@ -804,7 +847,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             for (indices, batch), place, closes_group in in_groups(micro_batches, args.gradient_accumulation_steps):
                 summary["skipped_pairs"] += batch.pop("skipped")
                 group_indices += indices or []
-                encoded = encode_batch(batch, vae, image_encoder, device)
+                encoded = encode_batch(batch, backbone, vae, image_encoder, device)
                 batch_size = encoded["target_latents"].shape[0]
                 generator = step_generator(args, global_step, place, accelerator)
                 sigmas = sample_sigmas(
@@ -876,7 +919,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
                     and accelerator.is_main_process
                 ):
                     render_validation(
-                        args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+                        args, accelerator, objective, scheduler, feature_extractor, empty_prompt, global_step
                     )
                 if global_step >= args.max_train_steps:
                     break
@@ -894,9 +937,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         grid = None
         if args.validation_exemplar:
             grid = render_validation(
-                args, accelerator, objective, scheduler, feature_extractor, prompt_embeds, global_step
+                args, accelerator, objective, scheduler, feature_extractor, empty_prompt, global_step
             )
-        save_release(args, model, feature_extractor, prompt_embeds, grid, global_step, accelerator.num_processes)
+        save_release(args, model, feature_extractor, empty_prompt, grid, global_step, accelerator.num_processes)
         summary["rank_fingerprints"] = fingerprints.tolist()
         summary["ranks_identical"] = bool((fingerprints == fingerprints[0]).all())
         summary["global_step"] = global_step
@@ -980,12 +1023,12 @@ def transformer_lora(transformer) -> dict:
 def load_lora(transformer, folder: str) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    state_dict = Flux2KleinPipeline.lora_state_dict(folder)
+    state_dict = backbone_of(transformer).PIPELINE_CLASS.lora_state_dict(folder)
     state_dict = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
     set_peft_model_state_dict(transformer, state_dict)
 
 
-def save_release(args, model, feature_extractor, prompt_embeds, grid, global_step: int, num_processes: int) -> None:
+def save_release(args, model, feature_extractor, empty_prompt, grid, global_step: int, num_processes: int) -> None:
     """Writes the folder `load_delta_adapter` reads into `--output_dir`, atomically and with its card (checkpoints
     and logs there stay as they are); pushes it if asked."""
     output_dir = Path(args.output_dir)
@@ -1027,7 +1070,7 @@ def save_release(args, model, feature_extractor, prompt_embeds, grid, global_ste
         model.adapter,
         model.image_encoder,
         feature_extractor,
-        {"prompt_embeds": prompt_embeds},
+        empty_prompt,
         model_card=card,
         extra_files=extra_files,
         **transformer_lora(model.transformer),

@@ -15,19 +15,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, FluxKontextPipeline
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import SiglipImageProcessorPil
 
-from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.testing import (
     TEXT_KWARGS,
     free_port,
     random_image,
     tiny_image_encoder,
     tiny_klein_components,
+    tiny_kontext_components,
 )
 
 
@@ -38,10 +39,12 @@ import train_delta_adapter  # noqa: E402
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A tiny FLUX.2 [klein] folder, a tiny SigLIP folder, and training pairs in each supported layout."""
+    """A tiny FLUX.2 [klein] folder, a tiny FLUX.1 Kontext folder, a tiny SigLIP folder, and training pairs in each
+    supported layout."""
     root = tmp_path_factory.mktemp("training")
     components = tiny_klein_components()
     Flux2KleinPipeline(**components).save_pretrained(root / "base")
+    FluxKontextPipeline(**tiny_kontext_components()).save_pretrained(root / "kontext")
     tiny_image_encoder().save_pretrained(root / "siglip")
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
     for folder in ("source", "target"):
@@ -478,3 +481,60 @@ def test_every_flag_explains_itself():
     finally:
         argparse.ArgumentParser.parse_args = real_parse
     assert len(parser_actions) > 70 and [a.dest for a in parser_actions if not a.help] == []
+
+
+def kontext_arguments(folders, output_dir, *extra) -> list[str]:
+    return arguments(folders, output_dir, "--pretrained_model_name_or_path", str(folders / "kontext"), *extra)
+
+
+def test_a_kontext_base_is_recognised_and_its_release_edits_text_free(folders, tmp_path):
+    output = tmp_path / "run"
+    pair = [str(folders / "pairs" / name / "0.png") for name in ("source", "target", "source")]
+    launch(
+        kontext_arguments(folders, output, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "2",
+                          "--checkpointing_steps", "1", "--lora_rank", "2", "--validation_exemplar", *pair,
+                          "--validation_steps", "2", "--validation_inference_steps", "2"),
+        "--num_processes", "1", "--cpu",
+    )  # fmt: skip
+    assert json.loads((output / "config.json").read_text())["backbone"] == "flux1"
+    with safe_open(output / "empty_prompt_embeds.safetensors", "pt") as embeds:
+        assert set(embeds.keys()) == {"prompt_embeds", "pooled_prompt_embeds"}
+    card = ModelCard.load(output / "README.md")
+    assert "FluxKontextDeltaEditPipeline.from_pretrained(BASE, text_encoder=None" in card.text
+    assert PIL.Image.open(output / "validation.png").size[1] >= 64
+
+    components = tiny_kontext_components()
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        components[name] = None
+    pipe = FluxKontextDeltaEditPipeline(**components, image_size=64)
+    pipe.load_delta_adapter(output)  # adapter, LoRA, SigLIP and the empty prompt's T5 and CLIP embeddings
+    assert pipe._delta_lora_name is not None
+    images = pipe(random_image(7), exemplar=(random_image(1), random_image(2)), num_inference_steps=2,
+                  output_type="np").images  # fmt: skip
+    assert images.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="trained for FLUX.1 .*this pipeline's transformer is FLUX.2"):
+        FluxDeltaEditPipeline(**tiny_klein_components()).load_delta_adapter(output)
+
+
+def test_kontext_training_resumes_exactly_and_two_processes_agree(folders, tmp_path, monkeypatch):
+    common = ["--train_data_dir", str(folders / "pairs"), "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--gradient_accumulation_steps", "1"]  # fmt: skip
+    train_delta_adapter.main(train_delta_adapter.parse_args(kontext_arguments(folders, tmp_path / "whole", *common)))
+    kontext = ["--pretrained_model_name_or_path", str(folders / "kontext")]
+    crash_after_checkpoint(folders, tmp_path / "resumed", [*kontext, *common], 2, monkeypatch)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        kontext_arguments(folders, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    ))  # fmt: skip
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        launch(
+            kontext_arguments(folders, tmp_path / "two", "--side_by_side_data_dir", str(folders / "side_by_side"),
+                              "--max_train_steps", "2", "--checkpointing_steps", "100"),
+            "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+        )  # fmt: skip
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    assert summary(tmp_path / "two")["ranks_identical"]

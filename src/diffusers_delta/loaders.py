@@ -15,6 +15,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from inspect import signature
 
 import numpy as np
 import torch
@@ -327,9 +328,15 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             for candidate in [LORA_ADAPTER_NAME] + [f"{LORA_ADAPTER_NAME}_{i}" for i in range(1, len(taken) + 2)]
             if candidate not in taken
         )
+        # FLUX.1's loader (FluxLoraLoaderMixin) takes the kohya-style alphas too: none here, the metadata has them
+        alphas = (
+            {"network_alphas": None}
+            if "network_alphas" in signature(self.load_lora_into_transformer).parameters
+            else {}
+        )
         try:
             self.load_lora_into_transformer(  # offloading is handled by the caller
-                dict(state_dict), transformer=self.transformer, adapter_name=name, metadata=metadata
+                dict(state_dict), transformer=self.transformer, adapter_name=name, metadata=metadata, **alphas
             )
         except Exception as error:  # peft's own errors (IndexError, KeyError, ...) say little about the file
             raise ValueError(

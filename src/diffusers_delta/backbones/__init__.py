@@ -2,7 +2,8 @@
 
 - `NAME` (recorded in an adapter's config), `DISPLAY_NAME` (for messages), `TRANSFORMER_CLASS`, `VAE_CLASS`,
   `TEXT_COMPONENTS` (the pipeline components that encode a prompt), `BASE_PIPELINES` (the diffusers pipelines
-  whose folders hold it), and for cards `FAMILY`, `DELTA_PIPELINE` and `DEFAULT_BASE`;
+  whose folders hold it), `PIPELINE_CLASS` and `TEXT_ENCODERS` (to build a base's text-only pipeline), and for
+  cards `FAMILY`, `DELTA_PIPELINE` and `DEFAULT_BASE`;
 - `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer;
 - `preprocess_query(pipe, rgb)`: a query sized and normalised as the backbone's pipeline does its reference image;
 - `encode_prompt(pipe, prompt, max_sequence_length, text_encoder_out_layers)`: a prompt's conditioning by name;

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from transformers import CLIPTextModel, T5EncoderModel
 
 from ..attention_processor import DeltaBranch, delta_processors_for
 from ..models.delta_adapter import DeltaAdapterModel
@@ -35,6 +36,9 @@ DEFAULT_BASE = "black-forest-labs/FLUX.1-Kontext-dev"
 #: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
 BASE_PIPELINES = ("FluxKontextPipeline", "FluxKontextDeltaEditPipeline")
 VAE_CLASS = AutoencoderKL
+#: The diffusers pipeline the text-only part of a base is built as, and its text encoders' classes by component.
+PIPELINE_CLASS = FluxKontextPipeline
+TEXT_ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
 #: The distilled guidance the adapter trains and adapts under: `FluxKontextPipeline`'s default.
 TRAINING_GUIDANCE = 3.5
 
@@ -143,6 +147,7 @@ def preprocess_query(pipe: FluxKontextPipeline, rgb: PIL.Image.Image) -> torch.T
     return pipe.image_processor.preprocess(pipe.image_processor.resize(rgb, height, width), height, width)
 
 
+@torch.no_grad()
 def encode_prompt(
     pipe: FluxKontextPipeline, prompt: str, max_sequence_length: int, text_encoder_out_layers=None
 ) -> dict[str, torch.Tensor]:

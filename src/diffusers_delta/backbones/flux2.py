@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2ParallelSelfAttention,
     _get_qkv_projections,
 )
+from transformers import Qwen3ForCausalLM
 
 from ..attention_processor import DeltaBranch, delta_processors_for
 from ..models.delta_adapter import DeltaAdapterModel
@@ -35,6 +36,9 @@ DEFAULT_BASE = "black-forest-labs/FLUX.2-klein-4B"
 #: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
 BASE_PIPELINES = ("Flux2KleinPipeline", "Flux2Pipeline", "FluxDeltaEditPipeline")
 VAE_CLASS = AutoencoderKLFlux2
+#: The diffusers pipeline the text-only part of a base is built as, and its text encoders' classes by component.
+PIPELINE_CLASS = Flux2KleinPipeline
+TEXT_ENCODERS = {"text_encoder": Qwen3ForCausalLM}
 #: The most pixels a query keeps (larger ones are scaled down to this area), as klein sizes its reference image.
 MAX_QUERY_AREA = 1024 * 1024
 
@@ -206,6 +210,7 @@ def preprocess_query(pipe: Flux2KleinPipeline, rgb: PIL.Image.Image) -> torch.Te
     return pipe.image_processor.preprocess(rgb, height=height, width=width, resize_mode="crop")
 
 
+@torch.no_grad()
 def encode_prompt(
     pipe: Flux2KleinPipeline, prompt: str, max_sequence_length: int, text_encoder_out_layers: tuple[int, ...]
 ) -> dict[str, torch.Tensor]:

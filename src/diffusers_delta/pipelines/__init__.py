@@ -2,4 +2,7 @@ from .pipeline_flux_delta_edit import FluxDeltaEditPipeline, compute_empty_promp
 from .pipeline_flux_kontext_delta_edit import FluxKontextDeltaEditPipeline
 
 
-__all__ = ["FluxDeltaEditPipeline", "FluxKontextDeltaEditPipeline", "compute_empty_prompt_embeds"]
+#: The Delta-Adapter pipeline of each backbone, by the name adapter configs record (`backbones`).
+DELTA_PIPELINES = {"flux2": FluxDeltaEditPipeline, "flux1": FluxKontextDeltaEditPipeline}
+
+__all__ = ["DELTA_PIPELINES", "FluxDeltaEditPipeline", "FluxKontextDeltaEditPipeline", "compute_empty_prompt_embeds"]
