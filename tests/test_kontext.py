@@ -2,6 +2,7 @@
 `AutoencoderKL`, CLIP and T5 text encoders, SigLIP)."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import safetensors.torch
 import torch
@@ -221,3 +222,22 @@ def test_the_card_names_kontext_and_its_snippet_runs_text_free(pipe, tmp_path, m
     exec(compile(snippet.replace("edited = pipe(query,", "edited = pipe(num_inference_steps=2, image=query,"),
                  "card-snippet", "exec"), {})  # fmt: skip
     assert (tmp_path / "edited.png").exists()
+
+
+def test_the_cli_recognises_a_kontext_base_and_edits_text_free(pipe, tmp_path, capsys):
+    from diffusers_delta import cli
+    from diffusers_delta.app import default_steps, describe_model
+
+    base = tmp_path / "kontext-base"
+    FluxKontextDeltaEditPipeline(**tiny_kontext_components(), image_size=64).save_pretrained(base)
+    pipe.save_delta_adapter(tmp_path / "adapter")
+    for name, seed in (("source", 1), ("target", 2), ("query", 0)):
+        random_image(seed).save(tmp_path / f"{name}.png")
+    out = tmp_path / "edited.png"
+    cli.main(["edit", "--exemplar", str(tmp_path / "source.png"), str(tmp_path / "target.png"), "--query",
+              str(tmp_path / "query.png"), "--out", str(out), "--base", str(base), "--adapter",
+              str(tmp_path / "adapter"), "--adapt-steps", "1"])  # fmt: skip
+    assert PIL.Image.open(out).size == (64, 64) and "Adapted for 1 steps" in capsys.readouterr().out
+    loaded = cli.load_edit_pipeline(str(base), str(tmp_path / "adapter"))
+    assert type(loaded) is FluxKontextDeltaEditPipeline and loaded.text_encoder_2 is None
+    assert default_steps(loaded) == 28 and "FLUX.1 Kontext [dev]" in describe_model(str(base), "a", loaded)

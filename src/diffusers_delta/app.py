@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import inspect
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -20,6 +21,7 @@ import PIL.Image
 import torch
 
 from .atomic_folder import atomic_folder
+from .backbones import backbone_of
 from .image_inputs import fit_to_model_size
 
 
@@ -139,12 +141,19 @@ def _toy_examples() -> list[list]:
     return rows
 
 
-def describe_model(base: str | None, adapter: str | None) -> str:
+def default_steps(pipe) -> int:
+    """The pipeline's own default number of denoising steps (klein: 4, Kontext: 28)."""
+    return inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default
+
+
+def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
     """What the page says of the model it serves: which one, what it knows, the sizes it takes (markdown).
 
     Args:
         base: the base model's Hub id or folder, or None for the embedded toy model.
         adapter: the adapter's Hub id or folder (with the toy model: None for its own).
+        pipe: the pipeline serving it (its backbone names the family and how queries are sized; FLUX.2 [klein]'s
+            when not given).
     """
     if base is None:
         from . import toyworld
@@ -155,6 +164,11 @@ def describe_model(base: str | None, adapter: str | None) -> str:
             "synthetic scenes of flat shapes: other images are resized to that size and back, and photos come out "
             f"as noise. Its adapter trained on the edits {', '.join(toyworld.SEEN_EDITS)}; "
             f"{', '.join(toyworld.UNSEEN_EDITS)} it never saw (the README measures each). Try the examples below."
+        )
+    if pipe is not None and backbone_of(pipe.transformer).NAME == "flux1":
+        return (
+            f"**Model:** FLUX.1 Kontext [dev] `{base}` with the Delta-Adapter `{adapter}`. Queries are edited at "
+            "Kontext's preferred resolution nearest their aspect ratio (about 1024x1024 pixels), 28 steps by default."
         )
     return (
         f"**Model:** FLUX.2 [klein] `{base}` with the Delta-Adapter `{adapter}`. Queries from 64x64 pixels up, edited "
@@ -207,7 +221,7 @@ def build_app(
                                  elem_id="queries")  # fmt: skip
         with gr.Row():
             strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Edit strength")
-            steps = gr.Slider(1, 50, value=4, step=1, label="Denoising steps")
+            steps = gr.Slider(1, 50, value=default_steps(pipe), step=1, label="Denoising steps")
             seed = gr.Number(value=0, precision=0, label="Seed")
             adapt_steps = gr.Slider(0, 100, value=0, step=1, label="Adaptation steps (0: none)")
         button = gr.Button("Edit", variant="primary", elem_id="edit")

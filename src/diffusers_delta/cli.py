@@ -120,16 +120,17 @@ def _fit_to_model(pipe, images: list[PIL.Image.Image], names: list[str], back_to
 
 
 def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.device | str | None = None):
-    """The pipeline of `--base` (FLUX.2 [klein], without its text encoder: the adapter brings the empty prompt's
-    embeddings; bfloat16 on CUDA) and `--adapter`, or the embedded toy model (with `adapter` instead of its own, if
-    given).
+    """The pipeline of `--base` (FLUX.2 [klein] or FLUX.1 Kontext [dev], as its model index says, without its text
+    encoders: the adapter brings the empty prompt's embeddings; bfloat16 on CUDA) and `--adapter`, or the embedded
+    toy model (with `adapter` instead of its own, if given).
 
     Args:
-        base: a Hub id or folder of a FLUX.2 [klein] pipeline, or None for the toy model.
+        base: a Hub id or folder of a FLUX.2 [klein] or FLUX.1 Kontext pipeline, or None for the toy model.
         adapter: a Hub id or folder of a Delta-Adapter (required with `base`).
         device: where to move the pipeline (default: where it loads, the CPU).
     """
-    from .pipelines import FluxDeltaEditPipeline
+    from .backbones import BACKBONES
+    from .pipelines import delta_pipeline_for
 
     if base is None:
         model = "the embedded toy-world model (64x64 scenes)"
@@ -143,7 +144,13 @@ def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.devi
         raise UsageError("--adapter is required with --base.")
     else:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        pipe = FluxDeltaEditPipeline.from_pretrained(base, text_encoder=None, tokenizer=None, dtype=dtype)
+        try:
+            pipeline_class = delta_pipeline_for(base)
+        except ValueError as error:
+            raise UsageError(f"--base: {error}") from None
+        # no text encoders: the adapter brings the empty prompt's embeddings
+        text_free = dict.fromkeys(BACKBONES[pipeline_class.backbone].TEXT_COMPONENTS)
+        pipe = pipeline_class.from_pretrained(base, **text_free, dtype=dtype)
         pipe.load_delta_adapter(adapter)
     return pipe if device is None else pipe.to(device)
 
@@ -246,7 +253,7 @@ def _app(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     _check_model_sources(args)
     pipe = load_edit_pipeline(args.base, args.adapter, device="cuda" if torch.cuda.is_available() else None)
-    app = build_app(pipe, toy_examples=args.base is None, about=describe_model(args.base, args.adapter))
+    app = build_app(pipe, toy_examples=args.base is None, about=describe_model(args.base, args.adapter, pipe))
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
@@ -276,12 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--strict", action="store_true",
                       help="With --queries: stop before editing when a query is not a readable image (default: "
                            "edit every other one, name it, and exit with an error at the end).")  # fmt: skip
-    edit.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
+    edit.add_argument(
+        "--base", default=None, help="FLUX.2 [klein] or FLUX.1 Kontext Hub id or folder (default: the toy model)."
+    )
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
     edit.add_argument("--seed", type=int, default=0)
     app = commands.add_parser("app", parents=[common], help="Serve the Gradio app (needs the [app] extra).")
-    app.add_argument("--base", default=None, help="FLUX.2 [klein] Hub id or folder (default: the toy model).")
+    app.add_argument(
+        "--base", default=None, help="FLUX.2 [klein] or FLUX.1 Kontext Hub id or folder (default: the toy model)."
+    )
     app.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     app.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     app.add_argument("--port", type=int, default=7860)

@@ -96,6 +96,8 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             any size.
     """
 
+    #: The backbone it runs on (`backbones`), as adapter configs name it.
+    backbone = "flux2"
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
     _optional_components = ["text_encoder", "tokenizer", "image_encoder", "feature_extractor", "delta_adapter"]
     # The processors call the adapter's per-block weights inside the transformer's forward, so the (small) adapter

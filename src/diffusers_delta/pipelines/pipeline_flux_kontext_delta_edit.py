@@ -75,6 +75,8 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             keep that size. `None` (Kontext [dev]): any size.
     """
 
+    #: The backbone it runs on (`backbones`), as adapter configs name it.
+    backbone = "flux1"
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
     _optional_components = [
         "text_encoder",
