@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """FLOPs and training memory of Delta-Adapter at real size, counted from the project's own code paths.
 
-The real FLUX.2 [klein] 4B and 9B transformers, the FLUX.2 VAE, SigLIP-so400m and the adapter are built on the `meta`
-device (no weights, no download), in bfloat16. What runs is the library itself: `FluxDeltaEditPipeline.__call__`
-for an edit (4 steps, the padded empty prompt of 512 tokens), `_encode_pair_for_training` and one forward and
-backward of `DeltaAdapterObjective` for an adaptation step, as `adapt_to_exemplar` runs it on CUDA. FLOPs are
-counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention; elementwise work
-is not counted). Memory: weights and the adapter's optimizer state are counted from the parameters; activations are
-counted as the tensors autograd saves for backward (`saved_tensors_hooks`), plus, with gradient checkpointing, the
-inputs each checkpointed block keeps and the largest block's recomputation. Not counted, and to be added from
-experience: the CUDA context and allocator slack (about 2-4 GB), and transient buffers inside kernels.
+The real FLUX.2 [klein] 4B and 9B transformers and FLUX.2 VAE, or FLUX.1 Kontext [dev]'s transformer and VAE,
+SigLIP-so400m and the adapter are built on the `meta` device (no weights, no download), in bfloat16. What runs is
+the library itself: the pipeline's `__call__` for an edit (klein: `FluxDeltaEditPipeline`, 4 steps; Kontext:
+`FluxKontextDeltaEditPipeline`, 28 steps; the padded empty prompt of 512 tokens), `_encode_pair_for_training` and
+one forward and backward of `DeltaAdapterObjective` for an adaptation step, as `adapt_to_exemplar` runs it on CUDA.
+Beside Kontext, RelationAdapter's edit (FLUX.1-dev, 24 steps, the source's tokens in context as Kontext lays its
+reference, SigLIP and a decoupled branch like ours; its unmerged LoRA not counted) is estimated from the same counts.
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention;
+elementwise work is not counted). Memory: weights and the adapter's optimizer state are counted from the parameters;
+activations are counted as the tensors autograd saves for backward (`saved_tensors_hooks`), plus, with gradient
+checkpointing, the inputs each checkpointed block keeps and the largest block's recomputation. Not counted, and to be
+added from experience: the CUDA context and allocator slack (about 2-4 GB), and transient buffers inside kernels.
 
-    python benchmarks/real_scale.py [--backbones klein-4B klein-9B] [--sizes 512 1024] [--batches 1 4 16]
+    python benchmarks/real_scale.py [--backbones klein-4B klein-9B kontext-dev] [--sizes 512 1024] [--batches 1 4 16]
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ from contextlib import contextmanager
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+)
 from param_count import KLEIN_CONFIGS, SIGLIP_SO400M_HIDDEN
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline
+from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.adapter_files import default_feature_extractor
+from diffusers_delta.backbones import backbone_of
+from diffusers_delta.model_state import cast_model
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.testing import tiny_scheduler
 from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
@@ -42,37 +53,73 @@ SIGLIP_SO400M = {  # google/siglip-so400m-patch14-384
     "image_size": 384,
     "patch_size": 14,
 }
-PROMPT_TOKENS = 512  # klein pads the (empty) prompt to 512 tokens
-STEPS = 4
+PROMPT_TOKENS = 512  # klein and Kontext pad the (empty) prompt to 512 tokens
+STEPS = {"klein-4B": 4, "klein-9B": 4, "kontext-dev": 28}  # each pipeline's default
+RELATION_ADAPTER_STEPS = 24
 ADAPTATION_STEPS = 20
 GPU_MEMORY = 80e9
+# black-forest-labs/FLUX.1-Kontext-dev: its transformer/config.json and vae/config.json
+KONTEXT_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
+FLUX1_VAE = {
+    "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "latent_channels": 16,
+    "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.1159, "scaling_factor": 0.3611,
+}  # fmt: skip
+BACKBONE_CHOICES = [*KLEIN_CONFIGS, "kontext-dev"]
 
 
-def build(backbone: str) -> FluxDeltaEditPipeline:
-    """The real-size pipeline on the `meta` device, in bfloat16, frozen as `load_delta_adapter` leaves it."""
+def build(backbone: str, size: int):
+    """The real-size pipeline on the `meta` device, in bfloat16, frozen as `load_delta_adapter` leaves it. Kontext's
+    is fixed to `size` (its `image_size`), so that queries, outputs and the training pair keep that size instead of
+    Kontext's preferred resolution."""
     with torch.device("meta"):
-        transformer = Flux2Transformer2DModel(
-            attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32), **KLEIN_CONFIGS[backbone]
-        )
-        vae = AutoencoderKLFlux2()
+        if backbone == "kontext-dev":
+            transformer = FluxTransformer2DModel(**KONTEXT_TRANSFORMER)
+            vae = AutoencoderKL(**FLUX1_VAE)
+        else:
+            transformer = Flux2Transformer2DModel(
+                attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32), **KLEIN_CONFIGS[backbone]
+            )
+            vae = AutoencoderKLFlux2()
         image_encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M))
         adapter = DeltaAdapterModel.from_transformer(transformer, SIGLIP_SO400M_HIDDEN)
     models = (transformer, vae, image_encoder, adapter)
     for model in models:
-        model.to(torch.bfloat16).eval().requires_grad_(False)
-    pipe = FluxDeltaEditPipeline(
-        scheduler=tiny_scheduler(),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        transformer=transformer,
-        image_encoder=image_encoder,
-        feature_extractor=default_feature_extractor(image_encoder),
-        delta_adapter=adapter,
-        is_distilled=True,
-    )
-    text_dim = KLEIN_CONFIGS[backbone]["joint_attention_dim"]
-    pipe.empty_prompt_embeds = torch.empty(1, PROMPT_TOKENS, text_dim, device="meta", dtype=torch.bfloat16)
+        cast_model(model, torch.bfloat16)
+        model.eval().requires_grad_(False)
+    parts = {
+        "vae": vae, "transformer": transformer, "image_encoder": image_encoder, "delta_adapter": adapter,
+        "feature_extractor": default_feature_extractor(image_encoder),
+    }  # fmt: skip
+    text_dim = transformer.config.joint_attention_dim
+    embeds = {"prompt_embeds": torch.empty(1, PROMPT_TOKENS, text_dim, device="meta", dtype=torch.bfloat16)}
+    if backbone == "kontext-dev":
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        pipe = FluxKontextDeltaEditPipeline(
+            scheduler=scheduler,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            image_size=size,
+            **parts,
+        )
+        embeds["pooled_prompt_embeds"] = torch.empty(1, 768, device="meta", dtype=torch.bfloat16)
+    else:
+        pipe = FluxDeltaEditPipeline(scheduler=tiny_scheduler(), text_encoder=None, tokenizer=None, is_distilled=True,
+                                     **parts)  # fmt: skip
+    pipe._restore_empty_prompt(embeds)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -85,26 +132,29 @@ def count(work) -> tuple[float, dict[str, float]]:
     return float(counter.get_total_flops()), per_module
 
 
-def edit_parts(pipe: FluxDeltaEditPipeline, size: int) -> dict[str, float]:
-    """FLOPs of one edit and of its parts, from two runs of the pipeline: with the branch and with delta_scale=0."""
+def edit_parts(pipe, size: int, steps: int) -> dict[str, float]:
+    """FLOPs of one edit of `steps` steps and of its parts, from two runs of the pipeline: with the branch and with
+    delta_scale=0."""
     image = PIL.Image.new("RGB", (size, size))
 
     def edit(scale):
-        return lambda: pipe(image, exemplar=(image, image), delta_scale=scale, output_type="pt")
+        return lambda: pipe(
+            image, exemplar=(image, image), delta_scale=scale, num_inference_steps=steps, output_type="pt"
+        )
 
     with_branch, _ = count(edit(1.0))
     without_branch, modules = count(edit(0.0))  # the branch is skipped at strength 0
     siglip, projection = modules["SiglipVisionModel"], modules["DeltaAdapterModel"]
-    transformer = modules["Flux2Transformer2DModel"]
+    transformer = modules[type(pipe.transformer).__name__]
     return {
         "edit": with_branch,
-        "klein edit": without_branch - siglip - projection,  # the base model's own edit: VAE + 4 steps
+        "base edit": without_branch - siglip - projection,  # the base model's own edit: VAE + its steps
         "vae encode": modules["Encoder"],
         "vae decode": modules["Decoder"],
         "siglip": siglip,
         "projection": projection,
-        "transformer step": transformer / STEPS,
-        "branch step": (with_branch - without_branch) / STEPS,
+        "transformer step": transformer / steps,
+        "branch step": (with_branch - without_branch) / steps,
     }
 
 
@@ -144,7 +194,7 @@ def saved_activation_bytes(params: set[int]):
         yield total
 
 
-def objective_for(pipe: FluxDeltaEditPipeline, frozen: bool, checkpointing: str) -> DeltaAdapterObjective:
+def objective_for(pipe, frozen: bool, checkpointing: str) -> DeltaAdapterObjective:
     """`DeltaAdapterObjective` around the pipeline's models, set up as `adapt_to_exemplar` sets it up (with
     `frozen=False`, as it did before the backbone was frozen). `checkpointing`: `"all"` (transformer, VAE decoder and
     SigLIP, as `--gradient_checkpointing` in training), `"image"` (VAE decoder and SigLIP: adaptation's CUDA default)
@@ -163,7 +213,12 @@ def objective_for(pipe: FluxDeltaEditPipeline, frozen: bool, checkpointing: str)
         enable_image_encoder_checkpointing(pipe.image_encoder)
     preprocessor = SiglipPreprocessor.from_feature_extractor(pipe.feature_extractor)
     return DeltaAdapterObjective(
-        pipe.delta_adapter, pipe.transformer, pipe.vae, pipe.image_encoder, preprocessor, pipe.empty_prompt_embeds
+        pipe.delta_adapter,
+        pipe.transformer,
+        pipe.vae,
+        pipe.image_encoder,
+        preprocessor,
+        {**pipe._empty_prompt(), **backbone_of(pipe.transformer).training_conditioning("meta")},
     )
 
 
@@ -227,7 +282,7 @@ def _block_activation_bytes(pipe, objective, pair, batch_size, params, kind: int
     return totals[1] - totals[0]
 
 
-def adaptation(pipe: FluxDeltaEditPipeline, size: int, edit_flops: float) -> dict[str, float]:
+def adaptation(pipe, size: int, edit_flops: float) -> dict[str, float]:
     """20 adaptation steps, with the pair's encoding, in units of edits: as implemented on CUDA (frozen backbone, the
     image-space models checkpointed), and the alternatives; and the activations of a step (GB)."""
     image = PIL.Image.new("RGB", (size, size))
@@ -246,7 +301,7 @@ def adaptation(pipe: FluxDeltaEditPipeline, size: int, edit_flops: float) -> dic
     return results
 
 
-def training_memory(pipe: FluxDeltaEditPipeline, size: int, batch_size: int, checkpointing: str) -> dict[str, float]:
+def training_memory(pipe, size: int, batch_size: int, checkpointing: str) -> dict[str, float]:
     """GB per GPU of one training step at `batch_size`: bf16 frozen weights, the adapter's float32 weights,
     gradients and Adam states, and activations (see `activation_memory`)."""
     image = PIL.Image.new("RGB", (size, size))
@@ -261,18 +316,18 @@ def training_memory(pipe: FluxDeltaEditPipeline, size: int, batch_size: int, che
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=list(KLEIN_CONFIGS), choices=list(KLEIN_CONFIGS))
+    parser.add_argument("--backbones", nargs="+", default=BACKBONE_CHOICES, choices=BACKBONE_CHOICES)
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--markdown", action="store_true", help="Print the tables as markdown.")
     args = parser.parse_args()
 
-    flops_rows, memory_rows = [], []
+    flops_rows, memory_rows, relation_rows = [], [], []
     with flash_attention():
-        run(args, flops_rows, memory_rows)
+        run(args, flops_rows, memory_rows, relation_rows)
 
     flops_header = [
-        "backbone", "size", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
+        "backbone", "size", "steps", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
         "+ branch", "branch / step", "adapter / edit", "adapt step (edits)", "20 steps (edits)",
         "adapt activations GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen",
     ]  # fmt: skip
@@ -280,34 +335,48 @@ def main() -> None:
         "backbone", "size", "batch", "checkpointing", "frozen weights GB", "adapter + Adam GB", "activations GB",
         "total GB", "fits 80 GB",
     ]  # fmt: skip
-    for header, rows in ((flops_header, flops_rows), (memory_header, memory_rows)):
+    relation_header = ["size", "RelationAdapter edit TFLOP (24 steps)", "edit TFLOP", "edit / RelationAdapter's"]
+    tables = [(flops_header, flops_rows), (memory_header, memory_rows)]
+    if relation_rows:
+        tables.append((["backbone", *relation_header], relation_rows))
+    for header, rows in tables:
         print_table(header, rows, args.markdown)
         print()
     print("Adaptation: 20 steps with the pair's encoding; the default checkpoints the VAE decoder and SigLIP on CUDA.")
     print("Goals (klein-4B, 1024²): adapter <= 1% of an edit; 20 adaptation steps <= 15 edits; training at batch 16")
     print("per GPU within 80 GB with checkpointing (at the training script's default 512²; counted: add 2-4 GB of")
-    print("CUDA context and allocator slack).")
+    print("CUDA context and allocator slack). Kontext [dev], 1024²: the branch <= 0.2% of a step; 20 adaptation")
+    print("steps <= 2.5 edits. RelationAdapter's edit: FLUX.1-dev with the source in context (Kontext's layout), 24")
+    print("steps, SigLIP and its branch as ours; its LoRA, if left unmerged, would add to it.")
 
 
-def run(args, flops_rows: list, memory_rows: list) -> None:
-    """Fills the rows of the FLOP and memory tables."""
+def run(args, flops_rows: list, memory_rows: list, relation_rows: list) -> None:
+    """Fills the rows of the FLOP, memory and RelationAdapter tables."""
+    relation = {}  # size -> RelationAdapter's edit FLOPs, from Kontext's layout at 24 steps
+    edits = {}  # (backbone, size) -> edit FLOPs
     for backbone in args.backbones:
         for size in args.sizes:
-            pipe = build(backbone)
-            parts = edit_parts(pipe, size)
+            pipe = build(backbone, size)
+            steps = STEPS[backbone]
+            parts = edit_parts(pipe, size, steps)
+            edits[backbone, size] = parts["edit"]
+            if backbone == "kontext-dev":
+                step = parts["transformer step"] + parts["branch step"]
+                relation[size] = parts["edit"] - (steps - RELATION_ADAPTER_STEPS) * step
             adapt = adaptation(pipe, size, parts["edit"])
             tera = {key: value / 1e12 for key, value in parts.items()}
             flops_rows.append([
-                backbone, f"{size}²", f"{tera['edit']:.1f}", f"{tera['vae encode']:.2f}", f"{tera['vae decode']:.2f}",
+                backbone, f"{size}²", str(steps), f"{tera['edit']:.1f}", f"{tera['vae encode']:.2f}",
+                f"{tera['vae decode']:.2f}",
                 f"{tera['siglip']:.2f}", f"{tera['projection']:.3f}", f"{tera['transformer step']:.2f}",
                 f"{tera['transformer step'] + tera['branch step']:.2f}",
                 f"{100 * parts['branch step'] / parts['transformer step']:.2f}%",
-                f"{100 * (parts['edit'] - parts['klein edit']) / parts['klein edit']:.2f}%",
+                f"{100 * (parts['edit'] - parts['base edit']) / parts['base edit']:.2f}%",
                 f"{adapt['step']:.2f}", f"{adapt['default']:.1f}", f"{adapt['activations']:.1f}",
                 f"{adapt['all']:.1f}", f"{adapt['none']:.1f}", f"{adapt['not frozen']:.1f}",
             ])  # fmt: skip
         for size, batch_size in itertools.product(args.sizes, args.batches):
-            pipe = build(backbone)
+            pipe = build(backbone, size)
             for checkpointing in ("none", "all"):  # the training script's --gradient_checkpointing: all three
                 memory = training_memory(pipe, size, batch_size, checkpointing)
                 total = sum(memory.values())
@@ -316,6 +385,10 @@ def run(args, flops_rows: list, memory_rows: list) -> None:
                     f"{memory['weights']:.1f}", f"{memory['adapter state']:.1f}", f"{memory['activations']:.1f}",
                     f"{total:.1f}", "yes" if total * 1e9 <= GPU_MEMORY else "no",
                 ])  # fmt: skip
+    for (backbone, size), flops in edits.items():
+        if size in relation:
+            relation_rows.append([backbone, f"{size}²", f"{relation[size] / 1e12:.1f}", f"{flops / 1e12:.1f}",
+                                  f"{flops / relation[size]:.2f}"])  # fmt: skip
 
 
 def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
