@@ -34,7 +34,7 @@ FAMILY = "FLUX.2 [klein]"
 DELTA_PIPELINE = "FluxDeltaEditPipeline"
 DEFAULT_BASE = "black-forest-labs/FLUX.2-klein-4B"
 #: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
-BASE_PIPELINES = ("Flux2KleinPipeline", "Flux2Pipeline", "FluxDeltaEditPipeline")
+BASE_PIPELINES = ("Flux2KleinPipeline", "FluxDeltaEditPipeline")
 VAE_CLASS = AutoencoderKLFlux2
 #: The diffusers pipeline the text-only part of a base is built as, and its text encoders' classes by component.
 PIPELINE_CLASS = Flux2KleinPipeline
