@@ -241,3 +241,31 @@ def test_the_cli_recognises_a_kontext_base_and_edits_text_free(pipe, tmp_path, c
     loaded = cli.load_edit_pipeline(str(base), str(tmp_path / "adapter"))
     assert type(loaded) is FluxKontextDeltaEditPipeline and loaded.text_encoder_2 is None
     assert default_steps(loaded) == 28 and "FLUX.1 Kontext [dev]" in describe_model(str(base), "a", loaded)
+
+
+def test_set_attention_backend_reaches_the_processors_before_and_after_loading(pipe, tmp_path):
+    expected = render(pipe)
+    try:
+        pipe.transformer.set_attention_backend("native")  # after loading: diffusers sets it on our processors
+        assert all(p._attention_backend == "native" for p in pipe.delta_processors.values())
+        assert (render(pipe) == expected).all()
+        pipe.save_delta_adapter(tmp_path / "adapter")
+        pipe.unload_delta_adapter()  # the layers keep the backend chosen while the adapter was loaded
+        assert all(p._attention_backend == "native" for p in pipe.transformer.attn_processors.values())
+        pipe.load_delta_adapter(tmp_path / "adapter")  # before loading: the new processors keep it
+        assert all(p._attention_backend == "native" for p in pipe.delta_processors.values())
+        for processor in pipe.delta_processors.values():
+            processor._attention_backend = "_native_math"
+        pipe.load_delta_adapter(tmp_path / "adapter")  # a second adapter in place of the first: the same
+        assert all(p._attention_backend == "_native_math" for p in pipe.delta_processors.values())
+    finally:  # diffusers also sets a process-wide active backend: "native" is its default, so nothing leaks
+        pipe.transformer.reset_attention_backend()
+
+
+def test_sequential_offload_before_loading_hooks_the_encoder_and_keeps_the_adapter_placed(pipe, tmp_path):
+    pipe.save_delta_adapter(tmp_path / "adapter")
+    offloaded = FluxKontextDeltaEditPipeline(**tiny_kontext_components(), image_size=64)
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    offloaded.load_delta_adapter(tmp_path / "adapter")
+    assert any(hasattr(module, "_hf_hook") for module in offloaded.image_encoder.modules())
+    assert not any(hasattr(module, "_hf_hook") for module in offloaded.delta_adapter.modules())

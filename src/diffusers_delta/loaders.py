@@ -364,8 +364,18 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         self._delta_adapter_source = source
         self._delta_adaptation = None
 
+    def _keep_attention_settings(self) -> None:
+        """Gives the original processors the attention backend and parallel config the layers have now, so that a
+        `set_attention_backend` (or `enable_parallelism`) made while an adapter is loaded outlives it."""
+        current = self.transformer.attn_processors
+        for name, original in self._delta_original_processors.items():
+            for setting in ("_attention_backend", "_parallel_config"):
+                if hasattr(original, setting) and name in current:
+                    setattr(original, setting, getattr(current[name], setting, None))
+
     def _attach_delta_processors(self, adapter: DeltaAdapterModel) -> None:
         """Routes every attention layer through the adapter (replacing the processors of an earlier adapter)."""
+        self._keep_attention_settings()
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self.transformer.set_attn_processor(backbone_of(self.transformer).processors_for(self.transformer, adapter))
 
@@ -505,6 +515,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         embeddings the pipeline had before loading (those of its own folder, or none)."""
         if self._delta_original_processors is None:
             return
+        self._keep_attention_settings()
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
         self._delta_original_processors = None
         self._delete_delta_lora()
