@@ -59,6 +59,28 @@ class DeltaBranch:
         )
         return out.flatten(2, 3).to(query.dtype)
 
+    def _joint_attention(self, attn, projections, image_rotary_emb, attention_mask):
+        """Upstream's attention of a FLUX block (FLUX.1's `FluxAttention` or FLUX.2's `Flux2Attention`) from its
+        Q/K/V projections `(query, key, value, encoder_query, encoder_key, encoder_value)`: the text stream's joined
+        in front when the block has one.
+
+        Returns:
+            The attention output (B, S, H * D) over [text, image] (double-stream) or the joint sequence
+            (single-stream), and the queries that read the edit tokens: the image stream's (or every token's), after
+            `norm_q` and before RoPE (edit tokens have no position), (B, S_img, H, D).
+        """
+        query, key, value, encoder_query, encoder_key, encoder_value = projections
+        query, key, value = self._heads(attn, query, key, value)  # (B, S_img, H, D) each
+        branch_query = query
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))  # (B, S_txt, H, D)
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)  # (B, S_txt + S_img, H, D)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        return self._self_attention(query, key, value, image_rotary_emb, attention_mask), branch_query
+
     def _branch(self, query: torch.Tensor, delta_hidden_states: torch.Tensor, strength: float) -> torch.Tensor:
         """query (B, S, H, D) after norm_q, edit tokens (B, N, D_edit) -> branch output (B, S, H * D)."""
         key, value = self.block_projection(delta_hidden_states)  # (B, N, H, D) each

@@ -156,16 +156,21 @@ def tiny_transformer(sizes: ModelSizes = TINY) -> Flux2Transformer2DModel:
 def tiny_vae(sizes: ModelSizes = TINY) -> AutoencoderKLFlux2:
     """4x downsampling, 4 latent channels: a 64x64 image becomes 8x8 = 64 transformer tokens."""
     torch.manual_seed(0)
+    return AutoencoderKLFlux2(**_vae_blocks(sizes)).eval()
+
+
+def _vae_blocks(sizes: ModelSizes) -> dict:
+    """The block layout both tiny VAEs share: `sizes.vae_channels` levels, 4 latent channels."""
     levels = len(sizes.vae_channels)
-    return AutoencoderKLFlux2(
-        block_out_channels=sizes.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sizes.image_size,
-    ).eval()
+    return {
+        "block_out_channels": sizes.vae_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": sizes.image_size,
+    }
 
 
 def tiny_image_encoder(sizes: ModelSizes = TINY) -> SiglipVisionModel:
@@ -325,15 +330,8 @@ def tiny_flux_transformer(sizes: ModelSizes = TINY) -> FluxTransformer2DModel:
 def tiny_flux_vae(sizes: ModelSizes = TINY) -> AutoencoderKL:
     """4x downsampling, 4 latent channels, FLUX.1's shift and scale: a 64x64 image becomes 8x8 = 64 tokens."""
     torch.manual_seed(0)
-    levels = len(sizes.vae_channels)
     return AutoencoderKL(
-        block_out_channels=sizes.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sizes.image_size,
+        **_vae_blocks(sizes),
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,

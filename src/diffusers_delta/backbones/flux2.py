@@ -61,21 +61,8 @@ class Flux2DeltaAttnProcessor(DeltaBranch):
         delta_hidden_states: torch.Tensor | None = None,
         delta_scale: float | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query, key, value = self._heads(attn, query, key, value)  # (B, S_img, H, D) each
-        image_query = query  # before RoPE and before the text tokens are joined
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))  # (B, S_txt, H, D)
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)  # (B, S_txt + S_img, H, D)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        hidden_states = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
+        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        hidden_states, image_query = self._joint_attention(attn, projections, image_rotary_emb, attention_mask)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

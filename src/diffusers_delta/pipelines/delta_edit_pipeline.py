@@ -26,7 +26,7 @@ from ..adapter_files import (
     write_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
-from ..checks import as_tensor
+from ..checks import as_tensor, finite_float, positive_int
 from ..hub import push_folder
 from ..loaders import DeltaAdapterMixin
 from ..models.delta_adapter import DeltaAdapterModel
@@ -72,6 +72,26 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
             self._remember_loaded_adapter(
                 delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
             )
+
+    def _check_edit_request(
+        self, image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, attention_kwargs
+    ) -> tuple[float, int]:
+        """The checks every pipeline's call starts with: a query, exactly one of the exemplar and its edit tokens, a
+        loaded adapter, a finite strength and no edit smuggled through the attention kwargs.
+
+        Returns:
+            `delta_scale` and `num_images_per_prompt`, as a float and an int.
+        """
+        if image is None:
+            raise ValueError("image (the query to edit) is required.")
+        if (exemplar is None) == (delta_embeds is None):
+            raise ValueError(
+                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
+            )
+        self._require_delta_adapter()
+        if attention_kwargs and {"delta_hidden_states", "delta_scale"} & set(attention_kwargs):
+            raise ValueError("Pass the edit through exemplar/delta_embeds/delta_scale, not the attention kwargs.")
+        return finite_float(delta_scale, "delta_scale"), positive_int(num_images_per_prompt, "num_images_per_prompt")
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):

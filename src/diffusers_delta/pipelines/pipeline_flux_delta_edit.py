@@ -192,17 +192,11 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             [`~pipelines.flux2.Flux2PipelineOutput`] or `tuple` whose first element is the list of edited images.
         """
         # 1. Check inputs
-        if image is None:
-            raise ValueError("image (the query to edit) is required.")
-        if (exemplar is None) == (delta_embeds is None):
-            raise ValueError(
-                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
-            )
-        self._require_delta_adapter()
-        delta_scale = finite_float(delta_scale, "delta_scale")
+        delta_scale, num_images_per_prompt = self._check_edit_request(
+            image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, attention_kwargs
+        )
         guidance_scale = finite_float(guidance_scale, "guidance_scale")
         num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
-        num_images_per_prompt = positive_int(num_images_per_prompt, "num_images_per_prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if latents is not None:
@@ -213,8 +207,6 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}.")
-        if attention_kwargs and {"delta_hidden_states", "delta_scale"} & set(attention_kwargs):
-            raise ValueError("Pass the edit through exemplar/delta_embeds/delta_scale, not attention_kwargs.")
         self._guidance_scale = guidance_scale
         self._current_timestep = None
         self._interrupt = False

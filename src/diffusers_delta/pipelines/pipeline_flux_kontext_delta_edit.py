@@ -210,17 +210,9 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         Returns:
             [`~pipelines.flux.FluxPipelineOutput`] or `tuple` whose first element is the list of edited images.
         """
-        if image is None:
-            raise ValueError("image (the query to edit) is required.")
-        if (exemplar is None) == (delta_embeds is None):
-            raise ValueError(
-                "Pass exactly one of exemplar=(source, target) or delta_embeds=pipe.encode_exemplar(...)."
-            )
-        self._require_delta_adapter()
-        delta_scale = finite_float(delta_scale, "delta_scale")
-        num_images_per_prompt = positive_int(num_images_per_prompt, "num_images_per_prompt")
-        if joint_attention_kwargs and {"delta_hidden_states", "delta_scale"} & set(joint_attention_kwargs):
-            raise ValueError("Pass the edit through exemplar/delta_embeds/delta_scale, not joint_attention_kwargs.")
+        delta_scale, num_images_per_prompt = self._check_edit_request(
+            image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, joint_attention_kwargs
+        )
         if (height is None) != (width is None):
             raise ValueError("Give both height and width (the output size), or neither (the query's size).")
 
