@@ -269,3 +269,44 @@ def test_sequential_offload_before_loading_hooks_the_encoder_and_keeps_the_adapt
     offloaded.load_delta_adapter(tmp_path / "adapter")
     assert any(hasattr(module, "_hf_hook") for module in offloaded.image_encoder.modules())
     assert not any(hasattr(module, "_hf_hook") for module in offloaded.delta_adapter.modules())
+
+
+# What diffusers' own FluxKontextPipeline tests check, where it applies to the Delta-Adapter pipeline (their IP-Adapter
+# tests do not: both adapters use the `image_encoder` component).
+
+
+def test_the_output_size_follows_height_width_and_max_area_as_kontext_rounds_them(pipe):
+    any_size = FluxKontextDeltaEditPipeline.from_pipe(pipe, image_size=None)  # the same models, any size
+    any_size.set_progress_bar_config(disable=True)
+    multiple = 2 * pipe.vae_scale_factor  # latents are packed 2x2
+    for height, width in ((64, 64), (72, 57)):
+        images = render(any_size, height=height, width=width, max_area=height * width, _auto_resize=False)
+        assert images.shape[1:3] == (height - height % multiple, width - width % multiple)
+
+
+def test_true_cfg_with_a_negative_prompt_changes_the_edit(pipe):
+    text = {"max_sequence_length": KONTEXT_TEXT_KWARGS["max_sequence_length"]}
+    plain = render(pipe, **text)
+    guided = render(pipe, negative_prompt="bad quality", true_cfg_scale=2.0, **text)
+    assert not np.allclose(plain, guided)
+
+
+def test_memory_and_cache_hooks_of_diffusers_run_with_the_adapter(pipe):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    expected = render(pipe)
+    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")  # after loading
+    assert (render(pipe) == expected).all()
+
+    casting = tiny_delta_pipeline(adapter_std=0.3, backbone="flux1")
+    casting.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    cast = render(casting)
+    assert np.isfinite(cast).all() and np.abs(cast - expected).max() < 0.1  # float8 storage: close, not equal
+
+    cached = tiny_delta_pipeline(adapter_std=0.3, backbone="flux1")
+    cached.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: cached.current_timestep,
+    ))  # fmt: skip
+    reused = render(cached)
+    assert np.isfinite(reused).all() and np.abs(reused - expected).max() < 0.1
