@@ -155,9 +155,13 @@ def test_a_non_empty_prompt_needs_the_text_encoders_and_uses_them(pipe):
         render(pipe, prompt="make it red")
 
 
-def test_a_query_of_another_size_is_refused_by_a_fixed_size_model(pipe):
+def test_a_query_or_output_of_another_size_is_refused_by_a_fixed_size_model(pipe):
     with pytest.raises(ValueError, match="edits only 64x64 images and the query is 96x64"):
         render(pipe, query=random_image(0, (96, 64)))
+    with pytest.raises(ValueError, match="edits only 64x64 images: height and width must be 64"):
+        render(pipe, height=128, width=128)
+    with pytest.raises(ValueError, match="Give both height and width"):
+        render(pipe, height=64)
 
 
 def test_model_cpu_offload_after_or_before_loading_keeps_the_edit(pipe, tmp_path):

@@ -218,6 +218,8 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
 
         queries = self._query_images(image)
         fixed = self.config.get("image_size")
+        if fixed is not None and height is not None and (height, width) != (fixed, fixed):
+            raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
         auto_resize = _auto_resize and fixed is None
         sizes = {reference_size(self, rgb, auto_resize) for rgb in queries}
         if len(sizes) > 1:
