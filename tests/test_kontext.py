@@ -242,6 +242,13 @@ def test_the_cli_recognises_a_kontext_base_and_edits_text_free(pipe, tmp_path, c
               str(tmp_path / "query.png"), "--out", str(out), "--base", str(base), "--adapter",
               str(tmp_path / "adapter"), "--adapt-steps", "1"])  # fmt: skip
     assert PIL.Image.open(out).size == (64, 64) and "Adapted for 1 steps" in capsys.readouterr().out
+    (tmp_path / "queries").mkdir()
+    for index in range(3):
+        random_image(10 + index).save(tmp_path / "queries" / f"{index}.png")
+    cli.main(["edit", "--exemplar", str(tmp_path / "source.png"), str(tmp_path / "target.png"), "--queries",
+              str(tmp_path / "queries"), "--out", str(tmp_path / "edited"), "--base", str(base), "--adapter",
+              str(tmp_path / "adapter"), "--batch-size", "2"])  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "edited").iterdir()) == ["0.png", "1.png", "2.png"]
     loaded = cli.load_edit_pipeline(str(base), str(tmp_path / "adapter"))
     assert type(loaded) is FluxKontextDeltaEditPipeline and loaded.text_encoder_2 is None
     assert default_steps(loaded) == 28 and "FLUX.1 Kontext [dev]" in describe_model(str(base), "a", loaded)
