@@ -194,11 +194,11 @@ def saved_activation_bytes(params: set[int]):
         yield total
 
 
-def objective_for(pipe, frozen: bool, checkpointing: str) -> DeltaAdapterObjective:
+def objective_for(pipe, frozen: bool, checkpointing: str, lambda_delta: float = 1.0) -> DeltaAdapterObjective:
     """`DeltaAdapterObjective` around the pipeline's models, set up as `adapt_to_exemplar` sets it up (with
     `frozen=False`, as it did before the backbone was frozen). `checkpointing`: `"all"` (transformer, VAE decoder and
     SigLIP, as `--gradient_checkpointing` in training), `"image"` (VAE decoder and SigLIP: adaptation's CUDA default)
-    or `"none"`."""
+    or `"none"`; `lambda_delta`: the consistency loss's weight (0 skips its decode and SigLIP pass)."""
     pipe.delta_adapter.to(torch.float32).train().requires_grad_(True)  # float32 master weights
     for model in (pipe.transformer, pipe.vae, pipe.image_encoder):
         model.requires_grad_(not frozen)
@@ -219,6 +219,7 @@ def objective_for(pipe, frozen: bool, checkpointing: str) -> DeltaAdapterObjecti
         pipe.image_encoder,
         preprocessor,
         {**pipe._empty_prompt(), **backbone_of(pipe.transformer).training_conditioning("meta")},
+        lambda_delta,
     )
 
 
