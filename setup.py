@@ -39,7 +39,7 @@ extras_require = {
 setup(
     name="diffusers-delta",
     version="0.1.0.dev0",
-    description="Delta-Adapter for diffusers: edit an image by example on FLUX.2 [klein], with no text.",
+    description="Delta-Adapter for diffusers: edit images by example on FLUX.2 [klein] or FLUX.1 Kontext, no text.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
