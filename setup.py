@@ -47,6 +47,7 @@ setup(
     package_dir={"": "src", "diffusers_delta.hub_cards": "hub_cards"},
     packages=find_packages("src") + ["diffusers_delta.hub_cards"],
     package_data={
+        "diffusers_delta": ["judge_prompts.json"],  # the VLM judge's prompts (evaluation.py)
         "diffusers_delta.hub_cards": ["*.md"],
         # The embedded toy-world model (examples/toyworld/build_default_model.py writes it).
         "diffusers_delta.toyworld": ["default_model/**/*"],
