@@ -321,3 +321,25 @@ def test_memory_and_cache_hooks_of_diffusers_run_with_the_adapter(pipe):
     ))  # fmt: skip
     reused = render(cached)
     assert np.isfinite(reused).all() and np.abs(reused - expected).max() < 0.1
+
+
+def test_the_mixin_alone_gives_a_users_own_kontext_pipeline_the_interface(pipe, tmp_path):
+    from diffusers_delta import DeltaAdapterMixin
+
+    class MyKontextPipeline(DeltaAdapterMixin, FluxKontextPipeline):
+        pass
+
+    pipe.save_delta_adapter(tmp_path / "adapter")
+    mine = MyKontextPipeline(**tiny_kontext_components())
+    mine.set_progress_bar_config(disable=True)
+    mine.load_delta_adapter(tmp_path / "adapter")  # with its SigLIP and the empty prompt's T5 and CLIP embeddings
+    tokens = mine.encode_exemplar((SOURCE, TARGET))
+    edited = kontext(mine, joint_attention_kwargs={"delta_hidden_states": tokens})  # upstream's call, edit added
+    assert (edited == render(pipe)).all()
+    mine.unload_delta_adapter()
+    assert mine.empty_prompt_embeds is None and mine.delta_adapter is None
+    mine.empty_prompt_embeds, mine.empty_pooled_prompt_embeds = (
+        pipe.empty_prompt_embeds,
+        pipe.empty_pooled_prompt_embeds,
+    )
+    assert (kontext(mine) == kontext(pipe)).all()  # the same weights, upstream's processors back
