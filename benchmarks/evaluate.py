@@ -15,6 +15,13 @@ absolute error of the edit and of the unedited query to it ("gap closed" = 1 −
 
     python benchmarks/evaluate.py --tasks my-tasks/ --base black-forest-labs/FLUX.2-klein-4B --adapter path/to/adapter
     python benchmarks/evaluate.py --write_toy_tasks toy-tasks/ && python benchmarks/evaluate.py --tasks toy-tasks/
+
+Relation252K's seen-task evaluation (each task's exemplar and 5 queries, by the seeded rule of
+`diffusers_delta.data.relation_split`, which `train_delta_adapter.py --hold_out_relation_evaluation` leaves out of
+training; the queries' true edits are their pairs' right halves):
+
+    python benchmarks/evaluate.py --write_relation_tasks relation-tasks/ --relation_dir Relation252K/
+    python benchmarks/evaluate.py --tasks relation-tasks/ --base ... --adapter ...
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 from diffusers_delta import toyworld
 from diffusers_delta.cli import load_edit_pipeline
+from diffusers_delta.data import relation_split, split_side_by_side
 from diffusers_delta.evaluation import (
     ImageEmbedder,
     LPIPSMetric,
@@ -99,6 +107,24 @@ def write_toy_tasks(root: str | Path, edits: list[str], queries_per_task: int, s
             PIL.Image.fromarray(toyworld.render(scene)).save(folder / "queries" / f"{number:03d}.png")
             edited = toyworld.EDITS[name](scene)
             PIL.Image.fromarray(toyworld.render(edited)).save(folder / "truths" / f"{number:03d}.png")
+
+
+def write_relation_tasks(root: str | Path, relation_dir: str | Path, seed: int = 0, queries_per_task: int = 5) -> int:
+    """Relation's evaluation split as task folders: each task's exemplar pair, its queries (left halves) and their
+    truths (right halves) -> the number of tasks written."""
+    split = relation_split(relation_dir, seed, queries_per_task)
+    for task, (exemplar, queries) in split.evaluation.items():
+        folder = Path(root) / task
+        (folder / "queries").mkdir(parents=True, exist_ok=True)
+        (folder / "truths").mkdir(exist_ok=True)
+        source, target = split_side_by_side(read_image_file(exemplar, "exemplar"))
+        source.save(folder / "source.png")
+        target.save(folder / "target.png")
+        for path in queries:
+            query, truth = split_side_by_side(read_image_file(path, "query pair"))
+            query.save(folder / "queries" / f"{path.stem}.png")
+            truth.save(folder / "truths" / f"{path.stem}.png")
+    return len(split.evaluation)
 
 
 def _mean_error(image: PIL.Image.Image, truth: PIL.Image.Image) -> float:
@@ -172,9 +198,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write_toy_tasks", default=None, help="Write toy-world tasks (with truths) here, and stop.")
     parser.add_argument("--toy_edits", nargs="+", default=list(toyworld.EDITS), help="Their edits.")
     parser.add_argument("--toy_queries", type=int, default=4, help="Queries per toy task.")
+    parser.add_argument(
+        "--write_relation_tasks", default=None, help="Write Relation's evaluation tasks here, and stop."
+    )
+    parser.add_argument("--relation_dir", default=None, help="Relation252K's folder (TASK/NAME.jpg side by side).")
+    parser.add_argument("--split_seed", type=int, default=0, help="The split's seed (as the training script's).")
+    parser.add_argument("--queries_per_task", type=int, default=5, help="Evaluation queries per Relation task.")
     args = parser.parse_args(argv)
-    if args.write_toy_tasks is None and args.tasks is None:
-        parser.error("Give --tasks (a task folder), or --write_toy_tasks to make one from the toy world.")
+    if args.write_toy_tasks is None and args.write_relation_tasks is None and args.tasks is None:
+        parser.error("Give --tasks (a task folder), or --write_toy_tasks / --write_relation_tasks to make one.")
+    if args.write_relation_tasks and not args.relation_dir:
+        parser.error("--write_relation_tasks needs --relation_dir, Relation252K's folder.")
     return args
 
 
@@ -183,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_toy_tasks:
         write_toy_tasks(args.write_toy_tasks, args.toy_edits, args.toy_queries, args.seed)
         print(f"Wrote {len(args.toy_edits)} toy-world tasks to {args.write_toy_tasks}")
+        return
+    if args.write_relation_tasks:
+        count = write_relation_tasks(
+            args.write_relation_tasks, args.relation_dir, args.split_seed, args.queries_per_task
+        )
+        print(f"Wrote {count} Relation evaluation tasks to {args.write_relation_tasks}")
         return
     tasks = read_tasks(args.tasks)  # checked before any model loads
     pipe = load_edit_pipeline(args.base, args.adapter, "cuda" if torch.cuda.is_available() else None)

@@ -59,6 +59,7 @@ from diffusers_delta.data import (
     TransformedPairs,
     TransformedStream,
     collate_pairs,
+    relation_split,
 )
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
@@ -148,6 +149,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Relation252K layout: TASK/NAME.jpg, each image source|target side by side.",
     )
+    data.add_argument(
+        "--hold_out_relation_evaluation",
+        action="store_true",
+        help="With --side_by_side_data_dir: leave out each task's evaluation exemplar and queries, by the seeded rule "
+        "of diffusers_delta.data.relation_split that benchmarks/evaluate.py --relation_dir evaluates them with.",
+    )
+    data.add_argument(
+        "--max_train_pairs",
+        type=int,
+        default=None,
+        help="With --hold_out_relation_evaluation: train on this many pairs, the first by the split's seeded order "
+        "(the paper's seen-task setting: 16000).",
+    )
+    data.add_argument("--split_seed", type=int, default=0, help="The seed of the Relation evaluation split.")
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
     data.add_argument(
@@ -268,6 +283,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     sources = [args.dataset_name, args.train_data_dir, args.side_by_side_data_dir]
     if sum(source is not None for source in sources) != 1:
         parser.error("Give exactly one of --dataset_name, --train_data_dir, --side_by_side_data_dir.")
+    if (args.hold_out_relation_evaluation or args.max_train_pairs is not None) and not args.side_by_side_data_dir:
+        parser.error("--hold_out_relation_evaluation and --max_train_pairs split a --side_by_side_data_dir.")
+    if args.max_train_pairs is not None and not args.hold_out_relation_evaluation:
+        parser.error("--max_train_pairs takes its pairs from the held-out split: add --hold_out_relation_evaluation.")
     if args.streaming and (args.dataset_name is None or args.max_train_steps is None or args.cache_latents):
         parser.error("--streaming needs --dataset_name and --max_train_steps, and cannot --cache_latents.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -293,7 +312,9 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
     if args.train_data_dir:
         return TransformedPairs(LocalPairDataset(args.train_data_dir), transform)
     if args.side_by_side_data_dir:
-        return TransformedPairs(SideBySideDataset(args.side_by_side_data_dir), transform)
+        return TransformedPairs(
+            SideBySideDataset(args.side_by_side_data_dir, side_by_side_training_files(args)), transform
+        )
     import datasets  # only needed for Hub datasets
 
     dataset = datasets.load_dataset(
@@ -311,6 +332,14 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
         )
         return TransformedStream(StreamingHubPairDataset(dataset, args.source_column, args.target_column), transform)
     return TransformedPairs(HubPairDataset(dataset, args.source_column, args.target_column), transform)
+
+
+def side_by_side_training_files(args) -> list[Path] | None:
+    """The Relation pairs to train on: with --hold_out_relation_evaluation the split's training pairs (the first
+    --max_train_pairs of them), else all (None)."""
+    if not args.hold_out_relation_evaluation:
+        return None
+    return relation_split(args.side_by_side_data_dir, args.split_seed, train_pairs=args.max_train_pairs).train
 
 
 def epoch_batches(num_items: int, epoch: int, args, accelerator: Accelerator) -> list[list[int]]:
@@ -496,13 +525,16 @@ RUN_FLAGS = (
     "pretrained_model_name_or_path", "revision", "variant", "image_encoder", "pretrained_adapter", "num_edit_tokens",
     "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank", "lora_alpha",
     "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
-    "side_by_side_data_dir", "streaming", "cache_latents", "resolution", "seed", "train_batch_size",
+    "side_by_side_data_dir", "hold_out_relation_evaluation", "max_train_pairs", "split_seed", "streaming",
+    "cache_latents", "resolution", "seed", "train_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "optimizer", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "lambda_delta", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "mixed_precision",
 )  # fmt: skip
 RUN_FLAGS_NAME = "run_flags.json"
+#: Run flags added after checkpoints began recording them, with the value every older run had.
+LATER_RUN_FLAGS = {"hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0}
 #: Schedules that do not depend on the run's length: with them a resumed run may train longer.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -531,6 +563,7 @@ def check_resume_flags(resume_path: str, flags: dict) -> None:
         return
     with open(recorded_path) as file:
         recorded = json.load(file)
+    recorded = {**LATER_RUN_FLAGS, **recorded}
     differing = [name for name in flags if recorded.get(name) != flags[name]]
     if differing:
         changes = "; ".join(f"--{name} {recorded.get(name)!r} -> {flags[name]!r}" for name in differing)

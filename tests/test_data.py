@@ -13,6 +13,7 @@ from diffusers_delta.data import (
     SideBySideDataset,
     TransformedPairs,
     collate_pairs,
+    relation_split,
     split_side_by_side,
 )
 from diffusers_delta.semantic_delta import SiglipPreprocessor
@@ -106,3 +107,31 @@ def test_random_crops_keep_a_pair_aligned_and_are_a_function_of_the_key():
     assert torch.equal(random_crop(pair, key="0/3")["source_pixels"], crops[3]["source_pixels"])  # reproducible
     center = PairTransform(64, SiglipPreprocessor(32), center_crop=True)(pair, key="0/3")["source_pixels"]
     assert float(center[0, 0, 0]) == pytest.approx(96 / 255 * 2 - 1)  # the middle 64 columns of 256
+
+
+def _relation_folder(root, tasks: dict[str, int]):
+    """A Relation252K-style folder: per task, that many side-by-side pair images."""
+    for task, count in tasks.items():
+        (root / task).mkdir(parents=True)
+        for index in range(count):
+            joined = np.concatenate([np.asarray(random_image(index)), np.asarray(random_image(100 + index))], axis=1)
+            PIL.Image.fromarray(joined).save(root / task / f"pair_{index:02d}.jpg")
+    return root
+
+
+def test_the_relation_split_holds_out_an_exemplar_and_queries_per_task_by_a_seeded_rule(tmp_path):
+    root = _relation_folder(tmp_path / "relation", {"add_hat": 9, "to_sketch": 8, "tiny": 3, "single": 1})
+    split = relation_split(root, seed=0, queries_per_task=5)
+    assert sorted(split.evaluation) == ["add_hat", "tiny", "to_sketch"]  # a one-pair task only trains
+    assert [len(queries) for _, queries in split.evaluation.values()] == [5, 2, 5]
+    held = {path for exemplar, queries in split.evaluation.values() for path in (exemplar, *queries)}
+    assert not held & set(split.train) and len(held) + len(split.train) == 21  # disjoint, and nothing lost
+    assert relation_split(root, seed=0, queries_per_task=5) == split  # the same seed, the same split
+    assert relation_split(root, seed=1, queries_per_task=5).evaluation != split.evaluation
+
+    subset = relation_split(root, seed=0, queries_per_task=5, train_pairs=4)
+    assert len(subset.train) == 4 and set(subset.train) <= set(split.train)
+    assert subset.evaluation == split.evaluation  # the subset never reaches into the evaluation pairs
+    with pytest.raises(ValueError, match="holds 6 training pairs after the evaluation split: fewer than 9"):
+        relation_split(root, seed=0, train_pairs=9)
+    assert len(SideBySideDataset(root, subset.train)) == 4

@@ -57,3 +57,24 @@ def test_a_task_folder_without_its_pair_or_queries_is_refused_before_loading(tmp
         evaluate.read_tasks(tmp_path / "tasks")
     with pytest.raises(SystemExit):
         evaluate.parse_args([])
+
+
+def test_relations_evaluation_split_becomes_tasks_with_truths(tmp_path):
+    import numpy as np
+
+    from diffusers_delta.data import relation_split
+    from diffusers_delta.testing import random_image
+
+    relation = tmp_path / "relation"
+    (relation / "add_hat").mkdir(parents=True)
+    for index in range(8):
+        joined = np.concatenate([np.asarray(random_image(index)), np.asarray(random_image(50 + index))], axis=1)
+        PIL.Image.fromarray(joined).save(relation / "add_hat" / f"{index}.png")
+    evaluate.main(["--write_relation_tasks", str(tmp_path / "tasks"), "--relation_dir", str(relation)])
+    (task,) = evaluate.read_tasks(tmp_path / "tasks")
+    exemplar, queries = relation_split(relation).evaluation["add_hat"]
+    assert task.name == "add_hat" and [path.stem for path in task.queries] == sorted(p.stem for p in queries)
+    assert set(task.truths) == {path.stem for path in task.queries}
+    query = np.asarray(PIL.Image.open(task.queries[0]))
+    pair = np.asarray(PIL.Image.open(relation / "add_hat" / f"{task.queries[0].stem}.png"))
+    assert (query == pair[:, :64]).all()  # the query is its pair's left half, the truth its right half

@@ -538,3 +538,29 @@ def test_kontext_training_resumes_exactly_and_two_processes_agree(folders, tmp_p
     finally:
         del os.environ["ACCELERATE_USE_CPU"]
     assert summary(tmp_path / "two")["ranks_identical"]
+
+
+def test_the_relation_evaluation_split_is_held_out_of_training(folders, tmp_path, capsys):
+    from diffusers_delta.data import relation_split
+
+    relation = tmp_path / "relation"
+    for task in ("add_hat", "to_sketch"):
+        (relation / task).mkdir(parents=True)
+        for index in range(9):
+            joined = np.concatenate([np.asarray(random_image(index)), np.asarray(random_image(50 + index))], axis=1)
+            PIL.Image.fromarray(joined).save(relation / task / f"{index}.png")
+    args = train_delta_adapter.parse_args(arguments(
+        folders, tmp_path / "run", "--side_by_side_data_dir", str(relation), "--hold_out_relation_evaluation",
+        "--max_train_pairs", "5",
+    ))  # fmt: skip
+    files = train_delta_adapter.side_by_side_training_files(args)
+    split = relation_split(relation, seed=0)
+    held = {path for exemplar, queries in split.evaluation.values() for path in (exemplar, *queries)}
+    assert len(files) == 5 and set(files) <= set(split.train) and not set(files) & held
+    for flags, message in (
+        (["--train_data_dir", str(folders / "pairs"), "--max_train_pairs", "5"], "split a --side_by_side_data_dir"),
+        (["--side_by_side_data_dir", str(relation), "--max_train_pairs", "5"], "add --hold_out_relation_evaluation"),
+    ):
+        with pytest.raises(SystemExit):
+            train_delta_adapter.parse_args(arguments(folders, tmp_path / "run", *flags))
+        assert message in capsys.readouterr().err

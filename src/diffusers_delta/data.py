@@ -11,7 +11,8 @@ Local folder layouts (`LocalPairDataset`):
                                                      paths relative to root
 
 Relation252K layout (`SideBySideDataset`): `root/TASK/NAME.jpg`, each file the source (left half) and the target
-(right half) side by side; each folder is one editing task.
+(right half) side by side; each folder is one editing task. `relation_split` holds out each task's evaluation
+exemplar and queries by a seeded rule, and takes the paper's seen-task training subset from the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -94,18 +96,83 @@ class LocalPairDataset(Dataset):
         return None if source is None or target is None else {"source": source, "target": target}
 
 
+def side_by_side_files(root: str | Path) -> list[Path]:
+    """The pair images of a Relation252K-style folder (`root/TASK/NAME.ext`), sorted."""
+    root = Path(root)
+    files = sorted(p for p in root.glob("*/*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"No side-by-side images in {root}: expected {root}/TASK/NAME.jpg files.")
+    return files
+
+
+@dataclass
+class RelationSplit:
+    """Relation252K split into training pairs and, per task, an evaluation exemplar and queries (see `relation_split`).
+
+    Args:
+        train: the pair images to train on.
+        evaluation: task -> (its exemplar pair image, its query pair images; their right halves are the truths).
+    """
+
+    train: list[Path]
+    evaluation: dict[str, tuple[Path, list[Path]]]
+
+
+def _seeded_key(seed: int, path: Path) -> str:
+    return hashlib.sha256(f"{seed}/{path.parent.name}/{path.name}".encode()).hexdigest()
+
+
+def relation_split(
+    root: str | Path, seed: int = 0, queries_per_task: int = 5, train_pairs: int | None = None
+) -> RelationSplit:
+    """The seen-task evaluation split and training pairs of a Relation252K-style folder, by a seeded rule.
+
+    In each task folder the pairs are ordered by `sha256("{seed}/{task}/{name}")`: the first is the task's evaluation
+    exemplar, the next `queries_per_task` its evaluation queries (a task of fewer pairs gives all but the exemplar),
+    and the rest are training pairs; a task of one pair only trains. With `train_pairs`, training takes that many,
+    the first of all tasks' training pairs in the same order (the paper's seen-task setting trains on 16 000). No
+    evaluation pair is ever a training pair, whatever the arguments; the same seed gives the same split on any
+    machine (names, not listing order, decide it).
+
+    Args:
+        root: the dataset folder (`root/TASK/NAME.ext`, each image source|target side by side).
+        seed: the split's seed.
+        queries_per_task: evaluation queries per task (the paper: 5, over Relation's 218 tasks).
+        train_pairs: how many training pairs to keep (None: all).
+    """
+    by_task = {}
+    for path in side_by_side_files(root):
+        by_task.setdefault(path.parent.name, []).append(path)
+    train, evaluation = [], {}
+    for task, files in sorted(by_task.items()):
+        files = sorted(files, key=lambda path: _seeded_key(seed, path))
+        if len(files) < 2:
+            train += files
+            continue
+        held = files[: 1 + queries_per_task]
+        evaluation[task] = (held[0], held[1:])
+        train += files[1 + queries_per_task :]
+    train = sorted(train, key=lambda path: _seeded_key(seed, path))
+    if train_pairs is not None:
+        if train_pairs > len(train):
+            raise ValueError(
+                f"{root} holds {len(train)} training pairs after the evaluation split: fewer than {train_pairs}."
+            )
+        train = train[:train_pairs]
+    return RelationSplit(sorted(train), evaluation)
+
+
 class SideBySideDataset(Dataset):
     """Relation252K's layout: `root/TASK/NAME.ext`, each image a source|target pair side by side.
 
     Args:
         root: the dataset folder (one subfolder per task).
+        files: the pair images to use (default: all of them; `relation_split(...).train` for a held-out split).
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, files: list[Path] | None = None):
         self.root = Path(root)
-        self.files = sorted(p for p in self.root.glob("*/*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise ValueError(f"No side-by-side images in {self.root}: expected {self.root}/TASK/NAME.jpg files.")
+        self.files = side_by_side_files(self.root) if files is None else list(files)
         self.tasks = sorted({p.parent.name for p in self.files})
 
     def __len__(self) -> int:
