@@ -564,3 +564,20 @@ def test_the_relation_evaluation_split_is_held_out_of_training(folders, tmp_path
         with pytest.raises(SystemExit):
             train_delta_adapter.parse_args(arguments(folders, tmp_path / "run", *flags))
         assert message in capsys.readouterr().err
+
+
+def test_the_papers_recipe_in_examples_readme_parses_and_its_accelerate_config_loads(tmp_path):
+    import shlex
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    readme = (EXAMPLES / "README.md").read_text()
+    recipe = readme.split("### The paper's seen-task run, on 4 GPUs", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    launch_line = recipe.split("\npython ", 1)[0].replace("\\\n", " ")
+    words = shlex.split(launch_line)
+    config = load_config_from_file(str(EXAMPLES.parent / words[words.index("--config_file") + 1]))
+    assert config.num_processes == 4 and config.mixed_precision == "bf16" and config.distributed_type == "MULTI_GPU"
+    flags = words[words.index("examples/train_delta_adapter.py") + 1 :]
+    args = train_delta_adapter.parse_args(flags)  # every flag of the recipe exists and goes with the others
+    assert (args.train_batch_size, args.max_train_steps, args.max_train_pairs) == (16, 100_000, 16_000)
+    assert args.hold_out_relation_evaluation and args.freeze_delta_gate and args.lambda_delta == 1
