@@ -53,6 +53,7 @@ from diffusers_delta.backbones import backbone_of, backbone_of_pipeline
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
+    MixedPairs,
     PairTransform,
     SideBySideDataset,
     StreamingHubPairDataset,
@@ -163,6 +164,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "(the paper's seen-task setting: 16000).",
     )
     data.add_argument("--split_seed", type=int, default=0, help="The seed of the Relation evaluation split.")
+    data.add_argument(
+        "--data_mix",
+        nargs="+",
+        default=None,
+        metavar="KIND:PATH[:WEIGHT]",
+        help="Several sources mixed by weight (default 1), each 'folder:DIR' (as --train_data_dir), "
+        "'side_by_side:DIR' (as --side_by_side_data_dir, with the Relation split flags) or 'hub:NAME' (as "
+        "--dataset_name, with --dataset_split and the column flags; map-style), e.g. "
+        "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix's table is drawn from --seed.",
+    )
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
     data.add_argument(
@@ -280,10 +291,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
 
     args = parser.parse_args(input_args)
-    sources = [args.dataset_name, args.train_data_dir, args.side_by_side_data_dir]
+    sources = [args.dataset_name, args.train_data_dir, args.side_by_side_data_dir, args.data_mix]
     if sum(source is not None for source in sources) != 1:
-        parser.error("Give exactly one of --dataset_name, --train_data_dir, --side_by_side_data_dir.")
-    if (args.hold_out_relation_evaluation or args.max_train_pairs is not None) and not args.side_by_side_data_dir:
+        parser.error("Give exactly one of --dataset_name, --train_data_dir, --side_by_side_data_dir, --data_mix.")
+    if args.data_mix:
+        try:
+            args.data_mix_sources = [parse_mix_source(spec) for spec in args.data_mix]
+        except ValueError as error:
+            parser.error(str(error))
+        if args.streaming:
+            parser.error("--data_mix mixes map-style sources: it does not take --streaming.")
+    splits_relation = args.side_by_side_data_dir or any(
+        kind == "side_by_side" for kind, _, _ in getattr(args, "data_mix_sources", [])
+    )
+    if (args.hold_out_relation_evaluation or args.max_train_pairs is not None) and not splits_relation:
         parser.error("--hold_out_relation_evaluation and --max_train_pairs split a --side_by_side_data_dir.")
     if args.max_train_pairs is not None and not args.hold_out_relation_evaluation:
         parser.error("--max_train_pairs takes its pairs from the held-out split: add --hold_out_relation_evaluation.")
@@ -309,6 +330,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
     """The training pairs, transformed to tensors: a map-style dataset, or a stream already split per rank."""
+    if args.data_mix:
+        sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
+        weights = [weight for _, _, weight in args.data_mix_sources]
+        return TransformedPairs(MixedPairs(sources, weights, seed=args.seed), transform)
     if args.train_data_dir:
         return TransformedPairs(LocalPairDataset(args.train_data_dir), transform)
     if args.side_by_side_data_dir:
@@ -334,12 +359,45 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
     return TransformedPairs(HubPairDataset(dataset, args.source_column, args.target_column), transform)
 
 
-def side_by_side_training_files(args) -> list[Path] | None:
-    """The Relation pairs to train on: with --hold_out_relation_evaluation the split's training pairs (the first
-    --max_train_pairs of them), else all (None)."""
+def side_by_side_training_files(args, root: str | None = None) -> list[Path] | None:
+    """The Relation pairs of `root` (default --side_by_side_data_dir) to train on: with
+    --hold_out_relation_evaluation the split's training pairs (the first --max_train_pairs of them), else all
+    (None)."""
     if not args.hold_out_relation_evaluation:
         return None
-    return relation_split(args.side_by_side_data_dir, args.split_seed, train_pairs=args.max_train_pairs).train
+    root = root or args.side_by_side_data_dir
+    return relation_split(root, args.split_seed, train_pairs=args.max_train_pairs).train
+
+
+MIX_KINDS = ("folder", "side_by_side", "hub")
+
+
+def parse_mix_source(spec: str) -> tuple[str, str, float]:
+    """`KIND:PATH[:WEIGHT]` -> (kind, path, weight); a path may hold colons (the weight is the last part, if a
+    number)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in MIX_KINDS or not rest:
+        raise ValueError(f"--data_mix {spec}: expected KIND:PATH[:WEIGHT] with KIND one of {', '.join(MIX_KINDS)}.")
+    path, _, weight = rest.rpartition(":")
+    try:
+        value = float(weight)
+    except ValueError:
+        return kind, rest, 1.0
+    if not path or not value > 0:
+        raise ValueError(f"--data_mix {spec}: the weight must be a positive number after the path.")
+    return kind, path, value
+
+
+def mix_source(args, kind: str, path: str):
+    """One source of --data_mix, untransformed."""
+    if kind == "folder":
+        return LocalPairDataset(path)
+    if kind == "side_by_side":
+        return SideBySideDataset(path, side_by_side_training_files(args, path))
+    import datasets
+
+    table = datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir)
+    return HubPairDataset(table, args.source_column, args.target_column)
 
 
 def epoch_batches(num_items: int, epoch: int, args, accelerator: Accelerator) -> list[list[int]]:
@@ -525,7 +583,7 @@ RUN_FLAGS = (
     "pretrained_model_name_or_path", "revision", "variant", "image_encoder", "pretrained_adapter", "num_edit_tokens",
     "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank", "lora_alpha",
     "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
-    "side_by_side_data_dir", "hold_out_relation_evaluation", "max_train_pairs", "split_seed", "streaming",
+    "side_by_side_data_dir", "hold_out_relation_evaluation", "max_train_pairs", "split_seed", "data_mix", "streaming",
     "cache_latents", "resolution", "seed", "train_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "optimizer", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
@@ -534,7 +592,7 @@ RUN_FLAGS = (
 )  # fmt: skip
 RUN_FLAGS_NAME = "run_flags.json"
 #: Run flags added after checkpoints began recording them, with the value every older run had.
-LATER_RUN_FLAGS = {"hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0}
+LATER_RUN_FLAGS = {"hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0, "data_mix": None}
 #: Schedules that do not depend on the run's length: with them a resumed run may train longer.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 

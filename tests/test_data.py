@@ -9,6 +9,7 @@ import torch
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
+    MixedPairs,
     PairTransform,
     SideBySideDataset,
     TransformedPairs,
@@ -135,3 +136,31 @@ def test_the_relation_split_holds_out_an_exemplar_and_queries_per_task_by_a_seed
     with pytest.raises(ValueError, match="holds 6 training pairs after the evaluation split: fewer than 9"):
         relation_split(root, seed=0, train_pairs=9)
     assert len(SideBySideDataset(root, subset.train)) == 4
+
+
+class _Numbered(torch.utils.data.Dataset):
+    """A source whose items say which source and item they are."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return {"source": self.name, "target": index}
+
+
+def test_a_mix_draws_sources_by_weight_from_its_seed_alone_and_cycles_a_small_source():
+    big, small = _Numbered("big", 300), _Numbered("small", 10)
+    mix = MixedPairs([big, small], [1.0, 3.0], seed=0, length=4000)
+    drawn = [mix[i] for i in range(len(mix))]
+    share = sum(item["source"] == "small" for item in drawn) / len(drawn)
+    assert abs(share - 0.75) < 0.03  # 3 : 1
+    small_items = [item["target"] for item in drawn if item["source"] == "small"]
+    assert sorted(small_items[:10]) == list(range(10)) and small_items[10:20] == small_items[:10]  # each once a round
+    assert [MixedPairs([big, small], [1.0, 3.0], seed=0, length=4000)[i] for i in range(50)] == drawn[:50]
+    assert [MixedPairs([big, small], [1.0, 3.0], seed=1, length=4000)[i] for i in range(50)] != drawn[:50]
+    assert len(MixedPairs([big, small], [1.0, 1.0])) == 310  # an epoch: the sources' total by default
+    with pytest.raises(ValueError, match="weights must be positive"):
+        MixedPairs([big, small], [1.0, 0.0])

@@ -581,3 +581,19 @@ def test_the_papers_recipe_in_examples_readme_parses_and_its_accelerate_config_l
     args = train_delta_adapter.parse_args(flags)  # every flag of the recipe exists and goes with the others
     assert (args.train_batch_size, args.max_train_steps, args.max_train_pairs) == (16, 100_000, 16_000)
     assert args.hold_out_relation_evaluation and args.freeze_delta_gate and args.lambda_delta == 1
+
+
+def test_a_data_mix_trains_from_several_sources(folders, tmp_path):
+    assert train_delta_adapter.parse_mix_source("side_by_side:/data/a:b/relation:2.5") == (
+        "side_by_side", "/data/a:b/relation", 2.5,
+    )  # fmt: skip
+    assert train_delta_adapter.parse_mix_source("folder:pairs") == ("folder", "pairs", 1.0)
+    for spec in ("zip:pairs", "folder:pairs:0", "folder:"):
+        with pytest.raises(ValueError, match="--data_mix"):
+            train_delta_adapter.parse_mix_source(spec)
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(
+        folders, tmp_path, "--data_mix", f"folder:{folders / 'pairs'}:1", f"side_by_side:{folders / 'side_by_side'}:2",
+        "--max_train_steps", "2", "--checkpointing_steps", "100",
+    )))  # fmt: skip
+    run = summary(tmp_path)
+    assert run["global_step"] == 2 and (tmp_path / "diffusion_pytorch_model.safetensors").is_file()

@@ -186,6 +186,46 @@ class SideBySideDataset(Dataset):
         return {"source": source, "target": target}
 
 
+class MixedPairs(Dataset):
+    """Several pair datasets mixed by weight, as one map-style dataset (the training script's `--data_mix`).
+
+    Position `i` comes from source `k` with probability `w_k / Σ w`, by a table drawn once from `seed`; each source
+    serves its items in a seeded order and starts that order again when the mix asks for more items than it has
+    (a small source weighted up repeats, a large one weighted down is sampled). The mix is a function of the seed
+    alone, so a resumed run reads the same pairs.
+
+    Args:
+        sources: the datasets (items `{"source": PIL, "target": PIL}`, or None for a pair that cannot be read).
+        weights: their sampling weights, positive.
+        seed: the table's seed.
+        length: the mix's length, an epoch (default: the sources' total).
+    """
+
+    def __init__(self, sources: list[Dataset], weights: list[float], seed: int = 0, length: int | None = None):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"{len(sources)} sources and {len(weights)} weights: give one weight per source.")
+        if any(not weight > 0 for weight in weights):
+            raise ValueError(f"Mix weights must be positive, got {weights}.")
+        if any(len(source) == 0 for source in sources):
+            raise ValueError("A source of the mix holds no pairs.")
+        self.sources = sources
+        length = sum(len(source) for source in sources) if length is None else length
+        generator = torch.Generator().manual_seed(seed)
+        probabilities = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        self.source_of = torch.multinomial(probabilities, length, replacement=True, generator=generator)  # (L,)
+        orders = [torch.randperm(len(source), generator=generator) for source in sources]
+        self.item_of = torch.empty(length, dtype=torch.long)  # (L,)
+        for k, order in enumerate(orders):
+            positions = (self.source_of == k).nonzero().flatten()
+            self.item_of[positions] = order[torch.arange(len(positions)) % len(order)]
+
+    def __len__(self) -> int:
+        return len(self.source_of)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self.sources[int(self.source_of[index])][int(self.item_of[index])]
+
+
 def _hub_pair(example: dict, source_column: str, target_column: str) -> dict | None:
     try:
         return {
