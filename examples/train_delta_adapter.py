@@ -55,6 +55,7 @@ from diffusers_delta.data import (
     LocalPairDataset,
     MixedPairs,
     PairTransform,
+    PicoBananaDataset,
     SideBySideDataset,
     StreamingHubPairDataset,
     TransformedPairs,
@@ -170,8 +171,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="KIND:PATH[:WEIGHT]",
         help="Several sources mixed by weight (default 1), each 'folder:DIR' (as --train_data_dir), "
-        "'side_by_side:DIR' (as --side_by_side_data_dir, with the Relation split flags) or 'hub:NAME' (as "
-        "--dataset_name, with --dataset_split and the column flags; map-style), e.g. "
+        "'side_by_side:DIR' (as --side_by_side_data_dir, with the Relation split flags), 'hub:NAME' (as "
+        "--dataset_name, with --dataset_split and the column flags; map-style) or 'pico_banana:SFT.jsonl' "
+        "(Pico-Banana-400K's single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset "
+        "reads them), e.g. "
         "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix's table is drawn from --seed.",
     )
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
@@ -369,7 +372,7 @@ def side_by_side_training_files(args, root: str | None = None) -> list[Path] | N
     return relation_split(root, args.split_seed, train_pairs=args.max_train_pairs).train
 
 
-MIX_KINDS = ("folder", "side_by_side", "hub")
+MIX_KINDS = ("folder", "side_by_side", "hub", "pico_banana")
 
 
 def parse_mix_source(spec: str) -> tuple[str, str, float]:
@@ -394,6 +397,8 @@ def mix_source(args, kind: str, path: str):
         return LocalPairDataset(path)
     if kind == "side_by_side":
         return SideBySideDataset(path, side_by_side_training_files(args, path))
+    if kind == "pico_banana":
+        return PicoBananaDataset(path)
     import datasets
 
     table = datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir)

@@ -11,6 +11,7 @@ from diffusers_delta.data import (
     LocalPairDataset,
     MixedPairs,
     PairTransform,
+    PicoBananaDataset,
     SideBySideDataset,
     TransformedPairs,
     collate_pairs,
@@ -164,3 +165,39 @@ def test_a_mix_draws_sources_by_weight_from_its_seed_alone_and_cycles_a_small_so
     assert len(MixedPairs([big, small], [1.0, 1.0])) == 310  # an epoch: the sources' total by default
     with pytest.raises(ValueError, match="weights must be positive"):
         MixedPairs([big, small], [1.0, 0.0])
+
+
+def pico_banana_fixture(root):
+    """Pico-Banana-400K's single-turn layout: sft.jsonl, the edited images under images/positive-edit/, the Open
+    Images sources where Apple's mapping script records them (local_input_image) or by file name in a folder."""
+    (root / "images" / "positive-edit").mkdir(parents=True)
+    (root / "openimage_source_images" / "train_0").mkdir(parents=True)
+    (root / "flickr").mkdir()
+    records = []
+    for index in range(4):
+        url = f"https://farm6.staticflickr.com/1/{index:04d}_o.jpg"
+        record = {"open_image_input_url": url, "text": f"Edit number {index}.", "edit_type": "Change color",
+                  "output_image": f"images/positive-edit/{index + 1}.png", "summarized_text": "x"}  # fmt: skip
+        random_image(100 + index).save(root / record["output_image"])
+        if index < 2:  # mapped by map_openimage_url_to_local.py
+            record["local_input_image"] = f"openimage_source_images/train_0/{index:016x}.jpg"
+            random_image(index).save(root / record["local_input_image"])
+        elif index == 2:  # found by its URL's file name
+            random_image(index).save(root / "flickr" / f"{index:04d}_o.jpg")
+        records.append(record)  # index 3: its source was never downloaded
+    (root / "sft.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root
+
+
+def test_pico_banana_single_turn_records_read_as_published_and_missing_sources_skipped(tmp_path, caplog):
+    root = pico_banana_fixture(tmp_path / "pico")
+    dataset = PicoBananaDataset(root / "sft.jsonl", source_images_dir=root / "flickr")
+    items = [dataset[index] for index in range(len(dataset))]
+    assert [item is not None for item in items] == [True, True, True, False]
+    assert items[0]["instruction"] == "Edit number 0." and items[0]["edit_type"] == "Change color"
+    assert np.array_equal(np.asarray(items[2]["target"]), np.asarray(random_image(102)))
+    without_folder = PicoBananaDataset(root / "sft.jsonl")
+    assert without_folder[2] is None and "map_openimage_url_to_local.py" in caplog.text
+    (tmp_path / "other.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match="other.jsonl:1 is not a Pico-Banana single-turn record"):
+        PicoBananaDataset(tmp_path / "other.jsonl")

@@ -597,3 +597,15 @@ def test_a_data_mix_trains_from_several_sources(folders, tmp_path):
     )))  # fmt: skip
     run = summary(tmp_path)
     assert run["global_step"] == 2 and (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_pico_banana_trains_in_a_mix_with_relation(folders, tmp_path):
+    from test_data import pico_banana_fixture
+
+    pico = pico_banana_fixture(tmp_path / "pico")
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(
+        folders, tmp_path / "run", "--data_mix", f"pico_banana:{pico / 'sft.jsonl'}:1",
+        f"side_by_side:{folders / 'side_by_side'}:1", "--max_train_steps", "3", "--checkpointing_steps", "100",
+    )))  # fmt: skip
+    run = summary(tmp_path / "run")
+    assert run["global_step"] == 3  # two Pico records have no local source: drawn, they are passed over

@@ -186,6 +186,69 @@ class SideBySideDataset(Dataset):
         return {"source": source, "target": target}
 
 
+class PicoBananaDataset(Dataset):
+    """Pico-Banana-400K's single-turn edits (its `sft.jsonl`), read as published.
+
+    Each line is `{"open_image_input_url", "text", "output_image", "edit_type", "summarized_text", ...}`: the
+    source is an Open Images photo, the target `output_image` (a path such as `images/positive-edit/1.png` under
+    Apple's CDN prefix). Download the edited images keeping those paths under `images_root` (by default the manifest's
+    folder), and the sources either as Apple's `map_openimage_url_to_local.py` records them (`local_input_image`,
+    absolute or relative to `images_root`) or named by their URL's file name in `source_images_dir`. Pairs whose
+    files are missing or unreadable are skipped and counted. The instruction is kept as metadata (`instruction`,
+    `edit_type`), never used as a condition: Delta-Adapter is text-free.
+
+    Args:
+        manifest: the `sft.jsonl` file.
+        images_root: where `output_image` paths (and relative `local_input_image` ones) start.
+        source_images_dir: a folder of the Open Images sources by file name, for records without `local_input_image`.
+    """
+
+    def __init__(self, manifest: str | Path, images_root: str | Path | None = None, source_images_dir=None):
+        self.manifest = Path(manifest)
+        self.images_root = Path(images_root) if images_root is not None else self.manifest.parent
+        self.source_images_dir = Path(source_images_dir) if source_images_dir is not None else None
+        self.records = []
+        with open(self.manifest, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if "output_image" not in record or "open_image_input_url" not in record:
+                    raise ValueError(
+                        f"{self.manifest}:{number} is not a Pico-Banana single-turn record (it needs output_image and "
+                        "open_image_input_url): pass the sft.jsonl manifest."
+                    )
+                self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _source_path(self, record: dict) -> Path | None:
+        if record.get("local_input_image"):
+            return self.images_root / record["local_input_image"]  # an absolute path stays as it is
+        if self.source_images_dir is not None:
+            return self.source_images_dir / record["open_image_input_url"].rsplit("/", 1)[-1]
+        return None
+
+    def __getitem__(self, index: int) -> dict | None:
+        record = self.records[index]
+        source_path = self._source_path(record)
+        if source_path is None:
+            logger.warning(
+                "Skipping %s: no local source image (run map_openimage_url_to_local.py).", record["output_image"]
+            )
+            return None
+        source, target = _open_rgb(source_path), _open_rgb(self.images_root / record["output_image"])
+        if source is None or target is None:
+            return None
+        return {
+            "source": source,
+            "target": target,
+            "instruction": record.get("text"),
+            "edit_type": record.get("edit_type"),
+        }
+
+
 class MixedPairs(Dataset):
     """Several pair datasets mixed by weight, as one map-style dataset (the training script's `--data_mix`).
 
