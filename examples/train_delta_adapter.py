@@ -172,10 +172,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         metavar="KIND:PATH[:WEIGHT]",
         help="Several sources mixed by weight (default 1), each 'folder:DIR' (as --train_data_dir), "
         "'side_by_side:DIR' (as --side_by_side_data_dir, with the Relation split flags), 'hub:NAME' (as "
-        "--dataset_name, with --dataset_split and the column flags; map-style) or 'pico_banana:SFT.jsonl' "
-        "(Pico-Banana-400K's single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset "
-        "reads them), e.g. "
-        "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix's table is drawn from --seed.",
+        "--dataset_name, with --dataset_split and the column flags) or 'pico_banana:SFT.jsonl' (Pico-Banana-400K's "
+        "single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset reads them), e.g. "
+        "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix is drawn from --seed. With "
+        "--streaming: hub: sources only, interleaved by weight (the same columns in each).",
     )
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
@@ -302,8 +302,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             args.data_mix_sources = [parse_mix_source(spec) for spec in args.data_mix]
         except ValueError as error:
             parser.error(str(error))
-        if args.streaming:
-            parser.error("--data_mix mixes map-style sources: it does not take --streaming.")
+        if args.streaming and any(kind != "hub" for kind, _, _ in args.data_mix_sources):
+            parser.error("--streaming mixes Hub datasets only: every --data_mix source must be hub:NAME.")
     splits_relation = args.side_by_side_data_dir or any(
         kind == "side_by_side" for kind, _, _ in getattr(args, "data_mix_sources", [])
     )
@@ -311,8 +311,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--hold_out_relation_evaluation and --max_train_pairs split a --side_by_side_data_dir.")
     if args.max_train_pairs is not None and not args.hold_out_relation_evaluation:
         parser.error("--max_train_pairs takes its pairs from the held-out split: add --hold_out_relation_evaluation.")
-    if args.streaming and (args.dataset_name is None or args.max_train_steps is None or args.cache_latents):
-        parser.error("--streaming needs --dataset_name and --max_train_steps, and cannot --cache_latents.")
+    if args.streaming and (
+        (args.dataset_name is None and args.data_mix is None) or args.max_train_steps is None or args.cache_latents
+    ):
+        parser.error(
+            "--streaming needs --dataset_name (or a --data_mix of hub: sources) and --max_train_steps, and cannot "
+            "--cache_latents."
+        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error(
             "--hub_token with --report_to wandb would log the token with the run's arguments: log in with "
@@ -333,6 +338,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
     """The training pairs, transformed to tensors: a map-style dataset, or a stream already split per rank."""
+    if args.data_mix and args.streaming:
+        import datasets
+
+        streams = [
+            datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir,
+                                  streaming=True)
+            for _, path, _ in args.data_mix_sources
+        ]  # fmt: skip
+        weights = [weight for _, _, weight in args.data_mix_sources]
+        mixed = datasets.interleave_datasets(
+            streams, [weight / sum(weights) for weight in weights], seed=args.seed, stopping_strategy="all_exhausted"
+        )
+        return rank_stream(args, accelerator, mixed, transform)
     if args.data_mix:
         sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
         weights = [weight for _, _, weight in args.data_mix_sources]
@@ -353,13 +371,18 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
         streaming=args.streaming,
     )
     if args.streaming:
-        from datasets.distributed import split_dataset_by_node
-
-        dataset = split_dataset_by_node(
-            dataset.shuffle(seed=args.seed), rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
-        return TransformedStream(StreamingHubPairDataset(dataset, args.source_column, args.target_column), transform)
+        return rank_stream(args, accelerator, dataset, transform)
     return TransformedPairs(HubPairDataset(dataset, args.source_column, args.target_column), transform)
+
+
+def rank_stream(args, accelerator: Accelerator, dataset, transform: PairTransform) -> TransformedStream:
+    """A streaming dataset shuffled by the seed, this rank's share of it, transformed."""
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = split_dataset_by_node(
+        dataset.shuffle(seed=args.seed), rank=accelerator.process_index, world_size=accelerator.num_processes
+    )
+    return TransformedStream(StreamingHubPairDataset(dataset, args.source_column, args.target_column), transform)
 
 
 def side_by_side_training_files(args, root: str | None = None) -> list[Path] | None:

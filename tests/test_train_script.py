@@ -609,3 +609,19 @@ def test_pico_banana_trains_in_a_mix_with_relation(folders, tmp_path):
     )))  # fmt: skip
     run = summary(tmp_path / "run")
     assert run["global_step"] == 3  # two Pico records have no local source: drawn, they are passed over
+
+
+def test_hub_streams_mix_by_weight_and_resume_exactly(folders, tmp_path, monkeypatch):
+    mix = ["--data_mix", f"hub:{folders / 'hub_dataset'}:1", f"hub:{folders / 'hub_dataset'}:3", "--source_column",
+           "before", "--target_column", "after", "--streaming", "--max_train_steps", "4", "--checkpointing_steps", "2",
+           "--lambda_delta", "0"]  # fmt: skip
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *mix)))
+    crash_after_checkpoint(folders, tmp_path / "resumed", mix, 2, monkeypatch)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path / "resumed", *mix, "--resume_from_checkpoint", "latest")
+    ))  # fmt: skip
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    with pytest.raises(SystemExit):  # a stream mixes Hub datasets only
+        train_delta_adapter.parse_args(arguments(folders, tmp_path, "--data_mix", f"folder:{folders / 'pairs'}",
+                                                 "--streaming", "--max_train_steps", "2"))  # fmt: skip
