@@ -54,6 +54,7 @@ from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
     MixedPairs,
+    MixedStream,
     PairTransform,
     PicoBananaDataset,
     SideBySideDataset,
@@ -175,7 +176,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--dataset_name, with --dataset_split and the column flags) or 'pico_banana:SFT.jsonl' (Pico-Banana-400K's "
         "single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset reads them), e.g. "
         "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix is drawn from --seed. With "
-        "--streaming: hub: sources only, interleaved by weight (the same columns in each).",
+        "--streaming: hub: sources only (the same columns in each), drawn by weight pair by pair.",
     )
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
@@ -342,15 +343,13 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
         import datasets
 
         streams = [
-            datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir,
-                                  streaming=True)
+            rank_stream(args, accelerator, datasets.load_dataset(
+                path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir, streaming=True
+            ))
             for _, path, _ in args.data_mix_sources
         ]  # fmt: skip
         weights = [weight for _, _, weight in args.data_mix_sources]
-        mixed = datasets.interleave_datasets(
-            streams, [weight / sum(weights) for weight in weights], seed=args.seed, stopping_strategy="all_exhausted"
-        )
-        return rank_stream(args, accelerator, mixed, transform)
+        return TransformedStream(MixedStream(streams, weights, seed=args.seed), transform)
     if args.data_mix:
         sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
         weights = [weight for _, _, weight in args.data_mix_sources]
@@ -371,18 +370,18 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
         streaming=args.streaming,
     )
     if args.streaming:
-        return rank_stream(args, accelerator, dataset, transform)
+        return TransformedStream(rank_stream(args, accelerator, dataset), transform)
     return TransformedPairs(HubPairDataset(dataset, args.source_column, args.target_column), transform)
 
 
-def rank_stream(args, accelerator: Accelerator, dataset, transform: PairTransform) -> TransformedStream:
-    """A streaming dataset shuffled by the seed, this rank's share of it, transformed."""
+def rank_stream(args, accelerator: Accelerator, dataset) -> StreamingHubPairDataset:
+    """A streaming Hub dataset shuffled by the seed, this rank's share of it, as pairs."""
     from datasets.distributed import split_dataset_by_node
 
     dataset = split_dataset_by_node(
         dataset.shuffle(seed=args.seed), rank=accelerator.process_index, world_size=accelerator.num_processes
     )
-    return TransformedStream(StreamingHubPairDataset(dataset, args.source_column, args.target_column), transform)
+    return StreamingHubPairDataset(dataset, args.source_column, args.target_column)
 
 
 def side_by_side_training_files(args, root: str | None = None) -> list[Path] | None:

@@ -10,6 +10,7 @@ from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
     MixedPairs,
+    MixedStream,
     PairTransform,
     PicoBananaDataset,
     SideBySideDataset,
@@ -201,3 +202,30 @@ def test_pico_banana_single_turn_records_read_as_published_and_missing_sources_s
     (tmp_path / "other.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
     with pytest.raises(ValueError, match="other.jsonl:1 is not a Pico-Banana single-turn record"):
         PicoBananaDataset(tmp_path / "other.jsonl")
+
+
+class _NumberedStream(torch.utils.data.IterableDataset):
+    """A stream whose pairs say which stream and item they are, re-ordered by its epoch."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size, self.epoch = name, size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        for index in range(self.size):
+            yield {"source": self.name, "target": (index + self.epoch) % self.size}
+
+
+def test_a_stream_mix_draws_by_weight_from_its_seed_and_epoch_alone_until_every_stream_ran_out():
+    def run(seed=0, epoch=0):
+        mix = MixedStream([_NumberedStream("big", 40), _NumberedStream("small", 4)], [1.0, 3.0], seed=seed)
+        mix.set_epoch(epoch)
+        return list(mix)
+
+    drawn = run()
+    assert {item["target"] for item in drawn if item["source"] == "big"} == set(range(40))  # every big pair once
+    small = [item for item in drawn if item["source"] == "small"]
+    assert len(small) > 4 and abs(len(small) / len(drawn) - 0.75) < 0.12  # the small stream cycles, 3 : 1
+    assert run() == drawn and run(seed=1) != drawn and run(epoch=1) != drawn  # what a resume re-reads

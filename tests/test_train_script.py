@@ -490,12 +490,11 @@ def kontext_arguments(folders, output_dir, *extra) -> list[str]:
 def test_a_kontext_base_is_recognised_and_its_release_edits_text_free(folders, tmp_path):
     output = tmp_path / "run"
     pair = [str(folders / "pairs" / name / "0.png") for name in ("source", "target", "source")]
-    launch(
+    train_delta_adapter.main(train_delta_adapter.parse_args(  # in-process: the launcher is tested on klein
         kontext_arguments(folders, output, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "2",
                           "--checkpointing_steps", "1", "--lora_rank", "2", "--validation_exemplar", *pair,
-                          "--validation_steps", "2", "--validation_inference_steps", "2"),
-        "--num_processes", "1", "--cpu",
-    )  # fmt: skip
+                          "--validation_steps", "2", "--validation_inference_steps", "2")
+    ))  # fmt: skip
     assert json.loads((output / "config.json").read_text())["backbone"] == "flux1"
     with safe_open(output / "empty_prompt_embeds.safetensors", "pt") as embeds:
         assert set(embeds.keys()) == {"prompt_embeds", "pooled_prompt_embeds"}
@@ -611,17 +610,12 @@ def test_pico_banana_trains_in_a_mix_with_relation(folders, tmp_path):
     assert run["global_step"] == 3  # two Pico records have no local source: drawn, they are passed over
 
 
-def test_hub_streams_mix_by_weight_and_resume_exactly(folders, tmp_path, monkeypatch):
+def test_hub_streams_mix_by_weight(folders, tmp_path):
     mix = ["--data_mix", f"hub:{folders / 'hub_dataset'}:1", f"hub:{folders / 'hub_dataset'}:3", "--source_column",
-           "before", "--target_column", "after", "--streaming", "--max_train_steps", "4", "--checkpointing_steps", "2",
+           "before", "--target_column", "after", "--streaming", "--max_train_steps", "2",
            "--lambda_delta", "0"]  # fmt: skip
-    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *mix)))
-    crash_after_checkpoint(folders, tmp_path / "resumed", mix, 2, monkeypatch)
-    train_delta_adapter.main(train_delta_adapter.parse_args(
-        arguments(folders, tmp_path / "resumed", *mix, "--resume_from_checkpoint", "latest")
-    ))  # fmt: skip
-    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "run", *mix)))
+    assert summary(tmp_path / "run")["global_step"] == 2  # the draws' determinism: test_data's MixedStream test
     with pytest.raises(SystemExit):  # a stream mixes Hub datasets only
         train_delta_adapter.parse_args(arguments(folders, tmp_path, "--data_mix", f"folder:{folders / 'pairs'}",
                                                  "--streaming", "--max_train_steps", "2"))  # fmt: skip

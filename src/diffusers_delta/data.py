@@ -342,6 +342,51 @@ class StreamingHubPairDataset(IterableDataset):
             yield _hub_pair(example, self.source_column, self.target_column)
 
 
+class MixedStream(IterableDataset):
+    """Several pair streams mixed by weight (the training script's `--data_mix` with `--streaming`).
+
+    Each next pair comes from stream `k` with probability `w_k / Σ w`, drawn by a generator seeded with the seed and
+    the epoch; a stream that runs out starts again, until every stream has run out once (a pass). A function of the
+    seed and the epoch alone: a resumed run that skips the pairs it used reads the same ones next.
+
+    Args:
+        streams: the pair streams (`StreamingHubPairDataset`s, each already this rank's share).
+        weights: their sampling weights, positive.
+        seed: the draws' seed.
+    """
+
+    def __init__(self, streams: list[IterableDataset], weights: list[float], seed: int = 0):
+        if len(streams) != len(weights) or not streams:
+            raise ValueError(f"{len(streams)} streams and {len(weights)} weights: give one weight per stream.")
+        if any(not weight > 0 for weight in weights):
+            raise ValueError(f"Mix weights must be positive, got {weights}.")
+        self.streams, self.seed, self.epoch = streams, seed, 0
+        self.probabilities = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for stream in self.streams:
+            stream.set_epoch(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        iterators = [iter(stream) for stream in self.streams]
+        finished = [False] * len(self.streams)
+        while True:
+            k = int(torch.multinomial(self.probabilities, 1, generator=generator))
+            try:
+                pair = next(iterators[k])
+            except StopIteration:
+                finished[k] = True
+                if all(finished):
+                    return
+                iterators[k] = iter(self.streams[k])  # once more round, while another stream has pairs left
+                pair = next(iterators[k], None)
+                if pair is None:  # an empty stream
+                    return
+            yield pair
+
+
 class PairTransform:
     """PIL pair -> tensors for the VAE (square, [-1, 1]) and for SigLIP (normalised).
 
