@@ -444,9 +444,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
     ) -> torch.Tensor:
         """Query images -> (B, 3, H, W) in [-1, 1]: resized to `height` x `width` when given (multiples of 16),
         else sized as the backbone's pipeline sizes its reference image (`preprocess_query`)."""
-        queries = image if isinstance(image, list) else [image]
-        if not queries:
-            raise ValueError("image must be a query image or a non-empty list of them.")
+        queries = self._query_images(image)
         multiple_of = self.vae_scale_factor * 2
         if (height is None) != (width is None):
             raise ValueError("Give both height and width (the output size), or neither (the query's size).")
@@ -456,22 +454,13 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         fixed = self.config.get("image_size")
         if height is not None and fixed is not None and (height, width) != (fixed, fixed):
             raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
+        backbone = backbone_of(self.transformer)
         processed = []
-        for index, query in enumerate(queries):
-            name = f"query {index}" if len(queries) > 1 else "query"
-            rgb = to_rgb_image(query, name=name)
-            fixed = self.config.get("image_size")
-            if fixed is not None and rgb.size != (fixed, fixed):
-                raise ValueError(
-                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
-                    f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
-                )
-            if hasattr(self.image_processor, "check_image_input"):  # FLUX.2's: its aspect-ratio and size limits
-                self.image_processor.check_image_input(rgb)
+        for rgb in queries:
             if height is not None:  # the size asked for: the query is resized to it
                 processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
-                continue
-            processed.append(backbone_of(self.transformer).preprocess_query(self, rgb))
+            else:
+                processed.append(backbone.preprocess_query(self, rgb))
         sizes = {tuple(p.shape[-2:]) for p in processed}
         if len(sizes) > 1:
             raise ValueError(
@@ -479,6 +468,27 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
                 "size, or call the pipeline once per size."
             )
         return torch.cat(processed, dim=0)
+
+    def _query_images(self, image: ImageInput | list[ImageInput]) -> list:
+        """The queries as RGB images (checked, EXIF-free), refused when a model that knows one size gets another, or
+        (FLUX.2) when their aspect ratio or size is out of the image processor's limits."""
+        queries = image if isinstance(image, list) else [image]
+        if not queries:
+            raise ValueError("image must be a query image or a non-empty list of them.")
+        fixed = self.config.get("image_size")
+        images = []
+        for index, query in enumerate(queries):
+            name = f"query {index}" if len(queries) > 1 else "query"
+            rgb = to_rgb_image(query, name=name)
+            if fixed is not None and rgb.size != (fixed, fixed):
+                raise ValueError(
+                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
+                    f"it to {fixed}x{fixed} first (diffusers-delta edit does that for you)."
+                )
+            if hasattr(self.image_processor, "check_image_input"):  # FLUX.2's: its aspect-ratio and size limits
+                self.image_processor.check_image_input(rgb)
+            images.append(rgb)
+        return images
 
     def _text_conditioning(
         self, prompt: str = "", max_sequence_length: int = 512, text_encoder_out_layers=(9, 18, 27)

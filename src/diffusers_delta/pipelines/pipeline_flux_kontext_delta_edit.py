@@ -22,7 +22,7 @@ from transformers import (
 from ..backbones.flux1 import reference_size
 from ..checks import finite_float, positive_int
 from ..concurrency import one_call_at_a_time
-from ..image_inputs import ImageInput, to_rgb_image
+from ..image_inputs import ImageInput
 from ..loaders import ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
 from .delta_edit_pipeline import DeltaEditPipelineMixin
@@ -116,24 +116,6 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         )
         self._register_delta_components(image_encoder, feature_extractor, delta_adapter)
         self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
-
-    def _query_images(self, image) -> list:
-        """The queries as RGB images (checked, EXIF-free), refused when a fixed-size model gets another size."""
-        queries = image if isinstance(image, list) else [image]
-        if not queries:
-            raise ValueError("image must be a query image or a non-empty list of them.")
-        fixed = self.config.get("image_size")
-        images = []
-        for index, query in enumerate(queries):
-            name = f"query {index}" if len(queries) > 1 else "query"
-            rgb = to_rgb_image(query, name=name)
-            if fixed is not None and rgb.size != (fixed, fixed):
-                raise ValueError(
-                    f"This model edits only {fixed}x{fixed} images and the {name} is {rgb.width}x{rgb.height}: resize "
-                    f"it to {fixed}x{fixed} first."
-                )
-            images.append(rgb)
-        return images
 
     @one_call_at_a_time
     @torch.no_grad()
