@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-from diffusers_delta.backbones.flux2 import decode_packed_latents, encode_latents
+from diffusers_delta.backbones.flux2 import decode_tokens, encode_latents
 from diffusers_delta.image_inputs import pil_to_tensor
 from diffusers_delta.losses import (
     add_noise,
@@ -80,9 +80,8 @@ def test_decoding_packed_latents_matches_the_pipeline_decode():
     vae = tiny_klein_components()["vae"]
     pixels = pil_to_tensor(random_image(0)).unsqueeze(0) * 2 - 1  # (1, 3, 64, 64)
     latents = encode_latents(vae, pixels)  # (1, 16, 8, 8)
-    ids = Flux2KleinPipeline._prepare_latent_ids(latents)
     with torch.no_grad():
-        images = decode_packed_latents(vae, Flux2KleinPipeline._pack_latents(latents), ids, 8, 8)
+        images = decode_tokens(vae, Flux2KleinPipeline._pack_latents(latents), 8, 8)
         raw = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
     assert images.shape == (1, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     torch.testing.assert_close(images, (raw / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)

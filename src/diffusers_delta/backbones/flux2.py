@@ -166,16 +166,6 @@ def unpack_to_vae_latents(
     return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
 
 
-def decode_packed_latents(
-    vae: AutoencoderKLFlux2, packed_latents: torch.Tensor, latent_ids: torch.Tensor, height: int, width: int
-) -> torch.Tensor:
-    """Packed, normalised tokens -> images in [0, 1], (B, 3, H, W) float32, differentiably (see
-    `unpack_to_vae_latents` for the arguments)."""
-    latents = unpack_to_vae_latents(vae, packed_latents, latent_ids, height, width)
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in about [-1, 1]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, 4C, h, w) patchified latents -> (B, hw, 4C) tokens, in the order `Flux2KleinPipeline` packs them."""
     return Flux2KleinPipeline._pack_latents(latents)
@@ -184,7 +174,9 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 def decode_tokens(vae: AutoencoderKLFlux2, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, hw, 4C) tokens of an (h, w) patchified grid -> images in [0, 1], (B, 3, H, W), differentiably."""
     latent_ids = Flux2KleinPipeline._prepare_latent_ids(tokens.new_empty(tokens.shape[0], 1, height, width))
-    return decode_packed_latents(vae, tokens, latent_ids.to(tokens.device), height, width)
+    latents = unpack_to_vae_latents(vae, tokens, latent_ids.to(tokens.device), height, width)  # (B, C, 2h, 2w)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in about [-1, 1]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def preprocess_query(pipe: Flux2KleinPipeline, rgb: PIL.Image.Image) -> torch.Tensor:
