@@ -38,7 +38,6 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.adapter_files import default_feature_extractor
-from diffusers_delta.backbones import backbone_of
 from diffusers_delta.model_state import cast_model
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.testing import tiny_scheduler
@@ -218,7 +217,7 @@ def objective_for(pipe, frozen: bool, checkpointing: str, lambda_delta: float = 
         pipe.vae,
         pipe.image_encoder,
         preprocessor,
-        {**pipe._empty_prompt(), **backbone_of(pipe.transformer).training_conditioning("meta")},
+        pipe._empty_prompt(),
         lambda_delta,
     )
 

@@ -854,18 +854,13 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             block.delta_gate.requires_grad_(False)  # λ stays at its value (1 for a new adapter)
 
     preprocessor = SiglipPreprocessor.from_feature_extractor(feature_extractor)
-    text_conditioning = {name: tensor.to(device) for name, tensor in empty_prompt.items()}
-    text_conditioning.update(backbone.training_conditioning(device))  # Kontext: its distilled guidance
-    objective = DeltaAdapterObjective(
+    objective = DeltaAdapterObjective(  # it adds the backbone's training conditioning (Kontext: the guidance)
         adapter,
         transformer,
         vae,
         image_encoder,
         preprocessor,
-        {
-            **{name: tensor.to(device) for name, tensor in empty_prompt.items()},
-            **backbone.training_conditioning(device),
-        },
+        {name: tensor.to(device) for name, tensor in empty_prompt.items()},
         args.lambda_delta,
     )
     if accelerator.num_processes > 1:  # DDP syncs only what trains; the frozen billions are never broadcast

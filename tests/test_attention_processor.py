@@ -161,7 +161,7 @@ def test_the_transformer_compiles_whole_without_graph_breaks(backbone):
     backend: the tracing is what is checked, not a compiler), and the compiled edit equals the eager one."""
     pipe = tiny_delta_pipeline(adapter_std=0.3, backbone=backbone)
     conditioning = pipe._text_conditioning("", **(TEXT_KWARGS if backbone == "flux2" else KONTEXT_TEXT_KWARGS))
-    conditioning.update(backbone_of(pipe.transformer).training_conditioning("cpu"))
+    conditioning.update(backbone_of(pipe.transformer).training_conditioning())
     latents = torch.randn(1, 16, 8, 8) if backbone == "flux2" else torch.randn(1, 4, 16, 16)  # patchified or not
     kwargs = {"delta_hidden_states": pipe.encode_exemplar((random_image(1), random_image(2)))}
     predict = backbone_of(pipe.transformer).predict_velocity

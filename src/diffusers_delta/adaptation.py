@@ -216,7 +216,6 @@ class DeltaAdaptationMixin:
         with torch.no_grad():
             text_conditioning = self._text_conditioning("", max_sequence_length, text_encoder_out_layers)
             text_conditioning = {name: tensor.to(device) for name, tensor in text_conditioning.items()}
-            text_conditioning.update(backbone_of(self.transformer).training_conditioning(device))
 
         adapter, transformer, vae, image_encoder = self.delta_adapter, self.transformer, self.vae, self.image_encoder
         state_before = copy_state(adapter)  # on the CPU

@@ -51,9 +51,10 @@ class DeltaAdapterObjective(nn.Module):
         vae: the backbone's VAE; its decoder turns x̂0 into pixels for the consistency loss.
         image_encoder: the frozen SigLIP encoder.
         preprocessor: SigLIP's differentiable preprocessing.
-        text_conditioning: the empty prompt's conditioning as the backbone's `predict_velocity` takes it: for FLUX.2
-            its (1, L, D_txt) embeddings (a tensor, or `{"prompt_embeds": ...}`); for FLUX.1 `prompt_embeds`,
-            `pooled_prompt_embeds` and `guidance`.
+        text_conditioning: the empty prompt's embeddings as the backbone's `predict_velocity` takes them: for
+            FLUX.2 (1, L, D_txt) (a tensor, or `{"prompt_embeds": ...}`); for FLUX.1 `prompt_embeds` and
+            `pooled_prompt_embeds`. The backbone's `training_conditioning` (FLUX.1: the distilled guidance) is
+            added, unless given here.
         lambda_delta: weight of the semantic-delta consistency loss (0 turns it off, and skips the decode).
     """
 
@@ -77,6 +78,7 @@ class DeltaAdapterObjective(nn.Module):
         self.backbone = backbone_of(transformer)
         if isinstance(text_conditioning, torch.Tensor):
             text_conditioning = {"prompt_embeds": text_conditioning}
+        text_conditioning = {**self.backbone.training_conditioning(), **text_conditioning}
         self.text_conditioning_names = tuple(text_conditioning)
         for name, tensor in text_conditioning.items():  # buffers: they follow the module to its device
             self.register_buffer(name, tensor, persistent=False)

@@ -7,7 +7,7 @@
 - `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer;
 - `preprocess_query(pipe, rgb)`: a query sized and normalised as the backbone's pipeline does its reference image;
 - `encode_prompt(pipe, prompt, max_sequence_length, text_encoder_out_layers)`: a prompt's conditioning by name;
-- `training_conditioning(device)`: what the objective takes beside the prompt's (FLUX.1: the distilled guidance);
+- `training_conditioning()`: what the objective adds to the prompt's (FLUX.1: the distilled guidance);
 - `encode_latents(vae, pixels)`: images -> the latent grid the objective noises, (B, C', h, w);
 - `pack_latents(latents)`: that grid -> the transformer's tokens; `decode_tokens(vae, tokens, h, w)`: back to pixels;
 - `predict_velocity(transformer, noisy, reference, text_conditioning, sigmas, joint_attention_kwargs)`: one

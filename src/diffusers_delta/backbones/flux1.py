@@ -146,9 +146,9 @@ def encode_prompt(
     return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
 
-def training_conditioning(device: torch.device) -> dict[str, torch.Tensor]:
+def training_conditioning() -> dict[str, torch.Tensor]:
     """What the objective takes beside the prompt's embeddings: the distilled guidance (`TRAINING_GUIDANCE`)."""
-    return {"guidance": torch.full([1], TRAINING_GUIDANCE, device=device, dtype=torch.float32)}
+    return {"guidance": torch.full([1], TRAINING_GUIDANCE, dtype=torch.float32)}
 
 
 def predict_velocity(

@@ -205,7 +205,7 @@ def encode_prompt(
     return {"prompt_embeds": prompt_embeds}
 
 
-def training_conditioning(device: torch.device) -> dict[str, torch.Tensor]:
+def training_conditioning() -> dict[str, torch.Tensor]:
     """What the objective takes beside the prompt's embeddings: nothing for klein (no guidance embedding)."""
     return {}
 
