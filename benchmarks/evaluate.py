@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from toyworld_quality import mae
 
 from diffusers_delta import toyworld
 from diffusers_delta.cli import load_edit_pipeline
-from diffusers_delta.data import relation_split, split_side_by_side
+from diffusers_delta.data import IMAGE_SUFFIXES, relation_split, split_side_by_side
 from diffusers_delta.evaluation import (
     ImageEmbedder,
     LPIPSMetric,
@@ -51,7 +52,6 @@ from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.image_inputs import fit_to_model_size, read_image_file
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 COLUMNS = ["task", "query", "clip_i", "directional", "lpips", "judge_content", "judge_accuracy", "error",
            "identity_error", "gap_closed"]  # fmt: skip
 
@@ -93,20 +93,26 @@ def read_tasks(root: str | Path) -> list[Task]:
     return tasks
 
 
+def _write_task(folder: Path, source, target, queries: list[tuple[str, PIL.Image.Image, PIL.Image.Image]]) -> None:
+    """One task folder in the layout above: its exemplar, and (name, query, truth) for each query."""
+    (folder / "queries").mkdir(parents=True, exist_ok=True)
+    (folder / "truths").mkdir(exist_ok=True)
+    source.save(folder / "source.png")
+    target.save(folder / "target.png")
+    for name, query, truth in queries:
+        query.save(folder / "queries" / f"{name}.png")
+        truth.save(folder / "truths" / f"{name}.png")
+
+
 def write_toy_tasks(root: str | Path, edits: list[str], queries_per_task: int, seed: int = 0) -> None:
     """Toy-world tasks with their truths: one task per edit, its exemplar and queries drawn from `seed`."""
     for index, name in enumerate(edits):
-        folder = Path(root) / name
-        (folder / "queries").mkdir(parents=True, exist_ok=True)
-        (folder / "truths").mkdir(exist_ok=True)
-        source, target = toyworld.make_pair(name, seed=seed + 1000 * index)
-        source.save(folder / "source.png")
-        target.save(folder / "target.png")
+        queries = []
         for number in range(queries_per_task):
             scene = toyworld.generate_scene(np.random.default_rng(seed + 1000 * index + 1 + number))
-            PIL.Image.fromarray(toyworld.render(scene)).save(folder / "queries" / f"{number:03d}.png")
             edited = toyworld.EDITS[name](scene)
-            PIL.Image.fromarray(toyworld.render(edited)).save(folder / "truths" / f"{number:03d}.png")
+            queries.append((f"{number:03d}", *(PIL.Image.fromarray(toyworld.render(one)) for one in (scene, edited))))
+        _write_task(Path(root) / name, *toyworld.make_pair(name, seed=seed + 1000 * index), queries)
 
 
 def write_relation_tasks(root: str | Path, relation_dir: str | Path, seed: int = 0, queries_per_task: int = 5) -> int:
@@ -114,22 +120,14 @@ def write_relation_tasks(root: str | Path, relation_dir: str | Path, seed: int =
     truths (right halves) -> the number of tasks written."""
     split = relation_split(relation_dir, seed, queries_per_task)
     for task, (exemplar, queries) in split.evaluation.items():
-        folder = Path(root) / task
-        (folder / "queries").mkdir(parents=True, exist_ok=True)
-        (folder / "truths").mkdir(exist_ok=True)
-        source, target = split_side_by_side(read_image_file(exemplar, "exemplar"))
-        source.save(folder / "source.png")
-        target.save(folder / "target.png")
-        for path in queries:
-            query, truth = split_side_by_side(read_image_file(path, "query pair"))
-            query.save(folder / "queries" / f"{path.stem}.png")
-            truth.save(folder / "truths" / f"{path.stem}.png")
+        halves = [(path.stem, *split_side_by_side(read_image_file(path, "query pair"))) for path in queries]
+        _write_task(Path(root) / task, *split_side_by_side(read_image_file(exemplar, "exemplar")), halves)
     return len(split.evaluation)
 
 
 def _mean_error(image: PIL.Image.Image, truth: PIL.Image.Image) -> float:
-    truth = truth.resize(image.size, PIL.Image.BICUBIC)
-    return float(np.abs(np.asarray(image, float) - np.asarray(truth, float)).mean() / 255)
+    """The toy-world measure (`toyworld_quality.mae`), the truth at the image's size."""
+    return mae(image, truth.resize(image.size, PIL.Image.BICUBIC))
 
 
 def evaluate_task(pipe, task: Task, embedder, lpips, judge, seed: int, call_kwargs: dict) -> tuple[list[dict], list]:
