@@ -249,6 +249,15 @@ class PicoBananaDataset(Dataset):
         }
 
 
+def mix_probabilities(count: int, weights: list[float], what: str) -> torch.Tensor:
+    """A mix's weights, checked (one per source, positive), as (count,) float64 probabilities."""
+    if len(weights) != count or not count:
+        raise ValueError(f"{count} {what} and {len(weights)} weights: give one weight per {what[:-1]}.")
+    if any(not weight > 0 for weight in weights):
+        raise ValueError(f"Mix weights must be positive, got {weights}.")
+    return torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+
 class MixedPairs(Dataset):
     """Several pair datasets mixed by weight, as one map-style dataset (the training script's `--data_mix`).
 
@@ -265,16 +274,12 @@ class MixedPairs(Dataset):
     """
 
     def __init__(self, sources: list[Dataset], weights: list[float], seed: int = 0, length: int | None = None):
-        if len(sources) != len(weights) or not sources:
-            raise ValueError(f"{len(sources)} sources and {len(weights)} weights: give one weight per source.")
-        if any(not weight > 0 for weight in weights):
-            raise ValueError(f"Mix weights must be positive, got {weights}.")
+        probabilities = mix_probabilities(len(sources), weights, "sources")
         if any(len(source) == 0 for source in sources):
             raise ValueError("A source of the mix holds no pairs.")
         self.sources = sources
         length = sum(len(source) for source in sources) if length is None else length
         generator = torch.Generator().manual_seed(seed)
-        probabilities = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         self.source_of = torch.multinomial(probabilities, length, replacement=True, generator=generator)  # (L,)
         orders = [torch.randperm(len(source), generator=generator) for source in sources]
         self.item_of = torch.empty(length, dtype=torch.long)  # (L,)
@@ -356,12 +361,8 @@ class MixedStream(IterableDataset):
     """
 
     def __init__(self, streams: list[IterableDataset], weights: list[float], seed: int = 0):
-        if len(streams) != len(weights) or not streams:
-            raise ValueError(f"{len(streams)} streams and {len(weights)} weights: give one weight per stream.")
-        if any(not weight > 0 for weight in weights):
-            raise ValueError(f"Mix weights must be positive, got {weights}.")
+        self.probabilities = mix_probabilities(len(streams), weights, "streams")
         self.streams, self.seed, self.epoch = streams, seed, 0
-        self.probabilities = torch.tensor(weights, dtype=torch.float64) / sum(weights)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
