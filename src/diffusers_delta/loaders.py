@@ -445,15 +445,11 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         """Query images -> (B, 3, H, W) in [-1, 1]: resized to `height` x `width` when given (multiples of 16),
         else sized as the backbone's pipeline sizes its reference image (`preprocess_query`)."""
         queries = self._query_images(image)
+        self._check_output_size(height, width)
         multiple_of = self.vae_scale_factor * 2
-        if (height is None) != (width is None):
-            raise ValueError("Give both height and width (the output size), or neither (the query's size).")
         for name, value in (("height", height), ("width", width)):
             if value is not None and (positive_int(value, name) % multiple_of):
                 raise ValueError(f"{name} must be a multiple of {multiple_of}, got {value}.")
-        fixed = self.config.get("image_size")
-        if height is not None and fixed is not None and (height, width) != (fixed, fixed):
-            raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
         backbone = backbone_of(self.transformer)
         processed = []
         for rgb in queries:
@@ -461,13 +457,26 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
                 processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
             else:
                 processed.append(backbone.preprocess_query(self, rgb))
-        sizes = {tuple(p.shape[-2:]) for p in processed}
+        self._one_query_size({tuple(p.shape[-2:]) for p in processed})
+        return torch.cat(processed, dim=0)
+
+    def _check_output_size(self, height: int | None, width: int | None) -> None:
+        """`height` and `width` of a call: both or neither, and the one size a model that knows one size takes."""
+        if (height is None) != (width is None):
+            raise ValueError("Give both height and width (the output size), or neither (the query's size).")
+        fixed = self.config.get("image_size")
+        if height is not None and fixed is not None and (height, width) != (fixed, fixed):
+            raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
+
+    @staticmethod
+    def _one_query_size(sizes: set[tuple[int, int]]) -> tuple[int, int]:
+        """The one (height, width) every query of a call has after preprocessing; several are refused."""
         if len(sizes) > 1:
             raise ValueError(
                 f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
                 "size, or call the pipeline once per size."
             )
-        return torch.cat(processed, dim=0)
+        return next(iter(sizes))
 
     def _query_images(self, image: ImageInput | list[ImageInput]) -> list:
         """The queries as RGB images (checked, EXIF-free), refused when a model that knows one size gets another, or

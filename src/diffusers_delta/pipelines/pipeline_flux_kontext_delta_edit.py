@@ -195,22 +195,13 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         delta_scale, num_images_per_prompt = self._check_edit_request(
             image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, joint_attention_kwargs
         )
-        if (height is None) != (width is None):
-            raise ValueError("Give both height and width (the output size), or neither (the query's size).")
-
+        self._check_output_size(height, width)
         queries = self._query_images(image)
         fixed = self.config.get("image_size")
-        if fixed is not None and height is not None and (height, width) != (fixed, fixed):
-            raise ValueError(f"This model edits only {fixed}x{fixed} images: height and width must be {fixed}.")
         auto_resize = _auto_resize and fixed is None
-        sizes = {reference_size(self, rgb, auto_resize) for rgb in queries}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"Queries in one call must share a size after preprocessing, got {sorted(sizes)}: resize them to one "
-                "size, or call the pipeline once per size."
-            )
+        query_size = self._one_query_size({reference_size(self, rgb, auto_resize) for rgb in queries})
         if height is None:
-            height, width = sizes.pop()
+            height, width = query_size
         if max_area is None:
             max_area = fixed * fixed if fixed is not None else 1024**2
         batch_size = len(queries)
