@@ -55,9 +55,11 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
         image_encoder: SiglipVisionModel | None,
         feature_extractor: SiglipImageProcessorPil | None,
         delta_adapter: DeltaAdapterModel | None,
+        image_size: int | None,
     ) -> None:
-        """The `__init__` part of every Delta-Adapter pipeline: registers the adapter's components and, when an
-        adapter is given (as `from_pretrained` and `from_pipe` give it), routes the transformer through it."""
+        """The `__init__` part of every Delta-Adapter pipeline: registers the adapter's components and the config's
+        `image_size` and, when an adapter is given (as `from_pretrained` and `from_pipe` give it), routes the
+        transformer through it."""
         if image_encoder is not None and feature_extractor is None:
             feature_extractor = default_feature_extractor(image_encoder)  # as load_delta_adapter does
         self.register_modules(
@@ -72,6 +74,7 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
             self._remember_loaded_adapter(
                 delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
             )
+        self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
 
     def _check_edit_request(
         self, image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, attention_kwargs

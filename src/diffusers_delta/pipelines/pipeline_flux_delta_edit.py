@@ -125,8 +125,7 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             transformer=transformer,
             is_distilled=is_distilled,
         )
-        self._register_delta_components(image_encoder, feature_extractor, delta_adapter)
-        self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
+        self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
 
     # ------------------------------------------------------------------ call
 

@@ -114,8 +114,7 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             tokenizer_2=tokenizer_2,
             transformer=transformer,
         )
-        self._register_delta_components(image_encoder, feature_extractor, delta_adapter)
-        self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
+        self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
 
     @one_call_at_a_time
     @torch.no_grad()
