@@ -55,6 +55,7 @@ from diffusers_delta.data import (
     LocalPairDataset,
     MixedPairs,
     MixedStream,
+    NHREditDataset,
     PairTransform,
     PicoBananaDataset,
     SideBySideDataset,
@@ -173,8 +174,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         metavar="KIND:PATH[:WEIGHT]",
         help="Several sources mixed by weight (default 1), each 'folder:DIR' (as --train_data_dir), "
         "'side_by_side:DIR' (as --side_by_side_data_dir, with the Relation split flags), 'hub:NAME' (as "
-        "--dataset_name, with --dataset_split and the column flags) or 'pico_banana:SFT.jsonl' (Pico-Banana-400K's "
-        "single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset reads them), e.g. "
+        "--dataset_name, with --dataset_split and the column flags), 'pico_banana:SFT.jsonl' (Pico-Banana-400K's "
+        "single-turn manifest, its images beside it as diffusers_delta.data.PicoBananaDataset reads them) or "
+        "'nhr_edit:DIR' (NHR-Edit as published: DIR/train/metadata.jsonl and its images/), e.g. "
         "--data_mix side_by_side:Relation252K/:2 folder:my-pairs/:1. The mix is drawn from --seed. With "
         "--streaming: hub: sources only (the same columns in each), drawn by weight pair by pair.",
     )
@@ -394,7 +396,7 @@ def side_by_side_training_files(args, root: str | None = None) -> list[Path] | N
     return relation_split(root, args.split_seed, train_pairs=args.max_train_pairs).train
 
 
-MIX_KINDS = ("folder", "side_by_side", "hub", "pico_banana")
+MIX_KINDS = ("folder", "side_by_side", "hub", "pico_banana", "nhr_edit")
 
 
 def parse_mix_source(spec: str) -> tuple[str, str, float]:
@@ -421,6 +423,8 @@ def mix_source(args, kind: str, path: str):
         return SideBySideDataset(path, side_by_side_training_files(args, path))
     if kind == "pico_banana":
         return PicoBananaDataset(path)
+    if kind == "nhr_edit":
+        return NHREditDataset(path)
     import datasets
 
     table = datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir)

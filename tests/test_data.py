@@ -11,6 +11,7 @@ from diffusers_delta.data import (
     LocalPairDataset,
     MixedPairs,
     MixedStream,
+    NHREditDataset,
     PairTransform,
     PicoBananaDataset,
     SideBySideDataset,
@@ -202,6 +203,41 @@ def test_pico_banana_single_turn_records_read_as_published_and_missing_sources_s
     (tmp_path / "other.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
     with pytest.raises(ValueError, match="other.jsonl:1 is not a Pico-Banana single-turn record"):
         PicoBananaDataset(tmp_path / "other.jsonl")
+
+
+def nhr_edit_fixture(root):
+    """NHR-Edit's layout: train/metadata.jsonl, train/images/NN/image_X_original.jpg and its edits
+    image_X_edited_Y.jpg, two edits of one original; the last record's edit was never downloaded."""
+    images = root / "train" / "images"
+    records = []
+    for number, (original, edit) in enumerate([(7, 0), (7, 1), (12, 0), (12, 1)]):
+        folder = images / f"{original % 2:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        source, edited = f"image_{original}_original.jpg", f"image_{original}_edited_{edit}.jpg"
+        random_image(original).save(folder / source)
+        if number < 3:
+            random_image(100 + number).save(folder / edited)
+        records.append({"sample_id": f"s{number}", "source_file_name": f"images/{folder.name}/{source}",
+                        "edited_file_name": f"images/{folder.name}/{edited}", "edit_instruction": f"Edit {number}.",
+                        "category": "Object addition", "kind": "original", "style": "photo",
+                        "img_width": 64, "img_height": 64})  # fmt: skip
+    (root / "train" / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root
+
+
+def test_nhr_edit_triplets_read_as_published_and_missing_edits_skipped(tmp_path):
+    root = nhr_edit_fixture(tmp_path / "nhr-edit")
+    for given in (root, root / "train", root / "train" / "metadata.jsonl"):
+        dataset = NHREditDataset(given)
+        items = [dataset[index] for index in range(len(dataset))]
+        assert [item is not None for item in items] == [True, True, True, False]
+    assert items[1]["instruction"] == "Edit 1." and items[1]["edit_type"] == "Object addition"
+    assert np.array_equal(np.asarray(items[0]["source"]), np.asarray(items[1]["source"]))  # one original, two edits
+    saved = PIL.Image.open(root / "train" / "images" / "00" / "image_12_edited_0.jpg")
+    assert np.array_equal(np.asarray(items[2]["target"]), np.asarray(saved))  # the file under its manifest name
+    (root / "train" / "other.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match="other.jsonl:1 is not an NHR-Edit record"):
+        NHREditDataset(root / "train" / "other.jsonl")
 
 
 class _NumberedStream(torch.utils.data.IterableDataset):

@@ -598,16 +598,16 @@ def test_a_data_mix_trains_from_several_sources(folders, tmp_path):
     assert run["global_step"] == 2 and (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_pico_banana_trains_in_a_mix_with_relation(folders, tmp_path):
-    from test_data import pico_banana_fixture
+def test_the_papers_three_sources_train_in_one_mix(folders, tmp_path):
+    from test_data import nhr_edit_fixture, pico_banana_fixture
 
-    pico = pico_banana_fixture(tmp_path / "pico")
+    pico, nhr = pico_banana_fixture(tmp_path / "pico"), nhr_edit_fixture(tmp_path / "nhr-edit")
     train_delta_adapter.main(train_delta_adapter.parse_args(arguments(
-        folders, tmp_path / "run", "--data_mix", f"pico_banana:{pico / 'sft.jsonl'}:1",
+        folders, tmp_path / "run", "--data_mix", f"pico_banana:{pico / 'sft.jsonl'}:1", f"nhr_edit:{nhr}:1",
         f"side_by_side:{folders / 'side_by_side'}:1", "--max_train_steps", "3", "--checkpointing_steps", "100",
     )))  # fmt: skip
     run = summary(tmp_path / "run")
-    assert run["global_step"] == 3  # two Pico records have no local source: drawn, they are passed over
+    assert run["global_step"] == 3  # Pico records without a local source, an NHR edit never downloaded: passed over
 
 
 def test_hub_streams_mix_by_weight(folders, tmp_path):

@@ -1,4 +1,5 @@
-"""Exemplar-pair datasets for training: a local folder, Relation252K's side-by-side layout, or a Hub dataset.
+"""Exemplar-pair datasets for training: a local folder, Relation252K's side-by-side layout, Pico-Banana-400K's and
+NHR-Edit's manifests, or a Hub dataset.
 
 Every dataset yields `{"source": PIL, "target": PIL}` items, or `None` for a pair that cannot be read. The
 transformed views (`TransformedPairs`, `TransformedStream`) skip those and count them in each item's `skipped`, so a
@@ -247,6 +248,61 @@ class PicoBananaDataset(Dataset):
             "instruction": record.get("text"),
             "edit_type": record.get("edit_type"),
         }
+
+
+class NHREditDataset(Dataset):
+    """NHR-Edit's triplets, read as published: `train/metadata.jsonl` beside `train/images/NN/`.
+
+    Each line is one triplet, `{"sample_id", "source_file_name", "edited_file_name", "edit_instruction", "category",
+    "kind", "style", ...}`; an original (`images/00/image_X_original.jpg`) has several edits
+    (`image_X_edited_Y.jpg`), each its own pair. File names are taken relative to the manifest's folder, or to the
+    dataset's root above it when they start there (`train/images/...`). Pairs whose files are missing or unreadable
+    are skipped and counted; the instruction is kept as metadata (`instruction`; `edit_type` from `category`; `kind`,
+    how the triplet was mined), never used as a condition. (Field names as NHR-Edit's published manifest and public
+    readers of it name them; the card lists the fields without their keys.)
+
+    Args:
+        metadata: the `metadata.jsonl` file, or a folder holding it (or holding `train/metadata.jsonl`).
+    """
+
+    FIELDS = ("source_file_name", "edited_file_name")
+
+    def __init__(self, metadata: str | Path):
+        metadata = Path(metadata)
+        if metadata.is_dir():
+            candidates = [metadata / "metadata.jsonl", metadata / "train" / "metadata.jsonl"]
+            metadata = next((path for path in candidates if path.is_file()), candidates[0])
+        self.metadata = metadata
+        self.records = []  # (source, edited, instruction, category, kind): tuples, small beside 720K dicts
+        with open(self.metadata, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if any(not record.get(field) for field in self.FIELDS):
+                    raise ValueError(
+                        f"{self.metadata}:{number} is not an NHR-Edit record (it needs source_file_name and "
+                        "edited_file_name): pass NHR-Edit's train/metadata.jsonl."
+                    )
+                self.records.append((
+                    record["source_file_name"], record["edited_file_name"], record.get("edit_instruction"),
+                    record.get("category"), record.get("kind"),
+                ))  # fmt: skip
+        self.roots = [self.metadata.parent, self.metadata.parent.parent]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, name: str) -> Path:
+        paths = [root / name for root in self.roots]
+        return next((path for path in paths if path.is_file()), paths[0])
+
+    def __getitem__(self, index: int) -> dict | None:
+        source_name, edited_name, instruction, category, kind = self.records[index]
+        source, target = _open_rgb(self._path(source_name)), _open_rgb(self._path(edited_name))
+        if source is None or target is None:
+            return None
+        return {"source": source, "target": target, "instruction": instruction, "edit_type": category, "kind": kind}
 
 
 def mix_probabilities(count: int, weights: list[float], what: str) -> torch.Tensor:
