@@ -11,7 +11,8 @@ edit (the family's edits taken in turn). Mean absolute error in [0, 1]; gap clos
                               generalise)
     adapter                   zero-shot, from one exemplar
     adapter, 3 exemplars      three exemplar pairs of the edit, their deltas averaged
-    adapter + adapt(N)        after adapt_to_exemplar(N) on the exemplar (S2-S4; --adapt_queries per family)
+    adapter + adapt(N)        after adapt_to_exemplar(N) on the exemplar (--adapt_queries per family; settings
+                              compared side by side: benchmarks/toyworld2_adaptation.py)
     <ablation>                adapters of the build folder named adapter_* (no consistency loss, pooled MLP)
 
     python benchmarks/toyworld2_quality.py --work_dir toy2 [--queries 16] [--splits S1 S2 S3 S4] [--markdown]
@@ -29,6 +30,7 @@ import PIL.Image
 import torch
 
 from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.atomic_folder import write_image_atomically
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
@@ -94,11 +96,13 @@ def run(pipe, cases: list[Case], prompts=None, exemplar_count: int = 1, delta_sc
     return statistics.mean(errors), outputs[0]
 
 
-def adapted(pipe, cases: list[Case], steps: int) -> float:
+def adapted(pipe, cases: list[Case], config: AdaptationConfig) -> float:
+    """Mean error of the cases, each edited after adapting the adapter to its own exemplar with `config` (and the
+    adapter restored after each)."""
     errors = []
     for index, case in enumerate(cases):
         source, target = case.exemplars[0]
-        with pipe.adapted_to_exemplar(source, target, num_steps=steps, generator=torch.Generator().manual_seed(0)):
+        with pipe.adapted_to_exemplar(source, target, config=config, generator=torch.Generator().manual_seed(0)):
             output = pipe(case.query, exemplar=(source, target), generator=torch.Generator().manual_seed(index))
         errors.append(mae(output.images[0], case.truth))
     return statistics.mean(errors)
@@ -199,9 +203,9 @@ def main(argv: list[str] | None = None) -> None:
             first = cases[0]
             grid_rows.append([*first.exemplars[0], first.query, first.truth, told_image, nearest_image, adapter_image])
             grid_titles.append(row_title(split, family, first.edit.name))
-            if split != "S1" and args.adapt_queries:
+            if args.adapt_queries:  # on every split: adaptation must not make a seen edit worse either
                 row[f"adapter + adapt({args.adapt_steps})"] = adapted(
-                    pipe, cases[: args.adapt_queries], args.adapt_steps
+                    pipe, cases[: args.adapt_queries], AdaptationConfig(num_steps=args.adapt_steps)
                 )
             for folder in ablations:
                 pipe.load_delta_adapter(folder)
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             table.append((split, family, row))
             print(f"{split} {family:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
 
-    columns = []  # every row's columns in first-seen order (S1 rows have no adaptation column)
+    columns = []  # every row's columns in first-seen order
     for _, _, row in table:
         columns += [c for c in row if c not in ("identity", "floor", *columns)]
     print("\nmean gap closed per split:")

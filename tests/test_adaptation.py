@@ -46,6 +46,21 @@ def test_only_adapter_weights_change(pipe):
     assert all(not p.requires_grad for p in pipe.delta_adapter.parameters()) and not pipe.delta_adapter.training
 
 
+@pytest.mark.parametrize("trainable", ["edit_tokens", "injection"])
+def test_only_the_chosen_part_of_the_adapter_moves(pipe, trainable, tmp_path):
+    before = state(pipe.delta_adapter)
+    adapt(pipe, config=AdaptationConfig(trainable=trainable))
+    after = state(pipe.delta_adapter)
+    moved = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+    assert moved == ({"refiner", "resampler", "token_projection"} if trainable == "edit_tokens"
+                     else {"double_blocks", "single_blocks"})  # fmt: skip
+    assert all(not p.requires_grad for p in pipe.delta_adapter.parameters())
+    pipe.save_delta_adapter(tmp_path)
+    assert f"moving only its `{trainable}` weights" in (tmp_path / "README.md").read_text()
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        AdaptationConfig(trainable="blocks")
+
+
 def test_the_loss_goes_down_on_held_out_noise(pipe):
     pair = pipe._encode_pair_for_training(SOURCE, TARGET, "cpu")
     prompt = pipe._text_conditioning("", **TEXT_KWARGS)["prompt_embeds"].detach()

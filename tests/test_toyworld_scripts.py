@@ -14,6 +14,7 @@ from diffusers import AutoencoderKLFlux2
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline, toyworld
+from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.testing import tiny_image_encoder
 
 
@@ -22,6 +23,7 @@ sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES), str(EXAMPLES.parent /
 import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
+import toyworld2_adaptation  # noqa: E402
 import toyworld2_ladder  # noqa: E402
 import toyworld2_quality  # noqa: E402
 import train_base_editor  # noqa: E402
@@ -287,6 +289,24 @@ def test_the_goals_ratio_counts_only_families_the_told_base_makes():
     counted, ratios = toyworld2_quality.ratios_to_told(rows, told)
     assert counted == 2 and ratios[told] == 1.0 and ratios[adapter] == pytest.approx(0.375 / 0.75)
     assert toyworld2_quality.ratios_to_told(rows[2:], told) == (0, {})
+
+
+def test_adaptation_settings_are_compared_on_the_same_queries(world2_build, capsys):
+    table = toyworld2_adaptation.main([
+        "--work_dir", str(world2_build), "--splits", "S1", "S3", "--families", "brightness", "rotate",
+        "--queries", "1", "--setting", "num_steps=1",
+        "--setting", "num_steps=1,learning_rate=1e-4,trainable=edit_tokens", "--markdown",
+    ])  # fmt: skip
+    columns = ["zero-shot", "adapt num_steps 1", "adapt num_steps 1, lr 0.0001, trainable edit_tokens"]
+    assert [(split, family) for split, family, _ in table] == [("S1", "brightness"), ("S3", "rotate")]
+    assert all(list(row)[2:] == columns and 0 <= min(row.values()) for _, _, row in table)
+    printed = capsys.readouterr().out
+    assert "| split | family | identity | floor | " + " | ".join(columns) + " |" in printed
+    assert "  S1: zero-shot " in printed and "of 1 worse)" in printed
+    with pytest.raises(ValueError, match="FIELD one of num_steps"):
+        toyworld2_adaptation.parse_setting("steps=20")
+    assert toyworld2_adaptation.parse_setting("gradient_checkpointing=true,noise_samples=2") == AdaptationConfig(
+        gradient_checkpointing=True, noise_samples=2)  # fmt: skip
 
 
 def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):

@@ -30,6 +30,21 @@ from .training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 #: The noise-level densities `sample_sigmas` and `loss_weighting` know.
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 
+#: What `AdaptationConfig.trainable` may move: the adapter's submodules of each choice.
+TRAINABLE_PARTS = {
+    "all": None,
+    "edit_tokens": ("refiner", "resampler", "token_projection", "pooled_projection"),
+    "injection": ("double_blocks", "single_blocks"),
+}
+
+
+def trainable_parameters(adapter: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
+    """The adapter's parameters that `trainable` (a key of `TRAINABLE_PARTS`) lets adaptation move."""
+    parts = TRAINABLE_PARTS[trainable]
+    if parts is None:
+        return list(adapter.parameters())
+    return [p for name, child in adapter.named_children() if name in parts for p in child.parameters()]
+
 
 @dataclass
 class AdaptationConfig:
@@ -54,6 +69,14 @@ class AdaptationConfig:
             "help": "Noise-level density: 'logit_normal', 'mode' or 'none' (uniform). Logit-normal, as the toy-world "
             "build trains (the training script's default is uniform, as in diffusers' scripts): 20 steps on one "
             "pair are best spent on the middle noise levels, where an edit is decided."
+        },
+    )
+    trainable: str = field(
+        default="all",
+        metadata={
+            "help": "Which of the adapter's weights move: 'all', 'edit_tokens' (the refiner, resampler and token "
+            "projection, which turn the delta into edit tokens; every block's keys and values stay as trained) or "
+            "'injection' (every block's key and value projections and gates)."
         },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
@@ -81,6 +104,8 @@ class AdaptationConfig:
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}.")
         self.weight_decay = finite_float(self.weight_decay, "weight_decay", minimum=0.0)
+        if self.trainable not in TRAINABLE_PARTS:
+            raise ValueError(f"trainable must be one of {tuple(TRAINABLE_PARTS)}, got {self.trainable!r}.")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}.")
         if self.gradient_checkpointing not in (None, True, False):
@@ -134,8 +159,8 @@ def run_adaptation(
             f"{len(generator)} generators given for {config.noise_samples} noise draws per step: pass one generator, "
             "or one per draw (AdaptationConfig.noise_samples)."
         )
-    adapter = objective.adapter
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    parameters = trainable_parameters(objective.adapter, config.trainable)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     batch = {key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in pair.items()}
     target = batch["target_latents"]
     losses, flow_matching, delta_consistency = [], [], []
@@ -150,7 +175,7 @@ def run_adaptation(
                     f"The adaptation loss became {terms['loss'].item()} at step {step + 1}: lower learning_rate."
                 )
             terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(terms["loss"].item())
@@ -233,7 +258,9 @@ class DeltaAdaptationMixin:
             cast_model(adapter, torch.float32)  # float32 master weights, whatever the pipeline's dtype
             for model in (transformer, vae, image_encoder):
                 model.requires_grad_(False)
-            adapter.train().requires_grad_(True)
+            adapter.train().requires_grad_(False)
+            for parameter in trainable_parameters(adapter, config.trainable):
+                parameter.requires_grad_(True)
             checkpoint = config.gradient_checkpointing
             if checkpoint:
                 transformer.enable_gradient_checkpointing()
@@ -269,6 +296,7 @@ class DeltaAdaptationMixin:
             "num_steps": config.num_steps,
             "learning_rate": config.learning_rate,
             "lambda_delta": config.lambda_delta,
+            "trainable": config.trainable,
         }
         return result
 

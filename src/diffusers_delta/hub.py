@@ -97,7 +97,8 @@ def render_model_card(
         license: the adapter's licence; by default the base model's (see `BASE_MODEL_LICENSES`).
         datasets: Hub datasets it was trained on.
         training: training settings to list (name -> value).
-        adaptation: for a test-time-adapted adapter: `base_adapter`, `num_steps`, `learning_rate`, `lambda_delta`.
+        adaptation: for a test-time-adapted adapter: `base_adapter`, `num_steps`, `learning_rate`, `lambda_delta`,
+            `trainable`.
         validation_grid: path, inside the folder, of the validation grid image (also shown in the Hub's gallery).
         example_files: whether the folder holds `EXAMPLE_FILES`, so the usage snippet can download them.
         tags: extra tags.
