@@ -1,5 +1,6 @@
 """A few steps of each toy-world training script, chained as the full build chains them (keeps them alive)."""
 
+import fcntl
 import hashlib
 import shutil
 import sys
@@ -253,9 +254,16 @@ def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monke
         patched.setattr(train_base_editor, "main", crash)
         with pytest.raises(KeyboardInterrupt):
             build_world2.main(argv)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # the VAE stage whole, nothing of the base's
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".build.lock") == ["vae"]  # nothing of the base's
+    (tmp_path / ".base.tmp-killed").mkdir()  # what a build killed mid-stage (a session's end) leaves behind
+    (tmp_path / ".base.tmp-killed" / "part.bin").write_bytes(b"x")
+    with open(tmp_path / ".build.lock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="Another build is running in"):
+            build_world2.main(argv)
     capsys.readouterr()
     build_world2.main(argv)
+    assert not list(tmp_path.glob(".base.tmp-*"))
     assert capsys.readouterr().out.count("stage ") == 4  # the VAE is not trained again
     assert (tmp_path / "base" / "transformer" / "config.json").is_file()
 

@@ -18,8 +18,10 @@ Nothing in the package changes unless `--export` is given: then the base pipelin
 from __future__ import annotations
 
 import argparse
+import fcntl
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffusers_delta import toyworld
@@ -113,9 +115,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: The stages whose folders are staged and swapped in whole (`atomic_folder`).
+STAGED = ("vae", "base", "siglip", "pairs")
+
+
+@contextmanager
+def build_lock(work: Path):
+    """Holds `work/.build.lock` while the build runs: a second build of the same folder is refused, not interleaved
+    with the first (their checkpoints and stages would mix)."""
+    with open(work / ".build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"Another build is running in {work} (it holds {work / '.build.lock'}): wait for it, or stop it first."
+            ) from None
+        yield  # the lock goes with the file's closing, and with the process, however it ends
+
+
+def remove_stale_staging(work: Path) -> None:
+    """Removes the staging folders (`.base.tmp-*`, ...) a build killed in the middle of a stage left behind; with the
+    lock held, none of them is in use."""
+    for stage in STAGED:
+        for leftover in work.glob(f".{stage}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    with build_lock(work):
+        remove_stale_staging(work)
+        build(args, work)
+
+
+def build(args: argparse.Namespace, work: Path) -> None:
+    """The stages, each skipped when its folder is complete."""
     seed = str(args.seed)
     report_progress(args, work)
     # Stages 1-4 write into a staging folder swapped in when complete: a stage's folder exists only whole.
