@@ -246,8 +246,8 @@ def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_
 
         def keep_inputs(module, args, kwargs):  # noqa: E306
             for value in list(args) + list(kwargs.values()):
-                if isinstance(value, torch.Tensor):
-                    inputs[id(value)] = value.numel() * value.element_size()
+                if isinstance(value, torch.Tensor):  # held (meta: no storage), so no freed tensor's id is reused
+                    inputs[id(value)] = value
 
         handles = [block.register_forward_pre_hook(keep_inputs, with_kwargs=True) for block in blocks]
     with saved_activation_bytes(params) as saved:
@@ -258,7 +258,7 @@ def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_
         return saved[0]
     # The largest block's activations, saved once while it is recomputed in backward: counted without checkpointing.
     block_peak = max(_block_activation_bytes(pipe, objective, pair, batch_size, params, kind) for kind in (0, 1))
-    return saved[0] + sum(inputs.values()) + block_peak
+    return saved[0] + sum(t.numel() * t.element_size() for t in inputs.values()) + block_peak
 
 
 def _block_activation_bytes(pipe, objective, pair, batch_size, params, kind: int) -> int:

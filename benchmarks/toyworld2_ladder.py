@@ -227,13 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
         for family in args.families:
             told = [encoder(torch.from_numpy(instruction_vector(c.edit))[None]) for c in cases[family]]
             table[family][TOLD] = told_run(pipe, cases[family], told)
-    data = EncodedPairs(pipe, image_encoder, args.families, args.pairs_per_family, args.seed)
-    edit_index = {edit.name: index for index, edit in enumerate(data.edits)}
     # (name, families, adapter input): the paper's rung on every family first, then what explains it
     delta_rungs = [(f"3 delta ({k} famil{'y' if k == 1 else 'ies'})", args.families[:k], "delta")
                    for k in sorted(counts, reverse=True)] if "delta" in args.rungs else []  # fmt: skip
     trainings = delta_rungs[:1] + ([("2 oracle", args.families, "oracle")] if "oracle" in args.rungs else [])
     trainings += delta_rungs[1:] + ([("7 source + delta", args.families, "source")] if "source" in args.rungs else [])
+    if trainings:  # the told rung alone trains nothing: no pairs to encode
+        data = EncodedPairs(pipe, image_encoder, args.families, args.pairs_per_family, args.seed)
+        edit_index = {edit.name: index for index, edit in enumerate(data.edits)}
     with tempfile.TemporaryDirectory() as scratch:
         for name, families, kind in trainings:
             start = time.perf_counter()

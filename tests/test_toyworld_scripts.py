@@ -333,6 +333,10 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     printed = capsys.readouterr().out
     assert "| family | identity | floor | " + " | ".join(rungs) + " |" in printed
     assert "| mean |" in printed and "| ratio to the told base (families it closes by 0.3 or more) |" in printed
+    told = toyworld2_ladder.main(
+        ["--work_dir", str(world2_build), "--families", "flip", "--rungs", "told", "--queries", "1"]
+    )  # the ceiling alone: nothing trained, no pairs encoded
+    assert list(told["flip"]) == ["identity", "floor", "1 told base"]
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
