@@ -238,6 +238,15 @@ def test_nhr_edit_triplets_read_as_published_and_missing_edits_skipped(tmp_path)
     (root / "train" / "other.jsonl").write_text(json.dumps({"source": "a.png"}) + "\n")
     with pytest.raises(ValueError, match="other.jsonl:1 is not an NHR-Edit record"):
         NHREditDataset(root / "train" / "other.jsonl")
+    (root / "train" / "cut.jsonl").write_text(json.dumps(records_of(root)[0]) + "\n" + '{"source_file_na')
+    with pytest.raises(ValueError, match="cut.jsonl:2 is not JSON"):
+        NHREditDataset(root / "train" / "cut.jsonl")
+    with pytest.raises(ValueError, match="No manifest at .*metadata.jsonl: pass NHR-Edit's folder"):
+        NHREditDataset(tmp_path)
+
+
+def records_of(root):
+    return [json.loads(line) for line in (root / "train" / "metadata.jsonl").read_text().splitlines()]
 
 
 class _NumberedStream(torch.utils.data.IterableDataset):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,35 @@ class SideBySideDataset(Dataset):
         return {"source": source, "target": target}
 
 
+def _manifest_records(manifest: Path, required: tuple[str, ...], record_name: str, fix: str) -> Iterator[dict]:
+    """The records of a JSON-lines manifest, each checked to hold `required` (non-empty); blank lines are passed over.
+
+    Args:
+        manifest: the `.jsonl` file.
+        required: keys every record must hold.
+        record_name: what a record is, for errors (`"an NHR-Edit record"`).
+        fix: what to pass instead, for errors.
+
+    Raises:
+        ValueError: the manifest is missing, or a line is not JSON or not such a record (named with its line number).
+    """
+    if not manifest.is_file():
+        raise ValueError(f"No manifest at {manifest}: {fix}.")
+    with open(manifest, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{manifest}:{number} is not JSON ({error.msg}): {fix}.") from None
+            if not isinstance(record, dict) or any(not record.get(key) for key in required):
+                raise ValueError(
+                    f"{manifest}:{number} is not {record_name} (it needs {' and '.join(required)}): {fix}."
+                )
+            yield record
+
+
 class PicoBananaDataset(Dataset):
     """Pico-Banana-400K's single-turn edits (its `sft.jsonl`), read as published.
 
@@ -208,18 +238,10 @@ class PicoBananaDataset(Dataset):
         self.manifest = Path(manifest)
         self.images_root = Path(images_root) if images_root is not None else self.manifest.parent
         self.source_images_dir = Path(source_images_dir) if source_images_dir is not None else None
-        self.records = []
-        with open(self.manifest, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if "output_image" not in record or "open_image_input_url" not in record:
-                    raise ValueError(
-                        f"{self.manifest}:{number} is not a Pico-Banana single-turn record (it needs output_image and "
-                        "open_image_input_url): pass the sft.jsonl manifest."
-                    )
-                self.records.append(record)
+        self.records = list(_manifest_records(
+            self.manifest, ("output_image", "open_image_input_url"), "a Pico-Banana single-turn record",
+            "pass the sft.jsonl manifest",
+        ))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,29 +287,20 @@ class NHREditDataset(Dataset):
         metadata: the `metadata.jsonl` file, or a folder holding it (or holding `train/metadata.jsonl`).
     """
 
-    FIELDS = ("source_file_name", "edited_file_name")
-
     def __init__(self, metadata: str | Path):
         metadata = Path(metadata)
         if metadata.is_dir():
             candidates = [metadata / "metadata.jsonl", metadata / "train" / "metadata.jsonl"]
             metadata = next((path for path in candidates if path.is_file()), candidates[0])
         self.metadata = metadata
-        self.records = []  # (source, edited, instruction, category, kind): tuples, small beside 720K dicts
-        with open(self.metadata, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if any(not record.get(field) for field in self.FIELDS):
-                    raise ValueError(
-                        f"{self.metadata}:{number} is not an NHR-Edit record (it needs source_file_name and "
-                        "edited_file_name): pass NHR-Edit's train/metadata.jsonl."
-                    )
-                self.records.append((
-                    record["source_file_name"], record["edited_file_name"], record.get("edit_instruction"),
-                    record.get("category"), record.get("kind"),
-                ))  # fmt: skip
+        records = _manifest_records(
+            self.metadata, ("source_file_name", "edited_file_name"), "an NHR-Edit record",
+            "pass NHR-Edit's folder or its train/metadata.jsonl",
+        )  # fmt: skip
+        self.records = [  # (source, edited, instruction, category, kind): tuples, small beside 720K dicts
+            (r["source_file_name"], r["edited_file_name"], r.get("edit_instruction"), r.get("category"), r.get("kind"))
+            for r in records
+        ]
         self.roots = [self.metadata.parent, self.metadata.parent.parent]
 
     def __len__(self) -> int:
