@@ -60,6 +60,9 @@ def test_local_metadata_jsonl_layout(tmp_path):
     dataset = LocalPairDataset(tmp_path)
     assert len(dataset) == 1
     assert np.array_equal(np.asarray(dataset[0]["target"]), np.asarray(random_image(1)))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"source": "x.png", "edited": "y.png"}) + "\n")
+    with pytest.raises(ValueError, match=r'metadata.jsonl:1 is not a pair record .*write one \{"source"'):
+        LocalPairDataset(tmp_path)
 
 
 def test_local_folder_of_another_layout_says_which_layouts_work(tmp_path):

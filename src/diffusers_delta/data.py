@@ -59,6 +59,35 @@ def _image_files(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
+def _manifest_records(manifest: Path, required: tuple[str, ...], record_name: str, fix: str) -> Iterator[dict]:
+    """The records of a JSON-lines manifest, each checked to hold `required` (non-empty); blank lines are passed over.
+
+    Args:
+        manifest: the `.jsonl` file.
+        required: keys every record must hold.
+        record_name: what a record is, for errors (`"an NHR-Edit record"`).
+        fix: what to pass instead, for errors.
+
+    Raises:
+        ValueError: the manifest is missing, or a line is not JSON or not such a record (named with its line number).
+    """
+    if not manifest.is_file():
+        raise ValueError(f"No manifest at {manifest}: {fix}.")
+    with open(manifest, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{manifest}:{number} is not JSON ({error.msg}): {fix}.") from None
+            if not isinstance(record, dict) or any(not record.get(key) for key in required):
+                raise ValueError(
+                    f"{manifest}:{number} is not {record_name} (it needs {' and '.join(required)}): {fix}."
+                )
+            yield record
+
+
 class LocalPairDataset(Dataset):
     """Pairs from a local folder (`source/` + `target/`, or `metadata.jsonl`; see the module docstring).
 
@@ -70,7 +99,8 @@ class LocalPairDataset(Dataset):
         self.root = Path(root)
         metadata = self.root / "metadata.jsonl"
         if metadata.is_file():
-            records = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+            fix = 'write one {"source": "a.png", "target": "b.png"} per line, paths relative to the folder'
+            records = _manifest_records(metadata, ("source", "target"), "a pair record", fix)
             pairs = [(self.root / r["source"], self.root / r["target"]) for r in records]
         elif (self.root / "source").is_dir() and (self.root / "target").is_dir():
             sources, targets = _image_files(self.root / "source"), _image_files(self.root / "target")
@@ -186,35 +216,6 @@ class SideBySideDataset(Dataset):
             return None
         source, target = split_side_by_side(image)
         return {"source": source, "target": target}
-
-
-def _manifest_records(manifest: Path, required: tuple[str, ...], record_name: str, fix: str) -> Iterator[dict]:
-    """The records of a JSON-lines manifest, each checked to hold `required` (non-empty); blank lines are passed over.
-
-    Args:
-        manifest: the `.jsonl` file.
-        required: keys every record must hold.
-        record_name: what a record is, for errors (`"an NHR-Edit record"`).
-        fix: what to pass instead, for errors.
-
-    Raises:
-        ValueError: the manifest is missing, or a line is not JSON or not such a record (named with its line number).
-    """
-    if not manifest.is_file():
-        raise ValueError(f"No manifest at {manifest}: {fix}.")
-    with open(manifest, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{manifest}:{number} is not JSON ({error.msg}): {fix}.") from None
-            if not isinstance(record, dict) or any(not record.get(key) for key in required):
-                raise ValueError(
-                    f"{manifest}:{number} is not {record_name} (it needs {' and '.join(required)}): {fix}."
-                )
-            yield record
 
 
 class PicoBananaDataset(Dataset):
