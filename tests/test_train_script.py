@@ -580,6 +580,17 @@ def test_the_papers_recipe_in_examples_readme_parses_and_its_accelerate_config_l
     args = train_delta_adapter.parse_args(flags)  # every flag of the recipe exists and goes with the others
     assert (args.train_batch_size, args.max_train_steps, args.max_train_pairs) == (16, 100_000, 16_000)
     assert args.hold_out_relation_evaluation and args.freeze_delta_gate and args.lambda_delta == 1
+    # the full model's variant: the same command with the paper's three sources in place of the Relation subset
+    blocks = [block.split("```")[0] for block in readme.split("```bash\n")[1:]]
+    snippet = next(block for block in blocks if block.lstrip().startswith("--data_mix"))
+    mix = shlex.split(snippet.replace("\\\n", " "))
+    seen_only = {"--side_by_side_data_dir": 2, "--max_train_pairs": 2, "--hold_out_relation_evaluation": 1}
+    kept = list(flags)
+    for flag, width in seen_only.items():
+        del kept[kept.index(flag) : kept.index(flag) + width]
+    full = train_delta_adapter.parse_args(kept + mix)
+    assert [kind for kind, _, _ in full.data_mix_sources] == ["side_by_side", "pico_banana", "nhr_edit"]
+    assert full.hold_out_relation_evaluation and full.max_train_pairs is None
 
 
 def test_a_data_mix_trains_from_several_sources(folders, tmp_path):
