@@ -21,13 +21,21 @@ resampler) and `--image_encoder` (another SigLIP stand-in). Adapters train as th
 `--pairs_per_family` pairs per family encoded once, each batch drawing families evenly.
 
     python benchmarks/toyworld2_ladder.py --work_dir toy2 --families brightness flip remove --steps 1500
-        [--family_counts 1 2 3] [--rungs told oracle delta] [--queries 16] [--markdown]
+        [--family_counts 1 2 3] [--rungs told oracle delta] [--queries 16] [--markdown] [--state_dir DIR]
+
+With `--state_dir`, a ladder survives a session's end: each rung's measurements are kept as it finishes, and each
+adapter's training checkpoints every `--checkpointing_steps` steps and resumes exactly, under a folder named by the
+flags that decide the results (another ladder's state is never mixed in). Run the same command again to go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,10 +129,13 @@ def source_and_delta(source_features: torch.Tensor, target_features: torch.Tenso
     return torch.cat([delta, token_layer_norm(source_features.float())], dim=1)
 
 
-def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], kind: str, args):
+def train_adapter(
+    pipe, image_encoder, data: EncodedPairs, families: list[str], kind: str, args, state: Path | None = None
+):
     """Trains a fresh adapter on `families` with the base frozen, fed the semantic delta (`kind` "delta"), a learned
     code per S1 edit ("oracle") or the delta beside the source's tokens ("source"); returns it and, for the oracle,
-    its codes (E, P, D_enc)."""
+    its codes (E, P, D_enc). With a `state` folder, checkpoints there every `args.checkpointing_steps` steps and
+    resumes exactly from the last checkpoint (removed once the training is complete)."""
     oracle = kind == "oracle"
     torch.manual_seed(args.seed)
     base_processors = pipe.transformer.attn_processors
@@ -142,7 +153,20 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=50, num_training_steps=args.steps)
     training_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # its full grid
     generator = torch.Generator().manual_seed(args.seed)
-    for step in tqdm(range(args.steps), desc=f"{kind} adapter", unit="step", mininterval=10):
+    checkpoint = None if state is None else state / "checkpoint.pt"
+    first_step = 0
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        adapter.load_state_dict(saved["adapter"])
+        if codes is not None:
+            codes.data.copy_(saved["codes"])
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        generator.set_state(saved["generator"])
+        first_step = saved["step"]
+    bar = tqdm(range(first_step, args.steps), desc=f"{kind} adapter", unit="step", mininterval=10,
+               initial=first_step, total=args.steps)  # fmt: skip
+    for step in bar:
         rows = data.batch(families, args.batch_size, generator)
         sigmas = sample_sigmas(training_scheduler, len(rows), "logit_normal", generator=generator)
         noise = torch.randn(data.target_latents[rows].shape, generator=generator)
@@ -157,8 +181,44 @@ def train_adapter(pipe, image_encoder, data: EncodedPairs, families: list[str], 
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         lr_scheduler.step()
+        done = step + 1
+        if checkpoint is not None and done < args.steps and done % args.checkpointing_steps == 0:
+            save_checkpoint(checkpoint, {
+                "step": done, "adapter": adapter.state_dict(), "codes": None if codes is None else codes.detach(),
+                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "generator": generator.get_state(),
+            })  # fmt: skip
     pipe.transformer.set_attn_processor(base_processors)  # the base's own again, for the pipeline to load into
     return adapter.eval().requires_grad_(False), None if codes is None else codes.detach()
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Writes a rung's training state atomically (a temporary file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
+
+
+def write_json(path: Path, value) -> None:
+    """Writes `value` as JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=1))
+    os.replace(partial, path)
+
+
+#: Flags that do not change a rung's measurements (they choose which rungs run, or how they are shown).
+NOT_IN_STATE_KEY = ("rungs", "family_counts", "markdown", "state_dir", "checkpointing_steps")
+
+
+def state_folder(args) -> Path | None:
+    """Where this ladder's state lives: `--state_dir`, under a name fixed by the flags that decide its results."""
+    if args.state_dir is None:
+        return None
+    flags = {name: value for name, value in sorted(vars(args).items()) if name not in NOT_IN_STATE_KEY}
+    key = hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(args.state_dir) / key
 
 
 def run_with_inputs(pipe, adapter, cases, adapter_input) -> float:
@@ -201,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image_encoder", default=None, help="A SigLIP folder (default: the build's siglip/).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    parser.add_argument("--state_dir", default=None,
+                        help="Keep each rung's results and checkpoints here, so that a rerun goes on.")  # fmt: skip
+    parser.add_argument("--checkpointing_steps", type=int, default=250,
+                        help="With --state_dir: adapter training steps between two checkpoints.")  # fmt: skip
     args = parser.parse_args(argv)
     groups = edits_by_family(split_edits("S1"))
     unknown = [family for family in args.families if family not in groups]
@@ -222,23 +286,46 @@ def main(argv: list[str] | None = None) -> dict:
     table = {family: {"identity": statistics.mean(toyworld2_quality.mae(c.query, c.truth) for c in cases[family]),
                       "floor": toyworld2_quality.floor_error(pipe, cases[family])}
              for family in args.families}  # fmt: skip
+    state = state_folder(args)
+    finished = {}  # rung -> {family: error}, as kept by an earlier run of the same ladder
+    if state is not None and (state / "results.json").is_file():
+        finished = json.loads((state / "results.json").read_text())
+        print(f"going on from {state}: {', '.join(finished)} already measured")
+
+    def keep(rung: str, errors: dict) -> None:
+        for family, error in errors.items():
+            table[family][rung] = error
+        finished[rung] = errors
+        if state is not None:
+            write_json(state / "results.json", finished)
+
     if "told" in args.rungs:
-        encoder = InstructionEncoder.from_pretrained(work / "base" / "instruction_encoder").eval()
-        for family in args.families:
-            told = [encoder(torch.from_numpy(instruction_vector(c.edit))[None]) for c in cases[family]]
-            table[family][TOLD] = told_run(pipe, cases[family], told)
+        if TOLD in finished:
+            keep(TOLD, finished[TOLD])
+        else:
+            encoder = InstructionEncoder.from_pretrained(work / "base" / "instruction_encoder").eval()
+            told = {}
+            for family in args.families:
+                prompts = [encoder(torch.from_numpy(instruction_vector(c.edit))[None]) for c in cases[family]]
+                told[family] = told_run(pipe, cases[family], prompts)
+            keep(TOLD, told)
     # (name, families, adapter input): the paper's rung on every family first, then what explains it
     delta_rungs = [(f"3 delta ({k} famil{'y' if k == 1 else 'ies'})", args.families[:k], "delta")
                    for k in sorted(counts, reverse=True)] if "delta" in args.rungs else []  # fmt: skip
     trainings = delta_rungs[:1] + ([("2 oracle", args.families, "oracle")] if "oracle" in args.rungs else [])
     trainings += delta_rungs[1:] + ([("7 source + delta", args.families, "source")] if "source" in args.rungs else [])
+    for name, _, _ in trainings:
+        if name in finished:
+            keep(name, finished[name])
+    trainings = [training for training in trainings if training[0] not in finished]
     if trainings:  # the told rung alone trains nothing: no pairs to encode
         data = EncodedPairs(pipe, image_encoder, args.families, args.pairs_per_family, args.seed)
         edit_index = {edit.name: index for index, edit in enumerate(data.edits)}
     with tempfile.TemporaryDirectory() as scratch:
         for name, families, kind in trainings:
             start = time.perf_counter()
-            adapter, codes = train_adapter(pipe, image_encoder, data, families, kind, args)
+            rung_state = None if state is None else state / name.replace(" ", "_")
+            adapter, codes = train_adapter(pipe, image_encoder, data, families, kind, args, rung_state)
             folder = Path(scratch) / name.replace(" ", "_")
             adapter.save_pretrained(folder)
             pipe.load_delta_adapter(folder, image_encoder_folder=str(args.image_encoder or work / "siglip"))
@@ -246,12 +333,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "oracle": lambda case: codes[edit_index[case.edit.name]][None],
                 "source": lambda case: source_and_delta(*exemplar_features(pipe, case)),
             }
+            errors = {}
             for family in families:
                 if kind == "delta":  # through the pipeline's own exemplar encoding
-                    table[family][name], _ = toyworld2_quality.run(pipe, cases[family])
+                    errors[family], _ = toyworld2_quality.run(pipe, cases[family])
                 else:
-                    table[family][name] = run_with_inputs(pipe, pipe.delta_adapter, cases[family], inputs[kind])
+                    errors[family] = run_with_inputs(pipe, pipe.delta_adapter, cases[family], inputs[kind])
             pipe.unload_delta_adapter()
+            keep(name, errors)
+            if rung_state is not None:
+                shutil.rmtree(rung_state, ignore_errors=True)  # measured: its checkpoint is spent
             print(f"{name}: trained {args.steps} steps in {time.perf_counter() - start:.0f} s, " + ", ".join(
                 f"{family} {gap(table[family], name):+.2f}" for family in families), flush=True)  # fmt: skip
     print_table(table, args.markdown)

@@ -339,6 +339,30 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     assert list(told["flip"]) == ["identity", "floor", "1 told base"]
 
 
+def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monkeypatch):
+    """With --state_dir, a ladder killed in the middle of a rung's training (a session's end) resumes from its last
+    checkpoint and measures what the uninterrupted ladder measures; a rerun with every rung measured trains nothing."""
+    argv = ["--work_dir", str(world2_build), "--families", "brightness", "--rungs", "told", "oracle", "--steps", "3",
+            "--pairs_per_family", "2", "--queries", "1"]  # fmt: skip
+    uninterrupted = toyworld2_ladder.main(argv)
+    state = ["--state_dir", str(tmp_path / "state"), "--checkpointing_steps", "1"]
+    real_save = toyworld2_ladder.save_checkpoint
+
+    def save_then_die(path, checkpoint):
+        real_save(path, checkpoint)
+        if checkpoint["step"] == 2:
+            raise KeyboardInterrupt  # killed after its second checkpoint
+
+    with monkeypatch.context() as patched:
+        patched.setattr(toyworld2_ladder, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            toyworld2_ladder.main(argv + state)
+    assert toyworld2_ladder.main(argv + state) == uninterrupted  # the told rung kept, the oracle resumed at step 2
+    assert not list((tmp_path / "state").glob("*/*/checkpoint.pt"))  # spent once measured
+    monkeypatch.setattr(toyworld2_ladder, "train_adapter", None)  # nothing is trained again
+    assert toyworld2_ladder.main(argv + state + ["--markdown"]) == uninterrupted
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_failed_export_keeps_the_shipped_model(world2_build, tmp_path, monkeypatch, where):
     real_copy, calls = shutil.copyfile, []
