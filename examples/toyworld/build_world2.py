@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae_steps", type=int, default=1500, help="VAE training steps.")
     parser.add_argument("--vae_checkpointing_steps", type=int, default=200,
                         help="VAE steps between two checkpoints (about 9 minutes on 1 thread).")  # fmt: skip
-    parser.add_argument("--base_steps", type=int, default=6000, help="Base editor training steps.")
+    parser.add_argument("--base_steps", type=int, default=25000, help="Base editor training steps.")
     parser.add_argument(
         "--pretrain_encoder",
         action="store_true",
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--encoder_steps", type=int, default=10_000, help="Pre-training steps of the encoder.")
     parser.add_argument("--pairs_per_family", type=int, default=400, help="Training pairs of each S1 family.")
-    parser.add_argument("--adapter_steps", type=int, default=4000, help="Adapter training steps.")
+    parser.add_argument("--adapter_steps", type=int, default=16000, help="Adapter training steps.")
     parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
     parser.add_argument("--base_layers", type=int, default=2,
                         help="Double-stream blocks of the base editor, and as many single-stream ones.")  # fmt: skip
