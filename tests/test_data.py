@@ -277,3 +277,18 @@ def test_a_stream_mix_draws_by_weight_from_its_seed_and_epoch_alone_until_every_
     small = [item for item in drawn if item["source"] == "small"]
     assert len(small) > 4 and abs(len(small) / len(drawn) - 0.75) < 0.12  # the small stream cycles, 3 : 1
     assert run() == drawn and run(seed=1) != drawn and run(epoch=1) != drawn  # what a resume re-reads
+
+
+class _UnreadableFirstStream(_NumberedStream):
+    """A stream whose first pair could not be read (None, as StreamingHubPairDataset yields it)."""
+
+    def __iter__(self):
+        yield None
+        yield from super().__iter__()
+
+
+def test_a_stream_mix_goes_on_past_an_unreadable_pair_where_a_stream_starts_again():
+    mix = MixedStream([_NumberedStream("big", 40), _UnreadableFirstStream("small", 2)], [1.0, 3.0], seed=0)
+    drawn = list(mix)
+    assert {item["target"] for item in drawn if item and item["source"] == "big"} == set(range(40))
+    assert drawn.count(None) > 1  # passed on for the transform to skip and count, each time the small one restarts

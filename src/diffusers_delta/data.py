@@ -417,6 +417,9 @@ class StreamingHubPairDataset(IterableDataset):
             yield _hub_pair(example, self.source_column, self.target_column)
 
 
+_EMPTY = object()  # what `next` gives for a stream with nothing in it (None is a pair that could not be read)
+
+
 class MixedStream(IterableDataset):
     """Several pair streams mixed by weight (the training script's `--data_mix` with `--streaming`).
 
@@ -452,8 +455,8 @@ class MixedStream(IterableDataset):
                 if all(finished):
                     return
                 iterators[k] = iter(self.streams[k])  # once more round, while another stream has pairs left
-                pair = next(iterators[k], None)
-                if pair is None:  # an empty stream
+                pair = next(iterators[k], _EMPTY)
+                if pair is _EMPTY:  # an empty stream (a None pair is an unreadable one: the mix goes on)
                     return
             yield pair
 
