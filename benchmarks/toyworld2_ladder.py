@@ -192,20 +192,17 @@ def train_adapter(
     return adapter.eval().requires_grad_(False), None if codes is None else codes.detach()
 
 
+def write_atomically(path: Path, write) -> None:
+    """Writes a file whole or not at all: `write(partial)` fills a file beside `path`, then a rename replaces it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Writes a rung's training state atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
-
-
-def write_json(path: Path, value) -> None:
-    """Writes `value` as JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=1))
-    os.replace(partial, path)
+    """Writes a rung's training state atomically."""
+    write_atomically(path, lambda partial: torch.save(checkpoint, partial))
 
 
 #: Flags that do not change a rung's measurements (they choose which rungs run, or how they are shown).
@@ -297,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
             table[family][rung] = error
         finished[rung] = errors
         if state is not None:
-            write_json(state / "results.json", finished)
+            text = json.dumps(finished, indent=1)
+            write_atomically(state / "results.json", lambda partial: partial.write_text(text))
 
     if "told" in args.rungs:
         if TOLD in finished:
@@ -324,9 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         for name, families, kind in trainings:
             start = time.perf_counter()
-            rung_state = None if state is None else state / name.replace(" ", "_")
+            slug = name.replace(" ", "_")
+            rung_state = None if state is None else state / slug
             adapter, codes = train_adapter(pipe, image_encoder, data, families, kind, args, rung_state)
-            folder = Path(scratch) / name.replace(" ", "_")
+            folder = Path(scratch) / slug
             adapter.save_pretrained(folder)
             pipe.load_delta_adapter(folder, image_encoder_folder=str(args.image_encoder or work / "siglip"))
             inputs = {

@@ -341,20 +341,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
     """The training pairs, transformed to tensors: a map-style dataset, or a stream already split per rank."""
-    if args.data_mix and args.streaming:
-        import datasets
-
-        streams = [
-            rank_stream(args, accelerator, datasets.load_dataset(
-                path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir, streaming=True
-            ))
-            for _, path, _ in args.data_mix_sources
-        ]  # fmt: skip
-        weights = [weight for _, _, weight in args.data_mix_sources]
-        return TransformedStream(MixedStream(streams, weights, seed=args.seed), transform)
     if args.data_mix:
-        sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
         weights = [weight for _, _, weight in args.data_mix_sources]
+        if args.streaming:
+            import datasets
+
+            streams = [
+                rank_stream(args, accelerator, datasets.load_dataset(
+                    path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir, streaming=True
+                ))
+                for _, path, _ in args.data_mix_sources
+            ]  # fmt: skip
+            return TransformedStream(MixedStream(streams, weights, seed=args.seed), transform)
+        sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
         return TransformedPairs(MixedPairs(sources, weights, seed=args.seed), transform)
     if args.train_data_dir:
         return TransformedPairs(LocalPairDataset(args.train_data_dir), transform)

@@ -115,10 +115,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-#: The stages whose folders are staged and swapped in whole (`atomic_folder`).
-STAGED = ("vae", "base", "siglip", "pairs")
-
-
 @contextmanager
 def build_lock(work: Path):
     """Holds `work/.build.lock` while the build runs: a second build of the same folder is refused, not interleaved
@@ -134,11 +130,10 @@ def build_lock(work: Path):
 
 
 def remove_stale_staging(work: Path) -> None:
-    """Removes the staging folders (`.base.tmp-*`, ...) a build killed in the middle of a stage left behind; with the
-    lock held, none of them is in use."""
-    for stage in STAGED:
-        for leftover in work.glob(f".{stage}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Removes the staging folders (`atomic_folder`'s `.NAME.tmp-*`: `.base.tmp-*`, ...) a build killed in the
+    middle of a stage left behind; with the lock held, none of them is in use."""
+    for leftover in work.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def main(args: argparse.Namespace) -> None:
