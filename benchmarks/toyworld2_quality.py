@@ -34,7 +34,15 @@ from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.atomic_folder import write_image_atomically
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
-from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, instruction_vector, render, split_edits
+from diffusers_delta.toyworld import (
+    IMAGE_SIZE,
+    SPLITS,
+    changed_pair,
+    instruction_vector,
+    render,
+    showcase,
+    split_edits,
+)
 from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 
@@ -164,8 +172,7 @@ def ratios_to_told(rows: list[dict], told: str, least: float = 0.3) -> tuple[int
 def row_title(split: str, family: str, edit_name: str) -> str:
     """A grid row's title: the split and family, then the edit's parameters (`"S4 flip + remove"`,
     `"horizontal + circle"` for `flip(horizontal) + remove(circle)`)."""
-    parameters = " + ".join(part.split("(", 1)[-1].removesuffix(")") for part in edit_name.split(" + "))
-    return f"{split} {family}\n{parameters}"
+    return f"{split} {family}\n{showcase.edit_parameters(edit_name)}"
 
 
 def main(argv: list[str] | None = None) -> None:

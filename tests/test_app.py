@@ -150,11 +150,11 @@ def test_the_toy_examples_are_drawn_once_and_reused_by_every_launch(tmp_path, mo
     (folder,) = tmp_path.glob("diffusers-delta-examples-*")  # beside Gradio's own cache
     drawn = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     assert len(drawn) == 2 * 3 + 5 and all(name.endswith(".png") for name in drawn)  # 3 exemplars, 5 queries
-    (folder / "flip-query-13.png").unlink()  # a folder left incomplete is drawn again, whole
+    (folder / "1-query-13.png").unlink()  # a folder left incomplete is drawn again, whole
     build_app(text_free_pipeline(), toy_examples=True)
     assert list(tmp_path.glob("diffusers-delta-examples-*")) == [folder]
     assert sorted(path.name for path in folder.iterdir()) == sorted(drawn)
-    query = PIL.Image.open(folder / "flip-query-13.png")
+    query = PIL.Image.open(folder / "1-query-13.png")  # the second example, flip
     assert np.array_equal(np.asarray(query), np.asarray(toyworld.make_pair("flip", 13)[0]))
     unchanged = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     build_app(text_free_pipeline(), toy_examples=True)

@@ -26,7 +26,7 @@ def test_demo_writes_its_grid_and_prints_per_edit_errors(model_dir, tmp_path, ca
     titles = np.asarray(grid.crop((0, 20, 110, 20 + 2 * 128)).convert("L"))
     assert (titles[:128] < 128).any() and (titles[128:] < 128).any()  # each row is titled
     printed = capsys.readouterr().out
-    assert "recolor     seen" in printed and "enlarge     unseen" in printed
+    assert "recolor seen edit" in printed and "enlarge unseen edit" in printed
 
 
 def test_edit_with_a_given_base_and_adapter(model_dir, tmp_path, capsys):

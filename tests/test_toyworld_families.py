@@ -133,3 +133,23 @@ def test_world_batches_of_chosen_families():
     assert (chosen == names.index("flip")).all() and not instructions[:, families.STEP_WIDTH :].any()
     with pytest.raises(ValueError, match=r"No edits of \['rotate'\] in \('S1',\)"):
         toyworld.world_batch(np.random.default_rng(0), 2, splits=("S1",), families=("rotate",))
+
+
+def test_make_pair_draws_world_2_edits_by_name_or_family():
+    from diffusers_delta.toyworld import showcase
+
+    source, target = toyworld.make_pair("flip(vertical)", seed=4)
+    assert np.array_equal(np.asarray(target), np.asarray(source)[::-1])  # a scene the flip visibly changes
+    assert not np.array_equal(np.asarray(source), np.asarray(target))
+    same = toyworld.make_pair("zoom", seed=4)  # a family: its first edit (S3 has zoom's only values)
+    assert [np.asarray(image).tobytes() for image in same] == [
+        np.asarray(image).tobytes() for image in toyworld.make_pair("zoom(×1.5)", seed=4)
+    ]
+    with pytest.raises(ValueError, match="no edit 'zooom'.*posterize.*'flip\\(vertical\\)'"):
+        toyworld.make_pair("zooom", seed=0)
+    assert toyworld.model_world() == showcase.WORLD_1  # the embedded model, until world 2 ships
+    for world in (showcase.WORLD_1, showcase.WORLD_2):  # every showcase names an edit of its world
+        assert [example.adapt_steps for example in showcase.demo_examples(world)] == [
+            steps for _, steps in showcase.DEMO_ROWS[world]
+        ]
+        assert all(showcase.find_example(world, name) for name, *_ in showcase.APP_EXAMPLES[world])

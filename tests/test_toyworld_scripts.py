@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -394,3 +395,52 @@ def test_an_export_over_the_size_limit_is_refused_and_keeps_the_shipped_model(wo
         ["--work_dir", str(world2_build), *BUILD_ARGV, "--export", "--export_dir", str(tmp_path / "other")]
     ))  # fmt: skip
     assert tree(tmp_path / "other") == before  # --export writes where --export_dir says
+
+
+def test_a_world_2_model_shows_world_2_in_the_demo_the_app_and_its_card(world2_build, tmp_path, monkeypatch, capsys):
+    """An exported world-2 model (`build_world2.py --export`) is shown as what it is: the demo's rows come from S1, S2
+    and S3 with one adapted beside its zero-shot row, the app's examples and page name world 2's edits, and the
+    card's snippet draws a world-2 exemplar."""
+    from diffusers_delta import cli
+    from diffusers_delta.app import _toy_examples, describe_model
+    from diffusers_delta.toyworld import showcase
+
+    shipped = tmp_path / "default_model"
+    build_default_model.export(world2_build, shipped)
+    assert toyworld.model_world(shipped) == showcase.WORLD_2
+    out = tmp_path / "demo.png"
+    cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
+    rows = showcase.DEMO_ROWS[showcase.WORLD_2]
+    assert PIL.Image.open(out).size == (150 + 5 * 128, 20 + len(rows) * 128)
+    printed = capsys.readouterr().out.split("(mean absolute error to the truth, 0-1)\n")[1].splitlines()[:-1]
+    splits = [split for split in ("S1: seen", "S2: held-out value", "S3: unseen family") if any(split in line
+              for line in printed)]  # fmt: skip
+    assert len(printed) == len(rows) and len(splits) == 3
+    zero_shot, adapted = [line.split() for line in printed if line.startswith("posterize(3 levels)")]
+    assert adapted[-3] == "20" and adapted[-2] == zero_shot[-2]  # the same query, adapted 20 steps
+    card = (shipped / "adapter" / "README.md").read_text()
+    assert f'toyworld.make_pair("{rows[0][0]}", seed=0)' in card
+
+    monkeypatch.setattr(toyworld, "DEFAULT_MODEL_DIR", shipped)  # as if the package shipped this model
+    assert "posterize" in describe_model(None, None) and "recolor" in describe_model(None, None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gradio"))
+    (tmp_path / "gradio").mkdir()
+    examples = _toy_examples(toyworld.model_world())
+    assert [row[-1] for row in examples] == [steps for *_, steps in showcase.APP_EXAMPLES[showcase.WORLD_2]]
+    name, seed, *_ = showcase.APP_EXAMPLES[showcase.WORLD_2][-1]
+    drawn = PIL.Image.open(examples[-1][1])  # the exemplar target of the adapted example
+    assert np.array_equal(np.asarray(drawn), np.asarray(toyworld.make_pair(name, seed)[1]))
+
+
+def test_the_demo_refuses_an_edit_its_model_does_not_know_before_loading_it(world2_build, tmp_path, capsys):
+    from diffusers_delta import cli
+
+    shipped = tmp_path / "default_model"
+    build_default_model.export(world2_build, shipped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--out", str(tmp_path / "demo.png"), "--model-dir", str(shipped), "--edits", "grayscale"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "no edit 'grayscale'" in error and "grey" in error and "posterize" in error
+    cli.main(["demo", "--out", str(tmp_path / "demo.png"), "--model-dir", str(shipped), "--edits", "zoom"])
+    assert "zoom(×1.5)" in capsys.readouterr().out  # a family: its first edit

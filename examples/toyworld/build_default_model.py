@@ -28,6 +28,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisi
 from diffusers_delta import DeltaAdapterModel, toyworld
 from diffusers_delta.atomic_folder import atomic_folder
 from diffusers_delta.hub import render_model_card
+from diffusers_delta.toyworld import showcase
 
 
 HERE = Path(__file__).resolve().parent
@@ -125,7 +126,7 @@ def export(work: Path, export_dir: Path, max_bytes: int | None = None) -> None:
             staging / "adapter",
             ignore=shutil.ignore_patterns("checkpoint-*", "logs", "training_summary.json"),
         )
-        write_toy_card(staging / "adapter")
+        write_toy_card(staging / "adapter", toyworld.model_world(staging))
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         if max_bytes is not None and size > max_bytes:
             raise RuntimeError(
@@ -135,9 +136,10 @@ def export(work: Path, export_dir: Path, max_bytes: int | None = None) -> None:
     print(f"Exported the default model to {export_dir} ({size / 2**20:.1f} MiB)")
 
 
-def write_toy_card(adapter_dir: Path) -> None:
-    """Rewrites the exported adapter's card for what ships: its snippet loads `toyworld.load_pipeline()`, and it
-    names no folder of the build; the training settings of the training script's card are kept."""
+def write_toy_card(adapter_dir: Path, world: str) -> None:
+    """Rewrites the exported adapter's card for what ships: its snippet loads `toyworld.load_pipeline()` and shows the
+    first of the world's demo edits, and it names no folder of the build; the training settings of the training
+    script's card are kept."""
     card_path = adapter_dir / "README.md"
     settings = card_path.read_text(encoding="utf-8").split("## Training", 1)[-1] if card_path.is_file() else ""
     training = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", settings, re.M)[2:]) or None  # past the header rows
@@ -148,7 +150,7 @@ def write_toy_card(adapter_dir: Path) -> None:
         image_encoder="the toy world's SigLIP stand-in",
         license="apache-2.0",
         training=training,
-        toyworld=True,
+        toyworld_edit=showcase.DEMO_ROWS[world][0][0],
     )
     card.save(card_path)
 

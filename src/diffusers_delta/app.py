@@ -31,8 +31,6 @@ except ImportError as error:  # an optional extra: the library works without it
     raise ImportError("The app needs Gradio: pip install 'diffusers-delta[app]'.") from error
 
 
-#: Toy-world examples shown under the inputs when the app serves the toy model: (edit, exemplar seed, query seeds).
-TOY_EXAMPLES = (("recolor", 3, (11, 12)), ("flip", 5, (13, 14)), ("invert", 7, (15,)))
 CACHED_EXEMPLARS = 8
 
 
@@ -113,31 +111,35 @@ class ExemplarEditor:
         return outputs
 
 
-def _toy_examples() -> list[list]:
-    """The toy-world examples: rows of (source, target, query paths, strength, steps, seed, adaptation steps).
+def _toy_examples(world: str) -> list[list]:
+    """The toy-world examples of a world (`showcase.APP_EXAMPLES`): rows of (source, target, query paths, strength,
+    steps, seed, adaptation steps).
 
-    Their images are drawn once into one folder of the temporary directory (where Gradio serves files from), per user,
-    and reused by every later launch: a launch leaves nothing new behind, however it ends.
+    Their images are drawn once into one folder of the temporary directory (where Gradio serves files from), per user
+    and set of examples, and reused by every later launch: a launch leaves nothing new behind, however it ends.
     """
-    from . import toyworld
+    from .toyworld import showcase
 
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a process whose user id has no name (some containers)
         user = "anonymous"
-    folder = Path(tempfile.gettempdir()) / f"diffusers-delta-examples-{user}"
-    drawings, rows = {}, []  # file name -> (edit, seed, 0 for a pair's source or 1 for its target)
-    for edit, exemplar_seed, query_seeds in TOY_EXAMPLES:
-        exemplar_names = [f"{edit}-source.png", f"{edit}-target.png"]
-        query_names = [f"{edit}-query-{seed}.png" for seed in query_seeds]
-        drawings.update((name, (edit, exemplar_seed, side)) for side, name in enumerate(exemplar_names))
-        drawings.update((name, (edit, seed, 0)) for name, seed in zip(query_names, query_seeds))
-        rows.append([*(str(folder / name) for name in exemplar_names), [str(folder / name) for name in query_names],
-                     1.0, 4, 0, 0])  # fmt: skip
-    if not all((folder / name).is_file() for name in drawings):  # drawn whole or not at all (two launches may race)
+    examples = showcase.APP_EXAMPLES[world]
+    version = hashlib.sha256(repr((world, examples)).encode()).hexdigest()[:8]  # other examples: another folder
+    folder = Path(tempfile.gettempdir()) / f"diffusers-delta-examples-{user}-{version}"
+    drawings, rows = {}, []  # file name -> (example, seed, 0 for a pair's source or 1 for its target)
+    for index, (name, exemplar_seed, query_seeds, adapt_steps) in enumerate(examples):
+        example = showcase.find_example(world, name)
+        exemplar_names = [f"{index}-source.png", f"{index}-target.png"]
+        query_names = [f"{index}-query-{seed}.png" for seed in query_seeds]
+        drawings.update((file, (example, exemplar_seed, side)) for side, file in enumerate(exemplar_names))
+        drawings.update((file, (example, seed, 0)) for file, seed in zip(query_names, query_seeds))
+        rows.append([*(str(folder / file) for file in exemplar_names), [str(folder / file) for file in query_names],
+                     1.0, 4, 0, adapt_steps])  # fmt: skip
+    if not all((folder / file).is_file() for file in drawings):  # drawn whole or not at all (two launches may race)
         with atomic_folder(folder) as staging:
-            for name, (edit, seed, side) in drawings.items():
-                toyworld.make_pair(edit, seed)[side].save(staging / name)
+            for file, (example, seed, side) in drawings.items():
+                example.pair(seed)[side].save(staging / file)
     return rows
 
 
@@ -159,11 +161,20 @@ def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
         from . import toyworld
 
         served = "the embedded toy-world model" + (f", with the adapter `{adapter}`" if adapter else "")
+        if toyworld.model_world() == toyworld.showcase.WORLD_1:
+            knows = (
+                f"Its adapter trained on the edits {', '.join(toyworld.SEEN_EDITS)}; "
+                f"{', '.join(toyworld.UNSEEN_EDITS)} it never saw"
+            )
+        else:
+            knows = (
+                f"Its adapter trained on some values of the edits {', '.join(toyworld.SEEN_FAMILIES)}; other values "
+                f"of these, and the edits {', '.join(toyworld.HELD_OUT_FAMILIES)}, it never saw"
+            )
         return (
             f"**Model: {served}** (offline, on the CPU). It knows only {toyworld.IMAGE_SIZE}x{toyworld.IMAGE_SIZE} "
             "synthetic scenes of flat shapes: other images are resized to that size and back, and photos come out "
-            f"as noise. Its adapter trained on the edits {', '.join(toyworld.SEEN_EDITS)}; "
-            f"{', '.join(toyworld.UNSEEN_EDITS)} it never saw (the README measures each). Try the examples below."
+            f"as noise. {knows} (the README measures each). Try the examples below."
         )
     if pipe is not None and backbone_of(pipe.transformer).NAME == "flux1":
         return (
@@ -230,6 +241,8 @@ def build_app(
         inputs = [source, target, queries, strength, steps, seed, adapt_steps]
         button.click(edit, inputs=inputs, outputs=results, api_name="edit", concurrency_limit=1)
         if toy_examples:
-            gr.Examples(_toy_examples(), inputs=inputs)
+            from . import toyworld
+
+            gr.Examples(_toy_examples(toyworld.model_world()), inputs=inputs)
     app.editor = editor  # for tests and callers that want the cache
     return app

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .adapter_files import AdapterLocation
 from .atomic_folder import write_image_atomically
 from .grids import make_edit_grid
 from .image_inputs import fit_to_model_size, read_image_file
+from .toyworld import showcase
 
 
 class UsageError(Exception):
@@ -73,34 +75,48 @@ def _model_source(source: str, option: str) -> str:
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = _output_path(args.out)
+    world = toyworld.model_world(args.model_dir)
+    try:
+        examples = showcase.demo_examples(world, args.edits)
+    except ValueError as error:
+        raise UsageError(f"--edits: {error}") from None
     pipe = toyworld.load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
+    pairs = {}  # edit name -> (exemplar pair, query and truth): a row that adapts shows its zero-shot row's inputs
     rows, row_labels, lines = [], [], []
-    for index, name in enumerate(args.edits):
-        edit = toyworld.EDITS[name]
-        source, target = toyworld.make_pair(edit, seed=args.seed + 2 * index)
-        query_scene = toyworld.generate_scene(np.random.default_rng(args.seed + 2 * index + 1))
-        query = PIL.Image.fromarray(toyworld.render(query_scene))
-        truth = PIL.Image.fromarray(toyworld.render(edit(query_scene)))
-        generator = torch.Generator().manual_seed(args.seed)
-        output = pipe(query, exemplar=(source, target), generator=generator).images[0]
+    for example in examples:
+        if example.edit.name not in pairs:
+            draw = args.seed + 2 * len(pairs)
+            pairs[example.edit.name] = (example.pair(draw), example.pair(draw + 1))
+        (source, target), (query, truth) = pairs[example.edit.name]
+        with ExitStack() as adaptation:
+            if example.adapt_steps:
+                adaptation.enter_context(pipe.adapted_to_exemplar(
+                    source, target, num_steps=example.adapt_steps, generator=torch.Generator().manual_seed(args.seed)
+                ))  # fmt: skip
+            output = pipe(query, exemplar=(source, target), generator=torch.Generator().manual_seed(args.seed))
+        output = output.images[0]
         rows.append([source, target, query, output, truth])
         identity, error = (
             np.abs(np.asarray(a, float) - np.asarray(truth, float)).mean() / 255 for a in (query, output)
         )
-        split = "seen" if name in toyworld.SEEN_EDITS else "unseen"
-        lines.append(f"{name:<11} {split:<7} {identity:>9.4f} {error:>9.4f}")
-        row_labels.append(f"{name}\n{split} edit\nerror {error:.3f}\n(identity {identity:.3f})")
+        split = showcase.SPLIT_LABELS[example.split]
+        lines.append((example.edit.name, split, example.adapt_steps, identity, error))
+        row_labels.append(f"{example.label()}\nerror {error:.3f}\n(identity {identity:.3f})")
     grid = make_edit_grid(
         rows,
         ["exemplar source", "exemplar target", "query", "output", "truth"],
         cell_size=128,
         row_labels=row_labels,
-        row_label_width=110,
+        row_label_width=110 if world == showcase.WORLD_1 else 150,
     )
     write_image_atomically(grid, out)
-    print(f"{'edit':<11} {'split':<7} {'identity':>9} {'output':>9}   (mean absolute error to the truth, 0-1)")
-    print("\n".join(lines))
+    width = max(len("edit"), *(len(line[0]) for line in lines))
+    split_width = max(len(line[1]) for line in lines)
+    print(f"{'edit':<{width}} {'split':<{split_width}} {'adapted':>7} {'identity':>9} {'output':>9}"
+          "   (mean absolute error to the truth, 0-1)")  # fmt: skip
+    for name, split, steps, identity, error in lines:
+        print(f"{name:<{width}} {split:<{split_width}} {steps or '':>7} {identity:>9.4f} {error:>9.4f}")
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -266,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="Edit toy scenes with the embedded model and write a grid (offline)."
     )
     demo.add_argument("--out", default="delta_demo.png", help="Where to write the grid (its folder is created).")
-    demo.add_argument("--edits", nargs="+", default=list(toyworld.EDITS), choices=list(toyworld.EDITS))
+    demo.add_argument(
+        "--edits", nargs="+", default=None, help="Edits to show, by name (default: the model's showcase rows)."
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model-dir", default=str(toyworld.DEFAULT_MODEL_DIR), help=argparse.SUPPRESS)
     edit = commands.add_parser("edit", parents=[common], help="Apply an exemplar's edit to a query image.")

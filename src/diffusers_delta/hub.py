@@ -81,7 +81,7 @@ def render_model_card(
     validation_grid: str | None = None,
     example_files: bool = False,
     tags: list[str] | None = None,
-    toyworld: bool = False,
+    toyworld_edit: str | None = None,
 ) -> ModelCard:
     """The model card of a Delta-Adapter. Names of folders on the training machine never enter it: a local base,
     adapter or image encoder is named by its folder's name only, and the snippet then has a line that says what
@@ -102,7 +102,8 @@ def render_model_card(
         validation_grid: path, inside the folder, of the validation grid image (also shown in the Hub's gallery).
         example_files: whether the folder holds `EXAMPLE_FILES`, so the usage snippet can download them.
         tags: extra tags.
-        toyworld: the adapter of the toy world's embedded model: the snippet loads it with `toyworld.load_pipeline()`.
+        toyworld_edit: for the adapter of the toy world's embedded model, the edit its snippet shows (a name
+            `toyworld.make_pair` takes); the snippet loads the model with `toyworld.load_pipeline()`.
     """
     base_on_hub = base_model is not None and is_hub_repo_id(base_model)
     backbone = BACKBONES[adapter.config.backbone]
@@ -150,7 +151,7 @@ def render_model_card(
         adaptation=adaptation,
         validation_grid=validation_grid,
         example_files=EXAMPLE_FILES if example_files else None,
-        toyworld=toyworld,
+        toyworld_edit=toyworld_edit,
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import showcase
 from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
 from .families import (
     FAMILIES,
@@ -35,24 +36,48 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 EDIT_PROMPT_EMBEDS_NAME = "edit_prompt_embeds.safetensors"
 
 
-def load_pipeline(model_dir: str | Path = DEFAULT_MODEL_DIR):
+def load_pipeline(model_dir: str | Path | None = None):
     """The toy world's default `FluxDeltaEditPipeline`, through the same `from_pretrained` / `load_delta_adapter` code
-    as any Hub model: `model_dir/base` is the pipeline folder, `model_dir/adapter` the adapter folder."""
+    as any Hub model: `model_dir/base` is the pipeline folder, `model_dir/adapter` the adapter folder (default: the
+    embedded model, `DEFAULT_MODEL_DIR`)."""
     from ..pipelines import FluxDeltaEditPipeline
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "base" / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No toy-world model in {model_dir}: build one with "
-            "`python examples/toyworld/build_default_model.py --work_dir toy-build`."
-        )
+    model_dir = _model_folder(model_dir)
     pipe = FluxDeltaEditPipeline.from_pretrained(model_dir / "base")
     pipe.load_delta_adapter(model_dir / "adapter")
     return pipe
 
 
+def model_world(model_dir: str | Path | None = None) -> str:
+    """Which world a toy-world model folder (default: the embedded one) was built in: `showcase.WORLD_2` where its
+    base editor reads structured instructions (`base/instruction_encoder/`), else `showcase.WORLD_1` (a learned
+    prompt per edit)."""
+    model_dir = _model_folder(model_dir)
+    return showcase.WORLD_2 if (model_dir / "base" / "instruction_encoder").is_dir() else showcase.WORLD_1
+
+
+def _model_folder(model_dir: str | Path | None) -> Path:
+    """`model_dir` (None: `DEFAULT_MODEL_DIR`) as a Path, checked to hold a toy-world model (`base/`, `adapter/`)."""
+    model_dir = Path(DEFAULT_MODEL_DIR if model_dir is None else model_dir)
+    if not (model_dir / "base" / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No toy-world model in {model_dir}: build one with "
+            "`python examples/toyworld/build_default_model.py --work_dir toy-build`."
+        )
+    return model_dir
+
+
 def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """A random scene and its exactly edited version, as PIL images; a function of (edit, seed, size)."""
+    """A random scene and its exactly edited version, as PIL images; a function of (edit, seed, size).
+
+    Args:
+        edit: a world-1 edit or its name (`EDITS`: "grayscale"), or the name of a world-2 edit ("grey(0.50)") or
+            family ("grey": its first edit), whose scene is then one the edit visibly changes.
+        seed: draws the scene.
+        size: image side.
+    """
+    if isinstance(edit, str) and edit not in EDITS:
+        return showcase.find_example(showcase.WORLD_2, edit).pair(seed, size)
     edit = EDITS[edit] if isinstance(edit, str) else edit
     scene = generate_scene(np.random.default_rng(seed), size)
     return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))

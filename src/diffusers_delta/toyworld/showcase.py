@@ -1,0 +1,132 @@
+"""What a toy-world model shows a newcomer: the demo's rows and the app's examples, from the world it was built in.
+
+World 1: the eight edits of `edits.py`, seen or unseen by its adapter; world 2: the parameterised families of
+`families.py`, in splits S1 to S4 (`toyworld.model_world` tells which a model folder holds).
+
+    world = toyworld.model_world()
+    for example in showcase.demo_examples(world):
+        (source, target), (query, truth) = example.pairs(seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+
+from .edits import EDITS, SEEN_EDITS, Edit
+from .families import SPLITS, changed_pair, family_of, split_edits
+from .scenes import IMAGE_SIZE, generate_scene, render
+
+
+WORLD_1, WORLD_2 = "edits", "families"  # as the training scripts' --world names them
+SPLIT_LABELS = {
+    "seen": "seen edit",
+    "unseen": "unseen edit",
+    "S1": "S1: seen",
+    "S2": "S2: held-out value",
+    "S3": "S3: unseen family",
+    "S4": "S4: unseen composition",
+}
+#: The demo's rows when none are asked for: (edit, adaptation steps); a row with steps shows the edit of the row
+#: before it (same exemplar, same query) after test-time adaptation to its exemplar.
+DEMO_ROWS = {
+    WORLD_1: tuple((name, 0) for name in EDITS),
+    WORLD_2: (
+        ("brightness(+40)", 0),
+        ("frame(5px (30, 30, 200))", 0),
+        ("flip(horizontal)", 0),
+        ("translate(+0.20,+0.00)", 0),
+        ("brightness(+60)", 0),
+        ("contrast(×1.3)", 0),
+        ("posterize(3 levels)", 0),
+        ("posterize(3 levels)", 20),
+    ),
+}
+#: The app's ready-made examples: (edit, exemplar seed, query seeds, adaptation steps).
+APP_EXAMPLES = {
+    WORLD_1: (("recolor", 3, (11, 12), 0), ("flip", 5, (13, 14), 0), ("invert", 7, (15,), 0)),
+    WORLD_2: (
+        ("frame(5px (30, 30, 200))", 3, (11, 12), 0),
+        ("brightness(+60)", 5, (13, 14), 0),
+        ("posterize(3 levels)", 7, (15,), 20),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One edit of a world, as the demo and the app show it.
+
+    Args:
+        world: `WORLD_1` or `WORLD_2`.
+        edit: the edit.
+        split: where it stands for the adapter: "seen"/"unseen" (world 1) or "S1".."S4" (world 2).
+        adapt_steps: test-time adaptation steps on the exemplar before editing (0: zero-shot).
+    """
+
+    world: str
+    edit: Edit
+    split: str
+    adapt_steps: int = 0
+
+    def pair(self, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+        """A scene and its edit, a function of `seed` (world 2: a scene the edit visibly changes)."""
+        if self.world == WORLD_1:
+            scene = generate_scene(np.random.default_rng(seed), size)
+            edited = self.edit(scene)
+        else:
+            scene, edited = changed_pair(self.edit, seed, size)
+        return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edited))
+
+    def label(self) -> str:
+        """Lines naming the edit (world 2: its family, then its parameters), its split, and its adaptation if any."""
+        name = self.edit.name
+        if self.world == WORLD_2:
+            name = f"{family_of(self.edit)}\n{edit_parameters(name)}"
+        adapted = f"\nadapted, {self.adapt_steps} steps" if self.adapt_steps else ""
+        return f"{name}\n{SPLIT_LABELS[self.split]}{adapted}"
+
+
+def edit_parameters(name: str) -> str:
+    """A world-2 edit's parameters: `"horizontal + circle"` for `"flip(horizontal) + remove(circle)"`."""
+    return " + ".join(part.split("(", 1)[-1].removesuffix(")") for part in name.split(" + "))
+
+
+def world_examples(world: str) -> dict[str, Example]:
+    """Every edit of a world by name, zero-shot."""
+    if world == WORLD_1:
+        return {name: Example(world, edit, "seen" if name in SEEN_EDITS else "unseen") for name, edit in EDITS.items()}
+    return {edit.name: Example(world, edit, split) for split in SPLITS for edit in split_edits(split)}
+
+
+def find_example(world: str, name: str, adapt_steps: int = 0) -> Example:
+    """The example of an edit named exactly, or (world 2) of a family: its first edit, from the first split that has
+    it. Raises ValueError naming what the world has."""
+    examples = world_examples(world)
+    first_of_family = _first_edit_of_each_family() if world == WORLD_2 else {}
+    name = first_of_family.get(name, name)
+    if name not in examples:
+        known = list(EDITS) if world == WORLD_1 else list(first_of_family)
+        raise ValueError(
+            f"This toy model knows no edit {name!r}: pass one of {', '.join(known)}"
+            + (" (a family), or an edit's full name, such as 'flip(vertical)'." if world == WORLD_2 else ".")
+        )
+    example = examples[name]
+    return Example(example.world, example.edit, example.split, adapt_steps)
+
+
+def demo_examples(world: str, names: list[str] | None = None) -> list[Example]:
+    """The demo's rows: `names` zero-shot, or the world's `DEMO_ROWS`."""
+    rows = [(name, 0) for name in names] if names else DEMO_ROWS[world]
+    return [find_example(world, name, steps) for name, steps in rows]
+
+
+def _first_edit_of_each_family() -> dict[str, str]:
+    """World 2's families (of S1 to S3; S4 composes them), each with the name of its first edit."""
+    first = {}
+    for split in SPLITS[:3]:
+        for edit in split_edits(split):
+            first.setdefault(family_of(edit), edit.name)
+    return first
