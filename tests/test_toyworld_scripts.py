@@ -444,3 +444,15 @@ def test_the_demo_refuses_an_edit_its_model_does_not_know_before_loading_it(worl
     assert "no edit 'grayscale'" in error and "grey" in error and "posterize" in error
     cli.main(["demo", "--out", str(tmp_path / "demo.png"), "--model-dir", str(shipped), "--edits", "zoom"])
     assert "zoom(×1.5)" in capsys.readouterr().out  # a family: its first edit
+
+
+def test_a_cut_off_build_trains_its_adapters_on_from_their_last_checkpoint(tmp_path, monkeypatch):
+    """The adapter stage (and the ablations') resumes from `adapter/checkpoint-N`, as the build's progress counts it,
+    instead of training again from step 0 (`train_delta_adapter` resumes exactly, tests/test_train_script.py)."""
+    for stage in ("vae", "base", "siglip", "pairs"):  # complete stages are skipped
+        (tmp_path / stage).mkdir()
+    runs = []
+    monkeypatch.setattr(train_delta_adapter, "main", runs.append)
+    build_world2.main(build_world2.parse_args(["--work_dir", str(tmp_path), "--ablations"]))
+    assert [Path(run.output_dir).name for run in runs] == ["adapter", "adapter_no_consistency", "adapter_pooled_mlp"]
+    assert all(run.resume_from_checkpoint == "latest" for run in runs)

@@ -90,6 +90,7 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, proje
         "--max_train_steps", str(args.adapter_steps), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
         "--lambda_delta", str(lambda_delta), "--weighting_scheme", "logit_normal", "--seed", str(args.seed),
         "--projection_type", projection, "--report_to", "none", "--output_dir", str(output),
+        "--resume_from_checkpoint", "latest",  # a build cut off goes on from the adapter's last checkpoint
     ]  # fmt: skip
 
 
