@@ -154,8 +154,8 @@ def test_the_toy_examples_are_drawn_once_and_reused_by_every_launch(tmp_path, mo
     build_app(text_free_pipeline(), toy_examples=True)
     assert list(tmp_path.glob("diffusers-delta-examples-*")) == [folder]
     assert sorted(path.name for path in folder.iterdir()) == sorted(drawn)
-    query = PIL.Image.open(folder / "1-query-13.png")  # the second example, flip
-    assert np.array_equal(np.asarray(query), np.asarray(toyworld.make_pair("flip", 13)[0]))
+    query = PIL.Image.open(folder / "1-query-13.png")  # the second example, border
+    assert np.array_equal(np.asarray(query), np.asarray(toyworld.make_pair("border", 13)[0]))
     unchanged = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     build_app(text_free_pipeline(), toy_examples=True)
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == unchanged  # complete: reused as is

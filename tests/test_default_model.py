@@ -25,4 +25,5 @@ def test_shipped_model_loads_offline_and_edits_a_seen_edit_better_than_identity(
 def test_demo_on_the_shipped_model_writes_its_grid(tmp_path):
     out = tmp_path / "demo.png"
     cli.main(["demo", "--out", str(out)])
-    assert PIL.Image.open(out).size == (110 + 5 * 128, 20 + len(toyworld.EDITS) * 128)
+    rows = toyworld.showcase.DEMO_ROWS[toyworld.model_world()]
+    assert PIL.Image.open(out).size == (110 + 5 * 128, 20 + len(rows) * 128)

@@ -29,10 +29,10 @@ SPLIT_LABELS = {
     "S3": "S3: unseen family",
     "S4": "S4: unseen composition",
 }
-#: The demo's rows when none are asked for: (edit, adaptation steps); a row with steps shows the edit of the row
-#: before it (same exemplar, same query) after test-time adaptation to its exemplar.
+#: The demo's rows when none are asked for: (edit, adaptation steps); a row with steps shows the inputs of its edit's
+#: zero-shot row (same exemplar, same query) after test-time adaptation to the exemplar.
 DEMO_ROWS = {
-    WORLD_1: tuple((name, 0) for name in EDITS),
+    WORLD_1: tuple((name, steps) for name in EDITS for steps in ((0, 20) if name == "invert" else (0,))),
     WORLD_2: (
         ("brightness(+40)", 0),
         ("frame(5px (30, 30, 200))", 0),
@@ -44,9 +44,10 @@ DEMO_ROWS = {
         ("posterize(3 levels)", 20),
     ),
 }
-#: The app's ready-made examples: (edit, exemplar seed, query seeds, adaptation steps).
+#: The app's ready-made examples, edits the model makes (README: world 1's `invert` only once adapted): (edit,
+#: exemplar seed, query seeds, adaptation steps).
 APP_EXAMPLES = {
-    WORLD_1: (("recolor", 3, (11, 12), 0), ("flip", 5, (13, 14), 0), ("invert", 7, (15,), 0)),
+    WORLD_1: (("grayscale", 3, (11, 12), 0), ("border", 5, (13, 14), 0), ("invert", 7, (15,), 20)),
     WORLD_2: (
         ("frame(5px (30, 30, 200))", 3, (11, 12), 0),
         ("brightness(+60)", 5, (13, 14), 0),
