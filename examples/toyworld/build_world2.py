@@ -38,10 +38,10 @@ import train_vae  # noqa: E402
 
 
 MAX_EXPORT_BYTES = 25 * 2**20
-#: Seconds a training step of each part takes on 2 CPU cores (measured with 1 thread, the build beside other work:
-#: the VAE's 1500 steps took 61 minutes, the base editor with --base_reuse 4 runs at 1.8 steps/s), for the estimate
-#: of what is left.
-SECONDS_PER_STEP = {"vae": 2.4, "base": 0.57, "encoder": 0.3, "adapter": 0.4}
+#: Seconds a training step of each part takes on 2 CPU cores, each part on 1 thread beside a second job (the third
+#: build: the VAE's 1500 steps took 61 minutes, the base editor with --base_reuse 4 ran at 1.2-1.7 steps/s, the adapter
+#: at 16 pairs a step 1.05-1.1 steps/s), for the estimate of what is left.
+SECONDS_PER_STEP = {"vae": 2.4, "base": 0.7, "encoder": 0.3, "adapter": 0.95}
 
 
 def progress(args: argparse.Namespace, work: Path) -> list[tuple[str, int, int, str]]:
