@@ -245,11 +245,12 @@ def test_the_world_2_build_says_where_it_stands(tmp_path, capsys):
     assert f"about {left:.1f} h of training left" in printed
 
 
-def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monkeypatch, capsys):
+def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(world2_build, tmp_path, monkeypatch, capsys):
     def crash(args):  # a base editor that dies after writing part of its folder
         (Path(args.output_dir) / "transformer").mkdir()
         raise KeyboardInterrupt
 
+    shutil.copytree(world2_build / "vae", tmp_path / "vae")  # a build whose first stage is done
     argv = build_world2.parse_args(["--work_dir", str(tmp_path), *BUILD_ARGV])
     with monkeypatch.context() as patched:
         patched.setattr(train_base_editor, "main", crash)
@@ -265,7 +266,7 @@ def test_a_world_2_stage_cut_off_leaves_no_folder_and_runs_again(tmp_path, monke
     capsys.readouterr()
     build_world2.main(argv)
     assert not list(tmp_path.glob(".base.tmp-*"))
-    assert capsys.readouterr().out.count("stage ") == 4  # the VAE is not trained again
+    assert capsys.readouterr().out.count("stage ") == 4  # the VAE is not trained again: base, SigLIP, pairs, adapter
     assert (tmp_path / "base" / "transformer" / "config.json").is_file()
 
 
