@@ -16,9 +16,13 @@ family on `--queries` held-out queries (each with its own exemplar pair; mean ab
                         beside the delta, as the adapter's input (what does the delta alone lose?)
 
 Rungs 5 and 6 are flags of the same script: `--num_edit_tokens`, `--resampler_depth` (more edit tokens, a deeper
-resampler) and `--image_encoder` (another SigLIP stand-in). Adapters train as the build trains its own (batch
-16, AdamW 1e-3, cosine schedule, logit-normal timesteps, λ_delta = 1; the oracle without the consistency loss), on
-`--pairs_per_family` pairs per family encoded once, each batch drawing families evenly.
+resampler) and `--image_encoder` (another SigLIP stand-in). `--lora_rank R`, outside the paper and a measurement
+only, also trains a LoRA of the base's attention with every adapter rung (removed after it): is a family the oracle
+cannot make limited by the frozen base's reading of the injected tokens?
+
+Adapters train as the build trains its own (batch 16, AdamW 1e-3, cosine schedule, logit-normal timesteps,
+λ_delta = 1; the oracle without the consistency loss), on `--pairs_per_family` pairs per family encoded once, each
+batch drawing families evenly.
 
     python benchmarks/toyworld2_ladder.py --work_dir toy2 --families brightness flip remove --steps 1500
         [--family_counts 1 2 3] [--rungs told oracle delta] [--queries 16] [--markdown] [--state_dir DIR]
@@ -140,11 +144,12 @@ def train_adapter(
     torch.manual_seed(args.seed)
     base_processors = pipe.transformer.attn_processors
     adapter = train_delta_adapter.new_adapter(args, pipe.transformer, image_encoder).train()
+    lora = add_lora(pipe.transformer, args.lora_rank) if args.lora_rank else {}  # name -> parameter
     objective = DeltaAdapterObjective(
         adapter, pipe.transformer, pipe.vae, image_encoder, SiglipPreprocessor(image_encoder.config.image_size),
         pipe.empty_prompt_embeds, lambda_delta=0.0 if oracle else args.lambda_delta,
     )  # fmt: skip
-    parameters = list(adapter.parameters())
+    parameters = list(adapter.parameters()) + list(lora.values())
     codes = None
     if oracle:  # one learned code per S1 edit, at the scale of a layer-normed delta
         codes = torch.nn.Parameter(torch.randn(len(data.edits), *data.source_features.shape[1:]))
@@ -160,6 +165,8 @@ def train_adapter(
         adapter.load_state_dict(saved["adapter"])
         if codes is not None:
             codes.data.copy_(saved["codes"])
+        for name, parameter in lora.items():
+            parameter.data.copy_(saved["lora"][name])
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
         generator.set_state(saved["generator"])
@@ -185,11 +192,31 @@ def train_adapter(
         if checkpoint is not None and done < args.steps and done % args.checkpointing_steps == 0:
             save_checkpoint(checkpoint, {
                 "step": done, "adapter": adapter.state_dict(), "codes": None if codes is None else codes.detach(),
+                "lora": {name: parameter.detach() for name, parameter in lora.items()},
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "generator": generator.get_state(),
             })  # fmt: skip
     pipe.transformer.set_attn_processor(base_processors)  # the base's own again, for the pipeline to load into
     return adapter.eval().requires_grad_(False), None if codes is None else codes.detach()
+
+
+LORA_NAME = "ladder_lora"
+
+
+def add_lora(transformer, rank: int) -> dict[str, torch.nn.Parameter]:
+    """A fresh LoRA (`LORA_NAME`, rank `rank`, on the attention layers the training script's `--lora_rank` targets;
+    its B zero, so the base is unchanged at first), and its parameters by name, trainable."""
+    from peft import LoraConfig
+
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                   target_modules=train_delta_adapter.LORA_TARGETS),
+        adapter_name=LORA_NAME,
+    )  # fmt: skip
+    lora = {name: parameter for name, parameter in transformer.named_parameters() if f".{LORA_NAME}." in name}
+    for parameter in lora.values():
+        parameter.requires_grad_(True)
+    return lora
 
 
 def write_atomically(path: Path, write) -> None:
@@ -256,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resampler_depth", type=int, default=2)
     parser.add_argument("--resampler_heads", type=int, default=4)
     parser.add_argument("--image_encoder", default=None, help="A SigLIP folder (default: the build's siglip/).")
+    parser.add_argument(
+        "--lora_rank", type=int, default=0, help="Outside the paper: a LoRA of this rank on the base with each rung."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
     parser.add_argument("--state_dir", default=None,
@@ -312,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
                    for k in sorted(counts, reverse=True)] if "delta" in args.rungs else []  # fmt: skip
     trainings = delta_rungs[:1] + ([("2 oracle", args.families, "oracle")] if "oracle" in args.rungs else [])
     trainings += delta_rungs[1:] + ([("7 source + delta", args.families, "source")] if "source" in args.rungs else [])
+    if args.lora_rank:  # every adapter rung with its LoRA, and named so
+        trainings = [(f"{name} + LoRA r{args.lora_rank}", families, kind) for name, families, kind in trainings]
     for name, _, _ in trainings:
         if name in finished:
             keep(name, finished[name])
@@ -339,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     errors[family] = run_with_inputs(pipe, pipe.delta_adapter, cases[family], inputs[kind])
             pipe.unload_delta_adapter()
+            if args.lora_rank:
+                pipe.transformer.delete_adapters(LORA_NAME)  # the next rung starts from the frozen base again
             keep(name, errors)
             if rung_state is not None:
                 shutil.rmtree(rung_state, ignore_errors=True)  # measured: its checkpoint is spent

@@ -341,11 +341,13 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     assert list(told["flip"]) == ["identity", "floor", "1 told base"]
 
 
-def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "2"]], ids=["adapter", "adapter-and-lora"])
+def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monkeypatch, lora):
     """With --state_dir, a ladder killed in the middle of a rung's training (a session's end) resumes from its last
-    checkpoint and measures what the uninterrupted ladder measures; a rerun with every rung measured trains nothing."""
+    checkpoint and measures what the uninterrupted ladder measures; a rerun with every rung measured trains nothing.
+    With --lora_rank, the LoRA trained beside the adapter resumes as exactly, and each rung's is its own."""
     argv = ["--work_dir", str(world2_build), "--families", "brightness", "--rungs", "told", "oracle", "--steps", "3",
-            "--pairs_per_family", "2", "--queries", "1"]  # fmt: skip
+            "--pairs_per_family", "2", "--queries", "1", *lora]  # fmt: skip
     uninterrupted = toyworld2_ladder.main(argv)
     state = ["--state_dir", str(tmp_path / "state"), "--checkpointing_steps", "1"]
     real_save = toyworld2_ladder.save_checkpoint
@@ -363,6 +365,8 @@ def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monke
     assert not list((tmp_path / "state").glob("*/*/checkpoint.pt"))  # spent once measured
     monkeypatch.setattr(toyworld2_ladder, "train_adapter", None)  # nothing is trained again
     assert toyworld2_ladder.main(argv + state + ["--markdown"]) == uninterrupted
+    if lora:  # a rung with a LoRA is named so, and measures something else than the same rung without
+        assert list(uninterrupted["brightness"])[-1] == "2 oracle + LoRA r2"
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
