@@ -234,6 +234,8 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 #: Flags that do not change a rung's measurements (they choose which rungs run, or how they are shown).
 NOT_IN_STATE_KEY = ("rungs", "family_counts", "markdown", "state_dir", "checkpointing_steps")
+#: Flags added after ladders had kept state: in the key only when set.
+ADDED_LATER = ("lora_rank",)
 
 
 def state_folder(args) -> Path | None:
@@ -241,6 +243,9 @@ def state_folder(args) -> Path | None:
     if args.state_dir is None:
         return None
     flags = {name: value for name, value in sorted(vars(args).items()) if name not in NOT_IN_STATE_KEY}
+    for name in ADDED_LATER:  # unset, they leave the key as it was before them: a ladder's state stays its own
+        if not flags[name]:
+            del flags[name]
     key = hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(args.state_dir) / key
 
