@@ -77,7 +77,10 @@ def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.
         size: image side.
     """
     if isinstance(edit, str) and edit not in EDITS:
-        return showcase.find_example(showcase.WORLD_2, edit).pair(seed, size)
+        try:
+            return showcase.find_example(showcase.WORLD_2, edit).pair(seed, size)
+        except ValueError as error:
+            raise ValueError(f"{error} World 1's edits: {', '.join(EDITS)}.") from None
     edit = EDITS[edit] if isinstance(edit, str) else edit
     scene = generate_scene(np.random.default_rng(seed), size)
     return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))

@@ -111,7 +111,7 @@ def find_example(world: str, name: str, adapt_steps: int = 0) -> Example:
     if name not in examples:
         known = list(EDITS) if world == WORLD_1 else list(first_of_family)
         raise ValueError(
-            f"This toy model knows no edit {name!r}: pass one of {', '.join(known)}"
+            f"Toy world {1 if world == WORLD_1 else 2} has no edit {name!r}: pass one of {', '.join(known)}"
             + (" (a family), or an edit's full name, such as 'flip(vertical)'." if world == WORLD_2 else ".")
         )
     example = examples[name]
