@@ -283,6 +283,8 @@ def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablati
     header = "| split | family | identity | floor | base + true instruction | nearest seen edit | adapter | "
     assert header + "adapter, 3 exemplars | adapter + adapt(1) | no consistency | pooled mlp |" in printed
     assert printed.count("| S3 | ") == 4 and printed.count("| S4 | ") == 6  # a row per family
+    assert "issue 20's minimum goals:" in printed and "S3 zero-shot mean" in printed  # S3 decides these goals
+    assert "adaptation raises S3's mean by" in printed and "S3 adapter " in printed
     assert PIL.Image.open(grid).size == (150 + 7 * 96, 20 + 10 * 96)  # row titles, 7 columns, a row per family
     assert toyworld2_quality.row_title("S4", "flip + remove", "flip(horizontal) + remove(circle)") == (
         "S4 flip + remove\nhorizontal + circle")  # fmt: skip
