@@ -303,6 +303,26 @@ def test_the_goals_ratio_counts_only_families_the_told_base_makes():
     assert toyworld2_quality.ratios_to_told(rows[2:], told) == (0, {})
 
 
+def test_the_goals_say_which_are_met():
+    told, near, adapter, adapted = "base + true instruction", "nearest seen edit", "adapter", "adapter + adapt(20)"
+
+    def row(*errors):  # identity 0.5, floor 0.1: an error e closes (0.5 - e) / 0.4 of the gap
+        return {"identity": 0.5, "floor": 0.1, **dict(zip((told, near, adapter, adapted), errors))}
+
+    table = [("S1", f"family {i}", row(0.1, 0.1, 0.14, 0.14)) for i in range(10)]  # adapter 0.9 of told
+    table += [("S1", "unmade", row(0.5, 0.5, 0.5, 0.5))]  # told +0.0: not counted
+    table += [("S3", "posterize", row(0.1, 0.45, 0.3, 0.1)), ("S3", "rotate", row(0.2, 0.45, 0.5, 0.5))]
+    met = dict(toyworld2_quality.goals(table, adapted))
+    assert list(met.values()) == [True, True, False, True, True, True]  # S3: adapter +0.25 / told +0.875 < 0.4
+    assert list(met)[:3] == [
+        "S1 adapter/told ratio 0.90 (>= 0.8; 10 families)",
+        "families counted 10 of S1's 11 (>= 10)",
+        "S3 adapter/told ratio 0.29 (>= 0.4; 2 families)",
+    ]
+    assert "adaptation raises S3's mean by +0.25 (>= +0.20)" in met and "S3 zero-shot mean +0.25 (> +0.15)" in met
+    assert not any("S2" in goal for goal in met)  # a split not measured decides nothing
+
+
 def test_adaptation_settings_are_compared_on_the_same_queries(world2_build, capsys):
     table = toyworld2_adaptation.main([
         "--work_dir", str(world2_build), "--splits", "S1", "S3", "--families", "brightness", "rotate",
