@@ -81,9 +81,7 @@ def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.
             return showcase.find_example(showcase.WORLD_2, edit).pair(seed, size)
         except ValueError as error:
             raise ValueError(f"{error} World 1's edits: {', '.join(EDITS)}.") from None
-    edit = EDITS[edit] if isinstance(edit, str) else edit
-    scene = generate_scene(np.random.default_rng(seed), size)
-    return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edit(scene)))
+    return showcase.draw_pair(showcase.WORLD_1, EDITS[edit] if isinstance(edit, str) else edit, seed, size)
 
 
 def _random_scenes(rng: np.random.Generator, batch_size: int, size: int, edited_fraction: float) -> list[Scene]:

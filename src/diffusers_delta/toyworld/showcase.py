@@ -73,13 +73,8 @@ class Example:
     adapt_steps: int = 0
 
     def pair(self, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-        """A scene and its edit, a function of `seed` (world 2: a scene the edit visibly changes)."""
-        if self.world == WORLD_1:
-            scene = generate_scene(np.random.default_rng(seed), size)
-            edited = self.edit(scene)
-        else:
-            scene, edited = changed_pair(self.edit, seed, size)
-        return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edited))
+        """A scene and its edit (`draw_pair`)."""
+        return draw_pair(self.world, self.edit, seed, size)
 
     def label(self) -> str:
         """Lines naming the edit (world 2: its family, then its parameters), its split, and its adaptation if any."""
@@ -88,6 +83,17 @@ class Example:
             name = f"{family_of(self.edit)}\n{edit_parameters(name)}"
         adapted = f"\nadapted, {self.adapt_steps} steps" if self.adapt_steps else ""
         return f"{name}\n{SPLIT_LABELS[self.split]}{adapted}"
+
+
+def draw_pair(world: str, edit: Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """A scene and its edit as PIL images, a function of (edit, seed, size); in world 2, a scene the edit visibly
+    changes (`changed_pair`)."""
+    if world == WORLD_1:
+        scene = generate_scene(np.random.default_rng(seed), size)
+        edited = edit(scene)
+    else:
+        scene, edited = changed_pair(edit, seed, size)
+    return PIL.Image.fromarray(render(scene)), PIL.Image.fromarray(render(edited))
 
 
 def edit_parameters(name: str) -> str:
