@@ -22,6 +22,7 @@ import pytest
 from diffusers_delta import toyworld
 from diffusers_delta.app import ExemplarEditor
 from diffusers_delta.testing import free_port
+from diffusers_delta.toyworld import showcase
 
 
 pytestmark = pytest.mark.browser
@@ -76,10 +77,12 @@ def browser():
 
 
 def test_upload_click_and_see_the_edits(app_url, browser, tmp_path):
-    source, target = toyworld.make_pair("grayscale", 3)
+    world = toyworld.model_world()
+    example = showcase.find_example(world, showcase.APP_EXAMPLES[world][0][0])  # an edit the shipped model makes
+    source, target = example.pair(3)
     paths = {"source": source, "target": target}
     for seed in (11, 12):
-        paths[f"query{seed}"] = toyworld.make_pair("grayscale", seed)[0]
+        paths[f"query{seed}"] = example.pair(seed)[0]
     for name, image in paths.items():
         image.resize((256, 256)).save(tmp_path / f"{name}.png")  # bigger than the model's 64: resized, and back
     paths = {name: PIL.Image.open(tmp_path / f"{name}.png") for name in paths}

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from diffusers_delta import toyworld
+from diffusers_delta.toyworld import showcase
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +51,13 @@ def test_the_installed_wheel_runs_the_demo_from_its_own_files(dist, tmp_path):
         check=True, capture_output=True, text=True, cwd=tmp_path, env=env,
     ).stdout  # fmt: skip
     assert where.startswith(site)
+    edit = showcase.APP_EXAMPLES[toyworld.model_world()][0][0]  # one the shipped model makes
     demo = subprocess.run(
-        [str(venv / "bin" / "diffusers-delta"), "demo", "--out", "grid.png", "--edits", "grayscale"],
+        [str(venv / "bin" / "diffusers-delta"), "demo", "--out", "grid.png", "--edits", edit],
         capture_output=True, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert demo.returncode == 0, demo.stderr[-2000:]
-    assert (tmp_path / "grid.png").is_file() and "grayscale" in demo.stdout
+    assert (tmp_path / "grid.png").is_file() and edit in demo.stdout
 
 
 def test_the_examples_requirements_install_outside_the_checkout(tmp_path):

@@ -33,25 +33,26 @@ SPLIT_LABELS = {
 #: zero-shot row (same exemplar, same query) after test-time adaptation to the exemplar.
 DEMO_ROWS = {
     WORLD_1: tuple((name, steps) for name in EDITS for steps in ((0, 20) if name == "invert" else (0,))),
-    WORLD_2: (
-        ("brightness(+40)", 0),
+    WORLD_2: (  # edits it makes from S1, S2 and S3, then two it makes only once adapted
         ("frame(5px (30, 30, 200))", 0),
-        ("flip(horizontal)", 0),
-        ("translate(+0.20,+0.00)", 0),
-        ("brightness(+60)", 0),
+        ("background(pale blue)", 0),
         ("contrast(×1.3)", 0),
+        ("grey(0.75)", 0),
         ("posterize(3 levels)", 0),
-        ("posterize(3 levels)", 20),
+        ("translate(+0.20,+0.00)", 0),
+        ("translate(+0.20,+0.00)", 20),
+        ("frame(4px (200, 30, 30))", 0),
+        ("frame(4px (200, 30, 30))", 20),
     ),
 }
-#: The app's ready-made examples, edits the model makes (README: world 1's `invert` only once adapted): (edit,
-#: exemplar seed, query seeds, adaptation steps).
+#: The app's ready-made examples, edits the model makes (world 1's `invert` and world 2's red frame, a colour S1 never
+#: framed in, only once adapted): (edit, exemplar seed, query seeds, adaptation steps).
 APP_EXAMPLES = {
     WORLD_1: (("grayscale", 3, (11, 12), 0), ("border", 5, (13, 14), 0), ("invert", 7, (15,), 20)),
     WORLD_2: (
-        ("frame(5px (30, 30, 200))", 3, (11, 12), 0),
-        ("brightness(+60)", 5, (13, 14), 0),
-        ("posterize(3 levels)", 7, (15,), 20),
+        ("brightness(+60)", 3, (11, 12), 0),
+        ("posterize(3 levels)", 5, (13, 14), 0),
+        ("frame(4px (200, 30, 30))", 7, (15,), 20),
     ),
 }
 
