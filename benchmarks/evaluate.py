@@ -32,7 +32,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 from toyworld_quality import mae
@@ -50,6 +49,7 @@ from diffusers_delta.evaluation import (
 )
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.image_inputs import fit_to_model_size, read_image_file
+from diffusers_delta.toyworld import showcase
 
 
 COLUMNS = ["task", "query", "clip_i", "directional", "lpips", "judge_content", "judge_accuracy", "error",
@@ -105,14 +105,17 @@ def _write_task(folder: Path, source, target, queries: list[tuple[str, PIL.Image
 
 
 def write_toy_tasks(root: str | Path, edits: list[str], queries_per_task: int, seed: int = 0) -> None:
-    """Toy-world tasks with their truths: one task per edit, its exemplar and queries drawn from `seed`."""
+    """Toy-world tasks with their truths: one task per edit (a name `toyworld.make_pair` takes, of either world), its
+    exemplar and its queries with their truths drawn from `seed`."""
     for index, name in enumerate(edits):
-        queries = []
-        for number in range(queries_per_task):
-            scene = toyworld.generate_scene(np.random.default_rng(seed + 1000 * index + 1 + number))
-            edited = toyworld.EDITS[name](scene)
-            queries.append((f"{number:03d}", *(PIL.Image.fromarray(toyworld.render(one)) for one in (scene, edited))))
-        _write_task(Path(root) / name, *toyworld.make_pair(name, seed=seed + 1000 * index), queries)
+        first = seed + 1000 * index
+        queries = [(f"{n:03d}", *toyworld.make_pair(name, seed=first + 1 + n)) for n in range(queries_per_task)]
+        _write_task(Path(root) / name, *toyworld.make_pair(name, seed=first), queries)
+
+
+def shipped_demo_edits() -> list[str]:
+    """The embedded model's demo edits, each once: the default toy tasks."""
+    return list(dict.fromkeys(name for name, _ in showcase.DEMO_ROWS[toyworld.model_world()]))
 
 
 def write_relation_tasks(root: str | Path, relation_dir: str | Path, seed: int = 0, queries_per_task: int = 5) -> int:
@@ -194,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delta_scale", type=float, default=1.0, help="The edit strength.")
     parser.add_argument("--seed", type=int, default=0, help="Noise seed of every edit.")
     parser.add_argument("--write_toy_tasks", default=None, help="Write toy-world tasks (with truths) here, and stop.")
-    parser.add_argument("--toy_edits", nargs="+", default=list(toyworld.EDITS), help="Their edits.")
+    parser.add_argument("--toy_edits", nargs="+", default=None, help="Their edits (default: the demo's).")
     parser.add_argument("--toy_queries", type=int, default=4, help="Queries per toy task.")
     parser.add_argument(
         "--write_relation_tasks", default=None, help="Write Relation's evaluation tasks here, and stop."
@@ -213,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.write_toy_tasks:
+        args.toy_edits = args.toy_edits or shipped_demo_edits()
         write_toy_tasks(args.write_toy_tasks, args.toy_edits, args.toy_queries, args.seed)
         print(f"Wrote {len(args.toy_edits)} toy-world tasks to {args.write_toy_tasks}")
         return

@@ -119,6 +119,10 @@ def main() -> None:
     parser.add_argument("--adapt_steps", type=int, default=20)
     parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
     args = parser.parse_args()
+    if toyworld.model_world(args.model_dir) != toyworld.showcase.WORLD_1:
+        parser.error(f"{args.model_dir} holds a toy-world-2 model: measure it with benchmarks/toyworld2_quality.py "
+                     "--work_dir BUILD; this benchmark needs a world-1 model (--model_dir, as "
+                     "examples/toyworld/build_default_model.py --export_dir writes it).")  # fmt: skip
 
     pipe = toyworld.load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
