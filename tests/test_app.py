@@ -15,6 +15,7 @@ import torch
 
 from diffusers_delta import compute_empty_prompt_embeds, toyworld
 from diffusers_delta.testing import TEXT_KWARGS, free_port, random_image, tiny_delta_pipeline
+from diffusers_delta.toyworld import showcase
 
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -146,16 +147,20 @@ def test_the_space_entry_builds_the_app_on_the_model_its_variables_name(model_di
 def test_the_toy_examples_are_drawn_once_and_reused_by_every_launch(tmp_path, monkeypatch):
     """The app's examples live in one folder of the temporary directory: launches neither redraw nor leave copies."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    world = toyworld.model_world()
+    examples = showcase.APP_EXAMPLES[world]
     build_app(text_free_pipeline(), toy_examples=True)
     (folder,) = tmp_path.glob("diffusers-delta-examples-*")  # beside Gradio's own cache
     drawn = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
-    assert len(drawn) == 2 * 3 + 5 and all(name.endswith(".png") for name in drawn)  # 3 exemplars, 5 queries
-    (folder / "1-query-13.png").unlink()  # a folder left incomplete is drawn again, whole
+    assert len(drawn) == sum(2 + len(queries) for _, _, queries, _ in examples)  # each exemplar and its queries
+    assert all(name.endswith(".png") for name in drawn)
+    name, _, (seed, *_), _ = examples[1]
+    (folder / f"1-query-{seed}.png").unlink()  # a folder left incomplete is drawn again, whole
     build_app(text_free_pipeline(), toy_examples=True)
     assert list(tmp_path.glob("diffusers-delta-examples-*")) == [folder]
     assert sorted(path.name for path in folder.iterdir()) == sorted(drawn)
-    query = PIL.Image.open(folder / "1-query-13.png")  # the second example, border
-    assert np.array_equal(np.asarray(query), np.asarray(toyworld.make_pair("border", 13)[0]))
+    query = PIL.Image.open(folder / f"1-query-{seed}.png")  # the second example's first query
+    assert np.array_equal(np.asarray(query), np.asarray(showcase.find_example(world, name).pair(seed)[0]))
     unchanged = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     build_app(text_free_pipeline(), toy_examples=True)
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == unchanged  # complete: reused as is
@@ -166,7 +171,10 @@ def test_the_page_says_which_model_it_serves_and_what_it_knows(model_dir):
 
     toy = describe_model(None, None)
     assert "toy-world model" in toy and "64x64" in toy and "photos come out as noise" in toy
-    assert all(edit in toy for edit in (*toyworld.SEEN_EDITS, *toyworld.UNSEEN_EDITS))
+    if toyworld.model_world() == showcase.WORLD_1:
+        assert all(edit in toy for edit in (*toyworld.SEEN_EDITS, *toyworld.UNSEEN_EDITS))
+    else:
+        assert all(family in toy for family in (*toyworld.SEEN_FAMILIES, *toyworld.HELD_OUT_FAMILIES))
     real = describe_model("black-forest-labs/FLUX.2-klein-4B", "me/my-adapter")
     assert "`black-forest-labs/FLUX.2-klein-4B`" in real and "`me/my-adapter`" in real and "64x64" in real
     app = build_app(text_free_pipeline(), about=toy)
