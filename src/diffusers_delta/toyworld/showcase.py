@@ -33,14 +33,12 @@ SPLIT_LABELS = {
 #: zero-shot row (same exemplar, same query) after test-time adaptation to the exemplar.
 DEMO_ROWS = {
     WORLD_1: tuple((name, steps) for name in EDITS for steps in ((0, 20) if name == "invert" else (0,))),
-    WORLD_2: (  # edits it makes from S1, S2 and S3, then two it makes only once adapted
+    WORLD_2: (  # edits it makes from S1, S2 and S3, then one it makes only once adapted (a colour S1 never framed in)
         ("frame(5px (30, 30, 200))", 0),
         ("background(pale blue)", 0),
         ("contrast(×1.3)", 0),
         ("grey(0.75)", 0),
         ("posterize(3 levels)", 0),
-        ("translate(+0.20,+0.00)", 0),
-        ("translate(+0.20,+0.00)", 20),
         ("frame(4px (200, 30, 30))", 0),
         ("frame(4px (200, 30, 30))", 20),
     ),
