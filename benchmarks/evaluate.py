@@ -34,7 +34,6 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from toyworld_quality import mae
 
 from diffusers_delta import toyworld
 from diffusers_delta.cli import load_edit_pipeline
@@ -46,6 +45,7 @@ from diffusers_delta.evaluation import (
     VLMJudge,
     clip_image_similarity,
     directional_similarity,
+    mean_absolute_error,
 )
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.image_inputs import fit_to_model_size, read_image_file
@@ -129,8 +129,8 @@ def write_relation_tasks(root: str | Path, relation_dir: str | Path, seed: int =
 
 
 def _mean_error(image: PIL.Image.Image, truth: PIL.Image.Image) -> float:
-    """The toy-world measure (`toyworld_quality.mae`), the truth at the image's size."""
-    return mae(image, truth.resize(image.size, PIL.Image.BICUBIC))
+    """The toy-world measure (`mean_absolute_error`), the truth at the image's size."""
+    return mean_absolute_error(image, truth.resize(image.size, PIL.Image.BICUBIC))
 
 
 def evaluate_task(pipe, task: Task, embedder, lpips, judge, seed: int, call_kwargs: dict) -> tuple[list[dict], list]:

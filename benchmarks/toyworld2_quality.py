@@ -37,6 +37,7 @@ import torch
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.atomic_folder import write_image_atomically
+from diffusers_delta.evaluation import mean_absolute_error as mae
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 from diffusers_delta.toyworld import (
@@ -56,10 +57,6 @@ TOLD = "base + true instruction"
 QUERY_SEED_BASE = 50_000_000  # far from the training pairs' seeds
 EXEMPLAR_SEED_BASE = 60_000_000
 NEAREST_EXEMPLARS = 4  # exemplars per S1 edit whose mean delta stands for it
-
-
-def mae(first, second) -> float:
-    return float(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64)).mean() / 255)
 
 
 def pil(scene) -> PIL.Image.Image:

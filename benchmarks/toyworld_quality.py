@@ -29,14 +29,11 @@ import safetensors.torch
 import torch
 
 from diffusers_delta import toyworld
+from diffusers_delta.evaluation import mean_absolute_error as mae
 
 
 QUERY_SEED_BASE = 50_000_000  # far from the training pairs' seeds
 EXEMPLAR_SEED_BASE = 60_000_000
-
-
-def mae(first, second) -> float:
-    return float(np.abs(np.asarray(first, np.float64) - np.asarray(second, np.float64)).mean() / 255)
 
 
 def held_out(edit_name: str, count: int):

@@ -1,17 +1,13 @@
 """The embedded default model: it loads offline, through the real loading code, its app examples are edits it makes,
 and the demo shows it editing."""
 
-import numpy as np
 import PIL.Image
 import pytest
 
 from diffusers_delta import cli, toyworld
 from diffusers_delta.app import ExemplarEditor
+from diffusers_delta.evaluation import mean_absolute_error
 from diffusers_delta.toyworld import showcase
-
-
-def error(image, truth) -> float:
-    return float(np.abs(np.asarray(image, float) - np.asarray(truth, float)).mean())
 
 
 def test_shipped_model_loads_offline_small_and_knows_its_one_size():
@@ -33,7 +29,7 @@ def test_the_apps_examples_are_edits_the_shipped_model_makes():
         queries, truths = zip(*(example.pair(seed) for seed in query_seeds))
         outputs = editor.edit(*example.pair(exemplar_seed), list(queries), adapt_steps=adapt_steps)  # as the app does
         for query, output, truth in zip(queries, outputs, truths):
-            assert error(output, truth) < error(query, truth), name
+            assert mean_absolute_error(output, truth) < mean_absolute_error(query, truth), name
 
 
 def test_demo_on_the_shipped_model_writes_its_grid(tmp_path):

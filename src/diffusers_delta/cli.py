@@ -19,13 +19,13 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 
 from . import toyworld
 from .adapter_files import AdapterLocation
 from .atomic_folder import write_image_atomically
+from .evaluation import mean_absolute_error
 from .grids import make_edit_grid
 from .image_inputs import fit_to_model_size, read_image_file
 from .toyworld import showcase
@@ -97,9 +97,7 @@ def _demo(args: argparse.Namespace) -> None:
             output = pipe(query, exemplar=(source, target), generator=torch.Generator().manual_seed(args.seed))
         output = output.images[0]
         rows.append([source, target, query, output, truth])
-        identity, error = (
-            np.abs(np.asarray(a, float) - np.asarray(truth, float)).mean() / 255 for a in (query, output)
-        )
+        identity, error = mean_absolute_error(query, truth), mean_absolute_error(output, truth)
         split = showcase.SPLIT_LABELS[example.split]
         lines.append((example.edit.name, split, example.adapt_steps, identity, error))
         row_labels.append(f"{example.label()}\nerror {error:.3f}\n(identity {identity:.3f})")

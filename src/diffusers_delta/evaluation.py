@@ -9,6 +9,7 @@
   reverse). Embeddings come from any CLIP or SigLIP vision model of transformers (`ImageEmbedder`).
 - The paper's two 5-point judgements (content consistency, edit accuracy), from a vision-language model behind any
   OpenAI-compatible endpoint (`VLMJudge`), with the prompts in a file the user reads and may change.
+- **Mean absolute error** to a known true edit (`mean_absolute_error`), where one is known (the toy world).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,16 @@ from .image_inputs import ImageInput, to_rgb_image
 
 #: The judge's default prompts (a JSON file of {"system", "content_consistency", "edit_accuracy"}).
 JUDGE_PROMPTS = Path(__file__).with_name("judge_prompts.json")
+
+
+def mean_absolute_error(image: ImageInput, truth: ImageInput) -> float:
+    """The mean absolute difference of two images of one size, per pixel and channel, in [0, 1] (0: identical).
+
+    Args:
+        image: an edited image (or the unedited query, for the identity baseline).
+        truth: the true edit.
+    """
+    return float(np.abs(np.asarray(image, np.float64) - np.asarray(truth, np.float64)).mean() / 255)
 
 
 class MetricUnavailable(RuntimeError):
