@@ -102,6 +102,30 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     assert torch.equal(pipe.empty_prompt_embeds, empty)  # the pipeline folder carries its empty prompt
 
 
+def test_toy_world_3_stand_ins_start_from_world_2s_and_read_parameter_vectors(toy, tmp_path, capsys):
+    """World 3's VAE is fine-tuned from an existing one and its base editor starts from an existing transformer,
+    reading each edit's parameter vector; their reports give the floor and the told base's gap per held-out edit."""
+    train_vae.main(train_vae.parse_args(
+        ["--output_dir", str(tmp_path / "vae"), "--max_steps", "1", "--batch_size", "4", "--stats_batches", "1",
+         "--world", "space", "--init_from", str(toy / "vae")]
+    ))  # fmt: skip
+    train_base_editor.main(train_base_editor.parse_args(
+        ["--vae_dir", str(tmp_path / "vae"), "--output_dir", str(tmp_path / "base"), "--max_steps", "1",
+         "--batch_size", "4", "--world", "space", "--init_transformer", str(toy / "base" / "transformer")]
+    ))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "floor sepia" in printed and "held out tinted half" in printed and "sampled edits" in printed
+    encoder = InstructionEncoder.from_pretrained(tmp_path / "base" / "instruction_encoder")
+    assert encoder.config.instruction_width == toyworld.edit_space.INSTRUCTION_WIDTH
+    started = safetensors.torch.load_file(toy / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = safetensors.torch.load_file(tmp_path / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert started.keys() == trained.keys()  # the same architecture, trained on from its weights
+    assert any(not torch.equal(started[k], trained[k]) for k in started)
+    first = safetensors.torch.load_file(toy / "vae" / "diffusion_pytorch_model.safetensors")
+    tuned = safetensors.torch.load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert first.keys() == tuned.keys() and any(not torch.equal(first[k], tuned[k]) for k in first)
+
+
 @pytest.mark.parametrize("reuse", ["1", "2"])
 def test_the_base_editor_resumes_exactly_where_it_was_cut_off(toy, tmp_path, monkeypatch, reuse):
     """A base editor cut off mid-training and run again ends with the same weights as one never cut off, also when

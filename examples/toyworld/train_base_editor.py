@@ -47,16 +47,18 @@ from diffusers_delta.toyworld import (
     IMAGE_SIZE,
     SPLITS,
     changed_pair,
+    edit_space,
     generate_family_scene,
     generate_scene,
     instruction_batch,
     instruction_vector,
     render,
     render_batch,
+    space_batch,
     split_edits,
     world_batch,
 )
-from diffusers_delta.toyworld.families import edits_by_family
+from diffusers_delta.toyworld.families import INSTRUCTION_WIDTH, edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 
 
@@ -66,7 +68,7 @@ CHECKPOINT_WEIGHTS_NAME, CHECKPOINT_STATE_NAME = "model.safetensors", "training_
 RESUME_FLAGS = (
     "world", "batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "edited_fraction",
     "instruction_fraction", "num_layers", "num_single_layers", "num_attention_heads", "seed", "reuse", "pool_batches",
-    "families",
+    "families", "init_transformer",
 )  # fmt: skip
 
 
@@ -100,10 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--world",
         default="edits",
-        choices=["edits", "families"],
+        choices=["edits", "families", "space"],
         help="edits: the shipped world's eight edits, each a learned prompt; families: toy world 2's parameterised "
-        "edit families (every split), read through a learned InstructionEncoder from structured instructions.",
+        "edit families (every split), read through a learned InstructionEncoder from structured instructions; space: "
+        "toy world 3's continuous edit space (sampled and held-out edits), read from each edit's parameter vector.",
     )
+    parser.add_argument("--init_transformer", default=None,
+                        help="A transformer folder to start from (its architecture replaces --num_layers, "
+                        "--num_single_layers and --num_attention_heads): world 3 starts from world 2's base.")  # fmt: skip
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES),
                         help="World 2 only: train on these families alone (default: every family).")  # fmt: skip
     args = parser.parse_args(argv)
@@ -195,6 +201,47 @@ def report(pipe: Flux2KleinPipeline, prompts: torch.Tensor, seed: int, count: in
 
 
 @torch.no_grad()
+def gap_closed(pipe: Flux2KleinPipeline, prompts: torch.Tensor, pairs) -> tuple[float, float, float, float]:
+    """How well the base editor does edits when told them.
+
+    Args:
+        pipe: the base editor's pipeline.
+        prompts: (N, L, D_txt) each pair's instruction, encoded.
+        pairs: N (scene, edited scene) pairs.
+
+    Returns:
+        The mean absolute error (0-1) of its 4-step output, of leaving the scene alone (identity) and of the VAE's
+        reconstruction (floor), and the gap closed, (identity - output) / (identity - floor): NaN where the floor is
+        above identity (too small an edit to measure).
+    """
+    sources = render_batch([scene for scene, _ in pairs])
+    truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
+    decoded = pipe.vae.decode(pipe.vae.encode(truth * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
+    identity = ((sources + 1) / 2 - truth).abs().mean().item()
+    floor = ((decoded + 1) / 2 - truth).abs().mean().item()
+    output = (edit_images(pipe, prompts, sources) - truth).abs().mean().item()
+    gap = (identity - output) / (identity - floor) if identity > floor else float("nan")
+    return output, identity, floor, gap
+
+
+@torch.no_grad()
+def report_space(pipe: Flux2KleinPipeline, encoder: InstructionEncoder, count: int = 4) -> None:
+    """Toy world 3: the base editor's gap closed under the true instruction on evaluation scenes, for sampled edits
+    and each held-out edit (its ceiling as the told base)."""
+    rng = np.random.default_rng([edit_space.EVALUATION_SEED, 2])
+    sampled = [edit_space.sample_pair(rng) for _ in range(4 * count)]
+    pairs = [(scene, spec.edit()(scene)) for spec, scene in sampled]
+    vectors = torch.from_numpy(np.stack([spec.vector() for spec, _ in sampled]))
+    output, identity, floor, gap = gap_closed(pipe, encoder(vectors), pairs)
+    print(f"sampled edits              error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gap:+.2f}")
+    for name, spec in edit_space.HELD_OUT_EDITS.items():
+        pairs = [edit_space.evaluation_pair(spec, i) for i in range(count)]
+        prompts = encoder(torch.from_numpy(spec.vector())[None].expand(count, -1))
+        output, identity, floor, gap = gap_closed(pipe, prompts, pairs)
+        print(f"held out {name:<24} error {output:.4f} (identity {identity:.4f}, floor {floor:.4f}): {gap:+.2f}")
+
+
+@torch.no_grad()
 def gap_under_instruction(
     pipe: Flux2KleinPipeline, encoder: InstructionEncoder, edits: list, seed: int, count: int
 ) -> tuple[float, float, float, float]:
@@ -207,15 +254,8 @@ def gap_under_instruction(
         above identity (too small an edit to measure).
     """
     pairs = [changed_pair(edits[i % len(edits)], seed + 100 * i, IMAGE_SIZE) for i in range(count)]
-    sources = render_batch([scene for scene, _ in pairs])
-    truth = torch.from_numpy(np.stack([render(edited) for _, edited in pairs])).permute(0, 3, 1, 2) / 255.0
-    decoded = pipe.vae.decode(pipe.vae.encode(truth * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
-    identity = ((sources + 1) / 2 - truth).abs().mean().item()
-    floor = ((decoded + 1) / 2 - truth).abs().mean().item()
     prompts = encoder(torch.from_numpy(np.stack([instruction_vector(edits[i % len(edits)]) for i in range(count)])))
-    output = (edit_images(pipe, prompts, sources) - truth).abs().mean().item()
-    gap = (identity - output) / (identity - floor) if identity > floor else float("nan")
-    return output, identity, floor, gap
+    return gap_closed(pipe, prompts, pairs)
 
 
 @torch.no_grad()
@@ -410,12 +450,17 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     vae = AutoencoderKLFlux2.from_pretrained(args.vae_dir).eval().requires_grad_(False)
-    transformer = build_transformer(
-        vae.config.latent_channels, args.num_layers, args.num_single_layers, args.num_attention_heads
-    ).train()
-    families = args.world == "families"
-    if families:  # toy world 2: instructions are structured, read by a learned text-encoder stand-in
-        encoder = InstructionEncoder(prompt_tokens=PROMPT_TOKENS, prompt_dim=PROMPT_DIM).train()
+    if args.init_transformer:
+        transformer = Flux2Transformer2DModel.from_pretrained(args.init_transformer).train()
+    else:
+        transformer = build_transformer(
+            vae.config.latent_channels, args.num_layers, args.num_single_layers, args.num_attention_heads
+        ).train()
+    families = args.world in ("families", "space")  # instructions read by a learned text-encoder stand-in
+    if families:  # toy world 2's structured instructions, or world 3's parameter vectors
+        width = edit_space.INSTRUCTION_WIDTH if args.world == "space" else INSTRUCTION_WIDTH
+        encoder = InstructionEncoder(instruction_width=width, prompt_tokens=PROMPT_TOKENS, prompt_dim=PROMPT_DIM)
+        encoder.train()
     else:  # row 0: the empty prompt; row 1 + i: the instruction of the i-th edit of EDITS
         prompts = torch.nn.Parameter(torch.randn(1 + len(EDITS), PROMPT_TOKENS, PROMPT_DIM) * 0.02)  # (1+E, L, D)
     # Everything trained, under the names its checkpoint holds.
@@ -432,7 +477,7 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     flags = resume_flags(args)
     step = load_checkpoint(checkpoint_dir, trained, optimizer, lr_scheduler, rng, flags) if checkpoint_dir else 0
     saved_step = step
-    batch_source = world_batch if families else instruction_batch
+    batch_source = {"edits": instruction_batch, "families": world_batch, "space": space_batch}[args.world]
     pool = ExamplePool(
         lambda generator: batch_source(
             generator,
@@ -482,7 +527,10 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     # only the world's image size, and says so to a user who brings another.
     if families:
         encoder.eval().requires_grad_(False)
-        report_families(pipe, encoder, seed=args.seed + 10_000, families=args.families)
+        if args.world == "space":
+            report_space(pipe, encoder)
+        else:
+            report_families(pipe, encoder, seed=args.seed + 10_000, families=args.families)
         FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(output_dir)
         encoder.save_pretrained(output_dir / "instruction_encoder")
         empty = encoder.empty_prompt_embeds()

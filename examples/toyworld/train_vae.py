@@ -26,7 +26,17 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from diffusers_delta.toyworld import IMAGE_SIZE, SPLITS, changed_pair, render, scene_batch, split_edits, world_batch
+from diffusers_delta.toyworld import (
+    IMAGE_SIZE,
+    SPLITS,
+    changed_pair,
+    edit_space,
+    render,
+    scene_batch,
+    space_batch,
+    split_edits,
+    world_batch,
+)
 from diffusers_delta.toyworld.families import edits_by_family
 
 
@@ -59,10 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--world",
         default="edits",
-        choices=["edits", "families"],
+        choices=["edits", "families", "space"],
         help="edits: scenes and the shipped world's eight edits; families: toy world 2, scenes and every edit of "
-        "every split (references and targets of world_batch), with the floor reported per split and family.",
+        "every split (references and targets of world_batch), with the floor reported per split and family; space: "
+        "toy world 3 (space_batch), with the floor reported on sampled and held-out edits.",
     )
+    parser.add_argument("--init_from", default=None,
+                        help="A VAE folder to start from (fine-tuning it) instead of a new VAE of "
+                        "--block_out_channels.")  # fmt: skip
     args = parser.parse_args(argv)
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be at least 1.")
@@ -72,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resume_flags(args: argparse.Namespace) -> dict:
     """The flags a checkpoint is tied to: any other value would train another VAE from its state."""
     names = ("world", "batch_size", "learning_rate", "kl_weight", "l1_weight", "block_out_channels", "lr_scheduler",
-             "edited_fraction", "seed")  # fmt: skip
+             "edited_fraction", "seed", "init_from")  # fmt: skip
     flags = {name: getattr(args, name) for name in names}
     if args.lr_scheduler == "cosine":
         flags["max_steps"] = args.max_steps
@@ -121,11 +135,31 @@ def report_floor_per_family(vae: AutoencoderKLFlux2, seed: int, count: int = 8) 
             print(f"floor {split} {name:<24} {((reconstruction - images).abs().mean() / 2).item():.4f}")
 
 
+@torch.no_grad()
+def report_floor_space(vae: AutoencoderKLFlux2, count: int = 8) -> None:
+    """Toy world 3: the VAE's reconstruction error (mean absolute, 0-1) of pictures edited by sampled edits and by
+    each held-out edit, on evaluation scenes."""
+
+    def floor(pictures) -> float:
+        images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        return ((reconstruction - images).abs().mean() / 2).item()
+
+    rng = np.random.default_rng([edit_space.EVALUATION_SEED, 1])
+    sampled = [edit_space.sample_pair(rng) for _ in range(4 * count)]
+    print(f"floor sampled edits              {floor([render(spec.edit()(scene)) for spec, scene in sampled]):.4f}")
+    for name, spec in edit_space.HELD_OUT_EDITS.items():
+        print(f"floor {name:<26} {floor([render(edit_space.evaluation_pair(spec, i)[1]) for i in range(count)]):.4f}")
+
+
 def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     held_out = scene_batch(np.random.default_rng(args.seed + 10_000), 64)
-    vae = build_vae(args.block_out_channels).train()
+    if args.init_from:
+        vae = AutoencoderKLFlux2.from_pretrained(args.init_from).train()
+    else:
+        vae = build_vae(args.block_out_channels).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0)
     if args.lr_scheduler == "cosine" and args.max_steps is None:
         raise SystemExit("error: --lr_scheduler cosine decays to zero at --max_steps; give it.")
@@ -140,6 +174,9 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
         if args.world == "families":
             references, targets, _ = world_batch(rng, args.batch_size // 2, edited_fraction=args.edited_fraction)
             images = torch.cat([references, targets])  # (B, 3, H, W): pictures before and after edits
+        elif args.world == "space":
+            references, targets, _ = space_batch(rng, args.batch_size // 2, edited_fraction=args.edited_fraction)
+            images = torch.cat([references, targets])
         else:
             images = scene_batch(rng, args.batch_size, edited_fraction=args.edited_fraction)
         posterior = vae.encode(images).latent_dist
@@ -166,6 +203,8 @@ def main(args: argparse.Namespace) -> AutoencoderKLFlux2:
     print(f"VAE: {step} steps, held-out PSNR {psnr(vae, held_out):.1f} dB")
     if args.world == "families":
         report_floor_per_family(vae, seed=args.seed + 20_000)
+    elif args.world == "space":
+        report_floor_space(vae)
     vae.save_pretrained(args.output_dir)
     return vae
 

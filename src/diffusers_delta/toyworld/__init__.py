@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import showcase
+from . import edit_space, showcase
 from .edits import EDITS, SEEN_EDITS, UNSEEN_EDITS, Edit
 from .families import (
     FAMILIES,
@@ -187,6 +187,80 @@ def world_batch(
     return render_batch(references), render_batch(targets), torch.from_numpy(np.stack(instructions))
 
 
+def space_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    size: int = IMAGE_SIZE,
+    edited_fraction: float = 0.5,
+    instruction_fraction: float = 0.7,
+    held_out_fraction: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of toy world 3 (`edit_space`) for the models that stand in for ones pretrained on everything (the VAE,
+    the told base editor): references, some already edited, and targets: the reference edited by a fresh edit of the
+    space under its parameter vector, or unchanged under the empty instruction.
+
+    Args:
+        rng: the random source.
+        batch_size: B.
+        size: image side.
+        edited_fraction: the share of references that are themselves already edited (by a sampled edit).
+        instruction_fraction: the share of references that get an edit rather than the empty instruction.
+        held_out_fraction: the share of those edits that are one of `edit_space.HELD_OUT_EDITS` rather than a draw
+            of the sampler: the base editor knows them, as klein knows "sepia" by text; the adapter never sees them.
+
+    Returns:
+        references (B, 3, H, W) and targets (B, 3, H, W) in [-1, 1], and instructions
+        (B, edit_space.INSTRUCTION_WIDTH) float32 (zeros for the empty instruction).
+    """
+    held_out = list(edit_space.HELD_OUT_EDITS.values())
+    references, targets, instructions = [], [], []
+    for _ in range(batch_size):
+        scene = generate_family_scene(rng, size)
+        if rng.random() < edited_fraction:
+            scene = edit_space.sample_edit(rng).edit()(scene)
+        spec = None
+        if rng.random() < instruction_fraction:
+            use_held_out = rng.random() < held_out_fraction
+            spec = held_out[int(rng.integers(len(held_out)))] if use_held_out else edit_space.sample_edit(rng)
+        references.append(scene)
+        targets.append(spec.edit()(scene) if spec is not None else scene)
+        instructions.append(spec.vector() if spec is not None else np.zeros(edit_space.INSTRUCTION_WIDTH, np.float32))
+    return render_batch(references), render_batch(targets), torch.from_numpy(np.stack(instructions))
+
+
+def write_space_pairs(folder: str | Path, count: int, seed: int = 0) -> Path:
+    """Writes toy world 3's training pairs in the training script's layout (`source/`, `target/`,
+    `metadata.jsonl`): every pair its own fresh edit of the space (`edit_space.sample_pair`), recorded in the
+    metadata as JSON (`edit_space.EditSpec.from_json` reads it), so that no two pairs share an edit.
+
+    Args:
+        folder: where to write.
+        count: how many pairs.
+        seed: seeds the edits and scenes.
+
+    Returns:
+        The folder.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    for sub in ("source", "target"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 3])  # world 3's training stream: no evaluation scene is drawn from it
+    records = []
+    for index in tqdm(range(count), desc="world-3 pairs", mininterval=2):
+        spec, scene = edit_space.sample_pair(rng)
+        name = f"space-{index:06d}.png"
+        PIL.Image.fromarray(render(scene)).save(folder / "source" / name)
+        PIL.Image.fromarray(render(spec.edit()(scene))).save(folder / "target" / name)
+        records.append({"source": f"source/{name}", "target": f"target/{name}", "edit": spec.label,
+                        "spec": spec.to_json()})  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
 def write_family_pairs(folder: str | Path, split: str, pairs_per_family: int, seed: int = 0) -> Path:
     """Writes pairs of a split in the training script's layout (`source/`, `target/`), and `metadata.jsonl` with
     each pair's edit, family and split. Every family (or composition) gets as many pairs, its edits taken in turn, so
@@ -269,8 +343,10 @@ __all__ = [
     "render",
     "render_batch",
     "scene_batch",
+    "space_batch",
     "split_edits",
     "world_batch",
     "write_family_pairs",
     "write_pairs",
+    "write_space_pairs",
 ]

@@ -38,6 +38,7 @@ from .scenes import (
     draw_border,
     generate_scene,
     luma,
+    register_finish,
 )
 
 
@@ -115,6 +116,8 @@ PIXEL_OPS: dict[str, Callable[..., np.ndarray]] = {
     "frame": _frame,
     "zoom": _zoom,
 }
+for _name, _function in PIXEL_OPS.items():
+    register_finish(_name, _function)
 
 
 def _finish(name: str, *params) -> Callable[[Scene], Scene]:

@@ -6,6 +6,7 @@ palettes, so every edit in `edits.py` is an exact function of the scene (and, wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -65,7 +66,8 @@ class Scene:
         inverted: colours inverted (255 - value).
         grayscale: colours replaced by their luma.
         size: side of the square image in pixels.
-        finishes: pixel operations `(name, params)` of `families.PIXEL_OPS`, applied in order after the others.
+        finishes: pixel operations `(name, params)` registered in `FINISHES` (by the edit families and the edit
+            space), applied in order after the others.
     """
 
     background: tuple[tuple[int, int, int], ...]
@@ -130,6 +132,34 @@ def _shape_mask(shape: Shape, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unknown shape kind {shape.kind!r}; expected one of {SHAPE_KINDS}.")
 
 
+#: Pixel operations a scene's `finishes` name: name -> (function(image, *params[, scene=scene]), reads_scene). The
+#: modules that define edits register theirs (`register_finish`), so that scenes know no edit module.
+FINISHES: dict[str, tuple[Callable[..., np.ndarray], bool]] = {}
+
+
+def register_finish(name: str, function: Callable[..., np.ndarray], reads_scene: bool = False) -> None:
+    """Makes `function` a finish scenes can name.
+
+    Args:
+        name: the name `Scene.finishes` gives it.
+        function: (H, W, 3) uint8 image, *params -> (H, W, 3) uint8 image.
+        reads_scene: it also takes the scene being rendered as the keyword `scene` (to weight its effect by where
+            the shapes are).
+    """
+    if name in FINISHES and FINISHES[name] != (function, reads_scene):
+        raise ValueError(f"A finish named {name!r} is already registered.")
+    FINISHES[name] = (function, reads_scene)
+
+
+def shape_coverage(scene: Scene) -> np.ndarray:
+    """(H, W) bool: the pixels any of the scene's shapes covers (before its finishes)."""
+    ys, xs = np.mgrid[0 : scene.size, 0 : scene.size].astype(np.float64) + 0.5  # pixel centres
+    covered = np.zeros((scene.size, scene.size), dtype=bool)
+    for shape in scene.shapes:
+        covered |= _shape_mask(shape, xs, ys)
+    return covered
+
+
 def luma(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W, 3) uint8 grey, ITU-R 601 weights, rounded."""
     grey = np.rint(image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
@@ -163,9 +193,9 @@ def render(scene: Scene) -> np.ndarray:
         image = 255 - image
     if scene.grayscale:
         image = luma(image)
-    if scene.finishes:
-        from .families import PIXEL_OPS  # the edit families own their pixel operations
-
-        for name, params in scene.finishes:
-            image = PIXEL_OPS[name](image, *params)
+    for name, params in scene.finishes:
+        if name not in FINISHES:
+            raise ValueError(f"Unknown finish {name!r}: import the module that defines it (one of toyworld's).")
+        function, reads_scene = FINISHES[name]
+        image = function(image, *params, scene=scene) if reads_scene else function(image, *params)
     return image
