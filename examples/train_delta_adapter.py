@@ -183,6 +183,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", default=None, help="Hub cache for models and datasets.")
     data.add_argument("--resolution", type=int, default=512, help="Square training resolution.")
     data.add_argument(
+        "--allow_paths_outside_dataset",
+        action="store_true",
+        help="Read the image paths a manifest (metadata.jsonl, sft.jsonl) gives even where they leave the dataset's "
+        "folder (absolute paths, '..', links out of it); by default such pairs are skipped and counted.",
+    )
+    data.add_argument(
         "--center_crop",
         action="store_true",
         help="Crop pairs to the square at their centre; by default at a random place (the same for both images of a "
@@ -354,9 +360,11 @@ def load_pairs(args, accelerator: Accelerator, transform: PairTransform):
             ]  # fmt: skip
             return TransformedStream(MixedStream(streams, weights, seed=args.seed), transform)
         sources = [mix_source(args, kind, path) for kind, path, _ in args.data_mix_sources]
-        return TransformedPairs(MixedPairs(sources, weights, seed=args.seed), transform)
+        names = [f"{kind}:{path}" for kind, path, _ in args.data_mix_sources]
+        return TransformedPairs(MixedPairs(sources, weights, seed=args.seed, names=names), transform)
     if args.train_data_dir:
-        return TransformedPairs(LocalPairDataset(args.train_data_dir), transform)
+        dataset = LocalPairDataset(args.train_data_dir, allow_outside_root=args.allow_paths_outside_dataset)
+        return TransformedPairs(dataset, transform)
     if args.side_by_side_data_dir:
         return TransformedPairs(
             SideBySideDataset(args.side_by_side_data_dir, side_by_side_training_files(args)), transform
@@ -398,6 +406,22 @@ def side_by_side_training_files(args, root: str | None = None) -> list[Path] | N
 MIX_KINDS = ("folder", "side_by_side", "hub", "pico_banana", "nhr_edit")
 
 
+#: How many skipped pairs the run's summary names.
+SKIPPED_EXAMPLES = 5
+
+
+def skipped_at_load(pairs) -> dict:
+    """The pairs the datasets left out before reading (paths outside their root, missing files), summed by why."""
+    totals: dict[str, int] = {}
+    stack = [pairs]
+    while stack:
+        dataset = stack.pop()
+        for why, count in getattr(dataset, "skipped_at_load", {}).items():
+            totals[why] = totals.get(why, 0) + count
+        stack += [getattr(dataset, "pairs", None)] * hasattr(dataset, "pairs") + list(getattr(dataset, "sources", []))
+    return totals
+
+
 def parse_mix_source(spec: str) -> tuple[str, str, float]:
     """`KIND:PATH[:WEIGHT]` -> (kind, path, weight); a path may hold colons (the weight is the last part, if a
     number)."""
@@ -409,21 +433,21 @@ def parse_mix_source(spec: str) -> tuple[str, str, float]:
         value = float(weight)
     except ValueError:
         return kind, rest, 1.0
-    if not path or not value > 0:
-        raise ValueError(f"--data_mix {spec}: the weight must be a positive number after the path.")
+    if not path or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"--data_mix {spec}: the weight must be a positive finite number after the path.")
     return kind, path, value
 
 
 def mix_source(args, kind: str, path: str):
     """One source of --data_mix, untransformed."""
     if kind == "folder":
-        return LocalPairDataset(path)
+        return LocalPairDataset(path, allow_outside_root=args.allow_paths_outside_dataset)
     if kind == "side_by_side":
         return SideBySideDataset(path, side_by_side_training_files(args, path))
     if kind == "pico_banana":
-        return PicoBananaDataset(path)
+        return PicoBananaDataset(path, allow_outside_root=args.allow_paths_outside_dataset)
     if kind == "nhr_edit":
-        return NHREditDataset(path)
+        return NHREditDataset(path, allow_outside_root=args.allow_paths_outside_dataset)
     import datasets
 
     table = datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, cache_dir=args.cache_dir)
@@ -459,7 +483,7 @@ class EncodedPairs(torch.utils.data.Dataset):
 def encode_batch(batch: dict, backbone, vae, image_encoder, device) -> dict:
     """Pixels -> latents (as the backbone encodes them) and SigLIP features (a cached batch already holds them)."""
     if "source_latents" in batch:
-        return {key: value.to(device) for key, value in batch.items() if key != "skipped"}
+        return {key: value.to(device) for key, value in batch.items() if key not in ("skipped", "skipped_names")}
     pixels = torch.cat([batch["source_pixels"], batch["target_pixels"]]).to(device)  # (2B, 3, R, R)
     latents = backbone.encode_latents(vae, pixels)  # (2B, C', h, w)
     siglip = torch.cat([batch["source_siglip"], batch["target_siglip"]]).to(device, image_encoder.dtype)
@@ -480,7 +504,8 @@ def cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator: Accele
     for index in tqdm(range(len(pairs)), desc="Caching latents", disable=not accelerator.is_local_main_process):
         item = pairs[index]
         encoded = encode_batch(collate_pairs([item]), backbone, vae, image_encoder, accelerator.device)
-        items.append({**{key: value[0].cpu() for key, value in encoded.items()}, "skipped": item["skipped"]})
+        counts = {"skipped": item["skipped"], "skipped_names": item["skipped_names"]}
+        items.append({**{key: value[0].cpu() for key, value in encoded.items()}, **counts})
     return EncodedPairs(items)
 
 
@@ -614,7 +639,7 @@ RUN_FLAGS = (
     "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank", "lora_alpha",
     "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
     "side_by_side_data_dir", "hold_out_relation_evaluation", "max_train_pairs", "split_seed", "data_mix", "streaming",
-    "cache_latents", "resolution", "seed", "train_batch_size",
+    "allow_paths_outside_dataset", "cache_latents", "resolution", "seed", "train_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "optimizer", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "lambda_delta", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
@@ -622,7 +647,10 @@ RUN_FLAGS = (
 )  # fmt: skip
 RUN_FLAGS_NAME = "run_flags.json"
 #: Run flags added after checkpoints began recording them, with the value every older run had.
-LATER_RUN_FLAGS = {"hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0, "data_mix": None}
+LATER_RUN_FLAGS = {
+    "hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0, "data_mix": None,
+    "allow_paths_outside_dataset": False,
+}  # fmt: skip
 #: Schedules that do not depend on the run's length: with them a resumed run may train longer.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -904,6 +932,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         seed=args.seed,
     )
     pairs = load_pairs(args, accelerator, transform)
+    load_skips = skipped_at_load(pairs)
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
     if args.cache_latents:
         pairs = cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator)
@@ -951,7 +980,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # its training σ grid
-    summary = {"skipped_pairs": 0, "nonfinite_steps": [], "losses": {}, "data_order": {}, "epochs": {}}
+    summary = {"skipped_pairs": 0, "skipped_examples": [], "skipped_at_load": load_skips,
+               "nonfinite_steps": [], "losses": {}, "data_order": {}, "epochs": {}}  # fmt: skip
 
     # 6. Train (the progress bar closes even if a step raises). Each optimizer step is one accumulation group of an
     # epoch's micro-batches; an epoch's last group may be shorter, so every pair of every epoch is used once.
@@ -962,6 +992,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             group_indices, group_finite = [], True
             for (indices, batch), place, closes_group in in_groups(micro_batches, args.gradient_accumulation_steps):
                 summary["skipped_pairs"] += batch.pop("skipped")
+                names = batch.pop("skipped_names")
+                summary["skipped_examples"] += names[: SKIPPED_EXAMPLES - len(summary["skipped_examples"])]
                 group_indices += indices or []
                 encoded = encode_batch(batch, backbone, vae, image_encoder, device)
                 batch_size = encoded["target_latents"].shape[0]
@@ -1062,7 +1094,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
             json.dump(summary, file, indent=1)
         if summary["skipped_pairs"]:
-            logger.warning(f"Skipped {summary['skipped_pairs']} unreadable pairs in all.")
+            examples = ", ".join(summary["skipped_examples"])
+            logger.warning(f"Skipped {summary['skipped_pairs']} unreadable pairs in all (the first: {examples}).")
         if not summary["ranks_identical"]:
             raise RuntimeError(f"Adapter weights differ across ranks: {fingerprints.tolist()}")
     # Release DDP (its reducer holds the process group) while every rank is still here, before end_training tears

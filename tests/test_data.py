@@ -292,3 +292,92 @@ def test_a_stream_mix_goes_on_past_an_unreadable_pair_where_a_stream_starts_agai
     drawn = list(mix)
     assert {item["target"] for item in drawn if item and item["source"] == "big"} == set(range(40))
     assert drawn.count(None) > 1  # passed on for the transform to skip and count, each time the small one restarts
+
+
+def _escaping_layouts(root, outside):
+    """A dataset folder `root` whose manifest names, besides a good pair, an absolute path, one climbing out with
+    `..`, and a symbolic link inside the folder that points out of it; `outside` holds the files they reach."""
+    root.mkdir()
+    outside.mkdir()
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        random_image(seed).save(root / name)
+    random_image(2).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    return [("a.png", "b.png"), (str(outside / "secret.png"), "b.png"), ("a.png", "../outside/secret.png"),
+            ("link.png", "b.png")]  # fmt: skip
+
+
+def test_manifest_paths_that_leave_the_dataset_are_skipped_unless_allowed(tmp_path, caplog):
+    root = tmp_path / "pairs"
+    records = _escaping_layouts(root, tmp_path / "outside")
+    lines = [json.dumps({"source": source, "target": target}) for source, target in records]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = LocalPairDataset(root)
+    assert len(dataset) == 1 and dataset.skipped_at_load == {"outside the root": 3, "missing": 0}
+    assert "Skipped 3 records whose paths leave" in caplog.text and "../outside/secret.png" in caplog.text
+    assert "--allow_paths_outside_dataset" in caplog.text
+    trusted = LocalPairDataset(root, allow_outside_root=True)
+    assert len(trusted) == 4 and np.array_equal(np.asarray(trusted[1]["source"]), np.asarray(random_image(2)))
+    (root / "metadata.jsonl").unlink()  # the folder layout: a link out of source/ is skipped the same way
+    for sub in ("source", "target"):
+        (root / sub).mkdir()
+    random_image(3).save(root / "source" / "x.png")
+    random_image(4).save(root / "target" / "x.png")
+    (root / "source" / "y.png").symlink_to(tmp_path / "outside" / "secret.png")
+    random_image(5).save(root / "target" / "y.png")
+    assert [s.name for s, _ in LocalPairDataset(root).pairs] == ["x.png"]
+
+
+def test_pico_banana_and_nhr_edit_records_leaving_their_root_are_skipped(tmp_path, caplog):
+    root = pico_banana_fixture(tmp_path / "pico")
+    random_image(9).save(tmp_path / "elsewhere.png")
+    lines = (root / "sft.jsonl").read_text().splitlines()
+    climbing = {**json.loads(lines[0]), "output_image": "../elsewhere.png"}
+    absolute_source = {**json.loads(lines[1]), "local_input_image": str(tmp_path / "elsewhere.png")}
+    climbing_source = {**json.loads(lines[1]), "local_input_image": "../elsewhere.png"}
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in (climbing, absolute_source, climbing_source)))
+    dataset = PicoBananaDataset(root / "sft.jsonl")
+    assert dataset[0] is None and "'../elsewhere.png'" in caplog.text and "leaves" in caplog.text
+    # an absolute local_input_image is read where it points: Apple's mapping script may write absolute paths
+    assert np.array_equal(np.asarray(dataset[1]["source"]), np.asarray(random_image(9)))
+    assert dataset[2] is None
+    assert PicoBananaDataset(root / "sft.jsonl", allow_outside_root=True)[0] is not None
+
+    nhr = nhr_edit_fixture(tmp_path / "nhr")
+    metadata = nhr / "train" / "metadata.jsonl"
+    first = json.loads(metadata.read_text().splitlines()[0])
+    escaping = [{**first, "edited_file_name": str(tmp_path / "elsewhere.png")},
+                {**first, "source_file_name": "../../elsewhere.png"}]  # fmt: skip
+    metadata.write_text("\n".join(json.dumps(r) for r in [first, *escaping]))
+    dataset = NHREditDataset(metadata)
+    assert dataset[0] is not None and dataset[1] is None and dataset[2] is None
+    assert NHREditDataset(metadata, allow_outside_root=True)[1] is not None
+
+
+def test_a_thousand_missing_images_are_warned_in_a_few_lines_and_named_in_the_count(tmp_path, caplog):
+    root = tmp_path / "pico"
+    (root / "images").mkdir(parents=True)
+    records = [{"open_image_input_url": f"u/{i}.jpg", "output_image": f"images/{i}.png",
+                "local_input_image": f"images/{i}-source.png"} for i in range(1000)]  # fmt: skip
+    for i in range(4):
+        random_image(i).save(root / f"images/{i}.png")
+        random_image(i + 10).save(root / f"images/{i}-source.png")
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    transformed = TransformedPairs(PicoBananaDataset(root / "sft.jsonl"), PairTransform(64, SiglipPreprocessor(32)))
+    caplog.clear()
+    items = [transformed[0], transformed[4]]  # the second passes over 996 missing pairs to wrap round to pair 0
+    assert items[1]["skipped"] == 996 and items[1]["skipped_names"][0].endswith("images/4.png")
+    assert len(caplog.records) <= 4 and "counted, not named" in caplog.text
+    batch = collate_pairs(items)
+    assert batch["skipped"] == 996 and len(batch["skipped_names"]) == 996
+
+
+def test_an_empty_mix_source_is_named_and_weights_must_be_finite(tmp_path):
+    random_image(0).save(tmp_path / "x.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"source": "x.png", "target": "x.png"}))
+    full = LocalPairDataset(tmp_path)
+    with pytest.raises(ValueError, match="source folder:/data/empty holds no pairs"):
+        MixedPairs([full, []], [1.0, 1.0], names=["folder:/data/full", "folder:/data/empty"])
+    for weight in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="positive finite"):
+            MixedPairs([full, full], [1.0, weight])

@@ -138,7 +138,10 @@ def test_unreadable_pairs_are_counted(folders, tmp_path):
         arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6",
                   "--checkpointing_steps", "100")
     ))  # fmt: skip
-    assert summary(tmp_path)["skipped_pairs"] == 1  # 9-broken.png, met once in an epoch of 6 pairs
+    run = summary(tmp_path)
+    assert run["skipped_pairs"] == 1  # 9-broken.png, met once in an epoch of 6 pairs
+    assert len(run["skipped_examples"]) == 1 and run["skipped_examples"][0].endswith("9-broken.png")
+    assert run["skipped_at_load"] == {"outside the root": 0, "missing": 0}
 
 
 class Crash(Exception):
@@ -598,7 +601,8 @@ def test_a_data_mix_trains_from_several_sources(folders, tmp_path):
         "side_by_side", "/data/a:b/relation", 2.5,
     )  # fmt: skip
     assert train_delta_adapter.parse_mix_source("folder:pairs") == ("folder", "pairs", 1.0)
-    for spec in ("zip:pairs", "folder:pairs:0", "folder:"):
+    for spec in ("zip:pairs", "folder:pairs:0", "folder:", "folder:pairs:inf", "folder:pairs:1e400", "folder:a:nan",
+                 "folder:pairs:-2"):  # fmt: skip
         with pytest.raises(ValueError, match="--data_mix"):
             train_delta_adapter.parse_mix_source(spec)
     train_delta_adapter.main(train_delta_adapter.parse_args(arguments(

@@ -11,6 +11,15 @@ Local folder layouts (`LocalPairDataset`):
     root/metadata.jsonl                              one {"source": "a.png", "target": "b.png"} per line,
                                                      paths relative to root
 
+A manifest is untrusted input: a path it names that leaves its dataset's root once resolved (an absolute path,
+`../`, a symbolic link out of the folder) is skipped and counted as unreadable, with a warning naming the record,
+unless the dataset is made with `allow_outside_root=True` (the training script's `--allow_paths_outside_dataset`).
+Pico-Banana's `local_input_image` is the one path that may be absolute by design (Apple's mapping script writes
+absolute paths); a relative one stays inside the images' root like every other.
+
+Unreadable pairs are warned about by name a few at a time (`SkipLog`): the first `SkipLog.NAMED` of each dataset, then
+counted only; the training run's summary gives the count and the first names.
+
 Relation252K layout (`SideBySideDataset`): `root/TASK/NAME.jpg`, each file the source (left half) and the target
 (right half) side by side; each folder is one editing task. `relation_split` holds out each task's evaluation
 exemplar and queries by a seeded rule, and takes the paper's seen-task training subset from the rest.
@@ -21,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +55,59 @@ def split_side_by_side(image: PIL.Image.Image) -> tuple[PIL.Image.Image, PIL.Ima
     return image.crop((0, 0, half, image.height)), image.crop((image.width - half, 0, image.width, image.height))
 
 
-def _open_rgb(path: Path) -> PIL.Image.Image | None:
+class SkipLog:
+    """Warns about a dataset's unreadable pairs by name, the first `NAMED` of them, then only counts them: a dataset of
+    1000 records whose images are missing says so in a few lines, not a thousand (the training run's summary gives the
+    count and the first names). One per dataset, per process (each data-loading worker has its own)."""
+
+    NAMED = 3
+
+    def __init__(self, dataset: str):
+        self.dataset, self.count = dataset, 0
+
+    def __call__(self, what: str, reason) -> None:
+        self.count += 1
+        if self.count <= self.NAMED:
+            logger.warning("Skipping %s: %s", what, reason)
+        if self.count == self.NAMED:
+            logger.warning("Further unreadable pairs of %s are counted, not named (the run's summary counts them).",
+                           self.dataset)  # fmt: skip
+
+
+def _open_rgb(path: Path, skips: SkipLog | None = None) -> PIL.Image.Image | None:
     try:
         with PIL.Image.open(path) as image:
             image.load()
             return to_rgb_image(image, name=str(path), min_side=1)
     except _UNREADABLE as error:
-        logger.warning("Skipping unreadable image %s: %s", path, error)
+        (skips or SkipLog(str(path.parent)))(f"unreadable image {path}", error)
         return None
+
+
+def inside_root(root: Path, name: str | Path, allow_outside: bool = False) -> Path | None:
+    """`root / name`, or None where it leaves `root` once resolved (an absolute `name`, `..`, a symbolic link out).
+
+    Args:
+        root: the dataset's root.
+        name: a path a manifest gives, meant relative to `root`.
+        allow_outside: keep any path (the user vouches for the manifest).
+    """
+    path = root / name
+    if allow_outside:
+        return path
+    try:
+        return path if path.resolve().is_relative_to(root.resolve()) else None
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        return None
+
+
+def _outside_warning(count: int, examples: list[str], root: Path) -> None:
+    if count:
+        logger.warning(
+            "Skipped %d records whose paths leave %s (%s): paths are relative to the dataset's folder; pass "
+            "allow_outside_root=True (--allow_paths_outside_dataset) if the manifest is yours.",
+            count, root, ", ".join(examples[: SkipLog.NAMED]),
+        )  # fmt: skip
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
@@ -93,18 +148,25 @@ class LocalPairDataset(Dataset):
 
     Args:
         root: the folder.
+        allow_outside_root: read paths that leave the folder (absolute ones, `..`, links out of it); by default those
+            pairs are skipped and counted.
+
+    Attributes:
+        skipped_at_load: pairs left out before reading, by why (`"outside the root"`, `"missing"`).
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, allow_outside_root: bool = False):
         self.root = Path(root)
+        self.skips = SkipLog(str(self.root))
         metadata = self.root / "metadata.jsonl"
         if metadata.is_file():
             fix = 'write one {"source": "a.png", "target": "b.png"} per line, paths relative to the folder'
             records = _manifest_records(metadata, ("source", "target"), "a pair record", fix)
-            pairs = [(self.root / r["source"], self.root / r["target"]) for r in records]
+            named = [(r["source"], r["target"]) for r in records]
         elif (self.root / "source").is_dir() and (self.root / "target").is_dir():
             sources, targets = _image_files(self.root / "source"), _image_files(self.root / "target")
-            pairs = [(sources[name], targets[name]) for name in sorted(sources.keys() & targets.keys())]
+            named = [(sources[n].relative_to(self.root), targets[n].relative_to(self.root))
+                     for n in sorted(sources.keys() & targets.keys())]  # fmt: skip
             unmatched = len(sources.keys() ^ targets.keys())
             if unmatched:
                 logger.warning("Skipped %d images of %s without a counterpart.", unmatched, self.root)
@@ -113,18 +175,33 @@ class LocalPairDataset(Dataset):
                 f"{self.root} is not a pair folder: expected source/ and target/ subfolders with matching file "
                 'names, or a metadata.jsonl with one {"source": ..., "target": ...} per line.'
             )
+        pairs, outside = [], []
+        for source, target in named:
+            paths = inside_root(self.root, source, allow_outside_root), inside_root(self.root, target, allow_outside_root)
+            if None in paths:
+                outside.append(str(source if paths[0] is None else target))
+            else:
+                pairs.append(paths)
+        _outside_warning(len(outside), outside, self.root)
         self.pairs = [(s, t) for s, t in pairs if s.is_file() and t.is_file()]
-        if len(self.pairs) < len(pairs):
-            logger.warning("Skipped %d pairs of %s whose files are missing.", len(pairs) - len(self.pairs), self.root)
+        missing = [str(s if not s.is_file() else t) for s, t in pairs if not (s.is_file() and t.is_file())]
+        if missing:
+            logger.warning("Skipped %d pairs of %s whose files are missing (%s).", len(missing), self.root,
+                           ", ".join(missing[: SkipLog.NAMED]))  # fmt: skip
+        self.skipped_at_load = {"outside the root": len(outside), "missing": len(missing)}
         if not self.pairs:
             raise ValueError(f"No readable pairs in {self.root}.")
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def name_of(self, index: int) -> str:
+        """The pair at `index`, as a person finds it (its source's path)."""
+        return str(self.pairs[index][0])
+
     def __getitem__(self, index: int) -> dict | None:
         source_path, target_path = self.pairs[index]
-        source, target = _open_rgb(source_path), _open_rgb(target_path)
+        source, target = _open_rgb(source_path, self.skips), _open_rgb(target_path, self.skips)
         return None if source is None or target is None else {"source": source, "target": target}
 
 
@@ -206,12 +283,16 @@ class SideBySideDataset(Dataset):
         self.root = Path(root)
         self.files = side_by_side_files(self.root) if files is None else list(files)
         self.tasks = sorted({p.parent.name for p in self.files})
+        self.skips = SkipLog(str(self.root))
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def name_of(self, index: int) -> str:
+        return str(self.files[index])
+
     def __getitem__(self, index: int) -> dict | None:
-        image = _open_rgb(self.files[index])
+        image = _open_rgb(self.files[index], self.skips)
         if image is None or image.width < 2:
             return None
         source, target = split_side_by_side(image)
@@ -229,14 +310,24 @@ class PicoBananaDataset(Dataset):
     files are missing or unreadable are skipped and counted. The instruction is kept as metadata (`instruction`,
     `edit_type`), never used as a condition: Delta-Adapter is text-free.
 
+    Paths stay inside their roots (`output_image` and a relative `local_input_image` inside `images_root`, a source
+    found by its URL's file name inside `source_images_dir`); an absolute `local_input_image` is read where it points,
+    as Apple's mapping script may write them: a record naming another path is skipped, with a warning naming it.
+
     Args:
         manifest: the `sft.jsonl` file.
         images_root: where `output_image` paths (and relative `local_input_image` ones) start.
         source_images_dir: a folder of the Open Images sources by file name, for records without `local_input_image`.
+        allow_outside_root: read relative paths that leave their root too.
     """
 
-    def __init__(self, manifest: str | Path, images_root: str | Path | None = None, source_images_dir=None):
+    def __init__(
+        self, manifest: str | Path, images_root: str | Path | None = None, source_images_dir=None,
+        allow_outside_root: bool = False,
+    ):  # fmt: skip
+        self.allow_outside_root = allow_outside_root
         self.manifest = Path(manifest)
+        self.skips = SkipLog(str(self.manifest))
         self.images_root = Path(images_root) if images_root is not None else self.manifest.parent
         self.source_images_dir = Path(source_images_dir) if source_images_dir is not None else None
         self.records = list(_manifest_records(
@@ -248,21 +339,29 @@ class PicoBananaDataset(Dataset):
         return len(self.records)
 
     def _source_path(self, record: dict) -> Path | None:
-        if record.get("local_input_image"):
-            return self.images_root / record["local_input_image"]  # an absolute path stays as it is
-        if self.source_images_dir is not None:
-            return self.source_images_dir / record["open_image_input_url"].rsplit("/", 1)[-1]
-        return None
+        local = record.get("local_input_image")
+        if local:
+            if Path(local).is_absolute():  # the documented exception: absolute by design
+                return Path(local)
+            return inside_root(self.images_root, local, self.allow_outside_root)
+        return inside_root(self.source_images_dir, record["open_image_input_url"].rsplit("/", 1)[-1],
+                           self.allow_outside_root)  # fmt: skip
+
+    def name_of(self, index: int) -> str:
+        return f"{self.manifest}:{self.records[index]['output_image']}"
 
     def __getitem__(self, index: int) -> dict | None:
         record = self.records[index]
-        source_path = self._source_path(record)
-        if source_path is None:
-            logger.warning(
-                "Skipping %s: no local source image (run map_openimage_url_to_local.py).", record["output_image"]
-            )
+        if not record.get("local_input_image") and self.source_images_dir is None:
+            self.skips(record["output_image"], "no local source image (run map_openimage_url_to_local.py)")
             return None
-        source, target = _open_rgb(source_path), _open_rgb(self.images_root / record["output_image"])
+        source_path = self._source_path(record)
+        target_path = inside_root(self.images_root, record["output_image"], self.allow_outside_root)
+        if source_path is None or target_path is None:
+            self.skips(f"the record of {record['output_image']!r}", f"a path leaves {self.images_root} (see "
+                       "allow_outside_root, --allow_paths_outside_dataset)")  # fmt: skip
+            return None
+        source, target = _open_rgb(source_path, self.skips), _open_rgb(target_path, self.skips)
         if source is None or target is None:
             return None
         return {
@@ -284,11 +383,16 @@ class NHREditDataset(Dataset):
     how the triplet was mined), never used as a condition. (Field names as NHR-Edit's published manifest and public
     readers of it name them; the card lists the fields without their keys.)
 
+    Paths stay inside the root they are taken relative to: a record naming an absolute path or one climbing out
+    (`../`) is skipped, with a warning naming it, unless `allow_outside_root`.
+
     Args:
         metadata: the `metadata.jsonl` file, or a folder holding it (or holding `train/metadata.jsonl`).
+        allow_outside_root: read paths that leave the dataset's folder too.
     """
 
-    def __init__(self, metadata: str | Path):
+    def __init__(self, metadata: str | Path, allow_outside_root: bool = False):
+        self.allow_outside_root = allow_outside_root
         metadata = Path(metadata)
         if metadata.is_dir():
             candidates = [metadata / "metadata.jsonl", metadata / "train" / "metadata.jsonl"]
@@ -303,17 +407,27 @@ class NHREditDataset(Dataset):
             for r in records
         ]
         self.roots = [self.metadata.parent, self.metadata.parent.parent]
+        self.skips = SkipLog(str(self.metadata))
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _path(self, name: str) -> Path:
-        paths = [root / name for root in self.roots]
-        return next((path for path in paths if path.is_file()), paths[0])
+    def _path(self, name: str) -> Path | None:
+        """`name` under the first root where it is a file (else the first), None where it leaves that root."""
+        paths = [inside_root(root, name, self.allow_outside_root) for root in self.roots]
+        return next((path for path in paths if path is not None and path.is_file()), paths[0])
+
+    def name_of(self, index: int) -> str:
+        return f"{self.metadata}:{self.records[index][1]}"
 
     def __getitem__(self, index: int) -> dict | None:
         source_name, edited_name, instruction, category, kind = self.records[index]
-        source, target = _open_rgb(self._path(source_name)), _open_rgb(self._path(edited_name))
+        source_path, edited_path = self._path(source_name), self._path(edited_name)
+        if source_path is None or edited_path is None:
+            self.skips(f"the record of {edited_name!r}", f"a path leaves {self.roots[0]} (see allow_outside_root, "
+                       "--allow_paths_outside_dataset)")  # fmt: skip
+            return None
+        source, target = _open_rgb(source_path, self.skips), _open_rgb(edited_path, self.skips)
         if source is None or target is None:
             return None
         return {"source": source, "target": target, "instruction": instruction, "edit_type": category, "kind": kind}
@@ -323,8 +437,8 @@ def mix_probabilities(count: int, weights: list[float], what: str) -> torch.Tens
     """A mix's weights, checked (one per source, positive), as (count,) float64 probabilities."""
     if len(weights) != count or not count:
         raise ValueError(f"{count} {what} and {len(weights)} weights: give one weight per {what[:-1]}.")
-    if any(not weight > 0 for weight in weights):
-        raise ValueError(f"Mix weights must be positive, got {weights}.")
+    if any(not (weight > 0 and math.isfinite(weight)) for weight in weights):
+        raise ValueError(f"Mix weights must be positive finite numbers, got {weights}.")
     return torch.tensor(weights, dtype=torch.float64) / sum(weights)
 
 
@@ -341,12 +455,18 @@ class MixedPairs(Dataset):
         weights: their sampling weights, positive.
         seed: the table's seed.
         length: the mix's length, an epoch (default: the sources' total).
+        names: what to call each source in errors (the training script's `KIND:PATH`; default: its position).
     """
 
-    def __init__(self, sources: list[Dataset], weights: list[float], seed: int = 0, length: int | None = None):
+    def __init__(
+        self, sources: list[Dataset], weights: list[float], seed: int = 0, length: int | None = None,
+        names: list[str] | None = None,
+    ):  # fmt: skip
         probabilities = mix_probabilities(len(sources), weights, "sources")
-        if any(len(source) == 0 for source in sources):
-            raise ValueError("A source of the mix holds no pairs.")
+        names = names or [f"number {k + 1}" for k in range(len(sources))]
+        empty = [name for name, source in zip(names, sources) if len(source) == 0]
+        if empty:
+            raise ValueError(f"The mix's source {empty[0]} holds no pairs: remove it from the mix or fill it.")
         self.sources = sources
         length = sum(len(source) for source in sources) if length is None else length
         generator = torch.Generator().manual_seed(seed)
@@ -363,15 +483,18 @@ class MixedPairs(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         return self.sources[int(self.source_of[index])][int(self.item_of[index])]
 
+    def name_of(self, index: int) -> str:
+        return pair_name(self.sources[int(self.source_of[index])], int(self.item_of[index]))
 
-def _hub_pair(example: dict, source_column: str, target_column: str) -> dict | None:
+
+def _hub_pair(example: dict, source_column: str, target_column: str, skips: SkipLog) -> dict | None:
     try:
         return {
             "source": to_rgb_image(example[source_column], name=source_column, min_side=1),
             "target": to_rgb_image(example[target_column], name=target_column, min_side=1),
         }
     except (*_UNREADABLE, TypeError, KeyError) as error:
-        logger.warning("Skipping an unreadable Hub example: %s", error)
+        skips("an unreadable Hub example", error)
         return None
 
 
@@ -389,12 +512,16 @@ class HubPairDataset(Dataset):
         if missing:
             raise ValueError(f"The dataset has no column {sorted(missing)}; its columns are {dataset.column_names}.")
         self.dataset, self.source_column, self.target_column = dataset, source_column, target_column
+        self.skips = SkipLog("the Hub dataset")
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def name_of(self, index: int) -> str:
+        return f"example {index}"
+
     def __getitem__(self, index: int) -> dict | None:
-        return _hub_pair(self.dataset[index], self.source_column, self.target_column)
+        return _hub_pair(self.dataset[index], self.source_column, self.target_column, self.skips)
 
 
 class StreamingHubPairDataset(IterableDataset):
@@ -408,13 +535,14 @@ class StreamingHubPairDataset(IterableDataset):
 
     def __init__(self, dataset, source_column: str, target_column: str):
         self.dataset, self.source_column, self.target_column = dataset, source_column, target_column
+        self.skips = SkipLog("the Hub stream")
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
         for example in self.dataset:
-            yield _hub_pair(example, self.source_column, self.target_column)
+            yield _hub_pair(example, self.source_column, self.target_column, self.skips)
 
 
 _EMPTY = object()  # what `next` gives for a stream with nothing in it (None is a pair that could not be read)
@@ -523,8 +651,8 @@ class TransformedPairs(Dataset):
     """Applies a `PairTransform` to a map-style pair dataset; an unreadable pair is replaced by the next readable one.
 
     The replacement is deterministic (the next index, wrapping around), so the data order of a run stays a pure
-    function of its seed, and `skipped` in the item counts the pairs passed over. `set_epoch` makes random crops
-    differ from epoch to epoch.
+    function of its seed; `skipped` in the item counts the pairs passed over and `skipped_names` names them
+    (`pair_name`). `set_epoch` makes random crops differ from epoch to epoch.
     """
 
     def __init__(self, pairs: Dataset, transform: PairTransform):
@@ -541,7 +669,8 @@ class TransformedPairs(Dataset):
             position = (index + offset) % len(self.pairs)
             item = self.transform(self.pairs[position], key=f"{self.epoch}/{position}")
             if item is not None:
-                return {**item, "skipped": offset}
+                names = [pair_name(self.pairs, (index + k) % len(self.pairs)) for k in range(offset)]
+                return {**item, "skipped": offset, "skipped_names": names}
         raise ValueError("No pair of the dataset can be read.")
 
 
@@ -566,8 +695,16 @@ class TransformedStream(IterableDataset):
             skipped = 0
 
 
+def pair_name(dataset: Dataset, index: int) -> str:
+    """How a person finds the pair at `index` (its file or record), where the dataset can say."""
+    return dataset.name_of(index) if hasattr(dataset, "name_of") else f"pair {index}"
+
+
 def collate_pairs(items: list[dict]) -> dict:
-    """Stacks a batch of transformed pairs; `skipped` sums the unreadable pairs passed over to fill it."""
-    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "skipped"}
+    """Stacks a batch of transformed pairs; `skipped` sums the unreadable pairs passed over to fill it and
+    `skipped_names` lists them (where their dataset names them)."""
+    counts = ("skipped", "skipped_names")
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key not in counts}
     batch["skipped"] = sum(item.get("skipped", 0) for item in items)
+    batch["skipped_names"] = [name for item in items for name in item.get("skipped_names", ())]
     return batch
