@@ -13,6 +13,11 @@ exemplar's (edit accuracy), the judge's two 5-point scores when `--judge_url` is
 absolute error of the edit and of the unedited query to it ("gap closed" = 1 − error / identity error). Written to
 `--out`: `results.csv` (one row per query), `summary.md` (per task and overall means) and `grids/TASK.png`.
 
+Nothing computed is lost: each row is appended to `results.csv` as its query finishes; a query that fails (an
+unreadable image, a judge that stops answering) is recorded with `status` "failed: why" and the run goes on, and the
+summary lists what failed. Run the same command again to finish: rows already done are kept and skipped, failed ones
+are tried again. A judge answer without a clear 1-5 score is left blank and said so in `note`, never guessed.
+
     python benchmarks/evaluate.py --tasks my-tasks/ --base black-forest-labs/FLUX.2-klein-4B --adapter path/to/adapter
     python benchmarks/evaluate.py --write_toy_tasks toy-tasks/ && python benchmarks/evaluate.py --tasks toy-tasks/
 
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +43,12 @@ import PIL.Image
 import torch
 
 from diffusers_delta import toyworld
+from diffusers_delta.atomic_folder import write_image_atomically, write_text_atomically
 from diffusers_delta.cli import load_edit_pipeline
 from diffusers_delta.data import IMAGE_SUFFIXES, relation_split, split_side_by_side
 from diffusers_delta.evaluation import (
     ImageEmbedder,
+    JudgeError,
     LPIPSMetric,
     MetricUnavailable,
     VLMJudge,
@@ -53,7 +62,10 @@ from diffusers_delta.toyworld import showcase
 
 
 COLUMNS = ["task", "query", "clip_i", "directional", "lpips", "judge_content", "judge_accuracy", "error",
-           "identity_error", "gap_closed"]  # fmt: skip
+           "identity_error", "gap_closed", "status", "note"]  # fmt: skip
+MEASURES = COLUMNS[2:10]
+#: What a query's edit could not survive: the run records it as failed and goes on.
+QUERY_FAILURES = (OSError, ValueError, JudgeError)
 
 
 @dataclass
@@ -133,51 +145,107 @@ def _mean_error(image: PIL.Image.Image, truth: PIL.Image.Image) -> float:
     return mean_absolute_error(image, truth.resize(image.size, PIL.Image.BICUBIC))
 
 
-def evaluate_task(pipe, task: Task, embedder, lpips, judge, seed: int, call_kwargs: dict) -> tuple[list[dict], list]:
-    """Edits every query of `task` and measures it -> (rows, grid rows)."""
+def evaluate_task(
+    pipe, task: Task, embedder, lpips, judge, seed: int, call_kwargs: dict, done: set[tuple[str, str]] = frozenset()
+) -> Iterator[tuple[dict, list | None]]:
+    """Edits and measures every query of `task` not in `done` -> (row, grid row) for each as it finishes. A query
+    that fails (or every query, when the exemplar cannot be read) gives a row whose `status` says why, and no grid
+    row; a judge answer without a clear score leaves its column blank and says so in `note`."""
+    queries = [path for path in task.queries if (task.name, path.name) not in done]
+    if not queries:
+        return
     side = pipe.config.get("image_size")
-    source, target = fit_to_model_size(side, [read_image_file(task.source, "exemplar source"),
-                                              read_image_file(task.target, "exemplar target")])  # fmt: skip
-    tokens = pipe.encode_exemplar((source, target))
-    rows, grid = [], []
-    for path in task.queries:
-        query = fit_to_model_size(side, [read_image_file(path, "query")])[0]
+    try:
+        source, target = fit_to_model_size(side, [read_image_file(task.source, "exemplar source"),
+                                                  read_image_file(task.target, "exemplar target")])  # fmt: skip
+        tokens = pipe.encode_exemplar((source, target))
+    except QUERY_FAILURES as error:
+        for path in queries:
+            yield {"task": task.name, "query": path.name, "status": f"failed: {_one_line(error)}"}, None
+        return
+    for path in queries:
+        row = {"task": task.name, "query": path.name, "status": "ok"}
+        try:
+            query = fit_to_model_size(side, [read_image_file(path, "query")])[0]
+            truth_path = task.truths.get(path.stem)
+            truth = read_image_file(truth_path, "truth") if truth_path is not None else None
+        except QUERY_FAILURES as error:
+            yield {**row, "status": f"failed: {_one_line(error)}"}, None
+            continue
         generator = torch.Generator(pipe._execution_device).manual_seed(seed)
         edit = pipe(query, delta_embeds=tokens, generator=generator, **call_kwargs).images[0]
-        row = {"task": task.name, "query": path.name}
         row["clip_i"] = float(clip_image_similarity(embedder, [query], [edit])[0])
         row["directional"] = float(directional_similarity(embedder, [query], [edit], [source], [target])[0])
         row["lpips"] = float(lpips([query], [edit])[0]) if lpips is not None else None
-        if judge is not None:
-            scores = judge.score(source, target, query, edit)
-            row["judge_content"], row["judge_accuracy"] = scores.content_consistency, scores.edit_accuracy
-        truth_path = task.truths.get(path.stem)
-        if truth_path is not None:
-            truth = read_image_file(truth_path, "truth")
+        if truth is not None:
             row["error"], row["identity_error"] = _mean_error(edit, truth), _mean_error(query, truth)
             if row["identity_error"] > 0:
                 row["gap_closed"] = 1 - row["error"] / row["identity_error"]
-        rows.append(row)
-        grid.append([source, target, query, edit] + ([truth.resize(edit.size)] if truth_path is not None else []))
-    return rows, grid
+        if judge is not None:
+            try:
+                scores = judge.score(source, target, query, edit)
+            except JudgeError as error:
+                row["status"] = f"failed: {_one_line(error)}"
+            else:
+                row["judge_content"], row["judge_accuracy"] = scores.content_consistency, scores.edit_accuracy
+                unclear = {name: scores.answers[name] for name in scores.unparsable()}
+                if unclear:
+                    row["note"] = "; ".join(f"judge's {name} answer has no clear 1-5 score: {answer[:80]!r}"
+                                            for name, answer in unclear.items())  # fmt: skip
+        yield row, [source, target, query, edit] + ([truth.resize(edit.size)] if truth is not None else [])
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
 
 
 def summarize(rows: list[dict]) -> str:
-    """Per-task and overall means of every measure present, as a markdown table."""
-    measures = [c for c in COLUMNS[2:] if any(row.get(c) is not None for row in rows)]
+    """Per-task and overall means of every measure present over the finished rows, as a markdown table, then what
+    failed."""
+    finished = [row for row in rows if _finished(row)]
+    measures = [c for c in MEASURES if any(row.get(c) not in (None, "") for row in finished)]
     groups = {}
-    for row in rows:
+    for row in finished:
         groups.setdefault(row["task"], []).append(row)
-    groups["all"] = rows
+    groups["all"] = finished
 
     def mean(group, column):
-        values = [row[column] for row in group if row.get(column) is not None]
+        values = [float(row[column]) for row in group if row.get(column) not in (None, "")]
         return f"{sum(values) / len(values):.3f}" if values else ""
 
     lines = ["| task | queries | " + " | ".join(measures) + " |", "|" + " --- |" * (len(measures) + 2)]
     for name, group in groups.items():
         lines.append(f"| {name} | {len(group)} | " + " | ".join(mean(group, c) for c in measures) + " |")
+    failed = [row for row in rows if not _finished(row)]
+    if failed:
+        lines += ["", f"{len(failed)} queries failed (run the same command again to retry them):"]
+        lines += [f"- {row['task']}/{row['query']}: {row['status'].removeprefix('failed: ')}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+def _finished(row: dict) -> bool:
+    return row.get("status") in (None, "", "ok")  # a table written before `status` holds finished rows only
+
+
+def read_results(path: Path) -> dict[tuple[str, str], dict]:
+    """The rows of an earlier run's `results.csv` by (task, query), the last of each (an empty dict for none)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as file:
+        return {(row["task"], row["query"]): row for row in csv.DictReader(file) if row.get("task")}
+
+
+def _csv_row(row: dict) -> dict:
+    return {c: ("" if row.get(c) is None else row[c]) for c in COLUMNS}
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    """`results.csv` whole, one row per query (atomically: an earlier table stays until this one is complete)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(_csv_row(row) for row in rows)
+    write_text_atomically(buffer.getvalue(), path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,12 +261,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge_url", default=None, help="An OpenAI-compatible endpoint for the 5-point scores.")
     parser.add_argument("--judge_model", default="gpt-4o", help="The judge's model name at that endpoint.")
     parser.add_argument("--judge_prompts", default=None, help="A JSON file of the judge's prompts (default: ours).")
+    parser.add_argument("--judge_timeout", type=float, default=120.0, help="Seconds to wait for each judge answer.")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Denoising steps (the pipeline's).")
     parser.add_argument("--delta_scale", type=float, default=1.0, help="The edit strength.")
     parser.add_argument("--seed", type=int, default=0, help="Noise seed of every edit.")
     parser.add_argument("--write_toy_tasks", default=None, help="Write toy-world tasks (with truths) here, and stop.")
     parser.add_argument("--toy_edits", nargs="+", default=None, help="Their edits (default: the demo's).")
-    parser.add_argument("--toy_queries", type=int, default=4, help="Queries per toy task.")
+    parser.add_argument("--toy_queries", type=_positive_int, default=4, help="Queries per toy task.")
     parser.add_argument(
         "--write_relation_tasks", default=None, help="Write Relation's evaluation tasks here, and stop."
     )
@@ -210,7 +279,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("Give --tasks (a task folder), or --write_toy_tasks / --write_relation_tasks to make one.")
     if args.write_relation_tasks and not args.relation_dir:
         parser.error("--write_relation_tasks needs --relation_dir, Relation252K's folder.")
+    if args.judge_timeout <= 0:
+        parser.error("--judge_timeout must be a positive number of seconds.")
+    if args.tasks is not None:
+        out, tasks = Path(args.out).resolve(), Path(args.tasks).resolve()
+        if out.exists() and not out.is_dir():
+            parser.error(f"--out {args.out} is a file: give a folder for results.csv, summary.md and grids/.")
+        if out == tasks or out.is_relative_to(tasks):
+            parser.error(f"--out {args.out} is inside --tasks {args.tasks}: its outputs would be read as a task on "
+                         "the next run; give a folder outside it.")  # fmt: skip
     return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,27 +324,43 @@ def main(argv: list[str] | None = None) -> None:
     judge = None
     if args.judge_url:
         prompts = {"prompts": args.judge_prompts} if args.judge_prompts else {}
-        judge = VLMJudge(args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), **prompts)
+        judge = VLMJudge(
+            args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), timeout=args.judge_timeout, **prompts
+        )
     call_kwargs = {"delta_scale": args.delta_scale}
     if args.num_inference_steps is not None:
         call_kwargs["num_inference_steps"] = args.num_inference_steps
 
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for task in tasks:
-        task_rows, grid = evaluate_task(pipe, task, embedder, lpips, judge, args.seed, call_kwargs)
-        rows += task_rows
-        labels = ["exemplar source", "exemplar target", "query", "output"] + (["truth"] if len(grid[0]) > 4 else [])
-        make_edit_grid(grid, labels, cell_size=128).save(out / "grids" / f"{task.name}.png")
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as file:
+    results = out / "results.csv"
+    earlier = read_results(results)
+    done = {key for key, row in earlier.items() if _finished(row)}
+    write_results(results, list(earlier.values()))  # in today's columns, before rows are appended to it
+    rows = dict(earlier)
+    with open(results, "a", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: ("" if row.get(c) is None else row[c]) for c in COLUMNS} for row in rows)
-    summary = summarize(rows)
-    (out / "summary.md").write_text(summary, encoding="utf-8")
+        for task in tasks:
+            grid = []
+            for row, grid_row in evaluate_task(pipe, task, embedder, lpips, judge, args.seed, call_kwargs, done):
+                writer.writerow(_csv_row(row))
+                file.flush()  # a row written is a row kept, whatever happens next
+                rows[(row["task"], row["query"])] = row
+                if grid_row is not None:
+                    grid.append(grid_row)
+            if grid:
+                labels = ["exemplar source", "exemplar target", "query", "output"]
+                labels += ["truth"] if len(grid[0]) > 4 else []
+                write_image_atomically(make_edit_grid(grid, labels, cell_size=128), out / "grids" / f"{task.name}.png")
+    order = {(task.name, path.name): index for index, (task, path) in
+             enumerate((task, path) for task in tasks for path in task.queries)}  # fmt: skip
+    final = sorted(rows.values(), key=lambda row: order.get((row["task"], row["query"]), len(order)))
+    write_results(results, final)  # one row per query, failed ones replaced by their retries
+    summary = summarize(final)
+    write_text_atomically(summary, out / "summary.md")
     print(summary)
-    print(f"Wrote {out / 'results.csv'}, {out / 'summary.md'} and {len(tasks)} grids in {out / 'grids'}")
+    skipped = f"; {len(done)} queries were done already" if done else ""
+    print(f"Wrote {results}, {out / 'summary.md'} and the grids in {out / 'grids'}{skipped}")
 
 
 if __name__ == "__main__":

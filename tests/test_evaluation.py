@@ -17,11 +17,13 @@ from transformers import (
 from diffusers_delta.evaluation import (
     JUDGE_PROMPTS,
     ImageEmbedder,
+    JudgeError,
     LPIPSMetric,
     MetricUnavailable,
     VLMJudge,
     clip_image_similarity,
     directional_similarity,
+    parse_judge_score,
 )
 from diffusers_delta.testing import random_image, tiny_image_encoder
 
@@ -114,7 +116,76 @@ def test_the_judge_asks_both_questions_with_the_four_images_and_reads_the_scores
         images = [part["image_url"]["url"] for part in user["content"][1:]]
         assert len(images) == 4 and all(url.startswith("data:image/png;base64,") for url in images)
 
-    _Endpoint.answer = "I cannot tell."
-    with pytest.raises(ValueError, match="holds no score from 1 to 5"):
-        judge.score(SOURCE, TARGET, QUERY, OTHER)
+    _Endpoint.answer = "Score: 0 (out of 5)"  # outside the scale: unparsable, never read as 5
+    unclear = judge.score(SOURCE, TARGET, QUERY, OTHER)
+    assert unclear.content_consistency is None and unclear.unparsable() == ["content_consistency", "edit_accuracy"]
+    assert unclear.answers["edit_accuracy"] == "Score: 0 (out of 5)"
     _Endpoint.answer = "4. The edit matches, with a small colour difference."
+
+
+#: Replies judges give, and the score each states (None: none clearly, recorded as unparsable).
+JUDGE_REPLIES = {
+    "4. The edit matches, with a small colour difference.": 4,
+    "5": 5,
+    "**5**\nEverything that should stay is unchanged.": 5,
+    "4/5": 4,
+    "Score: 4": 4,
+    "**Score:** 3": 3,
+    "Score: 4/5 - the frame is thinner than the exemplar's.": 4,
+    "Rating: 2 out of 5. The edit is barely visible.": 2,
+    "I'd rate this 3/5 because the hue differs.": 3,
+    "Content consistency: 5/5": 5,
+    "0/5": None,
+    "Score: 0 (out of 5)": None,
+    "0. The query is lost.": None,
+    "Score: 6/5": None,
+    "10/10": None,
+    "Score: 3.5": None,
+    "3/5 or 4/5, depending on how the border counts.": None,
+    "4. Though I would say 3/5 at most.": None,
+    "I cannot tell.": None,
+    "The edit is good.": None,
+}
+
+
+@pytest.mark.parametrize("reply", list(JUDGE_REPLIES))
+def test_judge_scores_are_read_strictly(reply):
+    assert parse_judge_score(reply) == JUDGE_REPLIES[reply]
+
+
+class _Broken(BaseHTTPRequestHandler):
+    """An endpoint that answers every request with `status` and `body`."""
+
+    status, body = 200, b""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(type(self).status)
+        self.end_headers()
+        self.wfile.write(type(self).body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (200, b"<html><body>Welcome to nginx!</body></html>", "something other than a chat completion: '<html>"),
+        (200, b'{"error": "model not found"}', "something other than a chat completion: '{\"error\""),
+        (500, b"Internal Server Error", "HTTP 500 Internal Server Error: 'Internal Server Error'"),
+    ],
+)
+def test_a_judge_endpoint_answering_something_else_is_named_in_one_line(status, body, expected):
+    _Broken.status, _Broken.body = status, body
+    server = HTTPServer(("127.0.0.1", 0), _Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = VLMJudge(f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=5)
+        with pytest.raises(JudgeError) as caught:
+            judge.score(SOURCE, TARGET, QUERY, OTHER)
+        message = str(caught.value)
+        assert expected in message and "\n" not in message and len(message) < 400
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -109,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--init_transformer", default=None,
                         help="A transformer folder to start from (its architecture replaces --num_layers, "
-                        "--num_single_layers and --num_attention_heads): world 3 starts from world 2's base.")  # fmt: skip
+                        "--num_single_layers and --num_attention_heads): world 3 starts from world 2's "
+                        "base.")  # fmt: skip
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES),
                         help="World 2 only: train on these families alone (default: every family).")  # fmt: skip
     args = parser.parse_args(argv)

@@ -169,18 +169,30 @@ def remove_stale_temporaries(paths) -> int:
     return removed
 
 
-def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:
-    """Writes `image` to `path` whole or not at all: a temporary file beside it, then a rename (atomic on one
-    filesystem), with the mode a plain write gives under the user's umask. The format follows the extension (one PIL
-    writes); JPEG is written at quality 95."""
-    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
+def _write_atomically(path: Path, write) -> None:
+    """Calls `write(binary file)` on a temporary file beside `path`, then renames it to `path` (atomic on one
+    filesystem), with the mode a plain write gives under the user's umask; on any failure `path` is as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         with os.fdopen(handle, "wb") as file:
-            image.save(file, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+            write(file)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_image_atomically(image: PIL.Image.Image, path: Path) -> None:
+    """Writes `image` to `path` whole or not at all (see `write_text_atomically`). The format follows the extension
+    (one PIL writes); JPEG is written at quality 95."""
+    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
+    extra = {"quality": 95} if image_format == "JPEG" else {}
+    _write_atomically(path, lambda file: image.save(file, format=image_format, **extra))
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    """Writes `text` (UTF-8) to `path` whole or not at all: a temporary file beside it, then a rename, with the mode a
+    plain write gives under the user's umask."""
+    _write_atomically(path, lambda file: file.write(text.encode("utf-8")))

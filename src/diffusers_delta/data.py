@@ -177,7 +177,7 @@ class LocalPairDataset(Dataset):
             )
         pairs, outside = [], []
         for source, target in named:
-            paths = inside_root(self.root, source, allow_outside_root), inside_root(self.root, target, allow_outside_root)
+            paths = tuple(inside_root(self.root, name, allow_outside_root) for name in (source, target))
             if None in paths:
                 outside.append(str(source if paths[0] is None else target))
             else:

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import re
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,11 +152,21 @@ def _to_signed_tensor(image: PIL.Image.Image) -> torch.Tensor:
 
 @dataclass
 class JudgeScores:
-    """A vision-language model's two 5-point scores of one edit, and its answers as given."""
+    """A vision-language model's two 5-point scores of one edit (None where its answer held no clear score: see
+    `parse_judge_score`), and its answers as given."""
 
-    content_consistency: int
-    edit_accuracy: int
+    content_consistency: int | None
+    edit_accuracy: int | None
     answers: dict[str, str]
+
+    def unparsable(self) -> list[str]:
+        """The questions whose answer held no clear score."""
+        scores = {"content_consistency": self.content_consistency, "edit_accuracy": self.edit_accuracy}
+        return [name for name, score in scores.items() if score is None]
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint failed or answered something other than a chat completion; one line that says which."""
 
 
 class VLMJudge:
@@ -170,6 +181,10 @@ class VLMJudge:
         prompts: a JSON file with `system`, `content_consistency` and `edit_accuracy` prompts (`JUDGE_PROMPTS` by
             default: read it to see what the judge is asked).
         timeout: seconds to wait for each answer.
+
+    Raises (from `score`):
+        JudgeError: the endpoint could not be reached, answered an HTTP error, or answered something other than a
+            chat completion (an HTML page, JSON without `choices`).
     """
 
     def __init__(
@@ -190,10 +205,11 @@ class VLMJudge:
         self.timeout = timeout
 
     def score(self, source: ImageInput, target: ImageInput, query: ImageInput, edit: ImageInput) -> JudgeScores:
-        """Both scores of one edit: the exemplar (source, target), the query and its edit are shown in that order."""
+        """Both scores of one edit: the exemplar (source, target), the query and its edit are shown in that order. A
+        score the answer does not state clearly is None (never guessed); the answers are kept."""
         images = [_data_url(image) for image in (source, target, query, edit)]
         answers = {name: self._ask(self.prompts[name], images) for name in ("content_consistency", "edit_accuracy")}
-        scores = {name: _first_score(answer, name) for name, answer in answers.items()}
+        scores = {name: parse_judge_score(answer) for name, answer in answers.items()}
         return JudgeScores(scores["content_consistency"], scores["edit_accuracy"], answers)
 
     def _ask(self, prompt: str, images: list[str]) -> str:
@@ -208,9 +224,23 @@ class VLMJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            reply = json.loads(response.read().decode())
-        return reply["choices"][0]["message"]["content"]
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                text = response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode("utf-8", errors="replace") if error.fp is not None else ""
+            raise JudgeError(f"The judge endpoint {self.url} answered HTTP {error.code} {error.reason}: "
+                             f"{_one_line(detail)}") from None  # fmt: skip
+        except (urllib.error.URLError, TimeoutError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise JudgeError(f"The judge endpoint {self.url} could not be reached ({reason}; timeout "
+                             f"{self.timeout:g} s).") from None  # fmt: skip
+        try:
+            return json.loads(text)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(
+                f"The judge endpoint {self.url} answered something other than a chat completion: {_one_line(text)}"
+            ) from None
 
 
 def _data_url(image: ImageInput) -> str:
@@ -219,9 +249,33 @@ def _data_url(image: ImageInput) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _first_score(answer: str, name: str) -> int:
-    """The first integer from 1 to 5 in the judge's answer."""
-    found = re.search(r"\b([1-5])\b", answer)
-    if found is None:
-        raise ValueError(f"The judge's {name} answer holds no score from 1 to 5: {answer[:200]!r}")
-    return int(found.group(1))
+def _one_line(text: str, limit: int = 200) -> str:
+    """The first `limit` characters of `text`, on one line, quoted."""
+    return repr(" ".join(text.split())[:limit])
+
+
+#: Where a judge's answer states its score: the number before "/5" or "out of 5", after "Score:" / "Rating:", or the
+#: number the answer starts with (the prompts ask for the score first).
+_SCORE_PATTERNS = (
+    re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)\s*(?:/|out of|of)\s*5\b", re.I),
+    re.compile(r"\b(?:score|rating)\b\W{0,4}\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)", re.I),
+    re.compile(r"\A\s*\**\s*(-?\d+(?:\.\d+)?)(?![\d.]*\s*(?:/|out of|of)\s*\d)(?=\W|\Z)"),
+)
+
+
+def parse_judge_score(answer: str) -> int | None:
+    """The 5-point score a judge's answer states, or None where it states none clearly.
+
+    The score is the number before "/5" (or "out of 5"), after "Score:", or the one the answer starts with (as the
+    prompts ask: "4. The colours match."). Every statement found must agree, and the score must be a whole number
+    from 1 to 5: "0/5" and "Score: 0 (out of 5)" are None (outside the scale), "3/5 or 4/5" is None (ambiguous), and
+    so is "3.5/5". Nothing is guessed from other numbers in the text.
+
+    Args:
+        answer: the judge's reply.
+    """
+    found = {float(match.group(1)) for pattern in _SCORE_PATTERNS for match in pattern.finditer(answer)}
+    if len(found) != 1:
+        return None
+    (score,) = found
+    return int(score) if score.is_integer() and 1 <= score <= 5 else None

@@ -244,7 +244,9 @@ class EditSpec:
 
         def scene_fn(scene: Scene) -> Scene:
             edited = geometry(scene) if geometry is not None else scene
-            return replace(edited, finishes=edited.finishes + (("edit_space", (operations,)),)) if operations else edited
+            if not operations:
+                return edited
+            return replace(edited, finishes=edited.finishes + (("edit_space", (operations,)),))
 
         return Edit(self.label, f"edit space: {self.label}", scene_fn)
 
@@ -297,7 +299,8 @@ register_finish("edit_space", apply_operations, reads_scene=True)
 def _sample_region(rng: np.random.Generator) -> tuple[str, tuple[float, ...]]:
     region = REGIONS[int(rng.choice(len(REGIONS), p=[0.4, 0.2, 0.2, 0.1, 0.1]))]
     if region == "ramp":
-        return region, (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(-0.3, 0.3)), float(rng.uniform(0.01, 0.25)))
+        angle, offset, softness = rng.uniform(0, 2 * math.pi), rng.uniform(-0.3, 0.3), rng.uniform(0.01, 0.25)
+        return region, (float(angle), float(offset), float(softness))
     if region == "radial":
         return region, (
             float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.15, 0.45)),
@@ -405,10 +408,10 @@ HELD_OUT_EDITS: dict[str, EditSpec] = {
                  name="spotlight"),
         EditSpec((Operation("matrix", _matrix(np.diag([1.0, 0.65, 0.65]), (0.15, 0.0, 0.0)), "ramp",
                             (math.pi, 0.0, 0.01)),), name="tinted half"),
-        EditSpec((Operation("blur", (2.2,), "background"), Operation("matrix", _matrix(0.75 * np.eye(3)), "background")),
-                 name="portrait"),
-        EditSpec((Operation("curve", (0.25, 0.0, 0.25, 0.0, 0.25, 0.0)), Operation("frame", (5.0, 245.0, 245.0, 240.0))),
-                 name="bright print"),
+        EditSpec((Operation("blur", (2.2,), "background"),
+                  Operation("matrix", _matrix(0.75 * np.eye(3)), "background")), name="portrait"),
+        EditSpec((Operation("curve", (0.25, 0.0, 0.25, 0.0, 0.25, 0.0)),
+                  Operation("frame", (5.0, 245.0, 245.0, 240.0))), name="bright print"),
         # world 2's held-out values (S2) that are points of the space
         EditSpec((Operation("matrix", _matrix(0.25 * np.eye(3) + 0.75 * LUMA_MATRIX)),), name="grey(0.75)"),
         EditSpec((Operation("matrix", _matrix(np.eye(3), (-45 / 255,) * 3)),), name="brightness(-45)"),
