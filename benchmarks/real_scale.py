@@ -38,6 +38,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.adapter_files import default_feature_extractor
+from diffusers_delta.data import check_resolution
 from diffusers_delta.model_state import cast_model
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.testing import tiny_scheduler
@@ -314,13 +315,25 @@ def training_memory(pipe, size: int, batch_size: int, checkpointing: str) -> dic
     return {"weights": frozen / 1e9, "adapter state": adapter / 1e9, "activations": activations / 1e9}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=BACKBONE_CHOICES, choices=BACKBONE_CHOICES)
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--markdown", action="store_true", help="Print the tables as markdown.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:  # the training script's own rules, before any model is built
+        for size in args.sizes:
+            check_resolution(size, flag="--sizes")
+    except ValueError as error:
+        parser.error(str(error))
+    if any(batch < 1 for batch in args.batches):
+        parser.error(f"--batches must all be at least 1, got {args.batches}.")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     flops_rows, memory_rows, relation_rows = [], [], []
     with flash_attention():

@@ -25,13 +25,15 @@ import PIL.Image
 import torch
 from real_scale import BACKBONE_CHOICES, build, count, flash_attention, objective_for, training_memory, training_step
 
+from diffusers_delta.data import check_resolution
+
 
 #: Dense bf16 peak of each GPU, TFLOP/s (NVIDIA's data sheets, SXM parts, without sparsity).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 GPU_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="klein-4B", choices=BACKBONE_CHOICES, help="The base model.")
     parser.add_argument("--resolution", type=int, default=512, help="Training resolution (square), as the script's.")
@@ -46,10 +48,14 @@ def parse_args() -> argparse.Namespace:
         help="Count the run without the script's --gradient_checkpointing (faster, far more memory).",
     )
     parser.add_argument("--utilization", type=float, default=0.4, help="Share of the GPU's peak actually reached.")
-    args = parser.parse_args()
-    for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_gpus", "max_train_steps"):
+    args = parser.parse_args(argv)
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_gpus", "max_train_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
+    try:  # the training script's own rule, before anything is counted
+        check_resolution(args.resolution)
+    except ValueError as error:
+        parser.error(str(error))
     if not 0 < args.utilization <= 1:
         parser.error("--utilization is a share of the peak: between 0 and 1.")
     return args

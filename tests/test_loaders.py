@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -617,4 +619,49 @@ def test_the_documentations_placeholder_id_is_refused_without_asking_the_hub(bar
     before = snapshot(bare_pipe)
     with pytest.raises(FileNotFoundError, match="placeholder, not a published adapter.*train_delta_adapter.py"):
         bare_pipe.load_delta_adapter("org/delta-adapter")
+    assert_unchanged(bare_pipe, before)
+
+
+@pytest.mark.parametrize("value", [["flux2"], {"name": "flux2"}, 7])
+def test_a_config_whose_backbone_is_not_a_name_is_refused_naming_the_file(adapter_folder, bare_pipe, value):
+    folder, _ = adapter_folder
+    config = json.loads((folder / "config.json").read_text())
+    config["backbone"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=r"config.json: backbone must be a string \(such as 'flux2'\)"):
+        bare_pipe.load_delta_adapter(folder)
+    assert_unchanged(bare_pipe, before)
+
+
+def test_a_config_nested_too_deep_is_refused_naming_the_file(adapter_folder, bare_pipe):
+    folder, _ = adapter_folder
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=r"config.json is not a Delta-Adapter config \(its JSON is nested too deep"):
+        bare_pipe.load_delta_adapter(folder)
+    assert_unchanged(bare_pipe, before)
+
+
+def test_a_fifo_in_place_of_the_weights_is_named_as_what_it_is(adapter_folder, bare_pipe):
+    folder, _ = adapter_folder
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    before = snapshot(bare_pipe)
+    with pytest.raises(FileNotFoundError, match=r"is not a regular file \(it is a named pipe \(FIFO\)\)"):
+        bare_pipe.load_delta_adapter(folder)
+    assert_unchanged(bare_pipe, before)
+
+
+def test_a_weight_stored_as_integers_is_refused_naming_the_tensor(adapter_folder, bare_pipe):
+    folder, _ = adapter_folder
+    path = folder / "diffusion_pytorch_model.safetensors"
+    weights = safetensors.torch.load_file(path)
+    name = sorted(weights)[3]
+    weights[name] = weights[name].round().to(torch.int32)
+    safetensors.torch.save_file(weights, path)
+    before = snapshot(bare_pipe)
+    with pytest.raises(ValueError, match=rf"are corrupt: {re.escape(name)} \(torch.int32\) is stored as integers"):
+        bare_pipe.load_delta_adapter(folder)
     assert_unchanged(bare_pipe, before)

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,10 @@ class AdapterLocation:
                 raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): its target is missing.")
             if path.is_dir():
                 raise FileNotFoundError(f"{path} is a folder, not a file: {filename} must be the file itself.")
+            if path.exists():  # a FIFO, a socket, a device: reading it could block or never end
+                raise FileNotFoundError(
+                    f"{path} is not a regular file (it is a {_file_kind(path)}): {filename} must be the file itself."
+                )
             if required:
                 self._refuse_pickles(filename)
                 held = sorted(p.name for p in self.folder.iterdir())
@@ -292,6 +297,9 @@ def read_adapter_config(path: str) -> dict:
             config = json.load(file)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a readable JSON config ({error}). Save the adapter again.") from None
+    except RecursionError:  # JSON nested thousands deep: no config is
+        raise ValueError(f"{path} is not a Delta-Adapter config (its JSON is nested too deep). Save the adapter "
+                         "again.") from None  # fmt: skip
     if not isinstance(config, dict) or config.get("_class_name") != DeltaAdapterModel.__name__:
         raise ValueError(
             f"{path} is not a Delta-Adapter config (its _class_name is "
@@ -302,7 +310,25 @@ def read_adapter_config(path: str) -> dict:
         value = config.get(name, parameter.default)
         if isinstance(parameter.default, int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}. Save the adapter again.")
+        if isinstance(parameter.default, str) and not isinstance(value, str):
+            raise ValueError(
+                f"{path}: {name} must be a string (such as {parameter.default!r}), got {_short(value)}. Save the "
+                "adapter again."
+            )
     return config
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -367,6 +393,13 @@ def check_adapter_state_dict(config: dict, state_dict: dict[str, torch.Tensor], 
         raise ValueError(
             f"The Delta-Adapter weights of {where} do not match its config ({'; '.join(wrong[:3])}). Save the "
             "adapter again, or pass the config these weights were made with."
+        )
+    not_float = [f"{key} ({state_dict[key].dtype})" for key in expected if not state_dict[key].is_floating_point()]
+    if not_float:  # every parameter of the adapter is a float: an integer copy has lost its values
+        raise ValueError(
+            f"The Delta-Adapter weights of {where} are corrupt: {', '.join(not_float[:4])} "
+            f"{'is' if len(not_float) == 1 else 'are'} stored as integers, where every weight is a float. Save the "
+            "adapter again."
         )
     bad = non_finite_keys(state_dict)
     if bad:

@@ -589,6 +589,24 @@ class MixedStream(IterableDataset):
             yield pair
 
 
+#: The granularity of a real backbone's training resolution: its VAE's 8x downsampling, then 2x2 patches.
+RESOLUTION_MULTIPLE = 16
+
+
+def check_resolution(resolution: int, multiple_of: int = RESOLUTION_MULTIPLE, flag: str = "--resolution") -> None:
+    """Refuses a training resolution the backbone cannot take: a positive multiple of `multiple_of`.
+
+    Raises:
+        ValueError: naming `flag`, the value and the nearest sizes that work.
+    """
+    if resolution < multiple_of or resolution % multiple_of:
+        lower = max(multiple_of, resolution // multiple_of * multiple_of)
+        raise ValueError(
+            f"{flag} must be a multiple of {multiple_of} (the VAE's downsampling times the 2x2 patches), got "
+            f"{resolution}: try {lower} or {lower + multiple_of}."
+        )
+
+
 class PairTransform:
     """PIL pair -> tensors for the VAE (square, [-1, 1]) and for SigLIP (normalised).
 
@@ -605,12 +623,11 @@ class PairTransform:
         self,
         resolution: int,
         siglip_preprocessor: SiglipPreprocessor,
-        multiple_of: int = 16,
+        multiple_of: int = RESOLUTION_MULTIPLE,
         center_crop: bool = True,
         seed: int = 0,
     ):
-        if resolution % multiple_of:
-            raise ValueError(f"--resolution must be a multiple of {multiple_of}, got {resolution}.")
+        check_resolution(resolution, multiple_of)
         self.resolution = resolution
         self.siglip_preprocessor = siglip_preprocessor
         self.center_crop = center_crop
