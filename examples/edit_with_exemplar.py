@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from diffusers.utils import load_image
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.adapter_files import AdapterLocation
+from diffusers_delta.atomic_folder import write_image_atomically
 
 
 logger = logging.getLogger("edit_with_exemplar")
@@ -95,21 +98,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def edit(args: argparse.Namespace) -> None:
-    pipe = load_pipeline(args)
+    # Everything that can be checked without the multi-GB base is checked first: the adapter's location (the
+    # documentation's placeholder id says so at once) and the three images.
+    AdapterLocation.resolve(args.adapter, args.adapter_subfolder, {})
     exemplar = (load_image(args.source), load_image(args.target))
+    query = load_image(args.query)
+    pipe = load_pipeline(args)
     if args.adapt_steps:
         result = pipe.adapt_to_exemplar(
             *exemplar, num_steps=args.adapt_steps, generator=torch.Generator().manual_seed(args.seed)
         )
         logger.info("Adapted for %d steps: loss %.4f -> %.4f", args.adapt_steps, result.losses[0], result.losses[-1])
     edited = pipe(
-        load_image(args.query),
+        query,
         exemplar=exemplar,
         delta_scale=args.scale,
         num_inference_steps=args.steps,
         generator=torch.Generator(args.device).manual_seed(args.seed),
     ).images[0]
-    edited.save(args.output)
+    write_image_atomically(edited, Path(args.output))
     logger.info("Wrote %s", args.output)
 
 

@@ -8,13 +8,12 @@ import os
 
 import torch
 
-from diffusers_delta.app import build_app, describe_model
-from diffusers_delta.cli import load_edit_pipeline
+from diffusers_delta.app import build_app, describe_model, load_space_pipeline
 
 
 BASE_MODEL, DELTA_ADAPTER = os.environ.get("BASE_MODEL") or None, os.environ.get("DELTA_ADAPTER") or None
 
-pipe = load_edit_pipeline(BASE_MODEL, DELTA_ADAPTER, device="cuda" if torch.cuda.is_available() else None)
+pipe = load_space_pipeline(BASE_MODEL, DELTA_ADAPTER, device="cuda" if torch.cuda.is_available() else None)
 demo = build_app(pipe, toy_examples=BASE_MODEL is None, about=describe_model(BASE_MODEL, DELTA_ADAPTER))
 
 if __name__ == "__main__":

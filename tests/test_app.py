@@ -187,3 +187,42 @@ def test_a_query_too_small_for_the_toy_model_gets_the_librarys_message(model_dir
     source, target = toyworld.make_pair("flip", 1)
     with pytest.raises(ValueError, match=r"query is 1x1 pixels; both sides must be at least 64"):
         editor.edit(source, target, [PIL.Image.new("RGB", (1, 1))])
+
+
+def test_an_upload_that_is_no_image_gets_a_one_line_message_not_a_bare_error(images):
+    """Gradio opens uploads before the app's function runs: a text file renamed .png is named on the page."""
+    (images["query"].parent / "notes.png").write_text("not an image")
+    app = build_app(text_free_pipeline())
+    _, url, _ = app.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                   quiet=True)  # fmt: skip
+    try:
+        client = connect(url)
+        handle = gradio_client.handle_file
+        notes = images["query"].parent / "notes.png"
+        with pytest.raises(Exception, match=r"Exemplar source \(before\): notes.png is not a readable image"):
+            client.predict(handle(str(notes)), handle(str(images["target"])), gallery(images["query"]), 1.0, 4, 0, 0,
+                           api_name="/edit")  # fmt: skip
+        with pytest.raises(Exception, match=r"Queries: an upload is not a readable image"):
+            client.predict(handle(str(images["source"])), handle(str(images["target"])), gallery(notes), 1.0, 4, 0,
+                           0, api_name="/edit")  # fmt: skip
+    finally:
+        app.close()
+
+
+def test_the_space_names_its_own_variables_when_one_is_missing_or_does_not_fit(model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from diffusers_delta.app import SpaceSetupError
+
+    space = str(Path(__file__).parents[1] / "space" / "app.py")
+    monkeypatch.setenv("BASE_MODEL", str(model_dir / "base"))
+    monkeypatch.delenv("DELTA_ADAPTER", raising=False)
+    with pytest.raises(SpaceSetupError, match=r"BASE_MODEL is set \(.*\) but DELTA_ADAPTER is not: set DELTA_ADAPTER"):
+        runpy.run_path(space, run_name="space")
+    foreign = text_free_pipeline()  # an adapter of another transformer than the toy model's
+    foreign.save_delta_adapter(tmp_path / "foreign")
+    monkeypatch.delenv("BASE_MODEL")
+    monkeypatch.setenv("DELTA_ADAPTER", str(tmp_path / "foreign"))
+    with pytest.raises(SpaceSetupError, match=r"DELTA_ADAPTER \(.*foreign\) does not load on the embedded toy model.*"
+                                              r"set BASE_MODEL to the base it was trained for"):  # fmt: skip
+        runpy.run_path(space, run_name="space")

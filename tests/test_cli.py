@@ -162,3 +162,22 @@ def test_the_documentations_placeholder_adapter_is_named_as_such_at_once(run_cli
     assert code == 2 and time.perf_counter() - start < 2
     assert re.match(r"error: --adapter: 'org/delta-adapter' is the documentation's placeholder.*no trained FLUX.2 "
                     r"\[klein\] Delta-Adapter is published yet", err) and err.count("\n") == 1  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ("model-Q8_0.gguf", r"error: --base .*model-Q8_0.gguf is a single transformer file.*from_single_file.*"
+                            r"load_delta_adapter"),
+        ("notes.txt", r"error: --base .*notes.txt is a file: pass a pipeline folder"),
+        ("empty", r"error: --base .*empty holds no model_index.json"),
+    ],
+)  # fmt: skip
+def test_a_base_that_is_no_pipeline_folder_says_what_to_pass(run_cli, model_dir, images, tmp_path, base, message):
+    (tmp_path / "model-Q8_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["edit", "--exemplar", images["source"], images["target"], "--query", images["query"],
+                            "--out", tmp_path / "x.png", "--base", tmp_path / base,
+                            "--adapter", model_dir / "adapter"])  # fmt: skip
+    assert code == 2 and re.match(message, err) and err.count("\n") == 1

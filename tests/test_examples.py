@@ -64,3 +64,20 @@ def test_errors_are_one_line_and_advise_only_what_the_script_offers(tmp_path, ca
         assert [line for line in lines if line.startswith("error: ")] == lines[-1:]  # after library logs, if any
         assert "HF_HUB_OFFLINE is set" in lines[-1] and "local_files_only" not in lines[-1]
     assert not (tmp_path / "edited.png").exists()
+
+
+def test_the_placeholder_adapter_and_a_bad_image_are_refused_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    random_image(0).save(tmp_path / "image.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    loads = []
+    monkeypatch.setattr(edit_with_exemplar, "load_pipeline", lambda args: loads.append(args))
+    images = {"--source": "image.png", "--target": "image.png", "--query": "image.png"}
+    for adapter, broken in (("org/delta-adapter", None), (str(tmp_path), "--query")):
+        argv = ["--base", "black-forest-labs/FLUX.2-klein-4B", "--adapter", adapter, "--output", str(tmp_path / "o.png")]
+        for flag, name in images.items():
+            argv += [flag, str(tmp_path / ("broken.png" if flag == broken else name))]
+        with pytest.raises(SystemExit):
+            edit_with_exemplar.main(argv)
+        message = capsys.readouterr().err.splitlines()[-1]
+        assert message.startswith("error: ") and ("placeholder" in message if broken is None else "broken" in message)
+    assert loads == []  # the multi-GB base was never asked for

@@ -32,6 +32,40 @@ except ImportError as error:  # an optional extra: the library works without it
 
 
 CACHED_EXEMPLARS = 8
+#: What an upload that is no image raises when Gradio opens it (PIL's errors, and PIL's guard against huge images).
+_UNREADABLE_UPLOAD = (OSError, ValueError, PIL.Image.DecompressionBombError)
+
+
+def _upload_name(payload) -> str:
+    return getattr(payload, "orig_name", None) or Path(getattr(payload, "path", None) or "the upload").name
+
+
+class CheckedImage(gr.Image):
+    """`gr.Image` whose upload, when it is no readable image (a text file renamed `.png`), shows the library's one-line
+    message on the page instead of Gradio's bare "Error": Gradio opens uploads before the app's function runs."""
+
+    is_template = True  # served by gr.Image's own front end
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except _UNREADABLE_UPLOAD as error:
+            raise gr.Error(
+                f"{self.label}: {_upload_name(payload)} is not a readable image ({error}). Upload a PNG, JPEG or WebP."
+            ) from None
+
+
+class CheckedGallery(gr.Gallery):
+    """`gr.Gallery` whose unreadable uploads show the library's one-line message (see `CheckedImage`)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except _UNREADABLE_UPLOAD as error:
+            raise gr.Error(f"{self.label}: an upload is not a readable image ({error}). Upload PNG, JPEG or WebP "
+                           "files.") from None  # fmt: skip
 
 
 def _image_key(image: PIL.Image.Image) -> str:
@@ -187,6 +221,44 @@ def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
     )
 
 
+class SpaceSetupError(RuntimeError):
+    """The Space's variables name no model it can serve; the message names the variables and what to set."""
+
+
+def load_space_pipeline(base: str | None, adapter: str | None, device: str | None = None):
+    """The pipeline a Space's variables name (`BASE_MODEL`, `DELTA_ADAPTER`; neither: the embedded toy model), with
+    every failure told in the Space's own terms.
+
+    Args:
+        base: `BASE_MODEL`, a FLUX.2 [klein] or FLUX.1 Kontext Hub id (or None).
+        adapter: `DELTA_ADAPTER`, the Delta-Adapter's Hub id (or None).
+        device: where to run it.
+
+    Raises:
+        SpaceSetupError: one variable set without the other it needs, or a model that does not load.
+    """
+    from .cli import UsageError, load_edit_pipeline
+
+    if base and not adapter:
+        raise SpaceSetupError(
+            f"The Space's variable BASE_MODEL is set ({base}) but DELTA_ADAPTER is not: set DELTA_ADAPTER to the "
+            "Delta-Adapter trained for that base (Settings > Variables and secrets), or remove BASE_MODEL to serve "
+            "the embedded toy model."
+        )
+    try:
+        return load_edit_pipeline(base, adapter, device)
+    except (UsageError, ValueError, OSError) as error:
+        if adapter and not base:
+            raise SpaceSetupError(
+                f"The Space's variable DELTA_ADAPTER ({adapter}) does not load on the embedded toy model, which "
+                f"serves when BASE_MODEL is not set: set BASE_MODEL to the base it was trained for (such as "
+                f"black-forest-labs/FLUX.2-klein-4B). ({error})"
+            ) from None
+        raise SpaceSetupError(
+            f"The Space's BASE_MODEL ({base}) with DELTA_ADAPTER ({adapter}) does not load: {error}"
+        ) from None
+
+
 def build_app(
     pipe, title: str = "Delta-Adapter: edit by example", toy_examples: bool = False, about: str | None = None
 ) -> gr.Blocks:
@@ -224,12 +296,12 @@ def build_app(
         if about:
             gr.Markdown(about, elem_id="about")
         with gr.Row():
-            source = gr.Image(label="Exemplar source (before)", type="pil", image_mode="RGB", height=300,
-                              elem_id="source")  # fmt: skip
-            target = gr.Image(label="Exemplar target (after)", type="pil", image_mode="RGB", height=300,
-                              elem_id="target")  # fmt: skip
-            queries = gr.Gallery(label="Queries", type="pil", format="png", interactive=True, height=300,
-                                 elem_id="queries")  # fmt: skip
+            source = CheckedImage(label="Exemplar source (before)", type="pil", image_mode="RGB", height=300,
+                                  elem_id="source")  # fmt: skip
+            target = CheckedImage(label="Exemplar target (after)", type="pil", image_mode="RGB", height=300,
+                                  elem_id="target")  # fmt: skip
+            queries = CheckedGallery(label="Queries", type="pil", format="png", interactive=True, height=300,
+                                     elem_id="queries")  # fmt: skip
         with gr.Row():
             strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Edit strength")
             steps = gr.Slider(1, 50, value=default_steps(pipe), step=1, label="Denoising steps")

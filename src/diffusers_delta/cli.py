@@ -57,10 +57,37 @@ def _read_image(path: str, what: str) -> PIL.Image.Image:
 
 
 def _check_model_sources(args: argparse.Namespace) -> None:
-    """`--base` and `--adapter`, checked to exist without loading or downloading anything."""
-    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
-        if value is not None:
-            _model_source(value, option)
+    """`--adapter` and `--base`, checked to exist without loading or downloading anything."""
+    if args.adapter is not None:
+        _model_source(args.adapter, "--adapter")
+    if args.base is not None:
+        check_base_source(args.base)
+
+
+#: Suffixes of a single transformer file (GGUF, safetensors) that a user may give `--base` for a pipeline.
+SINGLE_FILE_SUFFIXES = (".gguf", ".safetensors", ".sft", ".ckpt")
+
+
+def check_base_source(base: str) -> str:
+    """`--base`, checked to be a pipeline folder or a Hub id without loading anything: a single transformer file
+    (a GGUF quantisation) is told the Python route it takes."""
+    path = Path(base).expanduser()
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise UsageError(
+            f"--base {base} is a single transformer file; --base takes a pipeline folder or Hub id. Load such a file "
+            "in Python: transformer = Flux2Transformer2DModel.from_single_file(file, config=<klein folder>, "
+            "subfolder='transformer', quantization_config=GGUFQuantizationConfig(...)), then "
+            "FluxDeltaEditPipeline.from_pretrained(<klein folder>, transformer=transformer) and "
+            "pipe.load_delta_adapter(...) (README: quantised and LoRA'd bases)."
+        )
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--base {base} is a file: pass a pipeline folder (with model_index.json) or a Hub id.")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise UsageError(
+            f"--base {base} holds no model_index.json: pass a diffusers pipeline folder of FLUX.2 [klein] or "
+            "FLUX.1 Kontext, or its Hub id."
+        )
+    return _model_source(base, "--base")
 
 
 def _model_source(source: str, option: str) -> str:
