@@ -73,7 +73,8 @@ def test_the_placeholder_adapter_and_a_bad_image_are_refused_before_the_base_loa
     monkeypatch.setattr(edit_with_exemplar, "load_pipeline", lambda args: loads.append(args))
     images = {"--source": "image.png", "--target": "image.png", "--query": "image.png"}
     for adapter, broken in (("org/delta-adapter", None), (str(tmp_path), "--query")):
-        argv = ["--base", "black-forest-labs/FLUX.2-klein-4B", "--adapter", adapter, "--output", str(tmp_path / "o.png")]
+        argv = ["--base", "black-forest-labs/FLUX.2-klein-4B", "--adapter", adapter, "--output",
+                str(tmp_path / "o.png")]
         for flag, name in images.items():
             argv += [flag, str(tmp_path / ("broken.png" if flag == broken else name))]
         with pytest.raises(SystemExit):

@@ -40,32 +40,23 @@ def _upload_name(payload) -> str:
     return getattr(payload, "orig_name", None) or Path(getattr(payload, "path", None) or "the upload").name
 
 
-class CheckedImage(gr.Image):
-    """`gr.Image` whose upload, when it is no readable image (a text file renamed `.png`), shows the library's one-line
-    message on the page instead of Gradio's bare "Error": Gradio opens uploads before the app's function runs."""
+def checked_uploads(component: gr.Image | gr.Gallery) -> gr.Image | gr.Gallery:
+    """`component` with uploads that are no readable image (a text file renamed `.png`) shown on the page as one line
+    naming the input and the file, instead of Gradio's bare "Error": Gradio opens uploads before the app's function
+    runs. (The instance's `preprocess` is wrapped: a subclass of a Gradio component would make Gradio write a `.pyi`
+    file beside this module.)"""
+    preprocess = component.preprocess
 
-    is_template = True  # served by gr.Image's own front end
-
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except _UNREADABLE_UPLOAD as error:
-            raise gr.Error(
-                f"{self.label}: {_upload_name(payload)} is not a readable image ({error}). Upload a PNG, JPEG or WebP."
-            ) from None
+            what = "an upload" if isinstance(component, gr.Gallery) else _upload_name(payload)
+            raise gr.Error(f"{component.label}: {what} is not a readable image ({error}). Upload PNG, JPEG or WebP "
+                           "images.") from None  # fmt: skip
 
-
-class CheckedGallery(gr.Gallery):
-    """`gr.Gallery` whose unreadable uploads show the library's one-line message (see `CheckedImage`)."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except _UNREADABLE_UPLOAD as error:
-            raise gr.Error(f"{self.label}: an upload is not a readable image ({error}). Upload PNG, JPEG or WebP "
-                           "files.") from None  # fmt: skip
+    component.preprocess = checked
+    return component
 
 
 def _image_key(image: PIL.Image.Image) -> str:
@@ -296,12 +287,12 @@ def build_app(
         if about:
             gr.Markdown(about, elem_id="about")
         with gr.Row():
-            source = CheckedImage(label="Exemplar source (before)", type="pil", image_mode="RGB", height=300,
-                                  elem_id="source")  # fmt: skip
-            target = CheckedImage(label="Exemplar target (after)", type="pil", image_mode="RGB", height=300,
-                                  elem_id="target")  # fmt: skip
-            queries = CheckedGallery(label="Queries", type="pil", format="png", interactive=True, height=300,
-                                     elem_id="queries")  # fmt: skip
+            source = checked_uploads(gr.Image(label="Exemplar source (before)", type="pil", image_mode="RGB",
+                                              height=300, elem_id="source"))  # fmt: skip
+            target = checked_uploads(gr.Image(label="Exemplar target (after)", type="pil", image_mode="RGB",
+                                              height=300, elem_id="target"))  # fmt: skip
+            queries = checked_uploads(gr.Gallery(label="Queries", type="pil", format="png", interactive=True,
+                                                 height=300, elem_id="queries"))  # fmt: skip
         with gr.Row():
             strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Edit strength")
             steps = gr.Slider(1, 50, value=default_steps(pipe), step=1, label="Denoising steps")
