@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -193,6 +194,9 @@ def test_an_upload_that_is_no_image_gets_a_one_line_message_not_a_bare_error(ima
     """Gradio opens uploads before the app's function runs: a text file renamed .png is named on the page."""
     (images["query"].parent / "notes.png").write_text("not an image")
     app = build_app(text_free_pipeline())
+    import diffusers_delta.app
+
+    assert not Path(diffusers_delta.app.__file__).with_suffix(".pyi").exists()  # Gradio wrote nothing into the package
     _, url, _ = app.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                    quiet=True)  # fmt: skip
     try:
