@@ -1,5 +1,6 @@
 """The `diffusers-delta` command on a model folder laid out like the embedded toy model (built from tiny models)."""
 
+import os
 import re
 
 import numpy as np
@@ -181,3 +182,29 @@ def test_a_base_that_is_no_pipeline_folder_says_what_to_pass(run_cli, model_dir,
                             "--out", tmp_path / "x.png", "--base", tmp_path / base,
                             "--adapter", model_dir / "adapter"])  # fmt: skip
     assert code == 2 and re.match(message, err) and err.count("\n") == 1
+
+
+def test_a_command_prints_nothing_it_does_not_mean():
+    """diffusers' imports make transformers say that image processors fall back to PIL without torchvision: not a
+    line a diffusers-delta user can act on, so `--help` prints its usage and nothing else."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "diffusers_delta.cli", "edit", "--help"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith("usage: diffusers-delta edit")
+    assert result.stderr == ""
+
+
+def test_only_the_torchvision_fallback_notice_is_dropped():
+    import logging
+
+    from diffusers_delta.notices import TorchvisionFallbackFilter
+
+    def record(message):
+        return logging.LogRecord("transformers.utils.import_utils", logging.WARNING, "", 0, message, None, None)
+
+    notice = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
+              "backward compatibility.")  # fmt: skip
+    assert not TorchvisionFallbackFilter().filter(record(notice))
+    assert TorchvisionFallbackFilter().filter(record("`Foo` requires torchvision: install it."))

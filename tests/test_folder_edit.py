@@ -217,3 +217,40 @@ def test_outputs_have_the_modes_of_a_plain_write_under_the_umask(run_cli, folder
         assert (out / "a.png").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(previous)
+
+
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "5"},
+         r"error: RANK=5 is outside WORLD_SIZE=2 \(ranks 0 to 1\): this process would wait forever"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, r"error: RANK=-1 is outside WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "two"}, r"error: WORLD_SIZE='two' is not a whole number"),
+        ({"WORLD_SIZE": "0"}, r"error: WORLD_SIZE=0: a world holds at least one process"),
+        ({"LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "3"}, r"error: LOCAL_RANK=3 is outside LOCAL_WORLD_SIZE=1"),
+    ],
+)  # fmt: skip
+def test_a_launcher_environment_that_would_hang_is_refused_at_once(
+    run_cli, folders, model_dir, monkeypatch, environment, message
+):
+    """A rank outside its world (with the address set, as a launcher would) waited forever for its peers; now the
+    variables are checked before any process group is made, and the command says what is wrong."""
+    import time
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    start = time.perf_counter()
+    code, _, err = run_cli(command(folders, model_dir, folders / "out"))
+    assert code == 2 and re.match(message, err) and err.count("\n") == 1
+    assert time.perf_counter() - start < 30
+
+
+def test_several_processes_need_an_address_to_meet_at(monkeypatch):
+    from diffusers_delta.launch import check_launch_environment
+
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set"):
+        check_launch_environment({"WORLD_SIZE": "2", "RANK": "0"})
+    check_launch_environment({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    check_launch_environment({})  # one process: nothing to check

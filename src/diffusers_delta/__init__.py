@@ -1,6 +1,7 @@
 """diffusers-delta: edit an image by example (Delta-Adapter) on FLUX.2 [klein] and FLUX.1 Kontext, in the diffusers
 way."""
 
+from . import notices  # noqa: F401  (first: it quiets a notice diffusers' imports would print; see notices.py)
 from .backbones.flux1 import FluxDeltaAttnProcessor
 from .backbones.flux2 import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
 from .loaders import DeltaAdapterMixin

@@ -14,6 +14,7 @@ other failure: code 1); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -28,6 +29,7 @@ from .atomic_folder import write_image_atomically
 from .evaluation import mean_absolute_error
 from .grids import make_edit_grid
 from .image_inputs import fit_to_model_size, read_image_file
+from .launch import PROCESS_GROUP_TIMEOUT, check_launch_environment, release_process_group
 from .toyworld import showcase
 
 
@@ -206,9 +208,9 @@ def _folder_output(path: str) -> Path:
 
 def _edit(args: argparse.Namespace) -> None:
     from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
 
-    from .folder_edit import display_name, edit_folder, list_queries, same_size_batches
+    from .folder_edit import list_queries, same_size_batches
 
     # 1. Check everything before loading a model
     if args.base is not None and args.adapter is None:
@@ -228,8 +230,27 @@ def _edit(args: argparse.Namespace) -> None:
         out = _output_path(args.out)
     _check_model_sources(args)
 
+    # 2-4 run in this process's share of the work; the process group goes at the end, whatever happens
+    try:
+        check_launch_environment(os.environ)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        _edit_as_one_of(state, args, source, target, query if args.queries is None else None, out)
+    except BaseException:
+        release_process_group(state, clean=False)
+        raise
+    release_process_group(state, clean=True)
+
+
+def _edit_as_one_of(state, args: argparse.Namespace, source, target, query, out: Path) -> None:
+    """Steps 2-4 of `_edit` in one of the processes of `state` (one, or one of `accelerate launch`'s)."""
+    from accelerate.utils import gather_object
+
+    from .folder_edit import display_name, edit_folder
+
     # 2. Load, on this process's device (one process, or one of `accelerate launch`'s; `--cpu` as Accelerator reads it)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if args.queries is None and not state.is_main_process:  # one query is one process's work: the others stop
         return
     if args.queries is None and state.num_processes > 1:
