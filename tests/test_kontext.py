@@ -343,3 +343,24 @@ def test_the_mixin_alone_gives_a_users_own_kontext_pipeline_the_interface(pipe, 
         pipe.empty_pooled_prompt_embeds,
     )
     assert (kontext(mine) == kontext(pipe)).all()  # the same weights, upstream's processors back
+
+
+def test_several_queries_with_several_images_each_give_each_query_its_own_edits(pipe):
+    """diffusers' test_num_images_per_prompt, with two queries: four outputs, ordered as Kontext tiles its references
+    (q1, q2, q1, q2), each the edit of its query that a call of its own gives."""
+    queries = [QUERY, random_image(5)]
+    generators = [torch.Generator().manual_seed(seed) for seed in range(4)]
+    images = pipe(queries, exemplar=(SOURCE, TARGET), num_inference_steps=STEPS, num_images_per_prompt=2,
+                  generator=generators, output_type="np").images  # fmt: skip
+    assert images.shape == (4, 64, 64, 3)
+    for index, query in enumerate(queries * 2):
+        single = render(pipe, query=query, seed=index)[0]
+        np.testing.assert_allclose(images[index], single, atol=1e-4)  # a batch's sums, in another order
+    assert np.abs(images[0] - images[2]).max() > 1e-3  # two images of one query: two noises
+
+
+def test_kontexts_ip_adapter_is_refused_up_front_with_the_reason(pipe):
+    before = {name: type(p) for name, p in pipe.transformer.attn_processors.items()}
+    with pytest.raises(ValueError, match="Kontext's IP-Adapter and the Delta-Adapter do not load together"):
+        pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter", weight_name="ip_adapter.safetensors")
+    assert {name: type(p) for name, p in pipe.transformer.attn_processors.items()} == before

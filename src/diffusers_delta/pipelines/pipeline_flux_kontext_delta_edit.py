@@ -116,6 +116,15 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         )
         self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
 
+    def load_ip_adapter(self, *args, **kwargs):
+        """Refused: Kontext's IP-Adapter and the Delta-Adapter do not load together (each brings its image encoder as
+        `image_encoder` and its own attention processors). Use `FluxKontextPipeline` for the IP-Adapter."""
+        raise ValueError(
+            "Kontext's IP-Adapter and the Delta-Adapter do not load together: both set the image_encoder component "
+            "and the transformer's attention processors. Load the IP-Adapter on a FluxKontextPipeline "
+            "(FluxKontextPipeline.from_pipe(pipe) shares the models), or use the Delta-Adapter alone."
+        )
+
     @one_call_at_a_time
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -169,7 +178,8 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             num_inference_steps: denoising steps (Kontext's 28).
             sigmas: custom sigmas for the scheduler.
             guidance_scale: Kontext's distilled guidance (its default 3.5).
-            num_images_per_prompt: outputs per query.
+            num_images_per_prompt: outputs per query, ordered as Kontext tiles its references: every query once, then
+                every query again (q1, q2, q1, q2 for two queries and two images each).
             generator: a generator, or one per output, for reproducible noise.
             latents: pre-generated noise latents, packed.
             prompt_embeds: pre-computed (1 or B, L, D_t5) T5 embeddings (with `pooled_prompt_embeds`).
@@ -206,22 +216,31 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         batch_size = len(queries)
         device = self._execution_device
 
-        # The empty prompt's stored T5 and CLIP embeddings (or the text encoders'), one per query
+        # Every output is one row of Kontext's batch: the queries tiled n times (q1, q2, q1, q2), as Kontext tiles its
+        # references, and upstream called with one image each (given embeddings are not repeated upstream: a batch
+        # of B embeddings with n images each would meet B x n latents).
+        outputs = batch_size * num_images_per_prompt
+        references = queries * num_images_per_prompt
+
+        # The empty prompt's stored T5 and CLIP embeddings (or the text encoders'), one per output
         if prompt_embeds is None:
             text = self._text_conditioning(prompt, max_sequence_length)
             prompt_embeds, pooled_prompt_embeds = text["prompt_embeds"], text["pooled_prompt_embeds"]
-        if prompt_embeds.shape[0] == 1:
-            prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
-        if pooled_prompt_embeds is not None and pooled_prompt_embeds.shape[0] == 1:
-            pooled_prompt_embeds = pooled_prompt_embeds.expand(batch_size, -1)
+        prompt_embeds = _per_output(prompt_embeds, batch_size, num_images_per_prompt, "prompt_embeds")
+        pooled_prompt_embeds = _per_output(pooled_prompt_embeds, batch_size, num_images_per_prompt,
+                                           "pooled_prompt_embeds")  # fmt: skip
+        negative_prompt_embeds = _per_output(negative_prompt_embeds, batch_size, num_images_per_prompt,
+                                             "negative_prompt_embeds")  # fmt: skip
+        negative_pooled_prompt_embeds = _per_output(negative_pooled_prompt_embeds, batch_size, num_images_per_prompt,
+                                                    "negative_pooled_prompt_embeds")  # fmt: skip
 
-        # Edit tokens, tiled as Kontext tiles the queries' latents for num_images_per_prompt: (B * n, N, D_edit)
+        # Edit tokens, tiled as the references: (B * n, N, D_edit)
         edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device).repeat(num_images_per_prompt, 1, 1)
         attention_kwargs = {**(joint_attention_kwargs or {}), "delta_hidden_states": edit_tokens}
         attention_kwargs["delta_scale"] = delta_scale
 
         return super().__call__(
-            image=queries if batch_size > 1 else queries[0],
+            image=references if outputs > 1 else references[0],
             prompt=None,
             negative_prompt=negative_prompt,
             true_cfg_scale=true_cfg_scale,
@@ -230,10 +249,10 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             num_inference_steps=positive_int(num_inference_steps, "num_inference_steps"),
             sigmas=sigmas,
             guidance_scale=finite_float(guidance_scale, "guidance_scale"),
-            num_images_per_prompt=num_images_per_prompt,
+            num_images_per_prompt=1,  # the references are already one per output
             generator=generator,
             latents=latents,
-            prompt_embeds=prompt_embeds.to(device),
+            prompt_embeds=prompt_embeds.to(device),  # (B * n, L, D_t5)
             pooled_prompt_embeds=None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(device),
             negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
@@ -246,3 +265,15 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             max_area=max_area,
             _auto_resize=auto_resize,
         )
+
+
+def _per_output(embeds: torch.Tensor | None, batch_size: int, num_images_per_prompt: int, name: str):
+    """Prompt embeddings given once or once per query (1 or B rows), as one row per output (B * n rows, tiled as the
+    references are); None stays None."""
+    if embeds is None:
+        return None
+    if embeds.shape[0] not in (1, batch_size):
+        raise ValueError(f"{name} has {embeds.shape[0]} rows: give 1, or one per query ({batch_size}).")
+    if embeds.shape[0] == 1:
+        embeds = embeds.expand(batch_size, *embeds.shape[1:])
+    return embeds.repeat(num_images_per_prompt, *([1] * (embeds.ndim - 1)))
