@@ -364,3 +364,26 @@ def test_kontexts_ip_adapter_is_refused_up_front_with_the_reason(pipe):
     with pytest.raises(ValueError, match="Kontext's IP-Adapter and the Delta-Adapter do not load together"):
         pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter", weight_name="ip_adapter.safetensors")
     assert {name: type(p) for name, p in pipe.transformer.attn_processors.items()} == before
+
+
+def test_true_cfgs_negative_pass_takes_a_negative_exemplar_or_no_edit(pipe):
+    """By default true CFG's negative pass gets the same edit tokens; a negative exemplar or strength replaces them
+    there only, as IP-Adapter's negative image does. Measured on the tiny model: a negative pass that is the positive
+    one gives the unguided output exactly, and one without the edit amplifies the edit."""
+    text = {"max_sequence_length": KONTEXT_TEXT_KWARGS["max_sequence_length"]}
+    plain, base = render(pipe, **text), render(pipe, delta_scale=0.0, **text)
+    guided = render(pipe, negative_prompt="bad quality", true_cfg_scale=2.0, **text)
+    same = render(pipe, negative_prompt="bad quality", true_cfg_scale=2.0, negative_delta_scale=1.0, **text)
+    assert (same == guided).all()  # the default, said explicitly: the same tokens at the same strength
+    mirrored = render(pipe, true_cfg_scale=2.0, negative_exemplar=(SOURCE, TARGET), **text)
+    assert (mirrored == plain).all()  # the negative pass is the positive one: guidance adds nothing
+    tokens = pipe.encode_exemplar((TARGET, SOURCE))
+    reverse = render(pipe, true_cfg_scale=2.0, negative_delta_embeds=tokens, **text)
+    assert np.abs(reverse - plain).max() > 1e-3
+    amplified = render(pipe, true_cfg_scale=2.0, negative_delta_scale=0.0, **text)
+    assert np.abs(amplified - base).mean() > 1.2 * np.abs(plain - base).mean()
+    assert (render(pipe, **text) == plain).all()  # the swap was for that call only
+    with pytest.raises(ValueError, match="act on true CFG's negative pass: give true_cfg_scale > 1"):
+        render(pipe, negative_delta_scale=0.0)
+    with pytest.raises(ValueError, match="at most one of negative_exemplar and negative_delta_embeds"):
+        render(pipe, true_cfg_scale=2.0, negative_exemplar=(SOURCE, TARGET), negative_delta_embeds=tokens)

@@ -3,7 +3,10 @@ text."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import itertools
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,6 +140,9 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         prompt: str = "",
         negative_prompt: str | None = None,
         true_cfg_scale: float = 1.0,
+        negative_exemplar: ExemplarPair | list[ExemplarPair] | None = None,
+        negative_delta_embeds: torch.Tensor | None = None,
+        negative_delta_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 28,
@@ -171,7 +177,15 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             prompt: an optional text prompt; Delta-Adapter is trained with the empty prompt.
             negative_prompt: with `true_cfg_scale` > 1, Kontext's true classifier-free guidance (needs the text
                 encoders).
-            true_cfg_scale: Kontext's true CFG scale.
+            true_cfg_scale: Kontext's true CFG scale. Its negative pass gets the same edit tokens as the positive one
+                by default, so true CFG amplifies the text's difference and keeps the edit as it is; the three
+                arguments below change that, as IP-Adapter's `negative_ip_adapter_image` does.
+            negative_exemplar: with true CFG, a pair whose edit the negative pass gets instead (guidance then moves
+                the output from that edit towards the exemplar's).
+            negative_delta_embeds: the same as edit tokens (`encode_exemplar`), instead of `negative_exemplar`.
+            negative_delta_scale: with true CFG, the negative pass's edit strength (default: `delta_scale`); 0 gives
+                it no edit, so guidance amplifies the exemplar's edit itself. With any of these three and no negative
+                prompt, the negative pass uses the positive prompt's embeddings: only the edit is guided.
             height: the output's height, before Kontext fits it to `max_area` (with `width`). By default the query's
                 size as Kontext sizes its reference (upstream defaults to 1024x1024 whatever the query's shape).
             width: the output's width (with `height`).
@@ -205,6 +219,18 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             image, exemplar, delta_embeds, delta_scale, num_images_per_prompt, joint_attention_kwargs
         )
         self._check_output_size(height, width)
+        negative_edit = any(value is not None for value in (negative_exemplar, negative_delta_embeds,
+                                                            negative_delta_scale))  # fmt: skip
+        if negative_edit:
+            if negative_exemplar is not None and negative_delta_embeds is not None:
+                raise ValueError("Pass at most one of negative_exemplar and negative_delta_embeds.")
+            if not true_cfg_scale > 1:
+                raise ValueError(
+                    "negative_exemplar, negative_delta_embeds and negative_delta_scale act on true CFG's negative "
+                    f"pass: give true_cfg_scale > 1 (got {true_cfg_scale})."
+                )
+            if negative_delta_scale is not None:
+                negative_delta_scale = finite_float(negative_delta_scale, "negative_delta_scale")
         queries = self._query_images(image)
         fixed = self.config.get("image_size")
         auto_resize = _auto_resize and fixed is None
@@ -233,38 +259,54 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
                                              "negative_prompt_embeds")  # fmt: skip
         negative_pooled_prompt_embeds = _per_output(negative_pooled_prompt_embeds, batch_size, num_images_per_prompt,
                                                     "negative_pooled_prompt_embeds")  # fmt: skip
+        if negative_edit and negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt_embeds, negative_pooled_prompt_embeds = prompt_embeds, pooled_prompt_embeds
+        has_negative = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
+        )
+        if negative_edit and not has_negative:  # upstream would run no negative pass for the edit to act in
+            raise ValueError(
+                "With negative_prompt_embeds, give negative_pooled_prompt_embeds too (true CFG needs both)."
+            )
 
         # Edit tokens, tiled as the references: (B * n, N, D_edit)
         edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device).repeat(num_images_per_prompt, 1, 1)
         attention_kwargs = {**(joint_attention_kwargs or {}), "delta_hidden_states": edit_tokens}
         attention_kwargs["delta_scale"] = delta_scale
+        negative_pass = {}  # what the negative pass of true CFG gets instead
+        if negative_exemplar is not None or negative_delta_embeds is not None:
+            negative_tokens = self._edit_tokens(negative_exemplar, negative_delta_embeds, batch_size, device)
+            negative_pass["delta_hidden_states"] = negative_tokens.repeat(num_images_per_prompt, 1, 1)
+        if negative_delta_scale is not None:
+            negative_pass["delta_scale"] = negative_delta_scale
 
-        return super().__call__(
-            image=references if outputs > 1 else references[0],
-            prompt=None,
-            negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale,
-            height=height,
-            width=width,
-            num_inference_steps=positive_int(num_inference_steps, "num_inference_steps"),
-            sigmas=sigmas,
-            guidance_scale=finite_float(guidance_scale, "guidance_scale"),
-            num_images_per_prompt=1,  # the references are already one per output
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds.to(device),  # (B * n, L, D_t5)
-            pooled_prompt_embeds=None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(device),
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            joint_attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-            max_area=max_area,
-            _auto_resize=auto_resize,
-        )
+        with _negative_pass(self.transformer, negative_pass):
+            return super().__call__(
+                image=references if outputs > 1 else references[0],
+                prompt=None,
+                negative_prompt=negative_prompt,
+                true_cfg_scale=true_cfg_scale,
+                height=height,
+                width=width,
+                num_inference_steps=positive_int(num_inference_steps, "num_inference_steps"),
+                sigmas=sigmas,
+                guidance_scale=finite_float(guidance_scale, "guidance_scale"),
+                num_images_per_prompt=1,  # the references are already one per output
+                generator=generator,
+                latents=latents,
+                prompt_embeds=prompt_embeds.to(device),  # (B * n, L, D_t5)
+                pooled_prompt_embeds=None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(device),
+                negative_prompt_embeds=negative_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                output_type=output_type,
+                return_dict=return_dict,
+                joint_attention_kwargs=attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                max_sequence_length=max_sequence_length,
+                max_area=max_area,
+                _auto_resize=auto_resize,
+            )
 
 
 def _per_output(embeds: torch.Tensor | None, batch_size: int, num_images_per_prompt: int, name: str):
@@ -277,3 +319,27 @@ def _per_output(embeds: torch.Tensor | None, batch_size: int, num_images_per_pro
     if embeds.shape[0] == 1:
         embeds = embeds.expand(batch_size, *embeds.shape[1:])
     return embeds.repeat(num_images_per_prompt, *([1] * (embeds.ndim - 1)))
+
+
+@contextlib.contextmanager
+def _negative_pass(transformer, negative: dict) -> Iterator[None]:
+    """While upstream's loop runs in this thread, every second transformer call (true CFG's negative pass: upstream
+    calls the positive pass, then the negative one, each step) gets `negative`'s attention kwargs in place of the
+    call's. Nothing changes when `negative` is empty; calls from other threads (pipelines sharing the transformer)
+    are left alone."""
+    if not negative:
+        yield
+        return
+    thread, calls = threading.get_ident(), itertools.count()
+
+    def swap(module, args, kwargs):
+        if threading.get_ident() != thread or next(calls) % 2 == 0:
+            return None
+        kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), **negative}
+        return args, kwargs
+
+    handle = transformer.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
