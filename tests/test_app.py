@@ -2,6 +2,7 @@
 behind it (exemplar cache, sizes, errors shown as the library's messages)."""
 
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def served_app(model_dir, tmp_path_factory):
             stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield connect(f"http://127.0.0.1:{port}/", server)
+        client = connect(f"http://127.0.0.1:{port}/", server)
+        client.log = log
+        yield client
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -230,3 +233,10 @@ def test_the_space_names_its_own_variables_when_one_is_missing_or_does_not_fit(m
     with pytest.raises(SpaceSetupError, match=r"DELTA_ADAPTER \(.*foreign\) does not load on the embedded toy model.*"
                                               r"set BASE_MODEL to the base it was trained for"):  # fmt: skip
         runpy.run_path(space, run_name="space")
+
+
+def test_the_app_command_says_where_it_serves_and_names_its_own_flag(served_app):
+    """Gradio's start-up lines advise `share=True` in `launch()`; the command's name its URL and its `--share`."""
+    started = served_app.log.read_text()
+    assert re.search(r"Serving the app at http://127.0.0.1:\d+/? \(Ctrl\+C stops it\)\.", started)
+    assert "--share also opens a public gradio.live link." in started and "launch()" not in started

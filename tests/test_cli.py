@@ -208,3 +208,30 @@ def test_only_the_torchvision_fallback_notice_is_dropped():
               "backward compatibility.")  # fmt: skip
     assert not TorchvisionFallbackFilter().filter(record(notice))
     assert TorchvisionFallbackFilter().filter(record("`Foo` requires torchvision: install it."))
+
+
+def test_out_that_means_the_other_kind_of_edit_is_refused_naming_it(run_cli, model_dir, images, tmp_path):
+    (tmp_path / "queries").mkdir()
+    PIL.Image.open(images["query"]).save(tmp_path / "queries" / "q.png")
+    exemplar = ["--exemplar", images["source"], images["target"]]
+    models = ["--base", model_dir / "base", "--adapter", model_dir / "adapter"]
+    code, _, err = run_cli(["edit", *exemplar, "--queries", tmp_path / "queries", "--out", tmp_path / "result.png",
+                            *models])  # fmt: skip
+    assert code == 2 and "names an image file: with --queries, --out is the folder" in err
+    assert not (tmp_path / "result.png").exists()  # no folder of that name made
+    code, _, err = run_cli(["edit", *exemplar, "--query", images["query"], "--out", tmp_path / "queries", *models])
+    assert code == 2 and "is a folder: give an image file name, such as" in err and "--queries edits a folder" in err
+
+
+def test_an_unknown_flag_after_a_command_prints_that_commands_usage(run_cli, images, tmp_path):
+    code, _, err = run_cli(["edit", "--exemplar", images["source"], images["target"], "--query", images["query"],
+                            "--out", tmp_path / "x.png", "--bogus"])  # fmt: skip
+    assert code == 2 and err.startswith("usage: diffusers-delta edit") and "unrecognized arguments: --bogus" in err
+
+
+def test_every_flag_of_every_command_is_explained_in_its_help():
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    for name, command in commands.choices.items():
+        unexplained = [action.dest for action in command._actions if not action.help and action.dest != "help"]
+        assert unexplained == [], f"{name}: {unexplained}"

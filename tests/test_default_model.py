@@ -32,9 +32,23 @@ def test_the_apps_examples_are_edits_the_shipped_model_makes():
             assert mean_absolute_error(output, truth) < mean_absolute_error(query, truth), name
 
 
-def test_demo_on_the_shipped_model_writes_its_grid(tmp_path):
+def test_demo_on_the_shipped_model_writes_its_grid_and_says_which_rows_fail(tmp_path, capsys):
     out = tmp_path / "demo.png"
     cli.main(["demo", "--out", str(out)])
     rows = showcase.DEMO_ROWS[toyworld.model_world()]
     width, height = PIL.Image.open(out).size
     assert height == 20 + len(rows) * 128 and width > 5 * 128  # a title strip and a 128-pixel row per edit
+    printed = capsys.readouterr().out
+    assert "'identity' leaves the query unedited" in printed
+    verdicts = ("edits", "FAILS (worse than the unedited query)")
+    table = [line for line in printed.splitlines() if line.endswith(verdicts)]
+    assert len(table) == len(rows)
+    for line in table:  # a row fails exactly when its output is no better than identity
+        identity, output = _errors(line)
+        assert line.endswith("edits") == (output < identity)
+
+
+def _errors(line: str) -> tuple[float, float]:
+    """(identity, output) of one line of the demo's table."""
+    numbers = [float(word) for word in line.split() if word.replace(".", "", 1).isdigit() and "." in word]
+    return numbers[-2], numbers[-1]

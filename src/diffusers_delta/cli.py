@@ -37,15 +37,17 @@ class UsageError(Exception):
     """A mistake in the command's inputs: reported in one line, exit code 2."""
 
 
-def _output_path(path: str) -> Path:
-    """`--out`, checked to name an image format PIL writes; its folder is created if missing."""
+def _output_path(path: str, folder_hint: str = "") -> Path:
+    """`--out`, checked to name an image format PIL writes; its folder is created if missing. `folder_hint` follows
+    the message for a folder given instead."""
     out = Path(path).expanduser()
+    if out.is_dir() or path.endswith(("/", "\\")):
+        raise UsageError(f"--out {path} is a folder: give an image file name, such as {out / 'edited.png'}"
+                         f"{folder_hint}.")  # fmt: skip
     extension = out.suffix.lower()
     image_format = PIL.Image.registered_extensions().get(extension)
     if image_format is None or image_format not in PIL.Image.SAVE:
         raise UsageError(f"--out {path}: {extension or 'no extension'} is not an image format; use .png or .jpg.")
-    if out.is_dir():
-        raise UsageError(f"--out {path} is a folder: give a file name such as {out / 'edited.png'}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -128,8 +130,10 @@ def _demo(args: argparse.Namespace) -> None:
         rows.append([source, target, query, output, truth])
         identity, error = mean_absolute_error(query, truth), mean_absolute_error(output, truth)
         split = showcase.SPLIT_LABELS[example.split]
-        lines.append((example.edit.name, split, example.adapt_steps, identity, error))
-        row_labels.append(f"{example.label()}\nerror {error:.3f}\n(identity {identity:.3f})")
+        fails = error >= identity  # the output is further from the truth than the unedited query
+        lines.append((example.edit.name, split, example.adapt_steps, identity, error, fails))
+        verdict = "\nFAILS: worse than\nthe unedited query" if fails else ""
+        row_labels.append(f"{example.label()}\nerror {error:.3f}\n(identity {identity:.3f}){verdict}")
     grid = make_edit_grid(
         rows,
         ["exemplar source", "exemplar target", "query", "output", "truth"],
@@ -140,10 +144,12 @@ def _demo(args: argparse.Namespace) -> None:
     write_image_atomically(grid, out)
     width = max(len("edit"), *(len(line[0]) for line in lines))
     split_width = max(len(line[1]) for line in lines)
-    print(f"{'edit':<{width}} {'split':<{split_width}} {'adapted':>7} {'identity':>9} {'output':>9}"
-          "   (mean absolute error to the truth, 0-1)")  # fmt: skip
-    for name, split, steps, identity, error in lines:
-        print(f"{name:<{width}} {split:<{split_width}} {steps or '':>7} {identity:>9.4f} {error:>9.4f}")
+    print("Mean absolute error to the exact truth (0-1): 'identity' leaves the query unedited, 'output' is the "
+          "model's edit; a row whose output is no better than identity fails.")  # fmt: skip
+    print(f"{'edit':<{width}} {'split':<{split_width}} {'adapted':>7} {'identity':>9} {'output':>9}  verdict")
+    for name, split, steps, identity, error, fails in lines:
+        verdict = "FAILS (worse than the unedited query)" if fails else "edits"
+        print(f"{name:<{width}} {split:<{split_width}} {steps or '':>7} {identity:>9.4f} {error:>9.4f}  {verdict}")
     print(f"Wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -203,6 +209,9 @@ def _folder_output(path: str) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {path} is a file: with --queries, --out is the folder the edited images go to.")
+    if not out.exists() and out.suffix.lower() in PIL.Image.registered_extensions():
+        raise UsageError(f"--out {path} names an image file: with --queries, --out is the folder the edited images "
+                         f"go to (such as {out.with_suffix('')}); --query edits one image into a file.")  # fmt: skip
     return out
 
 
@@ -227,7 +236,7 @@ def _edit(args: argparse.Namespace) -> None:
             same_size_batches(Path(args.queries), listed, 1)
     else:
         query = _read_image(args.query, "query")
-        out = _output_path(args.out)
+        out = _output_path(args.out, " (--queries edits a folder of images into a folder)")
     _check_model_sources(args)
 
     # 2-4 run in this process's share of the work; the process group goes at the end, whatever happens
@@ -316,7 +325,12 @@ def _app(args: argparse.Namespace) -> None:
     _check_model_sources(args)
     pipe = load_edit_pipeline(args.base, args.adapter, device="cuda" if torch.cuda.is_available() else None)
     app = build_app(pipe, toy_examples=args.base is None, about=describe_model(args.base, args.adapter, pipe))
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    # Gradio's own start-up lines advise `share=True` in `launch()`: this command's lines name its flags instead
+    _, local_url, share_url = app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                 quiet=True, prevent_thread_lock=True)  # fmt: skip
+    print(f"Serving the app at {local_url} (Ctrl+C stops it).", flush=True)
+    print(f"Public link: {share_url}" if share_url else "--share also opens a public gradio.live link.", flush=True)
+    app.block_thread()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,10 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--edits", nargs="+", default=None, help="Edits to show, by name (default: the model's showcase rows)."
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="Seeds the scenes drawn and the noise.")
     demo.add_argument("--model-dir", default=str(toyworld.DEFAULT_MODEL_DIR), help=argparse.SUPPRESS)
     edit = commands.add_parser("edit", parents=[common], help="Apply an exemplar's edit to a query image.")
-    edit.add_argument("--exemplar", nargs=2, required=True, metavar=("SOURCE", "TARGET"))
+    edit.add_argument("--exemplar", nargs=2, required=True, metavar=("SOURCE", "TARGET"),
+                      help="The exemplar pair: an image before the edit and the same image after it.")  # fmt: skip
     queries = edit.add_mutually_exclusive_group(required=True)
     queries.add_argument("--query", help="One image to edit.")
     queries.add_argument(
@@ -352,21 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
-    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--seed", type=int, default=0, help="Seeds the noise of every edit (and the adaptation).")
     app = commands.add_parser("app", parents=[common], help="Serve the Gradio app (needs the [app] extra).")
     app.add_argument(
         "--base", default=None, help="FLUX.2 [klein] or FLUX.1 Kontext Hub id or folder (default: the toy model)."
     )
     app.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     app.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
-    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--port", type=int, default=7860, help="Port to listen on.")
     app.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage (argparse would print the top-level one)
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         {"demo": _demo, "edit": _edit, "app": _app}[args.command](args)
     except (UsageError, ValueError, OSError) as error:  # the library's own errors name the fix
