@@ -1177,6 +1177,17 @@ def load_lora(transformer, folder: str) -> None:
     set_peft_model_state_dict(transformer, state_dict)
 
 
+def edits_one_image_size(args) -> bool:
+    """Whether the base pipeline knows one image size only (its `image_size`): the toy world's base editor."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError):
+        return False
+    return config.get("image_size") is not None
+
+
 def save_release(args, model, feature_extractor, empty_prompt, grid, global_step: int, num_processes: int) -> None:
     """Writes the folder `load_delta_adapter` reads into `--output_dir`, atomically and with its card (checkpoints
     and logs there stay as they are); pushes it if asked."""
@@ -1213,6 +1224,7 @@ def save_release(args, model, feature_extractor, empty_prompt, grid, global_step
         },
         validation_grid="validation.png" if has_examples else None,
         example_files=has_examples,
+        toy_base=edits_one_image_size(args),
     )
     write_adapter_folder(
         output_dir,

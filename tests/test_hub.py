@@ -137,3 +137,26 @@ def test_every_saved_adapter_carries_a_card_the_hub_accepts(delta_pipe, tmp_path
     with caplog.at_level("WARNING"):
         pipe.load_delta_adapter(tmp_path / "my-adapter")  # the float32 adapter cast to bfloat16, quietly
     assert pipe.delta_adapter.dtype == torch.bfloat16 and "should be kept in float32" not in caplog.text
+
+
+def test_a_card_of_an_adapter_trained_on_the_toy_base_says_so_and_its_snippet_runs(tmp_path, monkeypatch):
+    """The CPU recipe trains on the toy world's base editor: the card is titled for it, does not call it a FLUX.2
+    [klein] checkpoint, and its snippet (the recipe's before.png/after.png) runs on the embedded base."""
+    from diffusers_delta import toyworld
+
+    pipe = toyworld.load_pipeline()
+    pipe.save_delta_adapter(tmp_path / "toy-adapter")
+    card = render_model_card(pipe.delta_adapter, repo_id=str(tmp_path / "toy-adapter"),
+                             base_model=str(toyworld.DEFAULT_MODEL_DIR / "base"), image_encoder="siglip",
+                             toy_base=True)  # fmt: skip
+    title = next(line for line in card.text.splitlines() if line.startswith("# "))
+    assert title == "# toy-adapter: a Delta-Adapter for the toy world's base editor"
+    assert "not on a FLUX.2 [klein] checkpoint" in card.text and str(tmp_path) not in str(card)
+    snippet = _python_block(card.text).replace("path/to/toy-adapter", str(tmp_path / "toy-adapter"))
+    source, target = toyworld.make_pair("grey", 7)
+    source.save(tmp_path / "before.png")
+    target.save(tmp_path / "after.png")
+    toyworld.make_pair("frame", 8)[0].save(tmp_path / "query.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "toy-card", "exec"), {})
+    assert PIL.Image.open(tmp_path / "edited.png").size == (64, 64)

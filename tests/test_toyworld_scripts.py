@@ -74,6 +74,8 @@ def test_adapter_trains_on_the_toy_base_without_a_text_encoder(toy, tmp_path):
         "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
         "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(tmp_path / "adapter"),
     ]))  # fmt: skip
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "# adapter: a Delta-Adapter for the toy world's base editor" in card  # not "for base", not klein's
     pipe = FluxDeltaEditPipeline.from_pretrained(toy / "base")
     pipe.load_delta_adapter(tmp_path / "adapter")
     pipe.set_progress_bar_config(disable=True)

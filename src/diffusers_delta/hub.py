@@ -69,6 +69,10 @@ def license_metadata(base_model: str | None, license: str | None) -> dict:
     return {}
 
 
+#: What a card calls a toy-world base editor (a FLUX.2 [klein]-architecture model of 64x64 synthetic scenes).
+TOY_BASE_NAME = "the toy world's base editor"
+
+
 def render_model_card(
     adapter: DeltaAdapterModel,
     repo_id: str,
@@ -82,6 +86,7 @@ def render_model_card(
     example_files: bool = False,
     tags: list[str] | None = None,
     toyworld_edit: str | None = None,
+    toy_base: bool = False,
 ) -> ModelCard:
     """The model card of a Delta-Adapter. Names of folders on the training machine never enter it: a local base,
     adapter or image encoder is named by its folder's name only, and the snippet then has a line that says what
@@ -104,6 +109,9 @@ def render_model_card(
         tags: extra tags.
         toyworld_edit: for the adapter of the toy world's embedded model, the edit its snippet shows (a name
             `toyworld.make_pair` takes); the snippet loads the model with `toyworld.load_pipeline()`.
+        toy_base: the adapter was trained on a toy-world base editor (a base that edits one image size, such as the
+            embedded one): the card says so instead of naming a FLUX.2 [klein] checkpoint, and its snippet loads the
+            embedded base with `toyworld.load_pipeline()` and this adapter onto it.
     """
     base_on_hub = base_model is not None and is_hub_repo_id(base_model)
     backbone = BACKBONES[adapter.config.backbone]
@@ -135,8 +143,9 @@ def render_model_card(
         repo_id=repo_id,
         adapter_on_hub=is_hub_repo_id(repo_id),
         adapter_name=shown(repo_id),
-        base_model=shown(base_model) if base_model else f"a {backbone.FAMILY} base",
+        base_model=TOY_BASE_NAME if toy_base else shown(base_model) if base_model else f"a {backbone.FAMILY} base",
         family=backbone.FAMILY,
+        toy_base=toy_base,
         pipeline_class=backbone.DELTA_PIPELINE,
         default_base=backbone.DEFAULT_BASE,
         text_free=", ".join(f"{name}=None" for name in backbone.TEXT_COMPONENTS),
