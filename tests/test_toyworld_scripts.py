@@ -2,6 +2,7 @@
 
 import fcntl
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import toyworld2_quality  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
 import train_vae  # noqa: E402
+import world3_quality  # noqa: E402
 
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder  # noqa: E402
 
@@ -104,28 +106,70 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     assert torch.equal(pipe.empty_prompt_embeds, empty)  # the pipeline folder carries its empty prompt
 
 
-def test_toy_world_3_stand_ins_start_from_world_2s_and_read_parameter_vectors(toy, tmp_path, capsys):
-    """World 3's VAE is fine-tuned from an existing one and its base editor starts from an existing transformer,
-    reading each edit's parameter vector; their reports give the floor and the told base's gap per held-out edit."""
+@pytest.fixture(scope="module")
+def toy3(toy, tmp_path_factory):
+    """A world-3 build in miniature, as build_world3.py lays it out: the VAE fine-tuned from an existing one, the base
+    editor from an existing transformer reading parameter vectors, pairs each of its own edit, a 2-step adapter."""
+    root = tmp_path_factory.mktemp("toy3")
     train_vae.main(train_vae.parse_args(
-        ["--output_dir", str(tmp_path / "vae"), "--max_steps", "1", "--batch_size", "4", "--stats_batches", "1",
+        ["--output_dir", str(root / "vae"), "--max_steps", "1", "--batch_size", "4", "--stats_batches", "1",
          "--world", "space", "--init_from", str(toy / "vae")]
     ))  # fmt: skip
     train_base_editor.main(train_base_editor.parse_args(
-        ["--vae_dir", str(tmp_path / "vae"), "--output_dir", str(tmp_path / "base"), "--max_steps", "1",
+        ["--vae_dir", str(root / "vae"), "--output_dir", str(root / "base"), "--max_steps", "1",
          "--batch_size", "4", "--world", "space", "--init_transformer", str(toy / "base" / "transformer")]
     ))  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "floor sepia" in printed and "held out tinted half" in printed and "sampled edits" in printed
-    encoder = InstructionEncoder.from_pretrained(tmp_path / "base" / "instruction_encoder")
+    toyworld.write_space_pairs(root / "pairs", 8, seed=0)
+    tiny_image_encoder().save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
+    train_delta_adapter.main(train_delta_adapter.parse_args([
+        "--pretrained_model_name_or_path", str(root / "base"), "--image_encoder", str(root / "siglip"),
+        "--empty_prompt_embeds", str(root / "base" / "empty_prompt_embeds.safetensors"),
+        "--train_data_dir", str(root / "pairs"), "--resolution", "64", "--num_edit_tokens", "4",
+        "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
+        "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(root / "adapter"),
+    ]))  # fmt: skip
+    return root
+
+
+def test_toy_world_3_stand_ins_start_from_world_2s_and_read_parameter_vectors(toy, toy3, capsys):
+    """World 3's VAE is fine-tuned from an existing one and its base editor starts from an existing transformer,
+    reading each edit's parameter vector."""
+    encoder = InstructionEncoder.from_pretrained(toy3 / "base" / "instruction_encoder")
     assert encoder.config.instruction_width == toyworld.edit_space.INSTRUCTION_WIDTH
     started = safetensors.torch.load_file(toy / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
-    trained = safetensors.torch.load_file(tmp_path / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = safetensors.torch.load_file(toy3 / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert started.keys() == trained.keys()  # the same architecture, trained on from its weights
     assert any(not torch.equal(started[k], trained[k]) for k in started)
     first = safetensors.torch.load_file(toy / "vae" / "diffusion_pytorch_model.safetensors")
-    tuned = safetensors.torch.load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    tuned = safetensors.torch.load_file(toy3 / "vae" / "diffusion_pytorch_model.safetensors")
     assert first.keys() == tuned.keys() and any(not torch.equal(first[k], tuned[k]) for k in first)
+
+
+def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, capsys):
+    """world3_quality.py on the miniature build: each row's columns with the three measures, the distance of each
+    held-out edit to the training edits, the goals, and a JSON of it all."""
+    results = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
+                                   "vignette", "--adapt_steps", "1", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert set(results) == {"sepia", "vignette", world3_quality.SAMPLED}
+    for row in results.values():
+        assert set(row) == {"identity", "floor", "told base", "nearest exactly", "adapter", "adapted(1)"}
+        assert row["floor"] > 0 and row["identity"] > 0  # (the miniature VAE's floor is above identity)
+        for column in ("told base", "nearest exactly", "adapter", "adapted(1)"):
+            assert set(row[column]) == {"error", "gap", "shape_gap", "beats_erased"}
+            assert 0 <= row[column]["error"] <= 1 and row[column]["beats_erased"] in (0.0, 1.0)
+    assert "held-out ratio adapter / told base" in printed and "gap / shapes / beats erased" in printed
+    assert json.loads((tmp_path / "r.json").read_text())["distances"]["sepia"] > 0
+
+
+def test_the_nearest_training_edit_baseline_finds_an_edit_it_holds():
+    """The baseline a perfect recogniser of seen edits would be: given an exemplar of a bank edit, it applies that
+    very edit to the query, exactly."""
+    spec = toyworld.edit_space.HELD_OUT_EDITS["warm"]
+    bank = [toyworld.edit_space.HELD_OUT_EDITS[name] for name in ("sepia", "night", "warm", "vignette")]
+    case = world3_quality.held_out_cases(spec, 1)[0]
+    assert np.array_equal(world3_quality.nearest_exactly(case, bank), case.images["truth"])
 
 
 @pytest.mark.parametrize("reuse", ["1", "2"])

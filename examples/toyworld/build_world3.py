@@ -10,7 +10,7 @@ is fine-tuned on pictures the space edits (colours off the palette, ramps, blurs
 starts from world 2's and learns to read each edit's parameter vector through a new instruction encoder (every edit:
 sampled ones and the held-out ones, as klein knows "sepia" by text), and its SigLIP stand-in is kept. The adapter
 trains on `--pairs` pairs, no two of which share an edit; with `--pooled` the pooled-MLP ablation trains on the same
-pairs (the dense-against-pooled comparison of `research/toyworld3_quality.py`).
+pairs (the dense-against-pooled comparison of `world3_quality.py`, beside this script).
 
 Every stage writes one folder of `--work_dir`, which exists only complete, and is skipped when it is there; the VAE,
 the base editor and the adapters also resume from their checkpoints (at most 500 steps, under 10 minutes, apart), so a
