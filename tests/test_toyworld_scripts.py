@@ -49,6 +49,20 @@ def toy(tmp_path_factory):
     return root
 
 
+def train_tiny_adapter(base: Path, pairs: Path, root: Path) -> None:
+    """A 2-step adapter on `base` from `pairs`, with a tiny SigLIP, into `root/adapter` (the encoder in
+    `root/siglip`)."""
+    tiny_image_encoder().save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
+    train_delta_adapter.main(train_delta_adapter.parse_args([
+        "--pretrained_model_name_or_path", str(base), "--image_encoder", str(root / "siglip"),
+        "--empty_prompt_embeds", str(base / "empty_prompt_embeds.safetensors"),
+        "--train_data_dir", str(pairs), "--resolution", "64", "--num_edit_tokens", "4",
+        "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
+        "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(root / "adapter"),
+    ]))  # fmt: skip
+
+
 def test_vae_fills_its_latent_statistics(toy):
     vae = AutoencoderKLFlux2.from_pretrained(toy / "vae")
     assert vae.config.latent_channels == 8 and vae.bn.running_mean.shape == (32,)
@@ -67,15 +81,7 @@ def test_base_editor_folder_is_a_text_free_pipeline(toy):
 
 def test_adapter_trains_on_the_toy_base_without_a_text_encoder(toy, tmp_path):
     toyworld.write_pairs(tmp_path / "pairs", ("recolor", "flip"), pairs_per_edit=2)
-    tiny_image_encoder().save_pretrained(tmp_path / "siglip")
-    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
-    train_delta_adapter.main(train_delta_adapter.parse_args([
-        "--pretrained_model_name_or_path", str(toy / "base"), "--image_encoder", str(tmp_path / "siglip"),
-        "--empty_prompt_embeds", str(toy / "base" / "empty_prompt_embeds.safetensors"),
-        "--train_data_dir", str(tmp_path / "pairs"), "--resolution", "64", "--num_edit_tokens", "4",
-        "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
-        "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(tmp_path / "adapter"),
-    ]))  # fmt: skip
+    train_tiny_adapter(toy / "base", tmp_path / "pairs", tmp_path)
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "# adapter: a Delta-Adapter for the toy world's base editor" in card  # not "for base", not klein's
     pipe = FluxDeltaEditPipeline.from_pretrained(toy / "base")
@@ -120,15 +126,7 @@ def toy3(toy, tmp_path_factory):
          "--batch_size", "4", "--world", "space", "--init_transformer", str(toy / "base" / "transformer")]
     ))  # fmt: skip
     toyworld.write_space_pairs(root / "pairs", 8, seed=0)
-    tiny_image_encoder().save_pretrained(root / "siglip")
-    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
-    train_delta_adapter.main(train_delta_adapter.parse_args([
-        "--pretrained_model_name_or_path", str(root / "base"), "--image_encoder", str(root / "siglip"),
-        "--empty_prompt_embeds", str(root / "base" / "empty_prompt_embeds.safetensors"),
-        "--train_data_dir", str(root / "pairs"), "--resolution", "64", "--num_edit_tokens", "4",
-        "--resampler_dim", "16", "--resampler_depth", "1", "--resampler_heads", "2", "--max_train_steps", "2",
-        "--checkpointing_steps", "100", "--report_to", "none", "--output_dir", str(root / "adapter"),
-    ]))  # fmt: skip
+    train_tiny_adapter(root / "base", root / "pairs", root)
     return root
 
 
