@@ -17,7 +17,6 @@ and the families it makes worse by more than 0.05; `--markdown` adds a table per
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -26,39 +25,12 @@ import toyworld2_quality
 from toyworld2_quality import gap
 
 from diffusers_delta import FluxDeltaEditPipeline
-from diffusers_delta.adaptation import AdaptationConfig
+from diffusers_delta.adaptation import parse_setting, setting_name
 from diffusers_delta.toyworld import SPLITS
 
 
 ZERO_SHOT = "zero-shot"
 WORSE = 0.05  # a family counts as made worse when adaptation lowers its gap closed by more than this
-
-
-def parse_setting(text: str) -> AdaptationConfig:
-    """`"num_steps=20,learning_rate=1e-3"` -> the `AdaptationConfig` with those fields (the rest as defaults)."""
-    types = {field.name: type(field.default) for field in dataclasses.fields(AdaptationConfig)}
-    flags = {"true": True, "false": False, "none": None}  # gradient_checkpointing
-    values = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name not in types or not value:
-            raise ValueError(f"--setting {text!r}: expected FIELD=VALUE pairs, FIELD one of {', '.join(types)}.")
-        kind = types[name]
-        if kind in (int, float, str):
-            values[name] = kind(value)
-        elif value.lower() in flags:
-            values[name] = flags[value.lower()]
-        else:
-            raise ValueError(f"--setting {text!r}: {name} takes true, false or none.")
-    return AdaptationConfig(**values)
-
-
-def setting_name(config: AdaptationConfig) -> str:
-    """The fields a setting changes from the defaults, e.g. `"adapt lr 0.0003, trainable edit_tokens"`."""
-    defaults = AdaptationConfig()
-    changed = [f"{field.name} {getattr(config, field.name)}" for field in dataclasses.fields(config)
-               if getattr(config, field.name) != getattr(defaults, field.name)]  # fmt: skip
-    return "adapt " + (", ".join(changed).replace("learning_rate", "lr") or "(defaults)")
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str, dict]]:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -149,7 +150,7 @@ def test_bad_settings_are_refused_before_anything_changes(pipe, kwargs, error, m
 def test_bad_exemplar_and_non_finite_loss_leave_the_adapter_as_it_was(pipe, monkeypatch):
     adapt(pipe)  # an adapter already adapted once: that is the state to keep
     before, processors = state(pipe.delta_adapter), dict(pipe.transformer.attn_processors)
-    with pytest.raises(ValueError, match="query is 10x10"):
+    with pytest.raises(ValueError, match="exemplar source is 10x10"):
         pipe.adapt_to_exemplar(random_image(0, (10, 10)), TARGET, **FAST)
 
     forward = DeltaAdapterObjective.forward
@@ -177,3 +178,57 @@ def test_bfloat16_pipeline_adapts_with_float32_master_weights(pipe):
     pipe.to(torch.bfloat16)
     result = adapt(pipe, num_steps=2)
     assert pipe.delta_adapter.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_the_pairs_views_are_the_same_change_of_both_images():
+    from diffusers_delta.adaptation import pair_views
+
+    views = pair_views(SOURCE, TARGET, "flip_crop")
+    assert len(views) == 4 and views[0] == (SOURCE, TARGET)
+    assert all(view[0].size == view[1].size == SOURCE.size for view in views)
+    mirrored = [np.asarray(image) for image in views[1]]
+    assert np.array_equal(mirrored[0], np.asarray(SOURCE)[:, ::-1]) and np.array_equal(mirrored[1],
+                                                                                     np.asarray(TARGET)[:, ::-1])
+    assert pair_views(SOURCE, TARGET, "none") == [(SOURCE, TARGET)]
+
+
+def test_an_anchor_keeps_the_adapter_nearer_the_weights_it_started_from(pipe):
+    start = state(pipe.delta_adapter)
+
+    def moved():
+        now = state(pipe.delta_adapter)
+        return sum(float(((now[k] - start[k]) ** 2).sum()) for k in start)
+
+    adapt(pipe)
+    free = moved()
+    adapt(pipe, config=AdaptationConfig(anchor_weight=1e6))  # from the loaded weights again
+    assert moved() < 0.5 * free
+
+
+def test_early_stopping_keeps_the_weights_of_its_best_held_out_measurement(pipe):
+    """Held-out losses are measured at the start and every `eval_every` steps on a view it does not train on; the
+    weights kept are those of the lowest one (the start's, when none beats it)."""
+    start = state(pipe.delta_adapter)
+    config = AdaptationConfig(augment="flip_crop", early_stopping=True, eval_every=2)
+    result = adapt(pipe, config=config)
+    steps = [step for step, _ in result.held_out]
+    assert steps == [0, 2, 4, 6] and len(result.losses) == 6
+    best_step = min(result.held_out, key=lambda measured: measured[1])[0]
+    assert result.kept_step == best_step
+    if best_step == 0:
+        assert same(start, state(pipe.delta_adapter))
+    again = adapt(pipe, config=config)
+    assert again.held_out == result.held_out  # deterministic with a generator
+    edited = edit(pipe)
+    pipe.reset_delta_adapter()
+    assert same(start, state(pipe.delta_adapter)) and edited.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"augment": "rotate"}, "augment must be one of"), ({"anchor_weight": -1.0}, "anchor_weight"),
+     ({"eval_every": 0}, "eval_every")],
+)  # fmt: skip
+def test_bad_guard_settings_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptationConfig(**setting)

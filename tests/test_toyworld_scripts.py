@@ -148,13 +148,16 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
     """world3_quality.py on the miniature build: each row's columns with the three measures, the distance of each
     held-out edit to the training edits, the goals, and a JSON of it all."""
     results = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
-                                   "vignette", "--adapt_steps", "1", "--json", str(tmp_path / "r.json")])  # fmt: skip
+                                   "vignette", "--adapt_steps", "1", "--adapt_setting",
+                                   "num_steps=2,augment=flip_crop,early_stopping=true,eval_every=1", "--json",
+                                   str(tmp_path / "r.json")])  # fmt: skip
     printed = capsys.readouterr().out
     assert set(results) == {"sepia", "vignette", world3_quality.SAMPLED}
     for row in results.values():
-        assert set(row) == {"identity", "floor", "told base", "nearest exactly", "adapter", "adapted(1)"}
+        guarded = "adapt num_steps 2, augment flip_crop, early_stopping True, eval_every 1"
+        assert set(row) == {"identity", "floor", "told base", "nearest exactly", "adapter", "adapted(1)", guarded}
         assert row["floor"] > 0 and row["identity"] > 0  # (the miniature VAE's floor is above identity)
-        for column in ("told base", "nearest exactly", "adapter", "adapted(1)"):
+        for column in ("told base", "nearest exactly", "adapter", "adapted(1)", guarded):
             assert set(row[column]) == {"error", "gap", "shape_gap", "beats_erased"}
             assert 0 <= row[column]["error"] <= 1 and row[column]["beats_erased"] in (0.0, 1.0)
     assert "held-out ratio adapter / told base" in printed and "gap / shapes / beats erased" in printed

@@ -12,6 +12,8 @@ held-out edits are held to). Each query has its own exemplar, on another scene. 
     adapter          zero-shot, from one exemplar
     pooled           the pooled-MLP ablation (`adapter_pooled_mlp/` of the build, when there)
     adapted(N)       the adapter after `adapt_to_exemplar(N)` on the exemplar (with --adapt_steps N)
+    adapt ...        the same with other settings (each --adapt_setting FIELD=VALUE,... of AdaptationConfig: the
+                     guards against overfitting one pair, augment=flip_crop, anchor_weight=..., early_stopping=true)
 
 and three measures for each: the gap closed, (identity - error) / (identity - floor) with mean absolute errors; the
 same on the query's shape pixels only (an output that smears the shapes while getting the background right fails it);
@@ -38,6 +40,7 @@ import PIL.Image
 import torch
 
 from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta.adaptation import AdaptationConfig, parse_setting, setting_name
 from diffusers_delta.atomic_folder import write_text_atomically
 from diffusers_delta.toyworld import edit_space, render
 from diffusers_delta.toyworld.edit_space import EditSpec
@@ -182,10 +185,19 @@ def edit(pipe, case: Case, index: int, **kwargs) -> np.ndarray:
     return as_array(output)
 
 
-def measure_row(pipe, encoder, pooled, cases: list[Case], bank: list[EditSpec], adapt_steps: int) -> dict:
+def adaptation_columns(adapt_steps: int, settings: list[str]) -> dict[str, AdaptationConfig]:
+    """The adapted columns: `adapted(N)` with the defaults, then one per setting, named by what it changes."""
+    columns = {f"adapted({adapt_steps})": AdaptationConfig(num_steps=adapt_steps)} if adapt_steps else {}
+    for text in settings:
+        config = parse_setting(text)
+        columns[setting_name(config)] = config
+    return columns
+
+
+def measure_row(pipe, encoder, pooled, cases: list[Case], bank: list[EditSpec], adaptations: dict) -> dict:
     columns = ["identity", "floor", "told base", "nearest exactly", "adapter"]
     columns += ["pooled"] if pooled is not None else []
-    columns += [f"adapted({adapt_steps})"] if adapt_steps else []
+    columns += list(adaptations)
     measures = {name: Measures() for name in columns}
     for index, case in enumerate(cases):
         measures["identity"].add(case.images["query"], case)
@@ -196,12 +208,12 @@ def measure_row(pipe, encoder, pooled, cases: list[Case], bank: list[EditSpec], 
         measures["adapter"].add(edit(pipe, case, index), case)
         if pooled is not None:
             measures["pooled"].add(edit(pooled, case, index), case)
-        if adapt_steps:
-            source, target = (to_pil(render(scene)) for scene in case.exemplar)
-            adapting = pipe.adapted_to_exemplar(source, target, num_steps=adapt_steps,
+        source, target = (to_pil(render(scene)) for scene in case.exemplar)
+        for name, config in adaptations.items():
+            adapting = pipe.adapted_to_exemplar(source, target, config=config,
                                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
             with torch.enable_grad(), adapting:
-                measures[f"adapted({adapt_steps})"].add(edit(pipe, case, index), case)
+                measures[name].add(edit(pipe, case, index), case)
     identity, floor = measures.pop("identity"), measures.pop("floor")
     return {name: m.summary(identity, floor) for name, m in measures.items()} | {
         "identity": statistics.mean(identity.errors), "floor": statistics.mean(floor.errors),
@@ -229,7 +241,7 @@ def goals(results: dict) -> list[tuple[str, bool]]:
         pooled = statistics.mean(held[name]["pooled"]["gap"] for name in spatial)
         listed.append((f"dense {dense:+.2f} beats pooled {pooled:+.2f} on the spatially weighted held-out edits "
                        "(by more than the run-to-run spread: rerun with another --seed to see it)", dense > pooled))
-    adapted = next((key for key in held[next(iter(held))] if key.startswith("adapted(")), None)
+    adapted = next((key for key in held[next(iter(held))] if key.startswith("adapt")), None)
     if adapted and SAMPLED in results:
         mean_adapted = statistics.mean(row[adapted]["gap"] for row in held.values())
         trained = results[SAMPLED]["adapter"]["gap"]
@@ -260,6 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=16, help="Queries per edit, each with its own exemplar.")
     parser.add_argument("--bank", type=int, default=1000, help="Training edits the nearest-edit baseline searches.")
     parser.add_argument("--adapt_steps", type=int, default=0, help="Also adapt to each exemplar this many steps.")
+    parser.add_argument("--adapt_setting", action="append", default=[],
+                        help="Also adapt with this AdaptationConfig setting: FIELD=VALUE,... (repeatable).")
     parser.add_argument("--edits", nargs="+", default=None, choices=sorted(edit_space.HELD_OUT_EDITS),
                         help="Held-out edits to measure (default: every one).")  # fmt: skip
     parser.add_argument("--no_sampled", action="store_true", help="Leave out the training distribution's row.")
@@ -269,6 +283,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("queries", "bank"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1.")
+    try:
+        args.adaptations = adaptation_columns(args.adapt_steps, args.adapt_setting)
+    except (ValueError, TypeError) as error:
+        parser.error(f"--adapt_setting: {error}")
     return args
 
 
@@ -283,10 +301,10 @@ def main(argv=None) -> dict:
     for name in names:
         spec = edit_space.HELD_OUT_EDITS[name]
         distances[name] = distance_to_bank(spec, bank, probes)
-        results[name] = measure_row(pipe, encoder, pooled, held_out_cases(spec, args.queries), bank, args.adapt_steps)
+        results[name] = measure_row(pipe, encoder, pooled, held_out_cases(spec, args.queries), bank, args.adaptations)
         print(f"{name}: adapter gap {results[name]['adapter']['gap']:+.2f}", flush=True)
     if not args.no_sampled:
-        results[SAMPLED] = measure_row(pipe, encoder, pooled, sampled_cases(args.queries), bank, args.adapt_steps)
+        results[SAMPLED] = measure_row(pipe, encoder, pooled, sampled_cases(args.queries), bank, args.adaptations)
     print(format_table(results, distances, args.markdown))
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")

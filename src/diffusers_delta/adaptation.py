@@ -6,13 +6,20 @@
 Single-pair supervision makes this possible without a second pair: the exemplar's source is the query and its
 target the reconstruction target, exactly as in training, with the same objective (`DeltaAdapterObjective`).
 Only the adapter's weights move; the transformer, VAE and SigLIP stay frozen.
+
+Twenty steps on one pair can overfit it. Three guards, each off by default (`AdaptationConfig`): views of the pair
+(`augment`: the same flip or crop applied to source and target), a pull toward the weights adaptation starts from
+(`anchor_weight`), and early stopping on a view it does not train on (`early_stopping`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
+import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -29,6 +36,33 @@ from .training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
 #: The noise-level densities `sample_sigmas` and `loss_weighting` know.
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+
+#: Views of the exemplar pair `AdaptationConfig.augment` trains on: the same change of both images (the pair itself
+#: first, then a mirror image and two crops of 7/8 of each side, enlarged back).
+AUGMENTATIONS = ("none", "flip_crop")
+#: The crop of the `flip_crop` views, as a share of each side.
+VIEW_CROP = 7 / 8
+
+
+def pair_views(source: PIL.Image.Image, target: PIL.Image.Image, augment: str) -> list[tuple[PIL.Image.Image, ...]]:
+    """The views of an exemplar pair adaptation trains on: `[(source, target)]` for `"none"`; for `"flip_crop"`, the
+    pair, its mirror image, and crops of 7/8 of each side at the top left and the bottom right, enlarged back to the
+    pair's size (the same transform for both images, so each view is an exemplar of the same edit of another
+    picture)."""
+    views = [(source, target)]
+    if augment == "flip_crop":
+        views.append((PIL.ImageOps.mirror(source), PIL.ImageOps.mirror(target)))
+        for corner in (0.0, 1.0):
+
+            def crop(image: PIL.Image.Image, corner=corner) -> PIL.Image.Image:
+                width, height = image.size
+                w, h = round(width * VIEW_CROP), round(height * VIEW_CROP)
+                left, top = round((width - w) * corner), round((height - h) * corner)
+                return image.crop((left, top, left + w, top + h)).resize(image.size, PIL.Image.Resampling.BICUBIC)
+
+            views.append((crop(source), crop(target)))
+    return views
+
 
 #: What `AdaptationConfig.trainable` may move: the adapter's submodules of each choice.
 TRAINABLE_PARTS = {
@@ -81,6 +115,29 @@ class AdaptationConfig:
             "'injection' (every block's key and value projections and gates)."
         },
     )
+    augment: str = field(
+        default="none",
+        metadata={
+            "help": "Views of the pair to train on, one per step in turn: 'none' (the pair) or 'flip_crop' (the "
+            "pair, its mirror image and two crops of 7/8 of each side, the same for source and target)."
+        },
+    )
+    anchor_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Pull toward the weights adaptation starts from: adds anchor_weight times the mean squared change "
+            "of the moving weights to the loss (0: none)."
+        },
+    )
+    early_stopping: bool = field(
+        default=False,
+        metadata={
+            "help": "Every `eval_every` steps, measure the objective on a view it does not train on (with "
+            "'flip_crop', the mirror image, then left out of training; else the pair itself) at fixed noise, and "
+            "keep the weights where it was lowest (the start included)."
+        },
+    )
+    eval_every: int = field(default=5, metadata={"help": "Steps between two early-stopping measurements."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (none: the pair is all we have)."})
     gradient_checkpointing: bool | None = field(
@@ -108,6 +165,12 @@ class AdaptationConfig:
         self.weight_decay = finite_float(self.weight_decay, "weight_decay", minimum=0.0)
         if self.trainable not in TRAINABLE_PARTS:
             raise ValueError(f"trainable must be one of {tuple(TRAINABLE_PARTS)}, got {self.trainable!r}.")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}.")
+        self.anchor_weight = finite_float(self.anchor_weight, "anchor_weight", minimum=0.0)
+        if not isinstance(self.early_stopping, bool):
+            raise TypeError(f"early_stopping must be True or False, got {self.early_stopping!r}.")
+        self.eval_every = positive_int(self.eval_every, "eval_every")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}.")
         if self.gradient_checkpointing not in (None, True, False):
@@ -119,6 +182,33 @@ class AdaptationConfig:
         return asdict(self)
 
 
+def parse_setting(text: str) -> AdaptationConfig:
+    """`"num_steps=20,learning_rate=1e-3"` -> the `AdaptationConfig` with those fields (the rest as defaults)."""
+    types = {field.name: type(field.default) for field in dataclasses.fields(AdaptationConfig)}
+    flags = {"true": True, "false": False, "none": None}  # gradient_checkpointing
+    values = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in types or not value:
+            raise ValueError(f"Setting {text!r}: expected FIELD=VALUE pairs, FIELD one of {', '.join(types)}.")
+        kind = types[name]
+        if kind in (int, float, str):
+            values[name] = kind(value)
+        elif value.lower() in flags:
+            values[name] = flags[value.lower()]
+        else:
+            raise ValueError(f"Setting {text!r}: {name} takes true, false or none.")
+    return AdaptationConfig(**values)
+
+
+def setting_name(config: AdaptationConfig) -> str:
+    """The fields a setting changes from the defaults, e.g. `"adapt lr 0.0003, trainable edit_tokens"`."""
+    defaults = AdaptationConfig()
+    changed = [f"{field.name} {getattr(config, field.name)}" for field in dataclasses.fields(config)
+               if getattr(config, field.name) != getattr(defaults, field.name)]  # fmt: skip
+    return "adapt " + (", ".join(changed).replace("learning_rate", "lr") or "(defaults)")
+
+
 @dataclass
 class AdaptationResult:
     """What `adapt_to_exemplar` did, step by step, so a user can see whether it converged.
@@ -128,17 +218,21 @@ class AdaptationResult:
         flow_matching: its flow-matching term per step.
         delta_consistency: its consistency term per step.
         config: the settings used.
+        held_out: with early stopping, (step, loss on the held-out view) of each measurement (step 0: the start).
+        kept_step: with early stopping, the step whose weights were kept.
     """
 
     losses: list[float]
     flow_matching: list[float]
     delta_consistency: list[float]
     config: AdaptationConfig
+    held_out: list[tuple[int, float]] = field(default_factory=list)
+    kept_step: int | None = None
 
 
 def run_adaptation(
     objective: DeltaAdapterObjective,
-    pair: dict[str, torch.Tensor],
+    pair: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     config: AdaptationConfig,
     scheduler,
     generator: torch.Generator | list[torch.Generator] | None,
@@ -149,7 +243,8 @@ def run_adaptation(
     Args:
         objective: the objective around the adapter to adapt (its adapter trains, nothing else).
         pair: the encoded exemplar: `source_latents`, `target_latents` (1, 4C, h, w) and `source_features`,
-            `target_features` (1, P, D).
+            `target_features` (1, P, D); or its views (`pair_views`, encoded), the pair first, one a step in turn
+            (with early stopping and several views, the second is held out instead).
         config: the settings.
         scheduler: a flow-matching scheduler in its training state, for the σ grid.
         generator: makes the noise and σ draws reproducible; they are drawn on its device, as diffusers draws them
@@ -163,29 +258,73 @@ def run_adaptation(
         )
     parameters = trainable_parameters(objective.adapter, config.trainable)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    batch = {key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in pair.items()}
-    target = batch["target_latents"]
-    losses, flow_matching, delta_consistency = [], [], []
+    views = [pair] if isinstance(pair, dict) else list(pair)
+    held_out_view = views.pop(1) if config.early_stopping and len(views) > 1 else views[0]
+    batches = [{key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in view.items()}
+               for view in views]  # fmt: skip
+    target = batches[0]["target_latents"]
+    anchor = [parameter.detach().clone() for parameter in parameters] if config.anchor_weight else None
+    held_out = _HeldOutView(objective, held_out_view, config, scheduler, generator) if config.early_stopping else None
+    result = AdaptationResult([], [], [], config)
+    if held_out is not None:
+        held_out.measure(0, parameters, result)
     with progress_bar(total=config.num_steps) as bar:
         for step in range(config.num_steps):
+            batch = batches[step % len(batches)]
             sigmas = sample_sigmas(scheduler, config.noise_samples, config.weighting_scheme, generator=generator)
             noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=torch.float32)
             noise = noise.to(target.dtype)  # (S, 4C, h, w)
             terms = objective(**batch, noise=noise, sigmas=sigmas.to(target.device))
-            if not torch.isfinite(terms["loss"]):
+            loss = terms["loss"]
+            if anchor is not None:  # the mean squared change of the moving weights
+                change = sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, anchor))
+                loss = loss + config.anchor_weight * change / sum(p.numel() for p in parameters)
+            if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"The adaptation loss became {terms['loss'].item()} at step {step + 1}: lower learning_rate."
+                    f"The adaptation loss became {loss.item()} at step {step + 1}: lower learning_rate."
                 )
-            terms["loss"].backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(terms["loss"].item())
-            flow_matching.append(terms["flow_matching"].item())
-            delta_consistency.append(terms["delta_consistency"].item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            result.losses.append(loss.item())
+            result.flow_matching.append(terms["flow_matching"].item())
+            result.delta_consistency.append(terms["delta_consistency"].item())
+            if held_out is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.num_steps):
+                held_out.measure(step + 1, parameters, result)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
             bar.update()
-    return AdaptationResult(losses, flow_matching, delta_consistency, config)
+    if held_out is not None:
+        held_out.keep_best(parameters, result)
+    return result
+
+
+class _HeldOutView:
+    """Early stopping's measure: the objective on a view adaptation does not train on, at noise and noise levels
+    drawn once (so that measurements differ only by the weights), and the weights where it was lowest."""
+
+    def __init__(self, objective, view: dict[str, torch.Tensor], config: AdaptationConfig, scheduler, generator):
+        self.objective = objective
+        self.batch = {key: value.expand(config.noise_samples, *value.shape[1:]) for key, value in view.items()}
+        target = self.batch["target_latents"]
+        self.sigmas = sample_sigmas(scheduler, config.noise_samples, config.weighting_scheme, generator=generator)
+        self.sigmas = self.sigmas.to(target.device)
+        noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=torch.float32)
+        self.noise = noise.to(target.dtype)
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def measure(self, step: int, parameters: list[torch.nn.Parameter], result: AdaptationResult) -> None:
+        loss = self.objective(**self.batch, noise=self.noise, sigmas=self.sigmas)["loss"].item()
+        result.held_out.append((step, loss))
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, step, [parameter.detach().clone() for parameter in parameters])
+
+    @torch.no_grad()
+    def keep_best(self, parameters: list[torch.nn.Parameter], result: AdaptationResult) -> None:
+        _, result.kept_step, weights = self.best
+        for parameter, weight in zip(parameters, weights):
+            parameter.copy_(weight)
 
 
 class DeltaAdaptationMixin:
@@ -239,7 +378,9 @@ class DeltaAdaptationMixin:
                 "pipe.remove_all_hooks() and pipe.to(device) first."
             )
         device = self._execution_device
-        pair = self._encode_pair_for_training(source, target, device)
+        views = pair_views(to_rgb_image(source, name="exemplar source"), to_rgb_image(target, name="exemplar target"),
+                           config.augment)  # fmt: skip
+        pair = [self._encode_pair_for_training(view_source, view_target, device) for view_source, view_target in views]
         with torch.no_grad():
             text_conditioning = self._text_conditioning("", max_sequence_length, text_encoder_out_layers)
             text_conditioning = {name: tensor.to(device) for name, tensor in text_conditioning.items()}
@@ -299,7 +440,9 @@ class DeltaAdaptationMixin:
             "learning_rate": config.learning_rate,
             "lambda_delta": config.lambda_delta,
             "trainable": config.trainable,
-        }
+            **{name: getattr(config, name) for name in ("augment", "anchor_weight", "early_stopping")
+               if getattr(config, name) != getattr(AdaptationConfig, name)},
+        }  # fmt: skip
         return result
 
     @torch.no_grad()
