@@ -74,7 +74,7 @@ def test_delta_embeds_equal_exemplar_and_averaging_identical_pairs_changes_nothi
     assert abs(edit(delta_pipe, exemplar=[(SOURCE, TARGET), (SOURCE, TARGET)]) - by_exemplar).max() < 1e-5
 
 
-def test_exemplar_list_averages_semantic_deltas(delta_pipe):
+def test_exemplar_list_averages_semantic_deltas_or_adds_them(delta_pipe):
     randomize_(delta_pipe.delta_adapter)
     pairs = [(SOURCE, TARGET), (random_image(3), random_image(4))]
     preprocess = SiglipPreprocessor(32)
@@ -85,7 +85,16 @@ def test_exemplar_list_averages_semantic_deltas(delta_pipe):
     )
     with torch.no_grad():
         expected = delta_pipe.delta_adapter(deltas.mean(0, keepdim=True))
+        added = delta_pipe.delta_adapter(deltas.sum(0, keepdim=True))
     torch.testing.assert_close(delta_pipe.encode_exemplar(pairs), expected)
+    # edit arithmetic: exemplars of different edits, their deltas added
+    torch.testing.assert_close(delta_pipe.encode_exemplar(pairs, combine="sum"), added)
+    by_call = edit(delta_pipe, exemplar=pairs, combine="sum")
+    tokens = delta_pipe.encode_exemplar(pairs, combine="sum")
+    assert (by_call == edit(delta_pipe, exemplar=None, delta_embeds=tokens)).all()
+    assert (edit(delta_pipe, combine="sum") == edit(delta_pipe)).all()  # one pair: the same either way
+    with pytest.raises(ValueError, match=r"combine must be one of \('mean', 'sum'\)"):
+        delta_pipe.encode_exemplar(pairs, combine="max")
 
 
 def test_text_free_path_equals_text_encoder_path(delta_pipe, tmp_path):

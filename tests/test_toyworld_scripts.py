@@ -147,11 +147,14 @@ def test_toy_world_3_stand_ins_start_from_world_2s_and_read_parameter_vectors(to
 def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, capsys):
     """world3_quality.py on the miniature build: each row's columns with the three measures, the distance of each
     held-out edit to the training edits, the goals, and a JSON of it all."""
-    results = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
-                                   "vignette", "--adapt_steps", "1", "--adapt_setting",
-                                   "num_steps=2,augment=flip_crop,early_stopping=true,eval_every=1", "--json",
-                                   str(tmp_path / "r.json")])  # fmt: skip
+    report = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
+                                  "vignette", "--adapt_steps", "1", "--adapt_setting",
+                                  "num_steps=2,augment=flip_crop,early_stopping=true,eval_every=1", "--arithmetic",
+                                  "--json", str(tmp_path / "r.json")])  # fmt: skip
+    results = report["results"]
     printed = capsys.readouterr().out
+    assert set(report["arithmetic"]) == {"identity", "floor", "composition's exemplar", "parts, sum", "parts, mean"}
+    assert "Edit arithmetic" in printed
     assert set(results) == {"sepia", "vignette", world3_quality.SAMPLED}
     for row in results.values():
         guarded = "adapt num_steps 2, augment flip_crop, early_stopping True, eval_every 1"

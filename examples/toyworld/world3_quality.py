@@ -24,7 +24,9 @@ wins on the first measure alone is not a success. The distance of each held-out 
     python examples/toyworld/world3_quality.py --work_dir toy3 [--queries 16] [--bank 1000] [--adapt_steps 20]
         [--edits sepia vignette] [--markdown] [--json results.json]
 
-Prints the table, then issue 30's goals for the shipped model, each met or not.
+Prints the table, then issue 30's goals for the shipped model, each met or not. With `--arithmetic`, also edit
+arithmetic: compositions of two operations of the training distribution, edited from the composition's own exemplar,
+and from one exemplar of each operation, their semantic deltas added (`combine="sum"`) or averaged.
 """
 
 from __future__ import annotations
@@ -164,6 +166,48 @@ class Measures:
         }
 
 
+def arithmetic_cases(queries: int) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
+    """Compositions of two operations drawn from the training distribution: each a case of the composed edit (with
+    its own exemplar) and one exemplar of each operation alone, all on different evaluation scenes."""
+    cases = []
+    for index in range(queries):
+        rng = np.random.default_rng([edit_space.EVALUATION_SEED, 6, index])
+        spec = edit_space.sample_edit(rng, geometry_share=0.0)
+        while len(spec.operations) < 2:
+            spec = edit_space.sample_edit(rng, geometry_share=0.0)
+        composed = EditSpec(spec.operations[:2])
+        parts = [EditSpec(spec.operations[:1]), EditSpec(spec.operations[1:2])]
+        scenes = []
+        for edit_spec in (composed, composed, *parts):  # the query, the composition's exemplar, each part's
+            scene = edit_space.generate_family_scene(rng)
+            while edit_space.visible_change(edit_spec, scene) < edit_space.MIN_VISIBLE_CHANGE / 2:
+                scene = edit_space.generate_family_scene(rng)
+            scenes.append((scene, edit_spec.edit()(scene)))
+        case = Case(composed, *scenes[0], scenes[1])
+        cases.append((case, scenes[2], scenes[3]))
+    return cases
+
+
+def measure_arithmetic(pipe, cases) -> dict:
+    """The composed edit from its own exemplar, and from its parts' exemplars added or averaged."""
+    columns = {name: Measures() for name in ("identity", "floor", "composition's exemplar", "parts, sum",
+                                               "parts, mean")}  # fmt: skip
+    for index, (case, first, second) in enumerate(cases):
+        columns["identity"].add(case.images["query"], case)
+        columns["floor"].add(reconstruction(pipe, case.images["truth"]), case)
+        columns["composition's exemplar"].add(edit(pipe, case, index), case)
+        parts = [tuple(to_pil(render(scene)) for scene in pair) for pair in (first, second)]
+        for combine in ("sum", "mean"):
+            generator = torch.Generator().manual_seed(index)
+            with torch.no_grad():
+                output = pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
+            columns[f"parts, {combine}"].add(as_array(output.images[0]), case)
+    identity, floor = columns.pop("identity"), columns.pop("floor")
+    return {name: m.summary(identity, floor) for name, m in columns.items()} | {
+        "identity": statistics.mean(identity.errors), "floor": statistics.mean(floor.errors),
+    }  # fmt: skip
+
+
 def load_pipelines(work: Path) -> tuple[FluxDeltaEditPipeline, InstructionEncoder, FluxDeltaEditPipeline | None]:
     pipe = FluxDeltaEditPipeline.from_pretrained(work / "base")
     pipe.load_delta_adapter(work / "adapter")
@@ -277,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--edits", nargs="+", default=None, choices=sorted(edit_space.HELD_OUT_EDITS),
                         help="Held-out edits to measure (default: every one).")  # fmt: skip
     parser.add_argument("--no_sampled", action="store_true", help="Leave out the training distribution's row.")
+    parser.add_argument("--arithmetic", action="store_true",
+                        help="Also measure edit arithmetic on compositions of two operations.")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="Print the table as markdown.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
@@ -308,9 +354,14 @@ def main(argv=None) -> dict:
     print(format_table(results, distances, args.markdown))
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
+    report = {"results": results, "distances": distances}
+    if args.arithmetic:
+        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries))
+        print("\nEdit arithmetic (compositions of two operations):")
+        print(format_table({"composition": report["arithmetic"]}, {}, args.markdown))
     if args.json:
-        write_text_atomically(json.dumps({"results": results, "distances": distances}, indent=1), Path(args.json))
-    return results
+        write_text_atomically(json.dumps(report, indent=1), Path(args.json))
+    return report
 
 
 if __name__ == "__main__":

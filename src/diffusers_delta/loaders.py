@@ -95,6 +95,10 @@ class _IncomingAdapter:
     source_name: str
 
 
+#: How `encode_exemplar` combines several pairs' semantic deltas.
+EXEMPLAR_COMBINATIONS = ("mean", "sum")
+
+
 class DeltaAdapterMixin(DeltaAdaptationMixin):
     """Loads, scales, saves and unloads a Delta-Adapter on a pipeline with a `Flux2Transformer2DModel`.
 
@@ -593,20 +597,28 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
 
     @torch.no_grad()
     def encode_exemplar(
-        self, exemplar: ExemplarPair | list[ExemplarPair], device: torch.device | None = None
+        self,
+        exemplar: ExemplarPair | list[ExemplarPair],
+        device: torch.device | None = None,
+        combine: str = "mean",
     ) -> torch.Tensor:
-        """Edit tokens of an exemplar pair, or of several pairs whose semantic deltas are averaged.
+        """Edit tokens of an exemplar pair, or of several pairs whose semantic deltas are combined.
 
         Encode once and pass the result as `delta_embeds=` to edit many queries without re-encoding.
 
         Args:
             exemplar: `(source, target)` images (PIL, numpy or torch), or a list of such pairs.
             device: where to compute; defaults to the pipeline's execution device.
+            combine: how several pairs' semantic deltas make one: `"mean"` (several exemplars of one edit: a steadier
+                delta) or `"sum"` (exemplars of different edits: edit arithmetic, whose sum stands for the edits
+                composed). One pair is the same either way.
 
         Returns:
             (1, N, D_edit) edit tokens, in the adapter's dtype.
         """
         self._require_delta_adapter()
+        if combine not in EXEMPLAR_COMBINATIONS:
+            raise ValueError(f"combine must be one of {EXEMPLAR_COMBINATIONS}, got {combine!r}.")
         pairs = _as_exemplar_pairs(exemplar)
         device = device or self._execution_device
         preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
@@ -616,8 +628,8 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         deltas = semantic_delta(
             self.image_encoder, sources.to(device, encoder_dtype), targets.to(device, encoder_dtype)
         )  # (K, P, D_enc)
-        mean_delta = deltas.mean(dim=0, keepdim=True).to(self.delta_adapter.dtype)  # (1, P, D_enc)
-        return self.delta_adapter(mean_delta)  # (1, N, D_edit)
+        combined = deltas.sum(dim=0, keepdim=True) if combine == "sum" else deltas.mean(dim=0, keepdim=True)
+        return self.delta_adapter(combined.to(self.delta_adapter.dtype))  # (1, P, D_enc) -> (1, N, D_edit)
 
     # ------------------------------------------------------------------ saving
 

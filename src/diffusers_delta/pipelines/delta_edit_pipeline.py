@@ -217,12 +217,12 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
     # ------------------------------------------------------------------ inputs
 
     def _edit_tokens(
-        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device
+        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device, combine: str = "mean"
     ) -> torch.Tensor:
         """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
         self._check_not_tensor_parallel()
         if delta_embeds is None:
-            delta_embeds = self.encode_exemplar(exemplar, device=device)
+            delta_embeds = self.encode_exemplar(exemplar, device=device, combine=combine)
         else:
             delta_embeds = as_tensor(delta_embeds, "delta_embeds", "pass the edit tokens encode_exemplar returns")
         expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)

@@ -138,6 +138,7 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
         exemplar: ExemplarPair | list[ExemplarPair] | None = None,
         delta_embeds: torch.Tensor | None = None,
         delta_scale: float = 1.0,
+        combine: str = "mean",
         prompt: str = "",
         height: int | None = None,
         width: int | None = None,
@@ -162,9 +163,11 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             image: the query: a PIL image, numpy array or tensor (values in [0, 1]), or a list of queries of one
                 size, edited as one batch.
             exemplar: `(source, target)` showing the edit, or a list of such pairs (their semantic deltas are
-                averaged). Give this or `delta_embeds`.
+                combined as `combine` says). Give this or `delta_embeds`.
             delta_embeds: (1 or B, N, D_edit) edit tokens from `encode_exemplar`, to edit many queries with one
                 encoding.
+            combine: with several exemplar pairs, `"mean"` (exemplars of one edit, the default) or `"sum"` (exemplars
+                of different edits, their semantic deltas added: edit arithmetic, see `encode_exemplar`).
             delta_scale: edit strength; 0 gives the base model's output, 1 the trained strength.
             height: the output's height (with `width`; multiples of 16): the query is resized to it. By default the
                 query's own size (its area capped at 1024², rounded down to multiples of 16), as klein sizes it.
@@ -229,7 +232,7 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
         )  # (B * n, L, D_txt), (B * n, L, 4)
 
         # 4. Edit tokens from the exemplar (or the given ones), after the prompt: the offload order
-        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device)  # (B, N, D_edit)
+        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device, combine)  # (B, N, D_edit)
         edit_tokens = edit_tokens.repeat_interleave(num_images_per_prompt, dim=0)  # (B * n, N, D_edit)
         self._attention_kwargs = {
             **(attention_kwargs or {}),

@@ -137,6 +137,7 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
         exemplar: ExemplarPair | list[ExemplarPair] | None = None,
         delta_embeds: torch.Tensor | None = None,
         delta_scale: float = 1.0,
+        combine: str = "mean",
         prompt: str = "",
         negative_prompt: str | None = None,
         true_cfg_scale: float = 1.0,
@@ -170,9 +171,11 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             image: the query: a PIL image, numpy array or tensor (values in [0, 1]), or a list of queries of one
                 size, edited as one batch. Kontext gives it its preferred resolution nearest its aspect ratio.
             exemplar: `(source, target)` showing the edit, or a list of such pairs (their semantic deltas are
-                averaged). Give this or `delta_embeds`.
+                combined as `combine` says). Give this or `delta_embeds`.
             delta_embeds: (1 or B, N, D_edit) edit tokens from `encode_exemplar`, to edit many queries with one
                 encoding.
+            combine: with several exemplar pairs, `"mean"` (exemplars of one edit, the default) or `"sum"` (exemplars
+                of different edits, their semantic deltas added: edit arithmetic, see `encode_exemplar`).
             delta_scale: edit strength; 0 gives Kontext's own output with the empty prompt, 1 the trained strength.
             prompt: an optional text prompt; Delta-Adapter is trained with the empty prompt.
             negative_prompt: with `true_cfg_scale` > 1, Kontext's true classifier-free guidance (needs the text
@@ -270,7 +273,8 @@ class FluxKontextDeltaEditPipeline(DeltaEditPipelineMixin, FluxKontextPipeline):
             )
 
         # Edit tokens, tiled as the references: (B * n, N, D_edit)
-        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device).repeat(num_images_per_prompt, 1, 1)
+        edit_tokens = self._edit_tokens(exemplar, delta_embeds, batch_size, device, combine)
+        edit_tokens = edit_tokens.repeat(num_images_per_prompt, 1, 1)
         attention_kwargs = {**(joint_attention_kwargs or {}), "delta_hidden_states": edit_tokens}
         attention_kwargs["delta_scale"] = delta_scale
         negative_pass = {}  # what the negative pass of true CFG gets instead
