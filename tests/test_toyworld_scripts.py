@@ -3,6 +3,7 @@
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -513,15 +514,16 @@ def test_a_world_2_model_shows_world_2_in_the_demo_the_app_and_its_card(world2_b
     cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
     rows = showcase.DEMO_ROWS[showcase.WORLD_2]
     assert PIL.Image.open(out).size == (150 + 5 * 128, 20 + len(rows) * 128)
-    printed = capsys.readouterr().out.split("(mean absolute error to the truth, 0-1)\n")[1].splitlines()[:-1]
+    printed = capsys.readouterr().out.split(" verdict\n")[1].splitlines()[:-1]  # the table's rows
     splits = [split for split in ("S1: seen", "S2: held-out value", "S3: unseen family") if any(split in line
               for line in printed)]  # fmt: skip
     assert len(printed) == len(rows) and len(splits) == 3
     adapted_rows = [(name, steps) for name, steps in rows if steps]
     assert adapted_rows
     for name, steps in adapted_rows:
-        zero_shot, adapted = [line.split() for line in printed if line.startswith(f"{name} ")]
-        assert adapted[-3] == str(steps) and adapted[-2] == zero_shot[-2]  # the same query, adapted
+        zero_shot, adapted = [re.search(r" (\d*) +(\d\.\d{4}) +\d\.\d{4}  ", line).groups() for line in printed
+                              if line.startswith(f"{name} ")]  # fmt: skip
+        assert adapted[0] == str(steps) and adapted[1] == zero_shot[1]  # the same query (its identity), adapted
     card = (shipped / "adapter" / "README.md").read_text()
     assert f'toyworld.make_pair("{rows[0][0]}", seed=0)' in card
 
