@@ -102,7 +102,7 @@ def test_toy_world_2_stand_ins_train_on_every_family(tmp_path, capsys):
     ))  # fmt: skip
     train_base_editor.main(train_base_editor.parse_args(
         ["--vae_dir", str(tmp_path / "vae"), "--output_dir", str(tmp_path / "base"), "--max_steps", "1",
-         "--batch_size", "4", "--world", "families"]
+         "--batch_size", "4", "--world", "families", "--report_queries", "1"]
     ))  # fmt: skip
     printed = capsys.readouterr().out
     assert "floor S3 rotate" in printed and "S4 mean gap closed under the true instruction" in printed
@@ -124,7 +124,8 @@ def toy3(toy, tmp_path_factory):
     ))  # fmt: skip
     train_base_editor.main(train_base_editor.parse_args(
         ["--vae_dir", str(root / "vae"), "--output_dir", str(root / "base"), "--max_steps", "1",
-         "--batch_size", "4", "--world", "space", "--init_transformer", str(toy / "base" / "transformer")]
+         "--batch_size", "4", "--world", "space", "--init_transformer", str(toy / "base" / "transformer"),
+         "--report_queries", "1"]
     ))  # fmt: skip
     toyworld.write_space_pairs(root / "pairs", 8, seed=0)
     train_tiny_adapter(root / "base", root / "pairs", root)

@@ -111,12 +111,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="A transformer folder to start from (its architecture replaces --num_layers, "
                         "--num_single_layers and --num_attention_heads): world 3 starts from world 2's "
                         "base.")  # fmt: skip
+    parser.add_argument("--report_queries", type=int, default=4,
+                        help="Worlds 2 and 3: queries per edit of the closing report (the told base's gaps).")
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES),
                         help="World 2 only: train on these families alone (default: every family).")  # fmt: skip
     args = parser.parse_args(argv)
     if args.families and args.world != "families":
         parser.error("--families needs --world families.")
-    for flag in ("checkpointing_steps", "reuse", "pool_batches"):
+    for flag in ("checkpointing_steps", "reuse", "pool_batches", "report_queries"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1.")
     return args
@@ -529,9 +531,9 @@ def main(args: argparse.Namespace) -> Flux2KleinPipeline:
     if families:
         encoder.eval().requires_grad_(False)
         if args.world == "space":
-            report_space(pipe, encoder)
+            report_space(pipe, encoder, count=args.report_queries)
         else:
-            report_families(pipe, encoder, seed=args.seed + 10_000, families=args.families)
+            report_families(pipe, encoder, seed=args.seed + 10_000, count=args.report_queries, families=args.families)
         FluxDeltaEditPipeline.from_pipe(pipe, image_size=IMAGE_SIZE).save_pretrained(output_dir)
         encoder.save_pretrained(output_dir / "instruction_encoder")
         empty = encoder.empty_prompt_embeds()
