@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import Flux2Transformer2DModel
 
-from diffusers_delta import DeltaAdapterModel
+from diffusers_delta.backbones import adapter_for
 
 
 SIGLIP_SO400M_HIDDEN = 1152  # google/siglip-so400m-patch14-384
@@ -37,7 +37,7 @@ def main() -> None:
     for name, overrides in KLEIN_CONFIGS.items():
         with torch.device("meta"):
             transformer = Flux2Transformer2DModel(attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32), **overrides)
-            adapter = DeltaAdapterModel.from_transformer(transformer, image_embed_dim=SIGLIP_SO400M_HIDDEN)
+            adapter = adapter_for(transformer, image_embed_dim=SIGLIP_SO400M_HIDDEN)
         refiner, perceiver, per_token = (
             count(adapter.refiner),
             count(adapter.resampler),

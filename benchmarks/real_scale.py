@@ -36,8 +36,9 @@ from param_count import KLEIN_CONFIGS, SIGLIP_SO400M_HIDDEN
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from diffusers_delta import DeltaAdapterModel, FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
+from diffusers_delta import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.adapter_files import default_feature_extractor
+from diffusers_delta.backbones import adapter_for
 from diffusers_delta.data import check_resolution
 from diffusers_delta.model_state import cast_model
 from diffusers_delta.semantic_delta import SiglipPreprocessor
@@ -86,7 +87,7 @@ def build(backbone: str, size: int):
             )
             vae = AutoencoderKLFlux2()
         image_encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M))
-        adapter = DeltaAdapterModel.from_transformer(transformer, SIGLIP_SO400M_HIDDEN)
+        adapter = adapter_for(transformer, SIGLIP_SO400M_HIDDEN)
     models = (transformer, vae, image_encoder, adapter)
     for model in models:
         cast_model(model, torch.bfloat16)

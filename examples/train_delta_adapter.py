@@ -49,7 +49,7 @@ from transformers import AutoTokenizer, SiglipImageProcessorPil, SiglipVisionMod
 
 from diffusers_delta import DeltaAdapterModel
 from diffusers_delta.adapter_files import default_feature_extractor, read_empty_prompt_embeds, write_adapter_folder
-from diffusers_delta.backbones import backbone_of, backbone_of_pipeline
+from diffusers_delta.backbones import adapter_for, backbone_of, backbone_of_pipeline
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
@@ -792,7 +792,7 @@ def main(args: argparse.Namespace) -> None:
 def new_adapter(args, transformer, image_encoder) -> DeltaAdapterModel:
     """A freshly initialised adapter for `transformer` and `image_encoder`, sized by the script's adapter flags
     (`--num_edit_tokens`, `--resampler_*`, `--projection_type`)."""
-    return DeltaAdapterModel.from_transformer(
+    return adapter_for(
         transformer,
         image_encoder.config.hidden_size,
         num_edit_tokens=args.num_edit_tokens,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from diffusers_delta.backbones import adapter_config_for, adapter_mismatches
 from diffusers_delta.models.delta_adapter import (
     DeltaAdapterModel,
     DeltaBlockProjection,
@@ -50,7 +51,7 @@ def test_fresh_block_projection_adds_nothing():
 
 def test_config_records_the_backbone_signature():
     transformer = tiny_transformer()
-    config = DeltaAdapterModel.config_for_transformer(transformer, image_embed_dim=32)
+    config = adapter_config_for(transformer, image_embed_dim=32)
     assert config == {
         "backbone": "flux2",
         "image_embed_dim": 32,
@@ -61,9 +62,9 @@ def test_config_records_the_backbone_signature():
         "num_single_blocks": 2,
     }
     adapter = tiny_adapter(transformer)
-    assert DeltaAdapterModel.signature_mismatches(adapter.config, transformer, 32) == []
+    assert adapter_mismatches(adapter.config, transformer, 32) == []
     other = DeltaAdapterModel.from_config({**adapter.config, "num_single_blocks": 3, "transformer_head_dim": 8})
-    assert DeltaAdapterModel.signature_mismatches(other.config, transformer, 48) == [
+    assert adapter_mismatches(other.config, transformer, 48) == [
         "image_embed_dim: adapter has 32, backbone has 48",
         "transformer_head_dim: adapter has 8, backbone has 16",
         "num_single_blocks: adapter has 3, backbone has 2",
@@ -102,7 +103,7 @@ def test_adapter_parameter_names_carry_the_delta_prefix():
 
 
 def test_pooled_mlp_ablation_has_the_same_interface():
-    config = {**DeltaAdapterModel.config_for_transformer(tiny_transformer(), 32), "num_edit_tokens": 4}
+    config = {**adapter_config_for(tiny_transformer(), 32), "num_edit_tokens": 4}
     pooled = DeltaAdapterModel(**config, resampler_dim=16, projection_type="pooled_mlp")
     assert pooled(torch.randn(2, 16, 32)).shape == (2, 4, 32)
     assert not hasattr(pooled, "resampler") and len(pooled.single_blocks) == 2

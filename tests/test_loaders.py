@@ -17,6 +17,7 @@ from diffusers_delta import (
     FluxDeltaEditPipeline,
     compute_empty_prompt_embeds,
 )
+from diffusers_delta.backbones import adapter_config_for
 from diffusers_delta.testing import (
     TEXT_KWARGS,
     random_image,
@@ -300,7 +301,7 @@ def test_state_dict_loading_is_strict(delta_pipe):
 
 
 def test_adapter_for_another_backbone_given_as_model_config(delta_pipe):
-    other = DeltaAdapterModel.config_for_transformer(
+    other = adapter_config_for(
         delta_pipe.transformer,
         32,
         num_edit_tokens=4,

@@ -45,7 +45,7 @@ from .adapter_files import (
 )
 from .atomic_folder import check_save_directory
 from .attention_processor import DeltaBranch
-from .backbones import backbone_of
+from .backbones import adapter_config_for, adapter_mismatches, backbone_of
 from .checks import check_finite, finite_float, positive_int
 from .concurrency import changes_the_adapter
 from .hub import push_folder, render_model_card
@@ -208,7 +208,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
             )
         config = dict(
             adapter_config
-            or DeltaAdapterModel.config_for_transformer(self.transformer, self.image_encoder.config.hidden_size)
+            or adapter_config_for(self.transformer, self.image_encoder.config.hidden_size)
         )
         self._check_adapter_fits(config, self.image_encoder)
         check_adapter_state_dict(config, state_dict, "the state dict")
@@ -259,7 +259,7 @@ class DeltaAdapterMixin(DeltaAdaptationMixin):
         return (*read_image_encoder(folder), True)
 
     def _check_adapter_fits(self, adapter_config, image_encoder: SiglipVisionModel) -> None:
-        mismatches = DeltaAdapterModel.signature_mismatches(
+        mismatches = adapter_mismatches(
             adapter_config, self.transformer, image_encoder.config.hidden_size
         )
         if mismatches:

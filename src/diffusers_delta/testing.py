@@ -39,6 +39,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from .backbones import adapter_for
 from .models.delta_adapter import DeltaAdapterModel
 
 
@@ -197,7 +198,7 @@ def tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
 def tiny_adapter(transformer: Flux2Transformer2DModel, sizes: ModelSizes = TINY, seed: int = 0) -> DeltaAdapterModel:
     """A freshly initialised adapter for `transformer` (its output leaves the base model unchanged)."""
     torch.manual_seed(seed)
-    return DeltaAdapterModel.from_transformer(
+    return adapter_for(
         transformer,
         image_embed_dim=sizes.siglip_hidden,
         num_edit_tokens=sizes.edit_tokens,

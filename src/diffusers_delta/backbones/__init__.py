@@ -14,12 +14,15 @@
   prediction with a reference image, as the backbone's pipeline lays it out.
 
 Everything else (the adapter model, its files and checks, the mixin, adaptation, the training objective) is shared.
+This package matches an adapter to a transformer (`adapter_config_for`, `adapter_for`, `adapter_mismatches`): the
+adapter model knows no backbone, only the name its config records.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
+from ..models.delta_adapter import DeltaAdapterModel
 from . import flux1, flux2
 
 
@@ -51,3 +54,52 @@ def backbone_of_pipeline(class_name: str) -> ModuleType:
             return module
     known = ", ".join(name for module in BACKBONES.values() for name in module.BASE_PIPELINES)
     raise ValueError(f"Delta-Adapter runs on the bases of {known}, not on a {class_name}.")
+
+
+def adapter_config_for(transformer, image_embed_dim: int, **overrides) -> dict:
+    """The config dict of a `DeltaAdapterModel` for a transformer and an image encoder width.
+
+    Args:
+        transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel` (its class names the backbone).
+        image_embed_dim: the image encoder's hidden size.
+        overrides: any other `DeltaAdapterModel` argument (e.g. `num_edit_tokens=64`).
+    """
+    config = transformer.config
+    inner_dim = config.num_attention_heads * config.attention_head_dim
+    signature = {
+        "backbone": backbone_of(transformer).NAME,
+        "image_embed_dim": image_embed_dim,
+        "edit_token_dim": inner_dim,
+        "transformer_inner_dim": inner_dim,
+        "transformer_head_dim": config.attention_head_dim,
+        "num_double_blocks": config.num_layers,
+        "num_single_blocks": config.num_single_layers,
+    }
+    return {**signature, **overrides}
+
+
+def adapter_for(transformer, image_embed_dim: int, **overrides) -> DeltaAdapterModel:
+    """A freshly initialised adapter for `transformer` (see `adapter_config_for` for the arguments)."""
+    return DeltaAdapterModel(**adapter_config_for(transformer, image_embed_dim, **overrides))
+
+
+def adapter_mismatches(adapter_config, transformer, image_embed_dim: int) -> list[str]:
+    """What in an adapter config disagrees with a transformer and image encoder width; empty if nothing.
+
+    Args:
+        adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`; one without `backbone` is FLUX.2's).
+        transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
+        image_embed_dim: the image encoder's hidden size.
+    """
+    expected = adapter_config_for(transformer, image_embed_dim)
+    expected.pop("edit_token_dim")  # free to differ: it only has to agree with the adapter's own K/V inputs
+    made_for, backbone = adapter_config.get("backbone", "flux2"), expected.pop("backbone")
+    if made_for != backbone:  # the rest is then beside the point
+        trained_for = BACKBONES[made_for].DISPLAY_NAME if made_for in BACKBONES else repr(made_for)
+        this_one = BACKBONES[backbone].DISPLAY_NAME
+        return [f"it was trained for {trained_for}, and this pipeline's transformer is {this_one}"]
+    return [
+        f"{key}: adapter has {adapter_config.get(key)}, backbone has {value}"
+        for key, value in expected.items()
+        if adapter_config.get(key) != value
+    ]

@@ -203,7 +203,7 @@ BACKBONE_NAMES = ("flux2", "flux1")
 class DeltaAdapterModel(ModelMixin, ConfigMixin):
     """Delta-Adapter: semantic delta -> edit tokens, plus the per-block K/V projections of the decoupled branch.
 
-    Defaults fit FLUX.2 [klein] 4B with `google/siglip-so400m-patch14-384`; `DeltaAdapterModel.from_transformer`
+    Defaults fit FLUX.2 [klein] 4B with `google/siglip-so400m-patch14-384`; `backbones.adapter_for`
     builds the config for any `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
 
     Args:
@@ -284,59 +284,6 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
 
         self.double_blocks = nn.ModuleList(block_projection() for _ in range(num_double_blocks))
         self.single_blocks = nn.ModuleList(block_projection() for _ in range(num_single_blocks))
-
-    @staticmethod
-    def config_for_transformer(transformer, image_embed_dim: int, **overrides) -> dict:
-        """The config dict of an adapter for a given transformer and image encoder width.
-
-        Args:
-            transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel` (its class names the backbone).
-            image_embed_dim: the image encoder's hidden size.
-            overrides: any other `DeltaAdapterModel` argument (e.g. `num_edit_tokens=64`).
-        """
-        from ..backbones import backbone_of  # the backbones' processors import this module
-
-        config = transformer.config
-        inner_dim = config.num_attention_heads * config.attention_head_dim
-        signature = {
-            "backbone": backbone_of(transformer).NAME,
-            "image_embed_dim": image_embed_dim,
-            "edit_token_dim": inner_dim,
-            "transformer_inner_dim": inner_dim,
-            "transformer_head_dim": config.attention_head_dim,
-            "num_double_blocks": config.num_layers,
-            "num_single_blocks": config.num_single_layers,
-        }
-        return {**signature, **overrides}
-
-    @classmethod
-    def from_transformer(cls, transformer, image_embed_dim: int, **overrides) -> "DeltaAdapterModel":
-        """A freshly initialised adapter for `transformer` (see `config_for_transformer` for the arguments)."""
-        return cls(**cls.config_for_transformer(transformer, image_embed_dim, **overrides))
-
-    @classmethod
-    def signature_mismatches(cls, adapter_config, transformer, image_embed_dim: int) -> list[str]:
-        """What in an adapter config disagrees with a transformer and image encoder width; empty if nothing.
-
-        Args:
-            adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`; one without `backbone` is FLUX.2's).
-            transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
-            image_embed_dim: the image encoder's hidden size.
-        """
-        from ..backbones import BACKBONES
-
-        expected = cls.config_for_transformer(transformer, image_embed_dim)
-        expected.pop("edit_token_dim")  # free to differ: it only has to agree with the adapter's own K/V inputs
-        made_for, backbone = adapter_config.get("backbone", "flux2"), expected.pop("backbone")
-        if made_for != backbone:  # the rest is then beside the point
-            trained_for = BACKBONES[made_for].DISPLAY_NAME if made_for in BACKBONES else repr(made_for)
-            this_one = BACKBONES[backbone].DISPLAY_NAME
-            return [f"it was trained for {trained_for}, and this pipeline's transformer is {this_one}"]
-        return [
-            f"{key}: adapter has {adapter_config.get(key)}, backbone has {value}"
-            for key, value in expected.items()
-            if adapter_config.get(key) != value
-        ]
 
     def forward(self, semantic_delta: torch.Tensor) -> torch.Tensor:
         """Semantic delta (B, P, D_enc) -> edit tokens (B, N, D_edit)."""
