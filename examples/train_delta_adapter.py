@@ -418,7 +418,10 @@ def skipped_at_load(pairs) -> dict:
         dataset = stack.pop()
         for why, count in getattr(dataset, "skipped_at_load", {}).items():
             totals[why] = totals.get(why, 0) + count
-        stack += [getattr(dataset, "pairs", None)] * hasattr(dataset, "pairs") + list(getattr(dataset, "sources", []))
+        if isinstance(dataset, (TransformedPairs, TransformedStream)):  # the view of one dataset
+            stack.append(dataset.pairs)
+        elif isinstance(dataset, MixedPairs):
+            stack += dataset.sources
     return totals
 
 

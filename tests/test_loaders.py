@@ -623,25 +623,28 @@ def test_the_documentations_placeholder_id_is_refused_without_asking_the_hub(bar
     assert_unchanged(bare_pipe, before)
 
 
+def refused_unchanged(pipe, folder, error: type[Exception], match: str) -> None:
+    """Loading `folder` raises `error` matching `match`, and the pipeline stays exactly as it was."""
+    before = snapshot(pipe)
+    with pytest.raises(error, match=match):
+        pipe.load_delta_adapter(folder)
+    assert_unchanged(pipe, before)
+
+
 @pytest.mark.parametrize("value", [["flux2"], {"name": "flux2"}, 7])
 def test_a_config_whose_backbone_is_not_a_name_is_refused_naming_the_file(adapter_folder, bare_pipe, value):
     folder, _ = adapter_folder
     config = json.loads((folder / "config.json").read_text())
     config["backbone"] = value
     (folder / "config.json").write_text(json.dumps(config))
-    before = snapshot(bare_pipe)
-    with pytest.raises(ValueError, match=r"config.json: backbone must be a string \(such as 'flux2'\)"):
-        bare_pipe.load_delta_adapter(folder)
-    assert_unchanged(bare_pipe, before)
+    refused_unchanged(bare_pipe, folder, ValueError, r"config.json: backbone must be a string \(such as 'flux2'\)")
 
 
 def test_a_config_nested_too_deep_is_refused_naming_the_file(adapter_folder, bare_pipe):
     folder, _ = adapter_folder
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    before = snapshot(bare_pipe)
-    with pytest.raises(ValueError, match=r"config.json is not a Delta-Adapter config \(its JSON is nested too deep"):
-        bare_pipe.load_delta_adapter(folder)
-    assert_unchanged(bare_pipe, before)
+    too_deep = r"config.json is not a Delta-Adapter config \(its JSON is nested too deep"
+    refused_unchanged(bare_pipe, folder, ValueError, too_deep)
 
 
 def test_a_fifo_in_place_of_the_weights_is_named_as_what_it_is(adapter_folder, bare_pipe):
@@ -649,10 +652,7 @@ def test_a_fifo_in_place_of_the_weights_is_named_as_what_it_is(adapter_folder, b
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.unlink()
     os.mkfifo(weights)
-    before = snapshot(bare_pipe)
-    with pytest.raises(FileNotFoundError, match=r"is not a regular file \(it is a named pipe \(FIFO\)\)"):
-        bare_pipe.load_delta_adapter(folder)
-    assert_unchanged(bare_pipe, before)
+    refused_unchanged(bare_pipe, folder, FileNotFoundError, r"is not a regular file \(it is a named pipe \(FIFO\)\)")
 
 
 def test_a_weight_stored_as_integers_is_refused_naming_the_tensor(adapter_folder, bare_pipe):
@@ -662,7 +662,5 @@ def test_a_weight_stored_as_integers_is_refused_naming_the_tensor(adapter_folder
     name = sorted(weights)[3]
     weights[name] = weights[name].round().to(torch.int32)
     safetensors.torch.save_file(weights, path)
-    before = snapshot(bare_pipe)
-    with pytest.raises(ValueError, match=rf"are corrupt: {re.escape(name)} \(torch.int32\) is stored as integers"):
-        bare_pipe.load_delta_adapter(folder)
-    assert_unchanged(bare_pipe, before)
+    integers = rf"are corrupt: {re.escape(name)} \(torch.int32\) is stored as integers"
+    refused_unchanged(bare_pipe, folder, ValueError, integers)

@@ -35,6 +35,7 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +65,21 @@ class Case:
     truth: Scene
     exemplar: tuple[Scene, Scene]
 
-    @property
+    @cached_property
     def images(self) -> dict[str, np.ndarray]:
         return {"query": render(self.query), "truth": render(self.truth)}
 
+    @cached_property
+    def exemplar_images(self) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+        """The exemplar pair as the pipeline takes it."""
+        return tuple(to_pil(render(scene)) for scene in self.exemplar)
+
+    @cached_property
     def shape_mask(self) -> np.ndarray:
         """(H, W) bool: the pixels the query's shapes cover, before or after the edit moves them."""
         return shape_coverage(self.query) | shape_coverage(self.truth)
 
+    @cached_property
     def erased_truth(self) -> np.ndarray:
         """The exact edit applied to the query with its shapes erased: what an edit that keeps the change of the
         background and loses the shapes achieves."""
@@ -149,8 +157,8 @@ class Measures:
         truth = case.images["truth"].astype(np.float64)
         difference = np.abs(output.astype(np.float64) - truth).mean(axis=-1)  # (H, W)
         self.errors.append(float(difference.mean() / 255))
-        self.shape_errors.append(float(difference[case.shape_mask()].mean() / 255))
-        erased = float(np.abs(case.erased_truth().astype(np.float64) - truth).mean() / 255)
+        self.shape_errors.append(float(difference[case.shape_mask].mean() / 255))
+        erased = float(np.abs(case.erased_truth.astype(np.float64) - truth).mean() / 255)
         self.beats_erased.append(float(self.errors[-1] < erased))
 
     def summary(self, identity: "Measures", floor: "Measures") -> dict:
@@ -223,9 +231,8 @@ def load_pipelines(work: Path) -> tuple[FluxDeltaEditPipeline, InstructionEncode
 
 @torch.no_grad()
 def edit(pipe, case: Case, index: int, **kwargs) -> np.ndarray:
-    source, target = (to_pil(render(scene)) for scene in case.exemplar)
     generator = torch.Generator().manual_seed(index)
-    output = pipe(to_pil(case.images["query"]), exemplar=(source, target), generator=generator, **kwargs).images[0]
+    output = pipe(to_pil(case.images["query"]), exemplar=case.exemplar_images, generator=generator, **kwargs).images[0]
     return as_array(output)
 
 
@@ -252,9 +259,8 @@ def measure_row(pipe, encoder, pooled, cases: list[Case], bank: list[EditSpec], 
         measures["adapter"].add(edit(pipe, case, index), case)
         if pooled is not None:
             measures["pooled"].add(edit(pooled, case, index), case)
-        source, target = (to_pil(render(scene)) for scene in case.exemplar)
         for name, config in adaptations.items():
-            adapting = pipe.adapted_to_exemplar(source, target, config=config,
+            adapting = pipe.adapted_to_exemplar(*case.exemplar_images, config=config,
                                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
             with torch.enable_grad(), adapting:
                 measures[name].add(edit(pipe, case, index), case)

@@ -74,13 +74,13 @@ class SkipLog:
                            self.dataset)  # fmt: skip
 
 
-def _open_rgb(path: Path, skips: SkipLog | None = None) -> PIL.Image.Image | None:
+def _open_rgb(path: Path, skips: SkipLog) -> PIL.Image.Image | None:
     try:
         with PIL.Image.open(path) as image:
             image.load()
             return to_rgb_image(image, name=str(path), min_side=1)
     except _UNREADABLE as error:
-        (skips or SkipLog(str(path.parent)))(f"unreadable image {path}", error)
+        skips(f"unreadable image {path}", error)
         return None
 
 
@@ -183,8 +183,13 @@ class LocalPairDataset(Dataset):
             else:
                 pairs.append(paths)
         _outside_warning(len(outside), outside, self.root)
-        self.pairs = [(s, t) for s, t in pairs if s.is_file() and t.is_file()]
-        missing = [str(s if not s.is_file() else t) for s, t in pairs if not (s.is_file() and t.is_file())]
+        self.pairs, missing = [], []
+        for source, target in pairs:  # each file looked at once
+            absent = next((path for path in (source, target) if not path.is_file()), None)
+            if absent is None:
+                self.pairs.append((source, target))
+            else:
+                missing.append(str(absent))
         if missing:
             logger.warning("Skipped %d pairs of %s whose files are missing (%s).", len(missing), self.root,
                            ", ".join(missing[: SkipLog.NAMED]))  # fmt: skip
