@@ -21,6 +21,8 @@ extras_require = {
     "training": ["datasets>=5.2.0", "tensorboard>=2.21.0", "prodigyopt>=1.0"],
     # `diffusers-delta app`: Gradio and its dependencies, about 100 MB, so not installed by default.
     "app": ["gradio>=6.31.0"],
+    # The documentation site (mkdocs.yml): `mkdocs serve`, or `mkdocs build --strict` as the suite runs it.
+    "docs": ["mkdocs>=1.6.1", "mkdocs-material>=9.8.2", "mkdocstrings-python>=2.0.11"],
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.6",
@@ -33,6 +35,9 @@ extras_require = {
         "gradio_client>=2.7.2",
         "gguf>=0.17",  # the GGUF-quantised base test
         "selenium>=4.51.0",  # the opt-in browser test (-m browser), with Debian's chromium and chromium-driver
+        "mkdocs>=1.6.1",  # the documentation's strict build (tests/test_docs.py)
+        "mkdocs-material>=9.8.2",
+        "mkdocstrings-python>=2.0.11",
     ],
 }
 

@@ -13,7 +13,7 @@ the transformer). Runs under accelerate on one or many GPUs (or CPU processes):
 The base's backbone is read from its `model_index.json` (`Flux2KleinPipeline`: FLUX.2; `FluxKontextPipeline`: FLUX.1
 Kontext, trained under Kontext's default distilled guidance, 3.5).
 
-See examples/README.md for data layouts, multi-GPU runs, resuming and publishing.
+See docs/training.md for data layouts, multi-GPU runs, resuming and publishing.
 """
 
 from __future__ import annotations

@@ -23,16 +23,16 @@ from diffusers_delta.testing import tiny_image_encoder
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES), str(EXAMPLES.parent / "benchmarks")]
+sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
 import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
-import toyworld2_adaptation  # noqa: E402
-import toyworld2_ladder  # noqa: E402
-import toyworld2_quality  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
 import train_vae  # noqa: E402
+import world2_adaptation  # noqa: E402
+import world2_ladder  # noqa: E402
+import world2_quality  # noqa: E402
 import world3_quality  # noqa: E402
 
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder  # noqa: E402
@@ -351,7 +351,7 @@ def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablati
     printed = capsys.readouterr().out
     assert "stage " not in printed and printed.count("ablation: ") == 2  # only the ablation adapters are trained
     grid = tmp_path / "world2.png"
-    toyworld2_quality.main([
+    world2_quality.main([
         "--work_dir", str(world2_build), "--queries", "1", "--splits", "S3", "S4", "--adapt_queries", "1",
         "--adapt_steps", "1", "--markdown", "--grid", str(grid),
     ])  # fmt: skip
@@ -362,7 +362,7 @@ def test_the_world_2_benchmark_compares_the_adapter_with_the_base_and_the_ablati
     assert "issue 20's minimum goals:" in printed and "S3 zero-shot mean" in printed  # S3 decides these goals
     assert "adaptation raises S3's mean by" in printed and "S3 adapter " in printed
     assert PIL.Image.open(grid).size == (150 + 7 * 96, 20 + 10 * 96)  # row titles, 7 columns, a row per family
-    assert toyworld2_quality.row_title("S4", "flip + remove", "flip(horizontal) + remove(circle)") == (
+    assert world2_quality.row_title("S4", "flip + remove", "flip(horizontal) + remove(circle)") == (
         "S4 flip + remove\nhorizontal + circle")  # fmt: skip
 
 
@@ -374,9 +374,9 @@ def test_the_goals_ratio_counts_only_families_the_told_base_makes():
         {"identity": 0.5, "floor": 0.1, told: 0.46, adapter: 0.1},  # told +0.1: not counted, whatever the adapter
         {"identity": 0.1, "floor": 0.2, told: 0.1, adapter: 0.1},  # no room above the floor: not counted
     ]
-    counted, ratios = toyworld2_quality.ratios_to_told(rows, told)
+    counted, ratios = world2_quality.ratios_to_told(rows, told)
     assert counted == 2 and ratios[told] == 1.0 and ratios[adapter] == pytest.approx(0.375 / 0.75)
-    assert toyworld2_quality.ratios_to_told(rows[2:], told) == (0, {})
+    assert world2_quality.ratios_to_told(rows[2:], told) == (0, {})
 
 
 def test_the_goals_say_which_are_met():
@@ -388,7 +388,7 @@ def test_the_goals_say_which_are_met():
     table = [("S1", f"family {i}", row(0.1, 0.1, 0.14, 0.14)) for i in range(10)]  # adapter 0.9 of told
     table += [("S1", "unmade", row(0.5, 0.5, 0.5, 0.5))]  # told +0.0: not counted
     table += [("S3", "posterize", row(0.1, 0.45, 0.3, 0.1)), ("S3", "rotate", row(0.2, 0.45, 0.5, 0.5))]
-    met = dict(toyworld2_quality.goals(table, adapted))
+    met = dict(world2_quality.goals(table, adapted))
     assert list(met.values()) == [True, True, False, True, True, True]  # S3: adapter +0.25 / told +0.875 < 0.4
     assert list(met)[:3] == [
         "S1 adapter/told ratio 0.90 (>= 0.8; 10 families)",
@@ -400,7 +400,7 @@ def test_the_goals_say_which_are_met():
 
 
 def test_adaptation_settings_are_compared_on_the_same_queries(world2_build, capsys):
-    table = toyworld2_adaptation.main([
+    table = world2_adaptation.main([
         "--work_dir", str(world2_build), "--splits", "S1", "S3", "--families", "brightness", "rotate",
         "--queries", "1", "--setting", "num_steps=1",
         "--setting", "num_steps=1,learning_rate=1e-4,trainable=edit_tokens", "--markdown",
@@ -412,8 +412,8 @@ def test_adaptation_settings_are_compared_on_the_same_queries(world2_build, caps
     assert "| split | family | identity | floor | " + " | ".join(columns) + " |" in printed
     assert "  S1: zero-shot " in printed and "of 1 worse)" in printed
     with pytest.raises(ValueError, match="FIELD one of num_steps"):
-        toyworld2_adaptation.parse_setting("steps=20")
-    assert toyworld2_adaptation.parse_setting("gradient_checkpointing=true,noise_samples=2") == AdaptationConfig(
+        world2_adaptation.parse_setting("steps=20")
+    assert world2_adaptation.parse_setting("gradient_checkpointing=true,noise_samples=2") == AdaptationConfig(
         gradient_checkpointing=True, noise_samples=2)  # fmt: skip
 
 
@@ -421,7 +421,7 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     """Rungs 1-4 and 7 on a tiny build: the told base, the oracle, the delta adapter on one and on two families, and
     the source's tokens beside the delta, each measured on the families it trained on, with the mean and the ratio
     to the told base."""
-    table = toyworld2_ladder.main([
+    table = world2_ladder.main([
         "--work_dir", str(world2_build), "--families", "brightness", "flip", "--family_counts", "1", "2",
         "--steps", "1", "--pairs_per_family", "2", "--queries", "1", "--markdown",
     ])  # fmt: skip
@@ -433,7 +433,7 @@ def test_the_ladder_trains_every_rung_on_the_same_base(world2_build, capsys):
     printed = capsys.readouterr().out
     assert "| family | identity | floor | " + " | ".join(rungs) + " |" in printed
     assert "| mean |" in printed and "| ratio to the told base (families it closes by 0.3 or more) |" in printed
-    told = toyworld2_ladder.main(
+    told = world2_ladder.main(
         ["--work_dir", str(world2_build), "--families", "flip", "--rungs", "told", "--queries", "1"]
     )  # the ceiling alone: nothing trained, no pairs encoded
     assert list(told["flip"]) == ["identity", "floor", "1 told base"]
@@ -446,9 +446,9 @@ def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monke
     With --lora_rank, the LoRA trained beside the adapter resumes as exactly, and each rung's is its own."""
     argv = ["--work_dir", str(world2_build), "--families", "brightness", "--rungs", "told", "oracle", "--steps", "3",
             "--pairs_per_family", "2", "--queries", "1", *lora]  # fmt: skip
-    uninterrupted = toyworld2_ladder.main(argv)
+    uninterrupted = world2_ladder.main(argv)
     state = ["--state_dir", str(tmp_path / "state"), "--checkpointing_steps", "1"]
-    real_save = toyworld2_ladder.save_checkpoint
+    real_save = world2_ladder.save_checkpoint
 
     def save_then_die(path, checkpoint):
         real_save(path, checkpoint)
@@ -456,13 +456,13 @@ def test_a_ladder_cut_off_mid_rung_goes_on_exactly(world2_build, tmp_path, monke
             raise KeyboardInterrupt  # killed after its second checkpoint
 
     with monkeypatch.context() as patched:
-        patched.setattr(toyworld2_ladder, "save_checkpoint", save_then_die)
+        patched.setattr(world2_ladder, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            toyworld2_ladder.main(argv + state)
-    assert toyworld2_ladder.main(argv + state) == uninterrupted  # the told rung kept, the oracle resumed at step 2
+            world2_ladder.main(argv + state)
+    assert world2_ladder.main(argv + state) == uninterrupted  # the told rung kept, the oracle resumed at step 2
     assert not list((tmp_path / "state").glob("*/*/checkpoint.pt"))  # spent once measured
-    monkeypatch.setattr(toyworld2_ladder, "train_adapter", None)  # nothing is trained again
-    assert toyworld2_ladder.main(argv + state + ["--markdown"]) == uninterrupted
+    monkeypatch.setattr(world2_ladder, "train_adapter", None)  # nothing is trained again
+    assert world2_ladder.main(argv + state + ["--markdown"]) == uninterrupted
     if lora:  # a rung with a LoRA is named so, and measures something else than the same rung without
         assert list(uninterrupted["brightness"])[-1] == "2 oracle + LoRA r2"
 

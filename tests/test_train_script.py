@@ -568,13 +568,13 @@ def test_the_relation_evaluation_split_is_held_out_of_training(folders, tmp_path
         assert message in capsys.readouterr().err
 
 
-def test_the_papers_recipe_in_examples_readme_parses_and_its_accelerate_config_loads(tmp_path):
+def test_the_papers_recipe_in_the_docs_parses_and_its_accelerate_config_loads(tmp_path):
     import shlex
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    readme = (EXAMPLES / "README.md").read_text()
-    recipe = readme.split("### The paper's seen-task run, on 4 GPUs", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    readme = (EXAMPLES.parent / "docs" / "paper.md").read_text()
+    recipe = readme.split("## The seen-task run, on 4 GPUs", 1)[1].split("```bash\n", 1)[1].split("```")[0]
     launch_line = recipe.split("\npython ", 1)[0].replace("\\\n", " ")
     words = shlex.split(launch_line)
     config = load_config_from_file(str(EXAMPLES.parent / words[words.index("--config_file") + 1]))

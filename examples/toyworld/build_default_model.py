@@ -9,7 +9,7 @@ Steps: train the VAE (train_vae.py), train the base editor (train_base_editor.py
 pairs of the *seen* edits, train the adapter with examples/train_delta_adapter.py itself, export the pipeline and
 adapter folders into the package (`diffusers_delta/toyworld/default_model`, which `toyworld.load_pipeline()` loads),
 with `--ablations` train the ablation adapters (no consistency loss; pooled MLP), and print
-benchmarks/toyworld_quality.py's table.
+examples/toyworld/world1_quality.py's table.
 `--work_dir` keeps every intermediate result; a step whose output already exists is skipped.
 """
 
@@ -189,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
         train_ablations(args, work)
     if not args.skip_benchmark:
         subprocess.run(
-            [sys.executable, str(HERE.parents[1] / "benchmarks" / "toyworld_quality.py"), "--model_dir",
+            [sys.executable, str(HERE / "world1_quality.py"), "--model_dir",
              args.export_dir, "--work_dir", str(work)],
             check=True,
         )  # fmt: skip

@@ -9,7 +9,7 @@ and the base editor's (`vae_checkpoint/`, `base_checkpoint/`, every `--vae_check
 `--base_checkpointing_steps` steps, each removed once its stage is complete) and the adapter's. Each run first prints
 which parts are done and an estimate of the training time left. The VAE and the base editor learn every family of
 every split (klein knows every edit by text); the adapter trains on S1 only, and so do the ablation adapters of
-`--ablations` (`adapter_no_consistency`, `adapter_pooled_mlp`, which `benchmarks/toyworld2_quality.py` compares it
+`--ablations` (`adapter_no_consistency`, `adapter_pooled_mlp`, which `examples/toyworld/world2_quality.py` compares it
 with).
 Nothing in the package changes unless `--export` is given: then the base pipeline and the adapter replace
 `diffusers_delta/toyworld/default_model` (the shipped model, at most 25 MB) atomically.

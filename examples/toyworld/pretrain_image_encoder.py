@@ -2,7 +2,7 @@
 """Pre-train toy world 2's SigLIP stand-in without edit labels: masked patch reconstruction on world images.
 
 A random frozen SigLIP cannot tell many of toy world 2's families apart from its deltas
-(`benchmarks/toyworld_encoder_probe.py`: geometry and colour families near chance), as a real one pre-trained on the
+(`examples/toyworld/encoder_probe.py`: geometry and colour families near chance), as a real one pre-trained on the
 web could. This pre-trains it self-supervised, as such encoders are, on the world's pictures before and after every
 kind of edit (`world_batch`, its instructions unused): a third of the patches are blanked in the input, and every
 patch token must give back its own patch's pixels, so tokens carry what their patch shows and what surrounds it.

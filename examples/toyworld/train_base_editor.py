@@ -17,7 +17,7 @@ With `--checkpoint_dir`, the training state (weights, optimizer, schedule, data 
 `--checkpointing_steps` steps and when the time budget ends, and a run started with the same flags resumes from it
 exactly: a long base editor trains across several runs, each cut off wherever a session ends. `--reuse 4` encodes each
 training example once and uses it four times (`ExamplePool`), which makes a step about 1.7 times cheaper on 2 CPU cores
-(`benchmarks/toyworld2_base_speed.py`).
+(`examples/toyworld/world2_base_speed.py`).
 """
 
 from __future__ import annotations

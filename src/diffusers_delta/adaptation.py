@@ -87,9 +87,9 @@ class AdaptationConfig:
     The learning rate comes from `python benchmarks/adaptation.py --sweep 1e-4 1e-3 1e-2` (held-out objective of the
     pair after 20 steps, SMALL CPU configuration with random weights): 1e-4 barely moves the adapter in 20 steps,
     1e-3 and 1e-2 reach the same held-out loss, and 1e-3 is the safer of the two. On toy world 1's trained model
-    (`benchmarks/toyworld_quality.py`), these defaults raise the unseen edits' mean gap closed from -0.70 to -0.31; on
-    world 2's, the embedded one (`benchmarks/toyworld2_quality.py`), held-out values (S2) from -0.14 to +0.08 and seen
-    edits (S1) from +0.42 to +0.48, and held-out families (S3) not at all (-0.09 to -0.12).
+    (`examples/toyworld/world1_quality.py`), these defaults raise the unseen edits' mean gap closed from -0.70 to
+    -0.31; on world 2's, the embedded one (`examples/toyworld/world2_quality.py`), held-out values (S2) from -0.14 to
+    +0.08 and seen edits (S1) from +0.42 to +0.48, and held-out families (S3) not at all (-0.09 to -0.12).
     """
 
     num_steps: int = field(default=20, metadata={"help": "Gradient steps on the pair (the paper uses 20)."})
@@ -179,6 +179,7 @@ class AdaptationConfig:
             )
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (for model cards and `adapter_config.json`'s adaptation record)."""
         return asdict(self)
 
 
@@ -365,8 +366,10 @@ class DeltaAdaptationMixin:
             The loss of every step, with its two terms, and the settings used.
 
         Raises:
-            ValueError: bad exemplar images or settings; FloatingPointError: the loss stopped being finite. In
-            either case (and on any other error) the adapter is left exactly as it was before the call.
+            ValueError: bad exemplar images or settings.
+            FloatingPointError: the loss stopped being finite.
+
+        On these and any other error the adapter is left exactly as it was before the call.
         """
         self._require_delta_adapter()
         overrides = {"num_steps": num_steps, "learning_rate": learning_rate, "lambda_delta": lambda_delta}

@@ -192,6 +192,7 @@ class AdapterLocation:
         return self.local_root / self.subfolder if self.subfolder else self.local_root
 
     def describe(self) -> str:
+        """Where the adapter is, as an error message names it: the repo or folder, and its subfolder."""
         return f"{self.source!r}" + (f" (subfolder {self.subfolder!r})" if self.subfolder else "")
 
     def fetch(self, filename: str, required: bool) -> str | None:

@@ -199,7 +199,7 @@ def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
         return (
             f"**Model: {served}** (offline, on the CPU). It knows only {toyworld.IMAGE_SIZE}x{toyworld.IMAGE_SIZE} "
             "synthetic scenes of flat shapes: other images are resized to that size and back, and photos come out "
-            f"as noise. {knows} (the README measures each). Try the examples below."
+            f"as noise. {knows} (docs/toyworld.md measures each). Try the examples below."
         )
     if pipe is not None and backbone_of(pipe.transformer).NAME == "flux1":
         return (

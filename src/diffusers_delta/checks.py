@@ -10,6 +10,10 @@ import numpy as np
 import torch
 
 
+#: What every adapter method says when no adapter is loaded.
+NO_ADAPTER = "No Delta-Adapter is loaded: call pipe.load_delta_adapter(...) first."
+
+
 def finite_float(value, name: str, minimum: float | None = None) -> float:
     """`value` as a float, refused unless it is a finite real number (at least `minimum`, when given)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -1,11 +1,13 @@
 """`diffusers-delta`: the command line. `demo` shows the embedded toy model at work, offline; `edit` edits a query
 or a folder of them; `app` serves the Gradio app.
 
+```bash
 diffusers-delta demo --out demo.png
 diffusers-delta edit --exemplar before.png after.png --query query.png --out edited.png [--base ... --adapter ...]
 diffusers-delta edit --exemplar before.png after.png --queries photos/ --out edited/ [--batch-size 8]
 accelerate launch -m diffusers_delta.cli edit --exemplar before.png after.png --queries photos/ --out edited/
 diffusers-delta app [--base ... --adapter ...] [--port 7860] [--share]
+```
 
 Inputs are checked before any model loads. A mistake prints one line, `error: ...`, and exits with code 2 (any
 other failure: code 1); `--debug` shows the traceback instead.
@@ -82,7 +84,7 @@ def check_base_source(base: str) -> str:
             "in Python: transformer = Flux2Transformer2DModel.from_single_file(file, config=<klein folder>, "
             "subfolder='transformer', quantization_config=GGUFQuantizationConfig(...)), then "
             "FluxDeltaEditPipeline.from_pretrained(<klein folder>, transformer=transformer) and "
-            "pipe.load_delta_adapter(...) (README: quantised and LoRA'd bases)."
+            "pipe.load_delta_adapter(...) (docs/using.md: quantised and LoRA'd bases)."
         )
     if path.exists() and not path.is_dir():
         raise UsageError(f"--base {base} is a file: pass a pipeline folder (with model_index.json) or a Hub id.")
@@ -334,6 +336,7 @@ def _app(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `diffusers-delta` parser: its `demo`, `edit` and `app` commands and their flags."""
     parser = argparse.ArgumentParser(prog="diffusers-delta", description="Edit images by example (Delta-Adapter).")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
@@ -380,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Runs `diffusers-delta` with `argv` (default: the process's arguments); a mistake exits with code 2."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage (argparse would print the top-level one)

@@ -294,6 +294,7 @@ class SideBySideDataset(Dataset):
         return len(self.files)
 
     def name_of(self, index: int) -> str:
+        """The pair at `index`, as a person finds it (its side-by-side image's path)."""
         return str(self.files[index])
 
     def __getitem__(self, index: int) -> dict | None:
@@ -353,6 +354,7 @@ class PicoBananaDataset(Dataset):
                            self.allow_outside_root)  # fmt: skip
 
     def name_of(self, index: int) -> str:
+        """The pair at `index`, as a person finds it (the manifest and the record's edited image)."""
         return f"{self.manifest}:{self.records[index]['output_image']}"
 
     def __getitem__(self, index: int) -> dict | None:
@@ -423,6 +425,7 @@ class NHREditDataset(Dataset):
         return next((path for path in paths if path is not None and path.is_file()), paths[0])
 
     def name_of(self, index: int) -> str:
+        """The pair at `index`, as a person finds it (the metadata file and the record's edited image)."""
         return f"{self.metadata}:{self.records[index][1]}"
 
     def __getitem__(self, index: int) -> dict | None:
@@ -489,6 +492,7 @@ class MixedPairs(Dataset):
         return self.sources[int(self.source_of[index])][int(self.item_of[index])]
 
     def name_of(self, index: int) -> str:
+        """The pair at `index`, as its source dataset names it, with that source's kind and path."""
         return pair_name(self.sources[int(self.source_of[index])], int(self.item_of[index]))
 
 
@@ -523,6 +527,7 @@ class HubPairDataset(Dataset):
         return len(self.dataset)
 
     def name_of(self, index: int) -> str:
+        """The pair at `index`: the dataset's row number."""
         return f"example {index}"
 
     def __getitem__(self, index: int) -> dict | None:
@@ -543,6 +548,7 @@ class StreamingHubPairDataset(IterableDataset):
         self.skips = SkipLog("the Hub stream")
 
     def set_epoch(self, epoch: int) -> None:
+        """Passes `epoch` to the `datasets` stream, whose shuffle then depends on the seed and the epoch."""
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
@@ -571,6 +577,7 @@ class MixedStream(IterableDataset):
         self.streams, self.seed, self.epoch = streams, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the mix's draws and of every source stream, so that resuming mid-epoch is exact."""
         self.epoch = epoch
         for stream in self.streams:
             stream.set_epoch(epoch)
@@ -681,6 +688,7 @@ class TransformedPairs(Dataset):
         self.pairs, self.transform, self.epoch = pairs, transform, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that, with the seed and the pair, decides each pair's random crop."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -703,6 +711,7 @@ class TransformedStream(IterableDataset):
         self.pairs, self.transform, self.epoch = pairs, transform, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the crops and of the stream below, so that resuming mid-epoch is exact."""
         self.epoch = epoch
         self.pairs.set_epoch(epoch)
 

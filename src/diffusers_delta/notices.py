@@ -22,6 +22,7 @@ class TorchvisionFallbackFilter(logging.Filter):
     """Drops transformers' torchvision-fallback notice (`_FALLBACK_NOTICE`), and nothing else."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """False for transformers' torchvision-fallback notice, True for every other record."""
         return _FALLBACK_NOTICE.search(record.getMessage()) is None
 
 

@@ -121,6 +121,7 @@ def tiny_tokenizer() -> Qwen2TokenizerFast:
 
 
 def tiny_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> Qwen3ForCausalLM:
+    """A seeded `Qwen3ForCausalLM` of the given vocabulary at `sizes`: klein's text encoder, small."""
     torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=vocab_size,
@@ -234,6 +235,7 @@ def tiny_klein_components(sizes: ModelSizes = TINY) -> dict:
 
 
 def tiny_klein_pipeline(sizes: ModelSizes = TINY) -> Flux2KleinPipeline:
+    """A seeded `Flux2KleinPipeline` of tiny real components (`tiny_klein_components`), progress bars off."""
     pipe = Flux2KleinPipeline(**tiny_klein_components(sizes))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -279,6 +281,7 @@ def tiny_t5_tokenizer() -> T5TokenizerFast:
 
 
 def tiny_clip_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> CLIPTextModel:
+    """A seeded `CLIPTextModel` of the given vocabulary at `sizes`: Kontext's pooled-prompt encoder, small."""
     torch.manual_seed(0)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -296,6 +299,7 @@ def tiny_clip_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> CLIPTex
 
 
 def tiny_t5_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> T5EncoderModel:
+    """A seeded `T5EncoderModel` of the given vocabulary at `sizes`: Kontext's prompt encoder, small."""
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=vocab_size,

@@ -112,7 +112,7 @@ class DeltaAdapterObjective(nn.Module):
             sigmas: (B,) noise levels.
             loss_weights: optional (B,) flow-matching weights.
             delta: optional (B, P, D) input for the adapter in place of the features' semantic delta (a measurement
-                of the injection path alone, as `benchmarks/toyworld2_ladder.py`'s oracle rung feeds it a learned
+                of the injection path alone, as `examples/toyworld/world2_ladder.py`'s oracle rung feeds it a learned
                 code per edit); the consistency loss still compares against the features' delta.
 
         Returns:

@@ -1,3 +1,5 @@
+"""The Delta-Adapter model: the semantic delta -> edit tokens -> each block's keys and values."""
+
 from .delta_adapter import DeltaAdapterModel, DeltaBlockProjection
 
 

@@ -1,3 +1,5 @@
+"""The Delta-Adapter pipelines, one per backbone, and the choice of one for a base checkpoint."""
+
 from .pipeline_flux_delta_edit import FluxDeltaEditPipeline, compute_empty_prompt_embeds
 from .pipeline_flux_kontext_delta_edit import FluxKontextDeltaEditPipeline
 

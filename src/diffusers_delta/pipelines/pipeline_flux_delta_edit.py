@@ -17,8 +17,8 @@ from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProces
 from ..backbones.flux2 import unpack_to_vae_latents
 from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
+from ..exemplar_encoding import ExemplarPair
 from ..image_inputs import ImageInput
-from ..loaders import ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
 from .delta_edit_pipeline import DeltaEditPipelineMixin
 

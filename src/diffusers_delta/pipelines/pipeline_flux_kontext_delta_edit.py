@@ -25,8 +25,8 @@ from transformers import (
 from ..backbones.flux1 import reference_size
 from ..checks import finite_float, positive_int
 from ..concurrency import one_call_at_a_time
+from ..exemplar_encoding import ExemplarPair
 from ..image_inputs import ImageInput
-from ..loaders import ExemplarPair
 from ..models.delta_adapter import DeltaAdapterModel
 from .delta_edit_pipeline import DeltaEditPipelineMixin
 

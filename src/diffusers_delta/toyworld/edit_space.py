@@ -142,6 +142,7 @@ class Operation:
         return np.clip(weight * changed + (1.0 - weight) * image, 0.0, 1.0)
 
     def describe(self) -> str:
+        """The operation in a few words (kind, values and where it acts), as tables and grids label it."""
         p = self.params
         if self.kind == "blur":
             what = f"blur σ{p[0]:.2f}"
@@ -178,6 +179,7 @@ class Geometry:
             raise ValueError(f"Unknown geometry {self.kind!r}; expected one of {GEOMETRY}.")
 
     def features(self) -> np.ndarray:
+        """Its block of the instruction (GEOMETRY_WIDTH,): the kind one-hot and its values, of order one."""
         block = np.zeros(GEOMETRY_WIDTH, dtype=np.float32)
         block[GEOMETRY.index(self.kind)] = 1.0
         if self.kind == "translate":
@@ -198,6 +200,7 @@ class Geometry:
         return scene.with_shapes(replace(s, size=s.size * self.params[0]) for s in scene.shapes)
 
     def describe(self) -> str:
+        """The geometric step in a few words (flip, translate by a fraction of the side, scale by a factor)."""
         if self.kind == "translate":
             return f"translate {self.params[0]:+.2f},{self.params[1]:+.2f}"
         return "flip" if self.kind == "flip" else f"scale ×{self.params[0]:.2f}"
@@ -225,6 +228,7 @@ class EditSpec:
 
     @property
     def label(self) -> str:
+        """Its name when it has one (a held-out edit), else its steps described, joined by " + "."""
         parts = ([self.geometry.describe()] if self.geometry else []) + [op.describe() for op in self.operations]
         return self.name or " + ".join(parts)
 
@@ -260,6 +264,7 @@ class EditSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "EditSpec":
+        """The edit `to_json` wrote."""
         data = json.loads(text)
         geometry = None if data["geometry"] is None else Geometry(data["geometry"][0], tuple(data["geometry"][1]))
         operations = tuple(Operation(k, tuple(p), r, tuple(rp)) for k, p, r, rp in data["operations"])

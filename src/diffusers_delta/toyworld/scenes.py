@@ -82,6 +82,7 @@ class Scene:
     finishes: tuple[tuple[str, tuple], ...] = ()
 
     def with_shapes(self, shapes) -> "Scene":
+        """The same scene (background, finish) with other shapes."""
         return replace(self, shapes=tuple(shapes))
 
 

@@ -14,10 +14,10 @@ edit (the family's edits taken in turn). Mean absolute error in [0, 1]; gap clos
     adapter + adapt(N)        after adapt_to_exemplar(N) on the exemplar, on every query (with --adapt_queries K,
                               on the first K only, and the column says so: its gap then mixes adaptation with
                               the choice of queries; settings compared side by side:
-                              benchmarks/toyworld2_adaptation.py)
+                              examples/toyworld/world2_adaptation.py)
     <ablation>                adapters of the build folder named adapter_* (no consistency loss, pooled MLP)
 
-    python benchmarks/toyworld2_quality.py --work_dir toy2 [--queries 16] [--splits S1 S2 S3 S4] [--markdown]
+    python examples/toyworld/world2_quality.py --work_dir toy2 [--queries 16] [--splits S1 S2 S3 S4] [--markdown]
         [--grid world2.png]
 
 Prints the mean gap closed per split, each column's ratio to the told base (on the families it closes by 0.3 or
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapt_steps", type=int, default=20)
     parser.add_argument("--adapt_queries", type=int, default=None,
                         help="Queries per family adapted to (default: all of --queries; 0: none).")  # fmt: skip
-    parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    parser.add_argument("--markdown", action="store_true", help="Also print the table as markdown (docs/toyworld.md).")
     parser.add_argument("--grid", type=Path, help="Also write a PNG: each family's first query, truth and outputs.")
     args = parser.parse_args(argv)
 

@@ -7,7 +7,7 @@ the same architecture on the given families only, one run per family, and prints
 true instruction, (identity - output) / (identity - floor), every `--eval_every` steps: if a family alone is learned
 in a few hundred steps, the full base editor is short of steps per family, not of a way to represent the edit.
 
-    python benchmarks/toyworld2_base_families.py --work_dir toy2 [--families flip recolor] [--steps 1000]
+    python examples/toyworld/world2_base_families.py --work_dir toy2 [--families flip recolor] [--steps 1000]
         [--from_base]
 
 A fresh transformer by default (the build's architecture), or with `--from_base` the build's base editor, trained
@@ -32,7 +32,7 @@ from diffusers_delta.toyworld.families import edits_by_family
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toyworld"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_base_editor  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 
 On a world-2 build folder (its `base/` and `siglip/`), for the S1 edits of `--families`, every rung is measured per
 family on `--queries` held-out queries (each with its own exemplar pair; mean absolute error in [0, 1], gap closed =
-(identity - output) / (identity - floor), as in `toyworld2_quality.py`):
+(identity - output) / (identity - floor), as in `world2_quality.py`):
 
     1. told base        the base editor told the edit by its instruction, no adapter: the ceiling of any adapter
     2. oracle           a learned code per edit fed, in place of the semantic delta, through the adapter's own
@@ -24,7 +24,7 @@ Adapters train as the build trains its own (batch 16, AdamW 1e-3, cosine schedul
 λ_delta = 1; the oracle without the consistency loss), on `--pairs_per_family` pairs per family encoded once, each
 batch drawing families evenly.
 
-    python benchmarks/toyworld2_ladder.py --work_dir toy2 --families brightness flip remove --steps 1500
+    python examples/toyworld/world2_ladder.py --work_dir toy2 --families brightness flip remove --steps 1500
         [--family_counts 1 2 3] [--rungs told oracle delta] [--queries 16] [--markdown] [--state_dir DIR]
 
 With `--state_dir`, a ladder survives a session's end: each rung's measurements are kept as it finishes, and each
@@ -68,10 +68,10 @@ from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 from diffusers_delta.training import DeltaAdapterObjective
 
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples")]
-import toyworld2_quality  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import train_delta_adapter  # noqa: E402
-from toyworld2_quality import gap, ratios_to_told  # noqa: E402
+import world2_quality  # noqa: E402
+from world2_quality import gap, ratios_to_told  # noqa: E402
 
 
 RUNGS = ("told", "oracle", "delta", "source")
@@ -257,7 +257,7 @@ def run_with_inputs(pipe, adapter, cases, adapter_input) -> float:
         with torch.no_grad():
             tokens = adapter(adapter_input(case).to(adapter.dtype))  # (1, N, D_edit)
         output = pipe(case.query, delta_embeds=tokens, generator=torch.Generator().manual_seed(index)).images[0]
-        errors.append(toyworld2_quality.mae(output, case.truth))
+        errors.append(world2_quality.mae(output, case.truth))
     return statistics.mean(errors)
 
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--lora_rank", type=int, default=0, help="Outside the paper: a LoRA of this rank on the base with each rung."
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    parser.add_argument("--markdown", action="store_true", help="Also print the table as markdown (docs/toyworld.md).")
     parser.add_argument("--state_dir", default=None,
                         help="Keep each rung's results and checkpoints here, so that a rerun goes on.")  # fmt: skip
     parser.add_argument("--checkpointing_steps", type=int, default=250,
@@ -314,9 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     image_encoder = (
         SiglipVisionModel.from_pretrained(args.image_encoder or work / "siglip").eval().requires_grad_(False)
     )
-    cases = {f: c for f, c in toyworld2_quality.cases_of("S1", args.queries).items() if f in args.families}
-    table = {family: {"identity": statistics.mean(toyworld2_quality.mae(c.query, c.truth) for c in cases[family]),
-                      "floor": toyworld2_quality.floor_error(pipe, cases[family])}
+    cases = {f: c for f, c in world2_quality.cases_of("S1", args.queries).items() if f in args.families}
+    table = {family: {"identity": statistics.mean(world2_quality.mae(c.query, c.truth) for c in cases[family]),
+                      "floor": world2_quality.floor_error(pipe, cases[family])}
              for family in args.families}  # fmt: skip
     state = state_folder(args)
     finished = {}  # rung -> {family: error}, as kept by an earlier run of the same ladder
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             errors = {}
             for family in families:
                 if kind == "delta":  # through the pipeline's own exemplar encoding
-                    errors[family], _ = toyworld2_quality.run(pipe, cases[family])
+                    errors[family], _ = world2_quality.run(pipe, cases[family])
                 else:
                     errors[family] = run_with_inputs(pipe, pipe.delta_adapter, cases[family], inputs[kind])
             pipe.unload_delta_adapter()
@@ -398,7 +398,7 @@ def told_run(pipe, cases, prompts) -> float:
     for index, case in enumerate(cases):
         output = base(image=case.query, prompt_embeds=prompts[index], num_inference_steps=4, guidance_scale=1.0,
                       generator=torch.Generator().manual_seed(index))  # fmt: skip
-        errors.append(toyworld2_quality.mae(output.images[0], case.truth))
+        errors.append(world2_quality.mae(output.images[0], case.truth))
     return statistics.mean(errors)
 
 

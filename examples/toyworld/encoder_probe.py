@@ -6,7 +6,7 @@ of the family on the flattened deltas of S1 pairs (seen families, seen values) a
 scenes, on S2 (held-out values of the same families) and the confusions, for the toy world's SigLIP stand-in (random
 and frozen, as `examples/toyworld/build_default_model.py` builds it) or any SigLIP folder.
 
-    python benchmarks/toyworld_encoder_probe.py [--encoder FOLDER] [--pairs 80] [--hidden 256]
+    python examples/toyworld/encoder_probe.py [--encoder FOLDER] [--pairs 80] [--hidden 256]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from diffusers_delta.toyworld.families import edits_by_family
 
 def build_random_encoder(seed: int) -> SiglipVisionModel:
     """The toy world's SigLIP stand-in as `build_default_model.py` builds it: random, frozen."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toyworld"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from build_default_model import image_encoder_config
 
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@ edited zero-shot and after adapting the adapter to its exemplar under each `--se
 each query), on the same queries, noise and exemplars. The question the defaults must answer: adaptation should
 raise the unseen splits (S2, S3) and never make a seen edit (S1) worse on average.
 
-    python benchmarks/toyworld2_adaptation.py --work_dir toy2 --splits S1 S3 --queries 4 \
+    python examples/toyworld/world2_adaptation.py --work_dir toy2 --splits S1 S3 --queries 4 \
         --setting num_steps=20,learning_rate=1e-3 --setting num_steps=20,learning_rate=3e-4,trainable=edit_tokens
 
 A setting is `FIELD=VALUE,...` of `diffusers_delta.adaptation.AdaptationConfig` (unnamed fields keep its defaults;
@@ -21,8 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
-import toyworld2_quality
-from toyworld2_quality import gap
+import world2_quality
+from world2_quality import gap
 
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.adaptation import parse_setting, setting_name
@@ -54,15 +54,15 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict]]:
     columns = [ZERO_SHOT, *(setting_name(config) for config in settings)]
     table = []  # (split, family, {column: error})
     for split in args.splits:
-        for family, cases in toyworld2_quality.cases_of(split, args.queries).items():
+        for family, cases in world2_quality.cases_of(split, args.queries).items():
             if args.families and family not in args.families:
                 continue
             start = time.perf_counter()
-            row = {"identity": statistics.mean(toyworld2_quality.mae(c.query, c.truth) for c in cases),
-                   "floor": toyworld2_quality.floor_error(pipe, cases)}  # fmt: skip
-            row[ZERO_SHOT], _ = toyworld2_quality.run(pipe, cases)
+            row = {"identity": statistics.mean(world2_quality.mae(c.query, c.truth) for c in cases),
+                   "floor": world2_quality.floor_error(pipe, cases)}  # fmt: skip
+            row[ZERO_SHOT], _ = world2_quality.run(pipe, cases)
             for name, config in zip(columns[1:], settings):
-                row[name] = toyworld2_quality.adapted(pipe, cases, config)
+                row[name] = world2_quality.adapted(pipe, cases, config)
             table.append((split, family, row))
             print(f"{split} {family:<14} " + ", ".join(f"{c} {gap(row, c):+.2f}" for c in columns)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip

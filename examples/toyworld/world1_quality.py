@@ -14,7 +14,7 @@ loss or with other projections, when a build folder holds them (`--work_dir`, as
 examples/toyworld/build_default_model.py leaves it); the adapter after `adapt_to_exemplar(num_steps=20)` on unseen
 edits; averaging 3 exemplars instead of 1; a `delta_scale` sweep.
 
-    python benchmarks/toyworld_quality.py [--queries 16] [--work_dir toy-build] [--markdown]
+    python examples/toyworld/world1_quality.py [--queries 16] [--work_dir toy-build] [--markdown]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def result_cell(row: dict, name: str, identity: dict, floor: dict, missing: str)
 
 
 def markdown_table(rows: dict, identity: dict, floor: dict) -> str:
-    """The table as README markdown: one row per edit, one column per row of results, with gaps in brackets."""
+    """The table as markdown: one row per edit, one column per row of results, with gaps in brackets."""
     lines = [
         "| edit | split | identity | floor | " + " | ".join(rows) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in rows) + " |",
@@ -114,12 +114,12 @@ def main() -> None:
     parser.add_argument("--work_dir", default=None, help="A build folder with ablation adapters (adapter_*).")
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--adapt_steps", type=int, default=20)
-    parser.add_argument("--markdown", action="store_true", help="Also print the table as README markdown.")
+    parser.add_argument("--markdown", action="store_true", help="Also print the table as markdown (docs/toyworld.md).")
     args = parser.parse_args()
     if toyworld.model_world(args.model_dir) != toyworld.showcase.WORLD_1:
-        parser.error(f"{args.model_dir} holds a toy-world-2 model: measure it with benchmarks/toyworld2_quality.py "
-                     "--work_dir BUILD; this benchmark needs a world-1 model (--model_dir, as "
-                     "examples/toyworld/build_default_model.py --export_dir writes it).")  # fmt: skip
+        parser.error(f"{args.model_dir} holds a toy-world-2 model: measure it with "
+                     "examples/toyworld/world2_quality.py --work_dir BUILD; this benchmark needs a world-1 model "
+                     "(--model_dir, as examples/toyworld/build_default_model.py --export_dir writes it).")  # fmt: skip
 
     pipe = toyworld.load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)

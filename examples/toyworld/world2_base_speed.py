@@ -9,7 +9,7 @@ repeats the round `--rounds` times so that a noisy machine slows every setting a
 step and the speed-up over the first `--reuse` value, and with `--compile` what torch.compile changes on the
 transformer's step.
 
-    python benchmarks/toyworld2_base_speed.py [--reuse 1 4 8] [--threads 1] [--compile]
+    python examples/toyworld/world2_base_speed.py [--reuse 1 4 8] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diffusers_delta.toyworld import world_batch
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toyworld"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_base_editor  # noqa: E402
 import train_vae  # noqa: E402
 
