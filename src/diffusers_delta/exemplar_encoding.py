@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import as_tensor
 from .image_inputs import ImageInput
 from .semantic_delta import SiglipPreprocessor, images_to_siglip_pixels, semantic_delta
 
@@ -69,3 +70,24 @@ class ExemplarEncodingMixin:
         )  # (K, P, D_enc)
         combined = deltas.sum(dim=0, keepdim=True) if combine == "sum" else deltas.mean(dim=0, keepdim=True)
         return self.delta_adapter(combined.to(self.delta_adapter.dtype))  # (1, P, D_enc) -> (1, N, D_edit)
+
+    def _edit_tokens(
+        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device, combine: str = "mean"
+    ) -> torch.Tensor:
+        """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
+        self._check_not_tensor_parallel()
+        if delta_embeds is None:
+            delta_embeds = self.encode_exemplar(exemplar, device=device, combine=combine)
+        else:
+            delta_embeds = as_tensor(delta_embeds, "delta_embeds", "pass the edit tokens encode_exemplar returns")
+        expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)
+        if delta_embeds.ndim != 3 or tuple(delta_embeds.shape[1:]) != expected:
+            raise ValueError(
+                f"delta_embeds must have shape (1 or batch, {expected[0]}, {expected[1]}) as returned by "
+                f"encode_exemplar, got {tuple(delta_embeds.shape)}."
+            )
+        if delta_embeds.shape[0] == 1:
+            delta_embeds = delta_embeds.expand(batch_size, -1, -1)
+        elif delta_embeds.shape[0] != batch_size:
+            raise ValueError(f"delta_embeds has batch {delta_embeds.shape[0]}, expected 1 or {batch_size}.")
+        return delta_embeds.to(device=device, dtype=self.delta_adapter.dtype)

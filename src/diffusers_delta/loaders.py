@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.hooks.tensor_parallel import _raise_if_tensor_parallel
+from diffusers.modular_pipelines import ModularPipeline
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from .adaptation import DeltaAdaptationMixin
@@ -333,13 +334,19 @@ class DeltaAdapterMixin(
         self._set_delta_components(delta_adapter=None, image_encoder=None, feature_extractor=None)
 
     def _set_delta_components(self, **modules) -> None:
-        """Registers the adapter's modules as components where the pipeline's `__init__` takes them (as
-        `FluxDeltaEditPipeline`'s does, so that they are saved and offloaded), and sets them as plain attributes on
-        a pipeline class that only added this mixin (diffusers' `components` would refuse unknown ones)."""
-        expected, optional = self._get_signature_keys(self)
-        declared = {name: module for name, module in modules.items() if name in set(expected) | set(optional)}
+        """Registers the adapter's modules as components where the pipeline takes them (a `FluxDeltaEditPipeline`'s
+        `__init__`, or a modular pipeline's blocks with the Delta-Adapter step), so that they are saved and
+        offloaded, and sets them as plain attributes on a pipeline class that only added this mixin (diffusers'
+        `components` would refuse unknown ones)."""
+        modular = isinstance(self, ModularPipeline)
+        if modular:  # its blocks declare the components they use
+            known = set(self._component_specs)
+        else:
+            expected, optional = self._get_signature_keys(self)
+            known = set(expected) | set(optional)
+        declared = {name: module for name, module in modules.items() if name in known}
         if declared:
-            self.register_modules(**declared)
+            (self.register_components if modular else self.register_modules)(**declared)
         for name, module in modules.items():
             if name not in declared:
                 setattr(self, name, module)

@@ -194,7 +194,7 @@ def encode_prompt(
     pipe: Flux2KleinPipeline, prompt: str, max_sequence_length: int, text_encoder_out_layers: tuple[int, ...]
 ) -> dict[str, torch.Tensor]:
     """A prompt's conditioning with the pipeline's Qwen3: `prompt_embeds` (1, L, D_txt)."""
-    prompt_embeds = pipe._get_qwen3_prompt_embeds(
+    prompt_embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(  # a static method: modular pipelines lack it
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         prompt=prompt,

@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from ..adapter_files import (
@@ -26,7 +25,7 @@ from ..adapter_files import (
     write_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
-from ..checks import as_tensor, finite_float, positive_int
+from ..checks import finite_float, positive_int
 from ..hub import push_folder
 from ..loaders import DeltaAdapterMixin
 from ..models.delta_adapter import DeltaAdapterModel
@@ -213,26 +212,3 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
                     "pipeline with every scale at 1."
                 ) from None
         return pipe
-
-    # ------------------------------------------------------------------ inputs
-
-    def _edit_tokens(
-        self, exemplar, delta_embeds: torch.Tensor | None, batch_size: int, device: torch.device, combine: str = "mean"
-    ) -> torch.Tensor:
-        """Edit tokens for every sample of the batch: -> (batch_size, N, D_edit)."""
-        self._check_not_tensor_parallel()
-        if delta_embeds is None:
-            delta_embeds = self.encode_exemplar(exemplar, device=device, combine=combine)
-        else:
-            delta_embeds = as_tensor(delta_embeds, "delta_embeds", "pass the edit tokens encode_exemplar returns")
-        expected = (self.delta_adapter.config.num_edit_tokens, self.delta_adapter.config.edit_token_dim)
-        if delta_embeds.ndim != 3 or tuple(delta_embeds.shape[1:]) != expected:
-            raise ValueError(
-                f"delta_embeds must have shape (1 or batch, {expected[0]}, {expected[1]}) as returned by "
-                f"encode_exemplar, got {tuple(delta_embeds.shape)}."
-            )
-        if delta_embeds.shape[0] == 1:
-            delta_embeds = delta_embeds.expand(batch_size, -1, -1)
-        elif delta_embeds.shape[0] != batch_size:
-            raise ValueError(f"delta_embeds has batch {delta_embeds.shape[0]}, expected 1 or {batch_size}.")
-        return delta_embeds.to(device=device, dtype=self.delta_adapter.dtype)

@@ -1,0 +1,183 @@
+"""The Delta-Adapter's pipeline blocks for Modular Diffusers.
+
+`DeltaAdapterStep` turns the exemplar pair (or `delta_embeds`) into edit tokens and hands them to the denoise loop in
+`joint_attention_kwargs`, where the adapter's attention processors read them, as `StableDiffusionXLIPAdapterStep`
+prepares IP-Adapter embeddings for the UNet's processors. `DeltaEmptyPromptStep` gives the denoise loop the empty
+prompt's embeddings stored with the adapter, in place of the text encoder step, so that no text encoder is loaded.
+`delta_blocks` puts both into klein's blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.modular_pipelines import ModularPipelineBlocks, PipelineState, SequentialPipelineBlocks
+from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+from ..checks import finite_float, positive_int
+from ..loaders import DeltaAdapterMixin
+from ..models.delta_adapter import DeltaAdapterModel
+
+
+#: The names the Delta-Adapter's blocks take in a sequence of blocks.
+DELTA_STEP_NAME = "delta_adapter"
+EMPTY_PROMPT_STEP_NAME = "text_encoder"
+
+
+def _require_delta_loader(components) -> None:
+    if not isinstance(components, DeltaAdapterMixin):
+        raise TypeError(
+            f"The Delta-Adapter step runs in a pipeline that loads the adapter, not in a {type(components).__name__}: "
+            "build it with diffusers_delta.modular.FluxDeltaModularPipeline(blocks=...) (or "
+            "FluxDeltaModularPipeline.from_pretrained(...)), then call pipe.load_delta_adapter(...)."
+        )
+
+
+class DeltaAdapterStep(ModularPipelineBlocks):
+    """Encodes the exemplar pair (or takes `delta_embeds`) into edit tokens and adds them, with `delta_scale`, to the
+    `joint_attention_kwargs` the denoise loop passes to the transformer. Place it before the denoise step, after the
+    step that makes `prompt_embeds` (the batch is the prompts' times `num_images_per_prompt`). With no adapter
+    loaded it passes everything through, so the pipeline gives the upstream output."""
+
+    model_name = None  # backbone-agnostic: it only reads the pipeline's adapter components
+
+    @property
+    def description(self) -> str:
+        """What the step does, as the blocks' documentation shows it."""
+        return (
+            "Delta-Adapter step: the exemplar pair (source, target) or delta_embeds -> edit tokens, handed to the "
+            "denoise loop in joint_attention_kwargs. Load the adapter with pipe.load_delta_adapter(...)."
+        )
+
+    @property
+    def expected_components(self) -> list[ComponentSpec]:
+        """The adapter and its SigLIP encoder and preprocessing (registered by `load_delta_adapter`)."""
+        return [
+            ComponentSpec("delta_adapter", DeltaAdapterModel),
+            ComponentSpec("image_encoder", SiglipVisionModel),
+            ComponentSpec("feature_extractor", SiglipImageProcessorPil),
+        ]
+
+    @property
+    def inputs(self) -> list[InputParam]:
+        """The exemplar (or its edit tokens), the strength and how several pairs combine, and the batch."""
+        return [
+            InputParam("exemplar", description="A (source, target) pair of images, or a list of pairs."),
+            InputParam("delta_embeds", type_hint=torch.Tensor, description="Edit tokens from encode_exemplar."),
+            InputParam("delta_scale", type_hint=float, description="The edit's strength for this call (default 1)."),
+            InputParam("combine", type_hint=str, default="mean", description="'mean' or 'sum' of several pairs."),
+            InputParam("num_images_per_prompt", default=1),
+            InputParam("prompt_embeds", type_hint=torch.Tensor, required=True, description="The prompts' embeddings."),
+            InputParam("joint_attention_kwargs", description="Other arguments of the attention processors."),
+        ]
+
+    @property
+    def intermediate_outputs(self) -> list[OutputParam]:
+        """The denoise loop's attention arguments with the edit tokens, and the tokens per prompt."""
+        return [
+            OutputParam("joint_attention_kwargs", type_hint=dict, description="With the edit tokens and strength."),
+            OutputParam("delta_embeds", type_hint=torch.Tensor, description="Edit tokens per prompt (B, N, D_edit)."),
+        ]
+
+    @torch.no_grad()
+    def __call__(self, components, state: PipelineState) -> tuple[object, PipelineState]:
+        """Adds the edit tokens of this call to the state's `joint_attention_kwargs`."""
+        block_state = self.get_block_state(state)
+        adapter = getattr(components, "delta_adapter", None)
+        if adapter is None:  # nothing loaded: the upstream pipeline, unchanged
+            if block_state.exemplar is not None or block_state.delta_embeds is not None:
+                _require_delta_loader(components)
+                components._require_delta_adapter()
+            self.set_block_state(state, block_state)
+            return components, state
+        _require_delta_loader(components)
+        if (block_state.exemplar is None) == (block_state.delta_embeds is None):
+            raise ValueError("Pass exactly one of exemplar=(source, target) and delta_embeds= (from encode_exemplar).")
+        copies = positive_int(block_state.num_images_per_prompt, "num_images_per_prompt")
+        prompts = block_state.prompt_embeds.shape[0]
+        tokens = components._edit_tokens(
+            block_state.exemplar,
+            block_state.delta_embeds,
+            prompts,
+            components._execution_device,
+            block_state.combine,
+        )  # (prompts, N, D_edit)
+        block_state.delta_embeds = tokens
+        attention_kwargs = dict(block_state.joint_attention_kwargs or {})
+        attention_kwargs["delta_hidden_states"] = tokens.repeat_interleave(copies, dim=0)  # as prompts repeat
+        if block_state.delta_scale is not None:
+            attention_kwargs["delta_scale"] = finite_float(block_state.delta_scale, "delta_scale")
+        block_state.joint_attention_kwargs = attention_kwargs
+        self.set_block_state(state, block_state)
+        return components, state
+
+
+class DeltaEmptyPromptStep(ModularPipelineBlocks):
+    """The empty prompt's conditioning, as the adapter trained with it: the embeddings its folder brought (or, without
+    them, the pipeline's text encoder's). It takes the text encoder step's place, so no text encoder is loaded."""
+
+    model_name = None
+
+    @property
+    def description(self) -> str:
+        """What the step does, as the blocks' documentation shows it."""
+        return "The empty prompt's embeddings stored with the Delta-Adapter, in place of the text encoder step."
+
+    @property
+    def inputs(self) -> list[InputParam]:
+        """The text encoder's settings, used only when no embeddings are stored."""
+        return [
+            InputParam("max_sequence_length", type_hint=int, default=512),
+            InputParam("text_encoder_out_layers", type_hint=tuple[int], default=(9, 18, 27)),
+        ]
+
+    @property
+    def intermediate_outputs(self) -> list[OutputParam]:
+        """The prompt's embeddings, and the pooled ones for backbones that take them (FLUX.1; None on klein)."""
+        return [
+            OutputParam("prompt_embeds", type_hint=torch.Tensor, description="(1, L, D_txt) empty-prompt embeddings"),
+            OutputParam("pooled_prompt_embeds", type_hint=torch.Tensor, description="(1, D_pooled), or None"),
+        ]
+
+    @torch.no_grad()
+    def __call__(self, components, state: PipelineState) -> tuple[object, PipelineState]:
+        """Puts the empty prompt's embeddings into the state."""
+        _require_delta_loader(components)
+        block_state = self.get_block_state(state)
+        conditioning = components._text_conditioning(
+            "", block_state.max_sequence_length, block_state.text_encoder_out_layers
+        )
+        device = components._execution_device
+        block_state.prompt_embeds = conditioning["prompt_embeds"].to(device)
+        pooled = conditioning.get("pooled_prompt_embeds")
+        block_state.pooled_prompt_embeds = None if pooled is None else pooled.to(device)
+        self.set_block_state(state, block_state)
+        return components, state
+
+
+def delta_blocks(blocks: SequentialPipelineBlocks | None = None, text_free: bool = True) -> SequentialPipelineBlocks:
+    """Blocks with the Delta-Adapter step before their denoise step, and, `text_free`, the stored empty prompt in
+    place of their text encoder step.
+
+    Args:
+        blocks: a sequence of blocks with `denoise` (and `text_encoder`) steps; default klein's
+            `Flux2KleinAutoBlocks()`. Changed in place and returned.
+        text_free: replace the text encoder step by `DeltaEmptyPromptStep` (the adapter edits with the empty prompt;
+            its folder carries the embeddings, so the text encoder need not be loaded).
+
+    Raises:
+        ValueError: blocks without a `denoise` step, or that already hold the Delta-Adapter step.
+    """
+    if blocks is None:
+        from diffusers.modular_pipelines import Flux2KleinAutoBlocks
+
+        blocks = Flux2KleinAutoBlocks()
+    names = list(blocks.sub_blocks)
+    if DELTA_STEP_NAME in names:
+        raise ValueError(f"These blocks already hold the Delta-Adapter step ({DELTA_STEP_NAME!r}).")
+    if "denoise" not in names:
+        raise ValueError(f"The Delta-Adapter step goes before a 'denoise' step; these blocks have {names}.")
+    if text_free and EMPTY_PROMPT_STEP_NAME in names:
+        blocks.sub_blocks[EMPTY_PROMPT_STEP_NAME] = DeltaEmptyPromptStep()
+    blocks.sub_blocks.insert(DELTA_STEP_NAME, DeltaAdapterStep(), names.index("denoise"))
+    return blocks
