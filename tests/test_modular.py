@@ -1,14 +1,25 @@
-"""Delta-Adapter on Modular Diffusers: klein's modular pipeline with the Delta-Adapter step edits as the classic
-`FluxDeltaEditPipeline` does, bit for bit, and gives the upstream modular pipeline's output exactly at scale 0 and
-once unloaded."""
+"""Delta-Adapter on Modular Diffusers: klein's and Kontext's modular pipelines with the Delta-Adapter step edit as the
+classic `FluxDeltaEditPipeline` and `FluxKontextDeltaEditPipeline` do, bit for bit, and give the upstream modular
+pipeline's output exactly at scale 0 and once unloaded."""
 
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
-from diffusers.modular_pipelines import Flux2KleinAutoBlocks, Flux2KleinModularPipeline, SequentialPipelineBlocks
+from diffusers import Flux2KleinPipeline, FluxKontextPipeline
+from diffusers.modular_pipelines import (
+    Flux2KleinAutoBlocks,
+    Flux2KleinModularPipeline,
+    FluxKontextAutoBlocks,
+    SequentialPipelineBlocks,
+)
 
-from diffusers_delta.modular import DeltaAdapterStep, DeltaEmptyPromptStep, FluxDeltaModularPipeline, delta_blocks
-from diffusers_delta.testing import TEXT_KWARGS, random_image, tiny_delta_pipeline
+from diffusers_delta.modular import (
+    DeltaAdapterStep,
+    DeltaEmptyPromptStep,
+    FluxDeltaModularPipeline,
+    FluxKontextDeltaModularPipeline,
+    delta_blocks,
+)
+from diffusers_delta.testing import KONTEXT_TEXT_KWARGS, TEXT_KWARGS, random_image, tiny_delta_pipeline
 
 
 BASE_COMPONENTS = ("vae", "transformer", "scheduler", "text_encoder", "tokenizer")
@@ -132,3 +143,38 @@ def test_the_step_and_the_blocks_name_what_is_wrong(classic, folders):
         delta_blocks(delta_blocks())
     with pytest.raises(ValueError, match="'denoise' step"):
         delta_blocks(SequentialPipelineBlocks.from_blocks_dict({"step": DeltaAdapterStep()}))
+
+
+KONTEXT_COMPONENTS = BASE_COMPONENTS + ("text_encoder_2", "tokenizer_2")
+KONTEXT_SIZE = {**SIZE, "_auto_resize": False, "max_area": 64 * 64}  # upstream's modular Kontext would go to 1024²
+
+
+def test_kontext_s_modular_pipeline_edits_as_the_classic_kontext_pipeline_and_gives_upstream_at_scale_zero(
+    tmp_path,
+):
+    classic = tiny_delta_pipeline(adapter_std=0.3, backbone="flux1")  # the empty prompt stored, T5 and CLIP
+    FluxKontextPipeline(**{name: classic.components[name] for name in KONTEXT_COMPONENTS}).save_pretrained(
+        tmp_path / "base"
+    )
+    classic.save_delta_adapter(tmp_path / "adapter")
+    pipe = FluxKontextDeltaModularPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(tmp_path / "adapter")
+    pipe.set_progress_bar_config(disable=True)
+    loaded = {name for name, model in pipe.components.items() if model is not None}
+    assert not {"text_encoder", "text_encoder_2"} & loaded  # text-free: neither T5 nor CLIP loaded
+
+    def edit(pipeline, **kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(image=QUERY, generator=generator, output_type="pt", output="images", **KONTEXT_SIZE, **kwargs)
+
+    generator = torch.Generator().manual_seed(0)
+    expected = classic(QUERY, exemplar=EXEMPLAR, generator=generator, output_type="pt", **SIZE).images
+    edited = edit(pipe, exemplar=EXEMPLAR)
+    assert torch.equal(edited, expected)
+    reference = FluxKontextAutoBlocks().init_pipeline()
+    reference.update_components(**{name: classic.components[name] for name in KONTEXT_COMPONENTS})
+    reference.set_progress_bar_config(disable=True)
+    upstream_output = edit(reference, prompt="", **KONTEXT_TEXT_KWARGS)
+    assert torch.equal(edit(pipe, exemplar=EXEMPLAR, delta_scale=0.0), upstream_output)
+    assert (edited - upstream_output).abs().max() > 1e-3

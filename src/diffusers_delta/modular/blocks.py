@@ -4,7 +4,7 @@
 `joint_attention_kwargs`, where the adapter's attention processors read them, as `StableDiffusionXLIPAdapterStep`
 prepares IP-Adapter embeddings for the UNet's processors. `DeltaEmptyPromptStep` gives the denoise loop the empty
 prompt's embeddings stored with the adapter, in place of the text encoder step, so that no text encoder is loaded.
-`delta_blocks` puts both into klein's blocks.
+`delta_blocks` puts both into upstream's blocks (klein's, Kontext's).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _require_delta_loader(components) -> None:
     if not isinstance(components, DeltaAdapterMixin):
         raise TypeError(
             f"The Delta-Adapter step runs in a pipeline that loads the adapter, not in a {type(components).__name__}: "
-            "build it with diffusers_delta.modular.FluxDeltaModularPipeline(blocks=...) (or "
-            "FluxDeltaModularPipeline.from_pretrained(...)), then call pipe.load_delta_adapter(...)."
+            "build it with diffusers_delta.modular.FluxDeltaModularPipeline(blocks=...) (FLUX.1 Kontext: "
+            "FluxKontextDeltaModularPipeline), or its from_pretrained(...), then call pipe.load_delta_adapter(...)."
         )
 
 
@@ -160,8 +160,8 @@ def delta_blocks(blocks: SequentialPipelineBlocks | None = None, text_free: bool
     place of their text encoder step.
 
     Args:
-        blocks: a sequence of blocks with `denoise` (and `text_encoder`) steps; default klein's
-            `Flux2KleinAutoBlocks()`. Changed in place and returned.
+        blocks: a sequence of blocks with `denoise` (and `text_encoder`) steps, such as `Flux2KleinAutoBlocks()`
+            (the default) or `FluxKontextAutoBlocks()`. Changed in place and returned.
         text_free: replace the text encoder step by `DeltaEmptyPromptStep` (the adapter edits with the empty prompt;
             its folder carries the embeddings, so the text encoder need not be loaded).
 

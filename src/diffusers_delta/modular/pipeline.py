@@ -1,30 +1,42 @@
-"""`FluxDeltaModularPipeline`: klein's modular pipeline with the Delta-Adapter's blocks and its whole interface."""
+"""Modular pipelines that edit by example: klein's (`FluxDeltaModularPipeline`) and Kontext's
+(`FluxKontextDeltaModularPipeline`), each upstream's modular pipeline with the Delta-Adapter's blocks and its whole
+interface."""
 
 from __future__ import annotations
 
 import os
 
-from diffusers.modular_pipelines import Flux2KleinModularPipeline, SequentialPipelineBlocks
+from diffusers.modular_pipelines import (
+    Flux2KleinAutoBlocks,
+    Flux2KleinModularPipeline,
+    FluxKontextAutoBlocks,
+    FluxKontextModularPipeline,
+    SequentialPipelineBlocks,
+)
 from tqdm.auto import tqdm
 
-from ..backbones import flux2
+from ..backbones import flux1, flux2
 from ..loaders import DeltaAdapterMixin
 from .blocks import delta_blocks
 
 
-class FluxDeltaModularPipeline(DeltaAdapterMixin, Flux2KleinModularPipeline):
-    """A `Flux2KleinModularPipeline` that edits by example: its blocks are klein's with the Delta-Adapter step
-    (`delta_blocks`), and it loads, scales, encodes, adapts, saves and unloads the adapter as `FluxDeltaEditPipeline`
-    does (`DeltaAdapterMixin`). Call it as a modular pipeline: `pipe(image=query, exemplar=(source, target))`.
+#: The components `load_delta_adapter` brings, which `load_components` leaves alone.
+ADAPTER_COMPONENTS = ("delta_adapter", "image_encoder", "feature_extractor")
+
+
+class DeltaModularPipelineMixin(DeltaAdapterMixin):
+    """What a modular pipeline needs to edit by example: default blocks with the Delta-Adapter's steps, a
+    `from_pretrained` that builds them, and adaptation's progress bar; `DeltaAdapterMixin` brings the rest
+    (`load_delta_adapter`, scales, `encode_exemplar`, `adapt_to_exemplar`, `save_delta_adapter`, unloading).
 
     Args:
-        blocks: the pipeline's blocks (default `delta_blocks()`: klein's auto blocks, text-free, with the step).
-        pretrained_model_name_or_path: a klein checkpoint (Hub id or folder) whose components `load_components`
-            loads.
+        blocks: the pipeline's blocks (default: upstream's auto blocks, text-free, with the step: `delta_blocks`).
+        pretrained_model_name_or_path: a checkpoint (Hub id or folder) whose components `load_components` loads.
         kwargs: the rest of `ModularPipeline`'s arguments (`components_manager`, `collection`, ...).
     """
 
-    backbone = flux2.NAME
+    #: Upstream's auto blocks of the backbone, which `delta_blocks` extends.
+    upstream_blocks: type[SequentialPipelineBlocks]
 
     def __init__(
         self,
@@ -33,7 +45,8 @@ class FluxDeltaModularPipeline(DeltaAdapterMixin, Flux2KleinModularPipeline):
         **kwargs,
     ):
         super().__init__(
-            blocks=delta_blocks() if blocks is None else blocks,
+            blocks=delta_blocks(self.upstream_blocks()) if blocks is None else blocks,
+            # upstream's modular loading takes a str only (a Path fails deep inside urlparse)
             pretrained_model_name_or_path=(
                 None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
             ),
@@ -41,19 +54,36 @@ class FluxDeltaModularPipeline(DeltaAdapterMixin, Flux2KleinModularPipeline):
         )
 
     @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, text_free: bool = True, **kwargs
-    ) -> "FluxDeltaModularPipeline":
-        """The pipeline for a klein checkpoint, its components to be loaded with `load_components(...)`.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, text_free: bool = True, **kwargs):
+        """The pipeline for a checkpoint of its backbone, its components to be loaded with `load_components(...)`.
 
         Args:
-            pretrained_model_name_or_path: a FLUX.2 [klein] repo or folder (`model_index.json` or
-                `modular_model_index.json`).
+            pretrained_model_name_or_path: a repo or folder (`model_index.json` or `modular_model_index.json`).
             text_free: blocks without the text encoder step (the adapter brings the empty prompt's embeddings).
             kwargs: `ModularPipeline`'s (`components_manager`, `collection`, and the Hub's `revision`, `token`, ...).
         """
-        # os.fspath: upstream's modular loading takes a str only (a Path fails deep inside urlparse)
-        return cls(delta_blocks(text_free=text_free), os.fspath(pretrained_model_name_or_path), **kwargs)
+        return cls(delta_blocks(cls.upstream_blocks(), text_free=text_free), pretrained_model_name_or_path, **kwargs)
+
+    def load_components(self, names: list[str] | str | None = None, workflow: str | None = None, **kwargs) -> None:
+        """Upstream's `load_components`, except that by default it leaves the adapter's components
+        (`ADAPTER_COMPONENTS`) to `load_delta_adapter`: a base's folder may name them (Kontext's `model_index.json`
+        lists its IP-Adapter's empty `image_encoder` and `feature_extractor`), but it does not hold them.
+
+        Args:
+            names: the components to load (default: every pretrained component of the blocks but the adapter's).
+            workflow: load only what this workflow of the blocks uses (as upstream).
+            kwargs: `from_pretrained` arguments (`dtype`, `variant`, `revision`, ...), as upstream.
+        """
+        if names is None:
+            names = [
+                name
+                for name, spec in self._component_specs.items()
+                if name not in ADAPTER_COMPONENTS
+                and spec.default_creation_method == "from_pretrained"
+                and spec.pretrained_model_name_or_path is not None
+                and getattr(self, name, None) is None
+            ]
+        super().load_components(names=names, workflow=workflow, **kwargs)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Sets the progress bars' tqdm arguments (e.g. `disable=True`): the denoise loop's and adaptation's."""
@@ -63,3 +93,27 @@ class FluxDeltaModularPipeline(DeltaAdapterMixin, Flux2KleinModularPipeline):
     def progress_bar(self, iterable=None, total=None):
         """A tqdm bar with the pipeline's settings, as `DiffusionPipeline.progress_bar` gives (adaptation's steps)."""
         return tqdm(iterable=iterable, total=total, **getattr(self, "_delta_progress_bar_config", {}))
+
+
+class FluxDeltaModularPipeline(DeltaModularPipelineMixin, Flux2KleinModularPipeline):
+    """A `Flux2KleinModularPipeline` that edits by example: `pipe(image=query, exemplar=(source, target))`.
+
+    Its default blocks are `Flux2KleinAutoBlocks` with the Delta-Adapter step and the stored empty prompt
+    (`delta_blocks`); for the same inputs, seed and adapter it gives `FluxDeltaEditPipeline`'s output bit for bit.
+    """
+
+    backbone = flux2.NAME
+    upstream_blocks = Flux2KleinAutoBlocks
+
+
+class FluxKontextDeltaModularPipeline(DeltaModularPipelineMixin, FluxKontextModularPipeline):
+    """A `FluxKontextModularPipeline` that edits by example: `pipe(image=query, exemplar=(source, target))`.
+
+    Its default blocks are `FluxKontextAutoBlocks` with the Delta-Adapter step and the stored empty prompt (T5's
+    embeddings and CLIP's pooled ones); for the same inputs, seed, size and adapter it gives
+    `FluxKontextDeltaEditPipeline`'s output bit for bit. Upstream's modular Kontext resizes the query to Kontext's
+    preferred resolution unless `_auto_resize=False`.
+    """
+
+    backbone = flux1.NAME
+    upstream_blocks = FluxKontextAutoBlocks
