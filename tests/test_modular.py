@@ -178,3 +178,27 @@ def test_kontext_s_modular_pipeline_edits_as_the_classic_kontext_pipeline_and_gi
     upstream_output = edit(reference, prompt="", **KONTEXT_TEXT_KWARGS)
     assert torch.equal(edit(pipe, exemplar=EXEMPLAR, delta_scale=0.0), upstream_output)
     assert (edited - upstream_output).abs().max() > 1e-3
+
+
+def test_the_step_saved_as_a_hub_custom_block_loads_back_and_edits_the_same(classic, folders, tmp_path):
+    from diffusers.modular_pipelines import ModularPipelineBlocks
+
+    DeltaAdapterStep().save_pretrained(tmp_path / "step", delta_adapter="org/delta-adapter")
+    assert sorted(path.name for path in (tmp_path / "step").iterdir()) == [
+        "README.md",
+        "block.py",
+        "modular_config.json",
+    ]
+    config = ModularPipelineBlocks.load_config(tmp_path / "step")
+    assert config["auto_map"] == {"ModularPipelineBlocks": "block.DeltaAdapterStep"}
+    assert "diffusers-delta" in config["requirements"] and config["delta_adapter"] == "org/delta-adapter"
+    assert 'load_delta_adapter("org/delta-adapter")' in (tmp_path / "step" / "README.md").read_text()
+    step = ModularPipelineBlocks.from_pretrained(str(tmp_path / "step"), trust_remote_code=True)
+    assert type(step).__name__ == "DeltaAdapterStep"
+    blocks = Flux2KleinAutoBlocks()
+    blocks.sub_blocks.insert("delta_adapter", step, list(blocks.sub_blocks).index("denoise"))
+    pipe = FluxDeltaModularPipeline(blocks, folders[0])
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(folders[1])
+    pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(run(pipe, exemplar=EXEMPLAR), classic_edit(classic, exemplar=EXEMPLAR))

@@ -9,15 +9,28 @@ prompt's embeddings stored with the adapter, in place of the text encoder step, 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from diffusers.modular_pipelines import ModularPipelineBlocks, PipelineState, SequentialPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
+from ..atomic_folder import atomic_folder, write_text_atomically
 from ..checks import finite_float, positive_int
+from ..hub import push_folder
 from ..loaders import DeltaAdapterMixin
 from ..models.delta_adapter import DeltaAdapterModel
 
+
+#: A saved step's module file, and the distribution its `modular_config.json` requires.
+BLOCK_MODULE = "block"
+DISTRIBUTION = "diffusers-delta"
+BLOCK_SOURCE = (
+    '"""The Delta-Adapter step of diffusers-delta (`pip install diffusers-delta`), as a Hub custom block."""\n\n'
+    "from diffusers_delta.modular.blocks import DeltaAdapterStep  # noqa: F401\n"
+)
 
 #: The names the Delta-Adapter's blocks take in a sequence of blocks.
 DELTA_STEP_NAME = "delta_adapter"
@@ -78,6 +91,49 @@ class DeltaAdapterStep(ModularPipelineBlocks):
             OutputParam("joint_attention_kwargs", type_hint=dict, description="With the edit tokens and strength."),
             OutputParam("delta_embeds", type_hint=torch.Tensor, description="Edit tokens per prompt (B, N, D_edit)."),
         ]
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        delta_adapter: str | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+    ) -> None:
+        """Writes the step as a Hub custom block, which `ModularPipelineBlocks.from_pretrained(folder_or_repo,
+        trust_remote_code=True)` loads back: `block.py` (the step, from this package), `modular_config.json` (its
+        `auto_map`, the package as a requirement, and `delta_adapter`, the adapter to load beside it) and a card.
+        The write is atomic: a failed save leaves the folder as it was.
+
+        Args:
+            save_directory: the folder to write (other files in it are left alone).
+            delta_adapter: the adapter (Hub id or folder) the card's snippet loads with `load_delta_adapter`.
+            push_to_hub: also upload the folder to `repo_id`.
+            repo_id: the Hub repo (defaults to the folder's name).
+            token: the Hub token for the upload.
+            private: create the repo private.
+        """
+        from .. import __version__
+
+        self.register_to_config(
+            auto_map={"ModularPipelineBlocks": f"{BLOCK_MODULE}.{type(self).__name__}"},
+            requirements={DISTRIBUTION: f">={__version__}"},
+            delta_adapter=delta_adapter,
+        )
+        repo_id = repo_id or Path(save_directory).name
+        with atomic_folder(save_directory, owned=(f"{BLOCK_MODULE}.py", self.config_name, "README.md")) as staging:
+            write_text_atomically(BLOCK_SOURCE, staging / f"{BLOCK_MODULE}.py")
+            self.save_config(staging)
+            write_text_atomically(_block_card(delta_adapter, repo_id), staging / "README.md")
+        if push_to_hub:
+            push_folder(
+                save_directory,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message="Upload the Delta-Adapter step",
+            )
 
     @torch.no_grad()
     def __call__(self, components, state: PipelineState) -> tuple[object, PipelineState]:
@@ -181,3 +237,39 @@ def delta_blocks(blocks: SequentialPipelineBlocks | None = None, text_free: bool
         blocks.sub_blocks[EMPTY_PROMPT_STEP_NAME] = DeltaEmptyPromptStep()
     blocks.sub_blocks.insert(DELTA_STEP_NAME, DeltaAdapterStep(), names.index("denoise"))
     return blocks
+
+
+def _block_card(delta_adapter: str | None, repo_id: str) -> str:
+    """The README of a saved step: what it is, how to use it, how to publish it."""
+    adapter = delta_adapter or "org/delta-adapter"
+    return f"""---
+library_name: diffusers
+tags:
+- modular-diffusers
+- delta-adapter
+---
+
+# The Delta-Adapter step (diffusers-delta)
+
+A Modular Diffusers block that turns an exemplar pair (a source image and its edited version) into edit tokens for
+the denoise loop of FLUX.2 [klein] or FLUX.1 Kontext, so that the query is edited the same way, with no text. It
+needs `pip install diffusers-delta`, and an adapter loaded into the pipeline (`{adapter}`).
+
+```python
+import torch
+from diffusers.modular_pipelines import Flux2KleinAutoBlocks, ModularPipelineBlocks
+from diffusers_delta.modular import FluxDeltaModularPipeline
+
+step = ModularPipelineBlocks.from_pretrained("{repo_id}", trust_remote_code=True)
+blocks = Flux2KleinAutoBlocks()
+blocks.sub_blocks.insert("delta_adapter", step, list(blocks.sub_blocks).index("denoise"))
+pipe = FluxDeltaModularPipeline(blocks, "black-forest-labs/FLUX.2-klein-4B")
+pipe.load_components(dtype=torch.bfloat16)
+pipe.load_delta_adapter("{adapter}")
+edited = pipe(image=query, exemplar=(source, target), output="images")[0]
+```
+
+Publish it with `DeltaAdapterStep().save_pretrained(folder, delta_adapter="{adapter}", push_to_hub=True,
+repo_id="your-name/delta-adapter-step")`, or upload this folder as it is (`block.py`, `modular_config.json` and this
+card).
+"""
