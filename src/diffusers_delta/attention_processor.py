@@ -14,6 +14,8 @@ With no edit tokens, or a strength of 0, the output is exactly upstream's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
@@ -27,6 +29,9 @@ class DeltaBranch:
     # Read by diffusers' `set_attention_backend` and context-parallel machinery, as on upstream processors.
     _attention_backend = None
     _parallel_config = None
+
+    #: Where the processor sits among the adapter's blocks, `(kind, index)` (set by `delta_processors_for`).
+    block: tuple[str, int] | None = None
 
     def __init__(self, block_projection: DeltaBlockProjection, scale: float = 1.0):
         self.block_projection = block_projection
@@ -94,30 +99,56 @@ class DeltaBranch:
         return out.flatten(2, 3).to(query.dtype)
 
 
+#: Where a processor sits: ("double", index) or ("single", index) in the adapter's per-block projections.
+BlockPlace = tuple[str, int]
+
+
+def standard_layout(name: str) -> BlockPlace:
+    """FLUX.1's and FLUX.2's attention layers: `transformer_blocks.i` is double block i, `single_transformer_blocks.i`
+    single block i.
+
+    Raises:
+        ValueError: a layer of another name.
+    """
+    block_type, index = name.split(".")[:2]
+    if block_type == "transformer_blocks":
+        return "double", int(index)
+    if block_type == "single_transformer_blocks":
+        return "single", int(index)
+    raise ValueError(f"Unexpected attention layer {name} in a FLUX transformer.")
+
+
 def delta_processors_for(
-    transformer, adapter: DeltaAdapterModel, double_processor: type[DeltaBranch], single_processor: type[DeltaBranch]
+    transformer,
+    adapter: DeltaAdapterModel,
+    processor_classes: dict[str, type[DeltaBranch]],
+    layout: Callable[[str], BlockPlace | None] = standard_layout,
+    **processor_kwargs,
 ) -> dict[str, DeltaBranch]:
-    """One Delta-Adapter processor per attention layer of a FLUX transformer, keeping each layer's backend.
+    """One Delta-Adapter processor per attention layer the branch runs in, keeping each layer's backend; the layers
+    it does not run in keep their processors.
 
     Args:
-        transformer: the transformer whose attention layers get the processors (`transformer_blocks.*` and
-            `single_transformer_blocks.*`, as FLUX.1 and FLUX.2 name them).
+        transformer: the transformer whose attention layers get the processors.
         adapter: the `DeltaAdapterModel` whose per-block projections they use.
-        double_processor: the backbone's processor class for double-stream blocks.
-        single_processor: the backbone's processor class for single-stream blocks.
+        processor_classes: the backbone's processor class for each kind of block (`"double"`, `"single"`).
+        layout: where each layer sits, `(kind, index)` among the adapter's blocks, or None where the branch does not
+            run (default `standard_layout`, FLUX.1's and FLUX.2's).
+        processor_kwargs: passed to every processor (a backbone's shared call state, for one).
 
     Returns:
-        A dict for `transformer.set_attn_processor`.
+        A dict for `transformer.set_attn_processor`; each Delta-Adapter processor records its `block` place.
     """
     processors = {}
     for name, original in transformer.attn_processors.items():
-        block_type, index = name.split(".")[:2]
-        if block_type == "transformer_blocks":
-            processor = double_processor(adapter.double_blocks[int(index)])
-        elif block_type == "single_transformer_blocks":
-            processor = single_processor(adapter.single_blocks[int(index)])
-        else:
-            raise ValueError(f"Unexpected attention layer {name} in a {type(transformer).__name__}.")
+        place = layout(name)
+        if place is None:
+            processors[name] = original
+            continue
+        kind, index = place
+        projections = adapter.double_blocks if kind == "double" else adapter.single_blocks
+        processor = processor_classes[kind](projections[index], **processor_kwargs)
+        processor.block = place
         # Keep any attention backend or parallel config the user chose for the layer.
         processor._attention_backend = original._attention_backend
         processor._parallel_config = original._parallel_config

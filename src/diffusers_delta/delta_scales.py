@@ -26,14 +26,17 @@ class DeltaScaleMixin:
         }
 
     def get_delta_adapter_scale(self) -> dict[str, list[float]]:
-        """The strength of every block: `{"double": [...], "single": [...]}`, as `set_delta_adapter_scale` takes."""
+        """The strength of every block: `{"double": [...], "single": [...]}`, as `set_delta_adapter_scale` takes
+        (each list in the order of the adapter's blocks; FLUX.3's "double" blocks are its image modes' early
+        blocks)."""
         processors = self.delta_processors
         if not processors:
             raise RuntimeError(NO_ADAPTER)
-        return {
-            kind: [p.scale for n, p in processors.items() if n.startswith(prefix)]
-            for kind, prefix in (("double", "transformer_blocks."), ("single", "single_transformer_blocks."))
-        }
+        scales = {"double": {}, "single": {}}
+        for processor in processors.values():
+            kind, index = processor.block
+            scales[kind][index] = processor.scale
+        return {kind: [by_index[i] for i in sorted(by_index)] for kind, by_index in scales.items()}
 
     @changes_the_adapter
     def set_delta_adapter_scale(self, scale: float | dict[str, float | Sequence[float]]) -> None:
@@ -70,6 +73,6 @@ class DeltaScaleMixin:
                     "pass one scale per block, or one number for all of them."
                 )
             scales[kind] = [finite_float(v, f"The {kind}-block scale") for v in values]
-        for name, processor in self.delta_processors.items():
-            kind = "double" if name.startswith("transformer_blocks.") else "single"
-            processor.scale = scales[kind][int(name.split(".")[1])]
+        for processor in self.delta_processors.values():
+            kind, index = processor.block
+            processor.scale = scales[kind][index]

@@ -324,6 +324,7 @@ class DeltaAdapterMixin(
             return
         self._keep_attention_settings()
         self.transformer.set_attn_processor(dict(self._delta_original_processors))
+        backbone_of(self.transformer).release(self.transformer)
         self._delta_original_processors = None
         self._delete_delta_lora()
         self._delta_lora_name = None

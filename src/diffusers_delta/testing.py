@@ -22,6 +22,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    Flux3Transformer2DModel,
     FluxTransformer2DModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -152,6 +153,26 @@ def tiny_transformer(sizes: ModelSizes = TINY) -> Flux2Transformer2DModel:
         mlp_ratio=2.0,
         axes_dims_rope=(axis, axis, axis, axis),
         guidance_embeds=False,
+    ).eval()
+
+
+def tiny_flux3_transformer(sizes: ModelSizes = TINY, flow_map: bool = False) -> Flux3Transformer2DModel:
+    """A FLUX.3 transformer over `tiny_vae`'s 4 latent channels patchified 2x2 (16 input channels), with
+    `sizes.double_blocks` early blocks per mode; `flow_map` for the distilled variant."""
+    torch.manual_seed(0)
+    axis = sizes.head_dim // 4
+    return Flux3Transformer2DModel(
+        in_channels=16,
+        cond_in_channels=16,
+        num_layers=sizes.double_blocks,
+        num_single_layers=sizes.single_blocks,
+        attention_head_dim=sizes.head_dim,
+        num_attention_heads=sizes.heads,
+        joint_attention_dim=3 * sizes.qwen_hidden,
+        timestep_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(axis, axis, axis, axis),
+        flow_map=flow_map,
     ).eval()
 
 

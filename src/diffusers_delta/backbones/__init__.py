@@ -4,7 +4,9 @@
   `TEXT_COMPONENTS` (the pipeline components that encode a prompt), `BASE_PIPELINES` (the diffusers pipelines
   whose folders hold it), `PIPELINE_CLASS` and `TEXT_ENCODERS` (to build a base's text-only pipeline), and for
   cards `FAMILY`, `DELTA_PIPELINE` and `DEFAULT_BASE`;
-- `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer;
+- `processors_for(transformer, adapter)`: one Delta-Adapter processor per attention layer the branch runs in (the
+  others keep theirs), and `release(transformer)`, what unloading takes off besides them (FLUX.3's pre-hook);
+- `block_counts(config)`: the adapter's (double, single) block counts for a transformer config;
 - `preprocess_query(pipe, rgb)`: a query sized and normalised as the backbone's pipeline does its reference image;
 - `encode_prompt(pipe, prompt, max_sequence_length, text_encoder_out_layers)`: a prompt's conditioning by name;
 - `training_conditioning()`: what the objective adds to the prompt's (FLUX.1: the distilled guidance);
@@ -23,10 +25,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..models.delta_adapter import DeltaAdapterModel
-from . import flux1, flux2
+from . import flux1, flux2, flux3
 
 
-BACKBONES: dict[str, ModuleType] = {module.NAME: module for module in (flux2, flux1)}
+BACKBONES: dict[str, ModuleType] = {module.NAME: module for module in (flux2, flux1, flux3)}
 
 
 def backbone_of(transformer) -> ModuleType:
@@ -60,20 +62,22 @@ def adapter_config_for(transformer, image_embed_dim: int, **overrides) -> dict:
     """The config dict of a `DeltaAdapterModel` for a transformer and an image encoder width.
 
     Args:
-        transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel` (its class names the backbone).
+        transformer: a FLUX transformer of a known backbone (its class names the backbone).
         image_embed_dim: the image encoder's hidden size.
         overrides: any other `DeltaAdapterModel` argument (e.g. `num_edit_tokens=64`).
     """
     config = transformer.config
     inner_dim = config.num_attention_heads * config.attention_head_dim
+    backbone = backbone_of(transformer)
+    num_double_blocks, num_single_blocks = backbone.block_counts(config)
     signature = {
-        "backbone": backbone_of(transformer).NAME,
+        "backbone": backbone.NAME,
         "image_embed_dim": image_embed_dim,
         "edit_token_dim": inner_dim,
         "transformer_inner_dim": inner_dim,
         "transformer_head_dim": config.attention_head_dim,
-        "num_double_blocks": config.num_layers,
-        "num_single_blocks": config.num_single_layers,
+        "num_double_blocks": num_double_blocks,
+        "num_single_blocks": num_single_blocks,
     }
     return {**signature, **overrides}
 
@@ -88,7 +92,7 @@ def adapter_mismatches(adapter_config, transformer, image_embed_dim: int) -> lis
 
     Args:
         adapter_config: a `DeltaAdapterModel` config (dict or `FrozenDict`; one without `backbone` is FLUX.2's).
-        transformer: a `Flux2Transformer2DModel` or `FluxTransformer2DModel`.
+        transformer: a FLUX transformer of a known backbone.
         image_embed_dim: the image encoder's hidden size.
     """
     expected = adapter_config_for(transformer, image_embed_dim)

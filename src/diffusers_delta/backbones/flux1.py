@@ -84,9 +84,20 @@ class FluxDeltaAttnProcessor(DeltaBranch):
         return hidden_states, encoder_hidden_states
 
 
+def block_counts(config) -> tuple[int, int]:
+    """The adapter's (double, single) block counts for a transformer config: its double- and single-stream blocks."""
+    return config.num_layers, config.num_single_layers
+
+
+def release(transformer) -> None:
+    """Nothing to take off: the edit tokens reach the processors through `joint_attention_kwargs`."""
+
+
 def processors_for(transformer: FluxTransformer2DModel, adapter: DeltaAdapterModel) -> dict[str, DeltaBranch]:
     """One Delta-Adapter processor per attention layer of a FLUX.1 transformer (see `delta_processors_for`)."""
-    return delta_processors_for(transformer, adapter, FluxDeltaAttnProcessor, FluxDeltaAttnProcessor)
+    return delta_processors_for(
+        transformer, adapter, {"double": FluxDeltaAttnProcessor, "single": FluxDeltaAttnProcessor}
+    )
 
 
 @torch.no_grad()

@@ -117,9 +117,20 @@ class Flux2DeltaParallelSelfAttnProcessor(DeltaBranch):
         return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
 
 
+def block_counts(config) -> tuple[int, int]:
+    """The adapter's (double, single) block counts for a transformer config: its double- and single-stream blocks."""
+    return config.num_layers, config.num_single_layers
+
+
+def release(transformer) -> None:
+    """Nothing to take off: the edit tokens reach the processors through `joint_attention_kwargs`."""
+
+
 def processors_for(transformer: Flux2Transformer2DModel, adapter: DeltaAdapterModel) -> dict[str, DeltaBranch]:
     """One Delta-Adapter processor per attention layer of a FLUX.2 transformer (see `delta_processors_for`)."""
-    return delta_processors_for(transformer, adapter, Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor)
+    return delta_processors_for(
+        transformer, adapter, {"double": Flux2DeltaAttnProcessor, "single": Flux2DeltaParallelSelfAttnProcessor}
+    )
 
 
 def latent_statistics(vae: AutoencoderKLFlux2, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

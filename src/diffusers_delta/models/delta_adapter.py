@@ -196,10 +196,6 @@ class DeltaBlockProjection(nn.Module):
         return key, value
 
 
-#: The backbones an adapter can be made for, by the name its config records (see `backbones`).
-BACKBONE_NAMES = ("flux2", "flux1")
-
-
 class DeltaAdapterModel(ModelMixin, ConfigMixin):
     """Delta-Adapter: semantic delta -> edit tokens, plus the per-block K/V projections of the decoupled branch.
 
@@ -221,8 +217,8 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         num_single_blocks: the target transformer's single-stream block count.
         projection_type: `"perceiver"` (Delta-Adapter: Perceiver resampler + per-token projection) or
             `"pooled_mlp"` (RelationAdapter's pooled MLP, for the ablation; `resampler_dim` is its hidden width).
-        backbone: the backbone the adapter is made for: `"flux2"` (FLUX.2, the default, which configs written
-            before FLUX.1 support imply) or `"flux1"` (FLUX.1 Kontext).
+        backbone: the name of the backbone the adapter is made for (`backbones`): `"flux2"` (FLUX.2, the default,
+            which configs written before FLUX.1 support imply), `"flux1"` (FLUX.1 Kontext) or `"flux3"` (FLUX.3).
     """
 
     _supports_gradient_checkpointing = False
@@ -248,8 +244,8 @@ class DeltaAdapterModel(ModelMixin, ConfigMixin):
         super().__init__()
         if projection_type not in ("perceiver", "pooled_mlp"):
             raise ValueError(f"projection_type must be 'perceiver' or 'pooled_mlp', got {projection_type!r}.")
-        if backbone not in BACKBONE_NAMES:
-            raise ValueError(f"backbone must be one of {BACKBONE_NAMES}, got {backbone!r}.")
+        if not isinstance(backbone, str) or not backbone:  # which names exist is `backbones`' business
+            raise ValueError(f"backbone must be a backbone's name (such as 'flux2'), got {backbone!r}.")
         if transformer_inner_dim % transformer_head_dim:
             raise ValueError(
                 f"transformer_inner_dim ({transformer_inner_dim}) must be a multiple of "

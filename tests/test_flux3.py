@@ -1,0 +1,138 @@
+"""FLUX.3, the third backbone, at the transformer: the branch runs in the image modes' early blocks and every single
+block, reaches them through the transformer's pre-hook, leaves upstream's output exact without an edit, traces whole
+under `torch.compile(fullgraph=True)`, trains only the adapter, and refuses other backbones' adapters by name."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
+from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
+
+from diffusers_delta.backbones import adapter_config_for, adapter_for, adapter_mismatches, backbone_of, flux3
+from diffusers_delta.image_inputs import pil_to_tensor
+from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
+from diffusers_delta.testing import (
+    random_image,
+    randomize_,
+    tiny_flux3_transformer,
+    tiny_image_encoder,
+    tiny_transformer,
+    tiny_vae,
+)
+from diffusers_delta.training import DeltaAdapterObjective
+
+
+GRID = 8  # a 64x64 image: 8x8 patchified latent tokens
+PROMPT = torch.randn(1, 8, 48, generator=torch.Generator().manual_seed(0))  # (1, L, D_txt): TINY joint_attention_dim
+
+
+def forward_inputs(transformer, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    channels = transformer.config.in_channels
+    return {
+        "hidden_states": torch.randn(1, GRID * GRID, channels, generator=generator),
+        "encoder_hidden_states": PROMPT,
+        "timestep": torch.tensor([0.6]),
+        "img_ids": _prepare_image_ids(GRID, GRID, flux3.IMAGE_ROPE_SCALE),
+        "txt_ids": Flux3TextRoPEInputsStep._prepare_text_ids(PROMPT),
+        "image_cond_hidden_states": torch.randn(1, GRID * GRID, channels, generator=generator),
+        "image_cond_ids": _prepare_image_ids(GRID, GRID, flux3.IMAGE_ROPE_SCALE, l_coord=-1),
+        "return_dict": False,
+    }
+
+
+@pytest.fixture
+def transformer_and_adapter():
+    transformer = tiny_flux3_transformer()
+    adapter = randomize_(adapter_for(transformer, image_embed_dim=32), std=0.3)
+    return transformer, adapter
+
+
+def test_the_branch_runs_in_the_image_modes_early_blocks_and_every_single_block(transformer_and_adapter):
+    transformer, adapter = transformer_and_adapter
+    layers = transformer.config.num_layers
+    assert (adapter.config.num_double_blocks, adapter.config.num_single_blocks) == (2 * layers, 2)
+    inputs = forward_inputs(transformer)
+    with torch.no_grad():
+        upstream = transformer(**inputs)[0]
+        transformer.set_attn_processor(flux3.processors_for(transformer, adapter))
+        processors = transformer.attn_processors
+        assert isinstance(processors["txt_mode_blocks.0.attn.processor"], Flux3AttnProcessor)  # the text's: upstream
+        places = {name: p.block for name, p in processors.items() if isinstance(p, flux3.Flux3DeltaAttnProcessor)}
+        assert places["mode_blocks.image.0.attn.processor"] == ("double", 0)
+        assert places["mode_blocks.image_cond.0.attn.processor"] == ("double", layers)
+        assert places["single_transformer_blocks.1.attn.processor"] == ("single", 1)
+        tokens = torch.randn(1, adapter.config.num_edit_tokens, adapter.config.edit_token_dim)
+        assert torch.equal(transformer(**inputs)[0], upstream)  # no edit tokens: upstream's output exactly
+        edit = {"delta_hidden_states": tokens}
+        assert torch.equal(transformer(**inputs, attention_kwargs={**edit, "delta_scale": 0.0})[0], upstream)
+        edited = transformer(**inputs, attention_kwargs=edit)[0]
+        assert (edited - upstream).abs().max() > 1e-3
+        assert transformer._delta_call.tokens is tokens  # the pre-hook took the tokens out of attention_kwargs
+        for processor in processors.values():
+            if isinstance(processor, flux3.Flux3DeltaAttnProcessor):
+                processor.scale = 0.0
+        assert torch.equal(transformer(**inputs, attention_kwargs=edit)[0], upstream)  # every block at 0
+
+
+def test_the_pre_hook_is_installed_once_and_released(transformer_and_adapter):
+    transformer, adapter = transformer_and_adapter
+    originals = dict(transformer.attn_processors)
+    flux3.processors_for(transformer, adapter)
+    flux3.processors_for(transformer, adapter)  # adaptation builds its processors again: still one hook
+    assert len(transformer._forward_pre_hooks) == 1
+    transformer.set_attn_processor(originals)
+    flux3.release(transformer)
+    assert len(transformer._forward_pre_hooks) == 0 and not hasattr(transformer, "_delta_call")
+
+
+def test_torch_compile_traces_flux3_with_the_processors_in_one_graph(transformer_and_adapter):
+    transformer, adapter = transformer_and_adapter
+    transformer.set_attn_processor(flux3.processors_for(transformer, adapter))
+    inputs = forward_inputs(transformer)
+    tokens = torch.randn(1, adapter.config.num_edit_tokens, adapter.config.edit_token_dim)
+    compiled = torch.compile(transformer, fullgraph=True, backend="eager")  # a graph break would raise
+    with torch.no_grad():
+        eager = transformer(**inputs, attention_kwargs={"delta_hidden_states": tokens})[0]
+        traced = compiled(**inputs, attention_kwargs={"delta_hidden_states": tokens})[0]
+        other = compiled(**inputs, attention_kwargs={"delta_hidden_states": 2 * tokens})[0]
+    torch.testing.assert_close(traced, eager)
+    assert (other - traced).abs().max() > 1e-4  # new tokens are read, not baked into the graph
+
+
+def test_adapters_of_other_backbones_are_refused_naming_both():
+    flux3_transformer, klein_transformer = tiny_flux3_transformer(), tiny_transformer()
+    klein_config = adapter_config_for(klein_transformer, 32)
+    flux3_config = adapter_config_for(flux3_transformer, 32)
+    (on_flux3,) = adapter_mismatches(klein_config, flux3_transformer, 32)
+    (on_klein,) = adapter_mismatches(flux3_config, klein_transformer, 32)
+    assert "FLUX.2" in on_flux3 and "FLUX.3" in on_flux3
+    assert "FLUX.3" in on_klein and "FLUX.2" in on_klein
+    assert adapter_mismatches(flux3_config, flux3_transformer, 32) == []
+    assert backbone_of(flux3_transformer) is flux3
+
+
+@pytest.mark.parametrize("flow_map", [False, True], ids=["flux3", "flux3-distilled"])
+def test_the_training_objective_on_flux3_moves_only_the_adapter(flow_map):
+    transformer, vae, image_encoder = tiny_flux3_transformer(flow_map=flow_map), tiny_vae(), tiny_image_encoder()
+    adapter = adapter_for(transformer, image_embed_dim=image_encoder.config.hidden_size)
+    for model in (transformer, vae, image_encoder):
+        model.requires_grad_(False)
+    objective = DeltaAdapterObjective(
+        adapter, transformer, vae, image_encoder, SiglipPreprocessor(32), {"prompt_embeds": PROMPT}
+    )
+    pixels = torch.stack([pil_to_tensor(random_image(seed)) for seed in (1, 2)]) * 2 - 1  # (2, 3, 64, 64)
+    latents = flux3.encode_latents(vae, pixels)  # (2, 16, 8, 8)
+    features = patch_features(image_encoder, torch.nn.functional.interpolate(pixels, size=32))
+    generator = torch.Generator().manual_seed(0)
+    losses = objective(
+        source_latents=latents[:1],
+        target_latents=latents[1:],
+        source_features=features[:1],
+        target_features=features[1:],
+        noise=torch.randn(latents[:1].shape, generator=generator),
+        sigmas=torch.tensor([0.5]),
+    )
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    moved = {name for name, p in adapter.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all(p.grad is None for model in (transformer, vae, image_encoder) for p in model.parameters())
