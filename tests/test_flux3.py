@@ -1,14 +1,19 @@
-"""FLUX.3, the third backbone, at the transformer: the branch runs in the image modes' early blocks and every single
+"""FLUX.3, the third backbone. At the transformer: the branch runs in the image modes' early blocks and every single
 block, reaches them through the transformer's pre-hook, leaves upstream's output exact without an edit, traces whole
-under `torch.compile(fullgraph=True)`, trains only the adapter, and refuses other backbones' adapters by name."""
+under `torch.compile(fullgraph=True)`, trains only the adapter, and refuses other backbones' adapters by name. In
+its modular pipelines (FLUX.3 and the distilled one): text-free edits, upstream's output at scale 0 and unloaded,
+adaptation that moves only the adapter."""
 
 import pytest
 import torch
 from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
+from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
 from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
 
+from diffusers_delta.adapter_files import default_feature_extractor, write_adapter_folder
 from diffusers_delta.backbones import adapter_config_for, adapter_for, adapter_mismatches, backbone_of, flux3
 from diffusers_delta.image_inputs import pil_to_tensor
+from diffusers_delta.modular import Flux3DeltaModularPipeline, Flux3DistilledDeltaModularPipeline
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.testing import (
     random_image,
@@ -136,3 +141,77 @@ def test_the_training_objective_on_flux3_moves_only_the_adapter(flow_map):
     losses["loss"].backward()
     moved = {name for name, p in adapter.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert moved and all(p.grad is None for model in (transformer, vae, image_encoder) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- the modular pipeline
+
+STEPS = {"num_inference_steps": 4, "output_type": "pt", "output": "images"}
+EXEMPLAR = (random_image(1), random_image(2))
+QUERY = random_image(3)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["flux3", "flux3-distilled"])
+def flux3_folders(request, tmp_path_factory):
+    """(a FLUX.3 base folder as upstream's modular pipeline saves it, an adapter folder with its SigLIP and the
+    empty prompt's embeddings, the upstream blocks class, the Delta pipeline class)."""
+    distilled = request.param
+    root = tmp_path_factory.mktemp("flux3")
+    upstream_class = Flux3DistilledAutoBlocks if distilled else Flux3AutoBlocks
+    upstream = upstream_pipeline(upstream_class, tiny_flux3_transformer(flow_map=distilled), tiny_vae())
+    upstream.save_pretrained(str(root / "base"), overwrite_modular_index=True)  # upstream takes a str only
+    image_encoder = tiny_image_encoder()
+    adapter = randomize_(adapter_for(upstream.transformer, image_encoder.config.hidden_size), std=0.3)
+    write_adapter_folder(
+        root / "adapter",
+        adapter,
+        image_encoder=image_encoder,
+        feature_extractor=default_feature_extractor(image_encoder),
+        empty_prompt_embeds={"prompt_embeds": PROMPT},
+    )
+    delta_class = Flux3DistilledDeltaModularPipeline if distilled else Flux3DeltaModularPipeline
+    return root / "base", root / "adapter", upstream_class, delta_class
+
+
+def upstream_pipeline(blocks_class, transformer=None, vae=None, base=None):
+    """Upstream's FLUX.3 modular pipeline without its text steps (the prompt's embeddings are given), no guidance."""
+    blocks = blocks_class()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    blocks.sub_blocks.pop("text_encoder")
+    pipe = blocks.init_pipeline(None if base is None else str(base))
+    if base is None:
+        pipe.update_components(transformer=transformer, vae=vae)
+    else:
+        pipe.load_components(dtype=torch.float32)
+    if getattr(pipe, "guider", None) is not None:
+        pipe.guider.disable()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_flux3_modular_pipeline_edits_text_free_and_gives_upstream_s_output_at_scale_zero(flux3_folders):
+    base, adapter_folder, upstream_class, delta_class = flux3_folders
+    pipe = delta_class.from_pretrained(base)
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(adapter_folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert "prompt_upsampler" not in pipe.blocks.sub_blocks and "text_encoder" not in pipe._component_specs
+
+    def run(pipeline, **kwargs):
+        return pipeline(image=QUERY, generator=torch.Generator().manual_seed(0), **STEPS, **kwargs)
+
+    reference = run(upstream_pipeline(upstream_class, base=base), prompt_embeds=PROMPT)
+    assert torch.equal(run(pipe, exemplar=EXEMPLAR, delta_scale=0.0), reference)
+    edited = run(pipe, exemplar=EXEMPLAR)
+    assert (edited - reference).abs().max() > 1e-3
+    assert torch.equal(run(pipe, delta_embeds=pipe.encode_exemplar(EXEMPLAR)), edited)
+    assert run(pipe, exemplar=EXEMPLAR, num_images_per_prompt=2).shape[0] == 2
+
+    frozen = {name: tensor.clone() for name, tensor in pipe.transformer.state_dict().items()}
+    pipe.adapt_to_exemplar(*EXEMPLAR, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(frozen[name], tensor) for name, tensor in pipe.transformer.state_dict().items())
+    pipe.reset_delta_adapter()
+    assert torch.equal(run(pipe, exemplar=EXEMPLAR), edited)
+
+    pipe.unload_delta_adapter()
+    assert pipe.delta_processors == {} and len(pipe.transformer._forward_pre_hooks) == 0
+    assert torch.equal(run(pipe, prompt_embeds=PROMPT), reference)  # the step passes everything through

@@ -455,7 +455,7 @@ class DeltaAdaptationMixin:
         source_pixels = self._preprocess_queries(source)  # (1, 3, H, W) in [-1, 1]
         height, width = source_pixels.shape[-2:]
         target_rgb = to_rgb_image(target, name="exemplar target")
-        target_pixels = self.image_processor.preprocess(target_rgb, height=height, width=width, resize_mode="crop")
+        target_pixels = self._preprocess_at_size(target_rgb, height, width, resize_mode="crop")
         pixels = torch.cat([source_pixels, target_pixels]).to(device)
         latents = backbone_of(self.transformer).encode_latents(self.vae, pixels)  # (2, C', h, w)
         preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)

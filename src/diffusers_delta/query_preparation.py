@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import PIL.Image
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from .backbones import backbone_of
 from .checks import positive_int
@@ -31,11 +33,20 @@ class QueryPreparationMixin:
         processed = []
         for rgb in queries:
             if height is not None:  # the size asked for: the query is resized to it
-                processed.append(self.image_processor.preprocess(rgb, height=height, width=width))
+                processed.append(self._preprocess_at_size(rgb, height, width))
             else:
                 processed.append(backbone.preprocess_query(self, rgb))
         self._one_query_size({tuple(p.shape[-2:]) for p in processed})
         return torch.cat(processed, dim=0)
+
+    def _preprocess_at_size(
+        self, rgb: PIL.Image.Image, height: int, width: int, resize_mode: str = "default"
+    ) -> torch.Tensor:
+        """An image resized to `height` x `width` -> (1, 3, H, W) in [-1, 1], by `VaeImageProcessor`'s preprocessing,
+        which every FLUX image processor inherits (FLUX.3's own `preprocess` sizes a reference by itself)."""
+        return VaeImageProcessor.preprocess(
+            self.image_processor, rgb, height=height, width=width, resize_mode=resize_mode
+        )
 
     def _check_output_size(self, height: int | None, width: int | None) -> None:
         """`height` and `width` of a call: both or neither, and the one size a model that knows one size takes."""

@@ -57,7 +57,6 @@ latent_statistics = flux2.latent_statistics
 encode_latents = flux2.encode_latents
 pack_latents = flux2.pack_latents
 decode_tokens = flux2.decode_tokens
-MAX_QUERY_AREA = flux2.MAX_QUERY_AREA
 
 
 class DeltaCall:
@@ -178,9 +177,10 @@ def release(transformer: Flux3Transformer2DModel) -> None:
 
 
 def preprocess_query(pipe, rgb: PIL.Image.Image) -> torch.Tensor:
-    """A query sized as FLUX.2 [klein] sizes its reference image (its own size, scaled down to `MAX_QUERY_AREA`,
-    cropped to multiples of 16) -> (1, 3, H, W) in [-1, 1]."""
-    return flux2.preprocess_query(pipe, rgb)
+    """A query as FLUX.3's pipeline prepares its one reference image (`Flux3ImageProcessor`, `resize_mode="fill"`:
+    kept whole, scaled down so that its canvas fits under 4 megapixels, reflect-padded to the token grid) ->
+    (1, 3, H, W) in [-1, 1]."""
+    return pipe.image_processor.preprocess(rgb, resize_mode="fill")[0]
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ BLOCK_SOURCE = (
 #: The names the Delta-Adapter's blocks take in a sequence of blocks.
 DELTA_STEP_NAME = "delta_adapter"
 EMPTY_PROMPT_STEP_NAME = "text_encoder"
+PROMPT_UPSAMPLER_STEP_NAME = "prompt_upsampler"
 
 
 def _require_delta_loader(components) -> None:
@@ -82,13 +83,21 @@ class DeltaAdapterStep(ModularPipelineBlocks):
             InputParam("num_images_per_prompt", default=1),
             InputParam("prompt_embeds", type_hint=torch.Tensor, required=True, description="The prompts' embeddings."),
             InputParam("joint_attention_kwargs", description="Other arguments of the attention processors."),
+            InputParam("attention_kwargs", description="The same, as FLUX.3 names them."),
         ]
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:
-        """The denoise loop's attention arguments with the edit tokens, and the tokens per prompt."""
+        """The denoise loop's attention arguments with the edit tokens (`joint_attention_kwargs` as FLUX.1's and
+        FLUX.2's loops read them, `attention_kwargs` as FLUX.3's), and the tokens per prompt."""
         return [
             OutputParam("joint_attention_kwargs", type_hint=dict, description="With the edit tokens and strength."),
+            OutputParam(
+                "attention_kwargs",
+                kwargs_type="denoiser_input_fields",
+                type_hint=dict,
+                description="With the edit tokens and strength (FLUX.3's transformer takes them through a pre-hook).",
+            ),
             OutputParam("delta_embeds", type_hint=torch.Tensor, description="Edit tokens per prompt (B, N, D_edit)."),
         ]
 
@@ -159,18 +168,20 @@ class DeltaAdapterStep(ModularPipelineBlocks):
             block_state.combine,
         )  # (prompts, N, D_edit)
         block_state.delta_embeds = tokens
-        attention_kwargs = dict(block_state.joint_attention_kwargs or {})
-        attention_kwargs["delta_hidden_states"] = tokens.repeat_interleave(copies, dim=0)  # as prompts repeat
+        edit = {"delta_hidden_states": tokens.repeat_interleave(copies, dim=0)}  # as the prompts repeat
         if block_state.delta_scale is not None:
-            attention_kwargs["delta_scale"] = finite_float(block_state.delta_scale, "delta_scale")
-        block_state.joint_attention_kwargs = attention_kwargs
+            edit["delta_scale"] = finite_float(block_state.delta_scale, "delta_scale")
+        # both names: each backbone's loop reads its own and leaves the other alone
+        block_state.joint_attention_kwargs = {**(block_state.joint_attention_kwargs or {}), **edit}
+        block_state.attention_kwargs = {**(block_state.attention_kwargs or {}), **edit}
         self.set_block_state(state, block_state)
         return components, state
 
 
 class DeltaEmptyPromptStep(ModularPipelineBlocks):
     """The empty prompt's conditioning, as the adapter trained with it: the embeddings its folder brought (or, without
-    them, the pipeline's text encoder's). It takes the text encoder step's place, so no text encoder is loaded."""
+    them, the pipeline's text encoder's), unless the call gives `prompt_embeds`. It takes the text encoder step's
+    place, so no text encoder is loaded."""
 
     model_name = None
 
@@ -181,8 +192,11 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
 
     @property
     def inputs(self) -> list[InputParam]:
-        """The text encoder's settings, used only when no embeddings are stored."""
+        """Embeddings given for this call (they win), and the text encoder's settings, used only when no embeddings
+        are stored."""
         return [
+            InputParam("prompt_embeds", type_hint=torch.Tensor, description="Embeddings to use instead."),
+            InputParam("pooled_prompt_embeds", type_hint=torch.Tensor, description="Pooled ones (FLUX.1)."),
             InputParam("max_sequence_length", type_hint=int, default=512),
             InputParam("text_encoder_out_layers", type_hint=tuple[int], default=(9, 18, 27)),
         ]
@@ -191,7 +205,12 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
     def intermediate_outputs(self) -> list[OutputParam]:
         """The prompt's embeddings, and the pooled ones for backbones that take them (FLUX.1; None on klein)."""
         return [
-            OutputParam("prompt_embeds", type_hint=torch.Tensor, description="(1, L, D_txt) empty-prompt embeddings"),
+            OutputParam(  # FLUX.3's loop gathers its inputs by kind; FLUX.1's and FLUX.2's read them by name
+                "prompt_embeds",
+                kwargs_type="denoiser_input_fields",
+                type_hint=torch.Tensor,
+                description="(1, L, D_txt) the empty prompt's embeddings",
+            ),
             OutputParam("pooled_prompt_embeds", type_hint=torch.Tensor, description="(1, D_pooled), or None"),
         ]
 
@@ -200,6 +219,9 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
         """Puts the empty prompt's embeddings into the state."""
         _require_delta_loader(components)
         block_state = self.get_block_state(state)
+        if block_state.prompt_embeds is not None:  # given for this call
+            self.set_block_state(state, block_state)
+            return components, state
         conditioning = components._text_conditioning(
             "", block_state.max_sequence_length, block_state.text_encoder_out_layers
         )
@@ -219,7 +241,8 @@ def delta_blocks(blocks: SequentialPipelineBlocks | None = None, text_free: bool
         blocks: a sequence of blocks with `denoise` (and `text_encoder`) steps, such as `Flux2KleinAutoBlocks()`
             (the default) or `FluxKontextAutoBlocks()`. Changed in place and returned.
         text_free: replace the text encoder step by `DeltaEmptyPromptStep` (the adapter edits with the empty prompt;
-            its folder carries the embeddings, so the text encoder need not be loaded).
+            its folder carries the embeddings, so the text encoder need not be loaded), and drop FLUX.3's prompt
+            upsampler.
 
     Raises:
         ValueError: blocks without a `denoise` step, or that already hold the Delta-Adapter step.
@@ -235,6 +258,9 @@ def delta_blocks(blocks: SequentialPipelineBlocks | None = None, text_free: bool
         raise ValueError(f"The Delta-Adapter step goes before a 'denoise' step; these blocks have {names}.")
     if text_free and EMPTY_PROMPT_STEP_NAME in names:
         blocks.sub_blocks[EMPTY_PROMPT_STEP_NAME] = DeltaEmptyPromptStep()
+        if PROMPT_UPSAMPLER_STEP_NAME in names:  # FLUX.3's: it rewrites a prompt there no longer is
+            blocks.sub_blocks.pop(PROMPT_UPSAMPLER_STEP_NAME)
+            names.remove(PROMPT_UPSAMPLER_STEP_NAME)
     blocks.sub_blocks.insert(DELTA_STEP_NAME, DeltaAdapterStep(), names.index("denoise"))
     return blocks
 

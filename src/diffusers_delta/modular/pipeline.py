@@ -1,6 +1,6 @@
-"""Modular pipelines that edit by example: klein's (`FluxDeltaModularPipeline`) and Kontext's
-(`FluxKontextDeltaModularPipeline`), each upstream's modular pipeline with the Delta-Adapter's blocks and its whole
-interface."""
+"""Modular pipelines that edit by example: klein's (`FluxDeltaModularPipeline`), Kontext's
+(`FluxKontextDeltaModularPipeline`) and FLUX.3's (`Flux3DeltaModularPipeline`, `Flux3DistilledDeltaModularPipeline`),
+each upstream's modular pipeline with the Delta-Adapter's blocks and its whole interface."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import os
 from diffusers.modular_pipelines import (
     Flux2KleinAutoBlocks,
     Flux2KleinModularPipeline,
+    Flux3AutoBlocks,
+    Flux3DistilledAutoBlocks,
+    Flux3DistilledModularPipeline,
+    Flux3ModularPipeline,
     FluxKontextAutoBlocks,
     FluxKontextModularPipeline,
     SequentialPipelineBlocks,
 )
 from tqdm.auto import tqdm
 
-from ..backbones import flux1, flux2
+from ..backbones import flux1, flux2, flux3
 from ..loaders import DeltaAdapterMixin
 from .blocks import delta_blocks
 
@@ -117,3 +121,30 @@ class FluxKontextDeltaModularPipeline(DeltaModularPipelineMixin, FluxKontextModu
 
     backbone = flux1.NAME
     upstream_blocks = FluxKontextAutoBlocks
+
+
+class Flux3DeltaModularPipeline(DeltaModularPipelineMixin, Flux3ModularPipeline):
+    """A `Flux3ModularPipeline` that edits by example: `pipe(image=query, exemplar=(source, target))`.
+
+    Its default blocks are `Flux3AutoBlocks` with the Delta-Adapter step and the stored empty prompt (Qwen3-VL's), the
+    prompt upsampler dropped. Text-free, its classifier-free guidance would run between two empty prompts, which
+    changes nothing at twice the cost, so its guider starts disabled (`pipe.guider.enable()` turns it back on, with a
+    `negative_prompt_embeds` given).
+    """
+
+    backbone = flux3.NAME
+    upstream_blocks = Flux3AutoBlocks
+
+    def __init__(self, blocks: SequentialPipelineBlocks | None = None, pretrained_model_name_or_path=None, **kwargs):
+        super().__init__(blocks, pretrained_model_name_or_path, **kwargs)
+        if getattr(self, "guider", None) is not None and "text_encoder" not in self._component_specs:
+            self.guider.disable()
+
+
+class Flux3DistilledDeltaModularPipeline(DeltaModularPipelineMixin, Flux3DistilledModularPipeline):
+    """A `Flux3DistilledModularPipeline` (the step-distilled, flow-map FLUX.3: 16 steps, no guidance) that edits by
+    example: `pipe(image=query, exemplar=(source, target))`. Its default blocks are `Flux3DistilledAutoBlocks` with the
+    Delta-Adapter step and the stored empty prompt, the prompt upsampler dropped."""
+
+    backbone = flux3.NAME
+    upstream_blocks = Flux3DistilledAutoBlocks
