@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """FLOPs and training memory of Delta-Adapter at real size, counted from the project's own code paths.
 
-The real FLUX.2 [klein] 4B and 9B transformers and FLUX.2 VAE, or FLUX.1 Kontext [dev]'s transformer and VAE,
-SigLIP-so400m and the adapter are built on the `meta` device (no weights, no download), in bfloat16. What runs is
-the library itself: the pipeline's `__call__` for an edit (klein: `FluxDeltaEditPipeline`, 4 steps; Kontext:
-`FluxKontextDeltaEditPipeline`, 28 steps; the padded empty prompt of 512 tokens), `_encode_pair_for_training` and
-one forward and backward of `DeltaAdapterObjective` for an adaptation step, as `adapt_to_exemplar` runs it on CUDA.
+The real FLUX.2 [klein] 4B and 9B transformers and FLUX.2 VAE, FLUX.1 Kontext [dev]'s transformer and VAE, or
+FLUX.3's transformer (diffusers' `Flux3Transformer2DModel` defaults, its published config; the distilled flow-map
+variant too) with the FLUX.2 VAE, SigLIP-so400m and the adapter are built on the `meta` device (no weights, no
+download), in bfloat16. What runs is the library itself: the pipeline's `__call__` for an edit (klein:
+`FluxDeltaEditPipeline`, 4 steps; Kontext: `FluxKontextDeltaEditPipeline`, 28 steps; the padded empty prompt of 512
+tokens; FLUX.3: `Flux3DeltaModularPipeline`, 50 steps without guidance, or the distilled one's 16, the empty prompt
+padded to 80 tokens), `_encode_pair_for_training` and one forward and backward of `DeltaAdapterObjective` for an
+adaptation step, as `adapt_to_exemplar` runs it on CUDA.
 Beside Kontext, RelationAdapter's edit (FLUX.1-dev, 24 steps, the source's tokens in context as Kontext lays its
 reference, SigLIP and a decoupled branch like ours; its unmerged LoRA not counted) is estimated from the same counts.
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention;
@@ -14,7 +17,8 @@ activations are counted as the tensors autograd saves for backward (`saved_tenso
 checkpointing, the inputs each checkpointed block keeps and the largest block's recomputation. Not counted, and to be
 added from experience: the CUDA context and allocator slack (about 2-4 GB), and transient buffers inside kernels.
 
-    python benchmarks/real_scale.py [--backbones klein-4B klein-9B kontext-dev] [--sizes 512 1024] [--batches 1 4 16]
+    python benchmarks/real_scale.py [--backbones klein-4B klein-9B kontext-dev flux3 flux3-distilled]
+        [--sizes 512 1024] [--batches 1 4 16]
 """
 
 from __future__ import annotations
@@ -30,17 +34,22 @@ from diffusers import (
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     Flux2Transformer2DModel,
+    Flux3Transformer2DModel,
     FluxTransformer2DModel,
 )
+from diffusers.modular_pipelines import ModularPipeline
+from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
 from param_count import KLEIN_CONFIGS, SIGLIP_SO400M_HIDDEN
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
 from diffusers_delta.adapter_files import default_feature_extractor
-from diffusers_delta.backbones import adapter_for
+from diffusers_delta.attention_processor import delta_processors_for
+from diffusers_delta.backbones import adapter_for, flux3
 from diffusers_delta.data import check_resolution
 from diffusers_delta.model_state import cast_model
+from diffusers_delta.modular import Flux3DeltaModularPipeline, Flux3DistilledDeltaModularPipeline
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.testing import tiny_scheduler
 from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
@@ -55,7 +64,10 @@ SIGLIP_SO400M = {  # google/siglip-so400m-patch14-384
     "patch_size": 14,
 }
 PROMPT_TOKENS = 512  # klein and Kontext pad the (empty) prompt to 512 tokens
-STEPS = {"klein-4B": 4, "klein-9B": 4, "kontext-dev": 28}  # each pipeline's default
+FLUX3_PROMPT_TOKENS = 80  # FLUX.3 pads it to a multiple of 80 tokens (upstream's Flux3TextEncoderStep)
+# each pipeline's default; FLUX.3 without guidance (Flux3DeltaModularPipeline's guider starts disabled)
+STEPS = {"klein-4B": 4, "klein-9B": 4, "kontext-dev": 28, "flux3": 50, "flux3-distilled": 16}
+FLUX3 = ("flux3", "flux3-distilled")  # diffusers' Flux3Transformer2DModel defaults are FLUX.3's published config
 RELATION_ADAPTER_STEPS = 24
 ADAPTATION_STEPS = 20
 GPU_MEMORY = 80e9
@@ -70,7 +82,7 @@ FLUX1_VAE = {
     "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "latent_channels": 16,
     "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.1159, "scaling_factor": 0.3611,
 }  # fmt: skip
-BACKBONE_CHOICES = [*KLEIN_CONFIGS, "kontext-dev"]
+BACKBONE_CHOICES = [*KLEIN_CONFIGS, "kontext-dev", *FLUX3]
 
 
 def build(backbone: str, size: int):
@@ -81,6 +93,9 @@ def build(backbone: str, size: int):
         if backbone == "kontext-dev":
             transformer = FluxTransformer2DModel(**KONTEXT_TRANSFORMER)
             vae = AutoencoderKL(**FLUX1_VAE)
+        elif backbone in FLUX3:
+            transformer = Flux3Transformer2DModel(flow_map=backbone == "flux3-distilled")
+            vae = AutoencoderKLFlux2()
         else:
             transformer = Flux2Transformer2DModel(
                 attention_head_dim=128, axes_dims_rope=(32, 32, 32, 32), **KLEIN_CONFIGS[backbone]
@@ -97,7 +112,10 @@ def build(backbone: str, size: int):
         "feature_extractor": default_feature_extractor(image_encoder),
     }  # fmt: skip
     text_dim = transformer.config.joint_attention_dim
-    embeds = {"prompt_embeds": torch.empty(1, PROMPT_TOKENS, text_dim, device="meta", dtype=torch.bfloat16)}
+    tokens = FLUX3_PROMPT_TOKENS if backbone in FLUX3 else PROMPT_TOKENS
+    embeds = {"prompt_embeds": torch.empty(1, tokens, text_dim, device="meta", dtype=torch.bfloat16)}
+    if backbone in FLUX3:
+        return flux3_pipeline(backbone, parts, embeds)
     if backbone == "kontext-dev":
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0,
@@ -125,6 +143,28 @@ def build(backbone: str, size: int):
     return pipe
 
 
+def flux3_pipeline(backbone: str, parts: dict, embeds: dict):
+    """FLUX.3's Delta-Adapter modular pipeline around the meta-device models, the adapter attached as
+    `load_delta_adapter` attaches it."""
+    pipe = (Flux3DistilledDeltaModularPipeline if backbone == "flux3-distilled" else Flux3DeltaModularPipeline)()
+    pipe.update_components(transformer=parts.pop("transformer"), vae=parts.pop("vae"))
+    pipe.register_components(**parts)
+    pipe._delta_original_processors = dict(pipe.transformer.attn_processors)
+    pipe._attach_delta_processors(pipe.delta_adapter)
+    pipe._restore_empty_prompt(embeds)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_edit(pipe, image: PIL.Image.Image, scale: float, steps: int):
+    """One edit of `image` by the exemplar (image, image) through the pipeline's own call (classic or modular)."""
+    if isinstance(pipe, ModularPipeline):
+        kwargs = {"image": image, "output": "images"}
+    else:
+        kwargs = {"image": image}
+    return pipe(**kwargs, exemplar=(image, image), delta_scale=scale, num_inference_steps=steps, output_type="pt")
+
+
 def count(work) -> tuple[float, dict[str, float]]:
     """FLOPs of `work()`: the total and the total of each module (by FlopCounterMode's module names)."""
     with FlopCounterMode(display=False) as counter:
@@ -139,9 +179,7 @@ def edit_parts(pipe, size: int, steps: int) -> dict[str, float]:
     image = PIL.Image.new("RGB", (size, size))
 
     def edit(scale):
-        return lambda: pipe(
-            image, exemplar=(image, image), delta_scale=scale, num_inference_steps=steps, output_type="pt"
-        )
+        return lambda: run_edit(pipe, image, scale, steps)
 
     with_branch, _ = count(edit(1.0))
     without_branch, modules = count(edit(0.0))  # the branch is skipped at strength 0
@@ -242,7 +280,7 @@ def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_
     kept for recomputation and the largest block's recomputed activations."""
     params = {id(p) for model in (pipe.transformer, pipe.vae, pipe.image_encoder, pipe.delta_adapter)
               for p in model.parameters()}  # fmt: skip
-    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    blocks = [block for kind in block_lists(pipe.transformer) for block in kind]
     inputs, handles = {}, []
     if checkpointing == "all":
 
@@ -263,9 +301,21 @@ def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_
     return saved[0] + sum(t.numel() * t.element_size() for t in inputs.values()) + block_peak
 
 
+def block_lists(transformer) -> tuple[list, list]:
+    """(the early or double-stream blocks, the single-stream blocks) of a FLUX transformer (FLUX.3's early blocks:
+    the text's, then each image mode's)."""
+    if hasattr(transformer, "mode_blocks"):
+        early = list(transformer.txt_mode_blocks) + [
+            block for mode in transformer.mode_blocks.values() for block in mode
+        ]
+    else:
+        early = list(transformer.transformer_blocks)
+    return early, list(transformer.single_transformer_blocks)
+
+
 def _block_activation_bytes(pipe, objective, pair, batch_size, params, kind: int) -> int:
     """Saved-for-backward bytes of the first double (kind 0) or single (kind 1) block, without checkpointing."""
-    block = (pipe.transformer.transformer_blocks if kind == 0 else pipe.transformer.single_transformer_blocks)[0]
+    block = block_lists(pipe.transformer)[kind][0]
     totals = []
 
     def start(module, args):
@@ -316,6 +366,56 @@ def training_memory(pipe, size: int, batch_size: int, checkpointing: str) -> dic
     return {"weights": frozen / 1e9, "adapter state": adapter / 1e9, "activations": activations / 1e9}
 
 
+def flux3_placements(pipe, size: int) -> dict[str, float]:
+    """The branch's share of one FLUX.3 transformer step at `size`, wherever it could run: the image modes' early
+    blocks and every single block (the choice), every single block only, and every block (the text's early blocks
+    too). Counted on one forward with the edit against one at strength 0."""
+    transformer, adapter = pipe.transformer, pipe.delta_adapter
+    layers = transformer.config.num_layers
+    latents = pipe._preprocess_queries(PIL.Image.new("RGB", (size, size))).shape[-1] // 16  # tokens per side
+    prompt = pipe.empty_prompt_embeds
+
+    def forward(scale: float):
+        ids = _prepare_image_ids(latents, latents, flux3.IMAGE_ROPE_SCALE).to("meta")
+        reference_ids = _prepare_image_ids(latents, latents, flux3.IMAGE_ROPE_SCALE, l_coord=-1).to("meta")
+        tokens = torch.empty(1, latents * latents, transformer.config.in_channels, device="meta", dtype=torch.bfloat16)
+        edit = torch.empty(1, adapter.config.num_edit_tokens, adapter.config.edit_token_dim, device="meta")
+        return lambda: transformer(
+            hidden_states=tokens, encoder_hidden_states=prompt, timestep=torch.ones(1, device="meta"),
+            img_ids=ids, txt_ids=Flux3TextRoPEInputsStep._prepare_text_ids(prompt).to("meta"),
+            image_cond_hidden_states=tokens, image_cond_ids=reference_ids,
+            target_timestep=torch.ones(1, device="meta") if transformer.config.flow_map else None,
+            attention_kwargs={"delta_hidden_states": edit.to(torch.bfloat16), "delta_scale": scale},
+        )  # fmt: skip
+
+    def everywhere(name: str):
+        parts = name.split(".")
+        if parts[0] == "txt_mode_blocks":
+            return "double", 2 * layers + int(parts[1])
+        return flux3.layout(layers)(name)
+
+    layouts = {
+        "image modes' early blocks + single blocks (the choice)": flux3.layout(layers),
+        "single blocks only": lambda name: flux3.layout(layers)(name) if name.startswith("single") else None,
+        "every block (the text's early blocks too)": everywhere,
+    }
+    originals, shares = dict(transformer.attn_processors), {}
+    wide = adapter_for(transformer, SIGLIP_SO400M_HIDDEN, num_double_blocks=3 * layers)  # room for every block
+    cast_model(wide, torch.bfloat16)
+    for label, layout in layouts.items():
+        processors = {"double": flux3.Flux3DeltaAttnProcessor, "single": flux3.Flux3DeltaAttnProcessor}
+        transformer.set_attn_processor(originals)
+        transformer.set_attn_processor(
+            delta_processors_for(transformer, wide, processors, layout, call=flux3.call_of(transformer))
+        )
+        with torch.no_grad():
+            with_branch, _ = count(forward(1.0))
+            without, _ = count(forward(0.0))
+        shares[label] = (with_branch - without) / without
+    transformer.set_attn_processor(originals)
+    return shares
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=BACKBONE_CHOICES, choices=BACKBONE_CHOICES)
@@ -336,9 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
 
-    flops_rows, memory_rows, relation_rows = [], [], []
+    flops_rows, memory_rows, relation_rows, placement_rows = [], [], [], []
     with flash_attention():
-        run(args, flops_rows, memory_rows, relation_rows)
+        run(args, flops_rows, memory_rows, relation_rows, placement_rows)
 
     flops_header = [
         "backbone", "size", "steps", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
@@ -353,6 +453,8 @@ def main() -> None:
     tables = [(flops_header, flops_rows), (memory_header, memory_rows)]
     if relation_rows:
         tables.append((["backbone", *relation_header], relation_rows))
+    if placement_rows:
+        tables.append((["backbone", "size", "FLUX.3: the branch in", "branch / step"], placement_rows))
     for header, rows in tables:
         print_table(header, rows, args.markdown)
         print()
@@ -360,12 +462,12 @@ def main() -> None:
     print("Goals (klein-4B, 1024²): adapter <= 1% of an edit; 20 adaptation steps <= 15 edits; training at batch 16")
     print("per GPU within 80 GB with checkpointing (at the training script's default 512²; counted: add 2-4 GB of")
     print("CUDA context and allocator slack). Kontext [dev], 1024²: the branch <= 0.2% of a step; 20 adaptation")
-    print("steps <= 2.5 edits. RelationAdapter's edit: FLUX.1-dev with the source in context (Kontext's layout), 24")
-    print("steps, SigLIP and its branch as ours; its LoRA, if left unmerged, would add to it.")
+    print("steps <= 2.5 edits; FLUX.3 the same. RelationAdapter's edit: FLUX.1-dev with the source in context")
+    print("(Kontext's layout), 24 steps, SigLIP and its branch as ours; its LoRA, if left unmerged, would add to it.")
 
 
-def run(args, flops_rows: list, memory_rows: list, relation_rows: list) -> None:
-    """Fills the rows of the FLOP, memory and RelationAdapter tables."""
+def run(args, flops_rows: list, memory_rows: list, relation_rows: list, placement_rows: list) -> None:
+    """Fills the rows of the FLOP, memory, RelationAdapter and FLUX.3 placement tables."""
     relation = {}  # size -> RelationAdapter's edit FLOPs, from Kontext's layout at 24 steps
     edits = {}  # (backbone, size) -> edit FLOPs
     for backbone in args.backbones:
@@ -378,6 +480,9 @@ def run(args, flops_rows: list, memory_rows: list, relation_rows: list) -> None:
                 step = parts["transformer step"] + parts["branch step"]
                 relation[size] = parts["edit"] - (steps - RELATION_ADAPTER_STEPS) * step
             adapt = adaptation(pipe, size, parts["edit"])
+            if backbone in FLUX3:
+                for label, share in flux3_placements(pipe, size).items():
+                    placement_rows.append([backbone, f"{size}²", label, f"{100 * share:.2f}%"])
             tera = {key: value / 1e12 for key, value in parts.items()}
             flops_rows.append([
                 backbone, f"{size}²", str(steps), f"{tera['edit']:.1f}", f"{tera['vae encode']:.2f}",

@@ -135,7 +135,11 @@ def block_counts(config) -> tuple[int, int]:
     return 2 * config.num_layers, config.num_single_layers
 
 
-def _layout(num_layers: int):
+def layout(num_layers: int):
+    """Where each attention layer of a FLUX.3 transformer with `num_layers` early blocks per mode sits among the
+    adapter's blocks (`delta_processors_for`'s layout): the noisy image's early blocks are double blocks 0..n-1, the
+    reference's n..2n-1, the single blocks single ones; the text's early blocks have none."""
+
     def place(name: str) -> BlockPlace | None:
         parts = name.split(".")
         if parts[0] == "mode_blocks":  # mode_blocks.image.i / mode_blocks.image_cond.i
@@ -149,7 +153,7 @@ def _layout(num_layers: int):
     return place
 
 
-def _call_of(transformer: Flux3Transformer2DModel) -> DeltaCall:
+def call_of(transformer: Flux3Transformer2DModel) -> DeltaCall:
     """The transformer's `DeltaCall`, created with its pre-hook on first use."""
     call = getattr(transformer, "_delta_call", None)
     if call is None:
@@ -163,9 +167,9 @@ def processors_for(transformer: Flux3Transformer2DModel, adapter: DeltaAdapterMo
     """One Delta-Adapter processor per attention layer of the image modes' early blocks and the single blocks (the
     text's keep theirs), sharing the transformer's `DeltaCall`, whose pre-hook this installs once (`release` takes
     it off)."""
-    call = _call_of(transformer)
+    call = call_of(transformer)
     processors = {"double": Flux3DeltaAttnProcessor, "single": Flux3DeltaAttnProcessor}
-    return delta_processors_for(transformer, adapter, processors, _layout(transformer.config.num_layers), call=call)
+    return delta_processors_for(transformer, adapter, processors, layout(transformer.config.num_layers), call=call)
 
 
 def release(transformer: Flux3Transformer2DModel) -> None:

@@ -90,8 +90,16 @@ class DeltaModularPipelineMixin(DeltaAdapterMixin):
         super().load_components(names=names, workflow=workflow, **kwargs)
 
     def set_progress_bar_config(self, **kwargs) -> None:
-        """Sets the progress bars' tqdm arguments (e.g. `disable=True`): the denoise loop's and adaptation's."""
-        super().set_progress_bar_config(**kwargs)
+        """Sets the progress bars' tqdm arguments (e.g. `disable=True`): the denoise loop's, wherever it sits among
+        the blocks (upstream's reaches only the top level, not a loop inside auto blocks), and adaptation's."""
+
+        def configure(blocks) -> None:
+            for block in getattr(blocks, "sub_blocks", {}).values():
+                if hasattr(block, "set_progress_bar_config"):
+                    block.set_progress_bar_config(**kwargs)
+                configure(block)
+
+        configure(self._blocks)  # the blocks that run (`blocks` gives a copy)
         self._delta_progress_bar_config = dict(kwargs)
 
     def progress_bar(self, iterable=None, total=None):
