@@ -399,12 +399,13 @@ def flux3_placements(pipe, size: int) -> dict[str, float]:
         "single blocks only": lambda name: flux3.layout(layers)(name) if name.startswith("single") else None,
         "every block (the text's early blocks too)": everywhere,
     }
-    originals, shares = dict(transformer.attn_processors), {}
-    wide = adapter_for(transformer, SIGLIP_SO400M_HIDDEN, num_double_blocks=3 * layers)  # room for every block
+    current, upstream, shares = dict(transformer.attn_processors), dict(pipe._delta_original_processors), {}
+    with torch.device("meta"):  # room for every block
+        wide = adapter_for(transformer, SIGLIP_SO400M_HIDDEN, num_double_blocks=3 * layers)
     cast_model(wide, torch.bfloat16)
     for label, layout in layouts.items():
         processors = {"double": flux3.Flux3DeltaAttnProcessor, "single": flux3.Flux3DeltaAttnProcessor}
-        transformer.set_attn_processor(originals)
+        transformer.set_attn_processor(dict(upstream))  # (it empties the dict it is given)
         transformer.set_attn_processor(
             delta_processors_for(transformer, wide, processors, layout, call=flux3.call_of(transformer))
         )
@@ -412,7 +413,7 @@ def flux3_placements(pipe, size: int) -> dict[str, float]:
             with_branch, _ = count(forward(1.0))
             without, _ = count(forward(0.0))
         shares[label] = (with_branch - without) / without
-    transformer.set_attn_processor(originals)
+    transformer.set_attn_processor(current)
     return shares
 
 
