@@ -39,7 +39,7 @@ from diffusers import (
 )
 from diffusers.modular_pipelines import ModularPipeline
 from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
-from param_count import KLEIN_CONFIGS, SIGLIP_SO400M_HIDDEN
+from param_count import KLEIN_CONFIGS, KONTEXT_TRANSFORMER, SIGLIP_SO400M_HIDDEN
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -71,12 +71,7 @@ FLUX3 = ("flux3", "flux3-distilled")  # diffusers' Flux3Transformer2DModel defau
 RELATION_ADAPTER_STEPS = 24
 ADAPTATION_STEPS = 20
 GPU_MEMORY = 80e9
-# black-forest-labs/FLUX.1-Kontext-dev: its transformer/config.json and vae/config.json
-KONTEXT_TRANSFORMER = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}  # fmt: skip
+# black-forest-labs/FLUX.1-Kontext-dev: its vae/config.json (the transformer's: param_count.KONTEXT_TRANSFORMER)
 FLUX1_VAE = {
     "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
     "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "latent_channels": 16,

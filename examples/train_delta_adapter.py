@@ -98,6 +98,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     models.add_argument("--image_encoder", default="google/siglip-so400m-patch14-384", help="SigLIP Hub id/folder.")
     models.add_argument("--pretrained_adapter", default=None, help="Start from this adapter folder or Hub id.")
     models.add_argument("--num_edit_tokens", type=int, default=32, help="Edit tokens N of a new adapter.")
+    models.add_argument(
+        "--edit_token_dim",
+        type=int,
+        default=None,
+        help="Width of a new adapter's edit tokens, which every block's key and value maps read (default: the "
+        "transformer's inner width, 3072 on klein-4B and Kontext; smaller widths shrink those maps, most of the "
+        "adapter's parameters, in proportion). Recorded in the adapter's config.json.",
+    )
     models.add_argument("--resampler_dim", type=int, default=1280, help="Perceiver width of a new adapter.")
     models.add_argument("--resampler_depth", type=int, default=4, help="Perceiver layers of a new adapter.")
     models.add_argument("--resampler_heads", type=int, default=20, help="Perceiver heads of a new adapter.")
@@ -334,6 +342,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.use_8bit_adam and args.optimizer != "adamw":
         parser.error("--use_8bit_adam is an AdamW: it does not go with --optimizer prodigy.")
+    if args.edit_token_dim is not None and args.edit_token_dim < 1:
+        parser.error(f"--edit_token_dim must be at least 1, got {args.edit_token_dim}.")
     for flag in ("max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}: there would be nothing to train.")
@@ -639,8 +649,8 @@ def save_checkpoint(accelerator: Accelerator, args, step: int, flags: dict) -> N
 #: (another schedule, optimizer, data order or data). Recorded in every checkpoint as RUN_FLAGS_NAME.
 RUN_FLAGS = (
     "pretrained_model_name_or_path", "revision", "variant", "image_encoder", "pretrained_adapter", "num_edit_tokens",
-    "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank", "lora_alpha",
-    "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
+    "edit_token_dim", "resampler_dim", "resampler_depth", "resampler_heads", "projection_type", "lora_rank",
+    "lora_alpha", "lora_dropout", "dataset_name", "dataset_split", "source_column", "target_column", "train_data_dir",
     "side_by_side_data_dir", "hold_out_relation_evaluation", "max_train_pairs", "split_seed", "data_mix", "streaming",
     "allow_paths_outside_dataset", "cache_latents", "resolution", "seed", "train_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "lr_scheduler", "lr_warmup_steps",
@@ -652,7 +662,7 @@ RUN_FLAGS_NAME = "run_flags.json"
 #: Run flags added after checkpoints began recording them, with the value every older run had.
 LATER_RUN_FLAGS = {
     "hold_out_relation_evaluation": False, "max_train_pairs": None, "split_seed": 0, "data_mix": None,
-    "allow_paths_outside_dataset": False,
+    "allow_paths_outside_dataset": False, "edit_token_dim": None,
 }  # fmt: skip
 #: Schedules that do not depend on the run's length: with them a resumed run may train longer.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -794,10 +804,12 @@ def main(args: argparse.Namespace) -> None:
 
 def new_adapter(args, transformer, image_encoder) -> DeltaAdapterModel:
     """A freshly initialised adapter for `transformer` and `image_encoder`, sized by the script's adapter flags
-    (`--num_edit_tokens`, `--resampler_*`, `--projection_type`)."""
+    (`--num_edit_tokens`, `--edit_token_dim`, `--resampler_*`, `--projection_type`)."""
+    width = {} if getattr(args, "edit_token_dim", None) is None else {"edit_token_dim": args.edit_token_dim}
     return adapter_for(
         transformer,
         image_encoder.config.hidden_size,
+        **width,
         num_edit_tokens=args.num_edit_tokens,
         resampler_dim=args.resampler_dim,
         resampler_depth=args.resampler_depth,

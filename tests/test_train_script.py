@@ -133,6 +133,23 @@ def test_launched_run_writes_a_folder_the_pipeline_loads(folders, tmp_path):
     assert images.shape == (1, 64, 64, 3)
 
 
+def test_edit_token_dim_sets_a_new_adapter_s_width_records_it_and_the_release_edits(folders, tmp_path):
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "2",
+                  "--checkpointing_steps", "1", "--edit_token_dim", "8")
+    ))  # fmt: skip
+    assert json.loads((tmp_path / "config.json").read_text())["edit_token_dim"] == 8
+    assert json.loads((tmp_path / "checkpoint-2" / "run_flags.json").read_text())["edit_token_dim"] == 8
+    weights = adapter_weights(tmp_path)
+    assert weights["double_blocks.0.to_k_delta.weight"].shape[1] == 8  # every block's maps read 8-wide tokens
+    pipe = FluxDeltaEditPipeline(**tiny_klein_components())
+    pipe.load_delta_adapter(tmp_path)
+    assert pipe.encode_exemplar((random_image(1), random_image(2))).shape[-1] == 8
+    with pytest.raises(SystemExit):
+        train_delta_adapter.parse_args(arguments(folders, tmp_path / "zero", "--train_data_dir", "x",
+                                                 "--edit_token_dim", "0"))  # fmt: skip
+
+
 def test_unreadable_pairs_are_counted(folders, tmp_path):
     train_delta_adapter.main(train_delta_adapter.parse_args(
         arguments(folders, tmp_path, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "6",
