@@ -19,23 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.modular_pipelines import Flux2KleinAutoBlocks
+from overhead import timed
 
 from diffusers_delta.modular import FluxDeltaModularPipeline
 from diffusers_delta.testing import SMALL, TEXT_KWARGS, random_image, tiny_delta_pipeline
 
 
 BASE_COMPONENTS = ("vae", "transformer", "scheduler", "text_encoder", "tokenizer")
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def main() -> None:

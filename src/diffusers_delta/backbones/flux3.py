@@ -107,6 +107,7 @@ class Flux3DeltaAttnProcessor(DeltaBranch):
         value = value.unflatten(-1, (attn.heads, -1))
         branch_query = query.to(value.dtype)  # edit tokens have no position: the query before RoPE
 
+        # upstream's FLUX.3 order (RoPE on float32 queries and keys, then the cast), not DeltaBranch._self_attention's
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
