@@ -80,11 +80,12 @@ FLUX1_VAE = {
 BACKBONE_CHOICES = [*KLEIN_CONFIGS, "kontext-dev", *FLUX3]
 
 
-def build(backbone: str, size: int):
-    """The real-size pipeline on the `meta` device, in bfloat16, frozen as `load_delta_adapter` leaves it. Kontext's
-    is fixed to `size` (its `image_size`), so that queries, outputs and the training pair keep that size instead of
-    Kontext's preferred resolution."""
-    with torch.device("meta"):
+def build(backbone: str, size: int, device: str | torch.device = "meta"):
+    """The real-size pipeline in bfloat16, frozen as `load_delta_adapter` leaves it: on the `meta` device (no
+    memory) to count, or with random weights on `device` to run (`gpu_check.py`). Kontext's is fixed to `size` (its
+    `image_size`), so that queries, outputs and the training pair keep that size instead of Kontext's preferred
+    resolution."""
+    with torch.device(device), bfloat16_by_default():
         if backbone == "kontext-dev":
             transformer = FluxTransformer2DModel(**KONTEXT_TRANSFORMER)
             vae = AutoencoderKL(**FLUX1_VAE)
@@ -108,7 +109,7 @@ def build(backbone: str, size: int):
     }  # fmt: skip
     text_dim = transformer.config.joint_attention_dim
     tokens = FLUX3_PROMPT_TOKENS if backbone in FLUX3 else PROMPT_TOKENS
-    embeds = {"prompt_embeds": torch.empty(1, tokens, text_dim, device="meta", dtype=torch.bfloat16)}
+    embeds = {"prompt_embeds": torch.zeros(1, tokens, text_dim, device=device, dtype=torch.bfloat16)}
     if backbone in FLUX3:
         return flux3_pipeline(backbone, parts, embeds)
     if backbone == "kontext-dev":
@@ -129,13 +130,24 @@ def build(backbone: str, size: int):
             image_size=size,
             **parts,
         )
-        embeds["pooled_prompt_embeds"] = torch.empty(1, 768, device="meta", dtype=torch.bfloat16)
+        embeds["pooled_prompt_embeds"] = torch.zeros(1, 768, device=device, dtype=torch.bfloat16)
     else:
         pipe = FluxDeltaEditPipeline(scheduler=tiny_scheduler(), text_encoder=None, tokenizer=None, is_distilled=True,
                                      **parts)  # fmt: skip
     pipe._restore_empty_prompt(embeds)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def bfloat16_by_default():
+    """Builds modules in bfloat16 (a real-size transformer built in float32 first would need twice the memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def flux3_pipeline(backbone: str, parts: dict, embeds: dict):
@@ -260,8 +272,8 @@ def objective_for(pipe, frozen: bool, checkpointing: str, lambda_delta: float = 
 def training_step(objective: DeltaAdapterObjective, pair: dict, batch_size: int):
     """One forward and backward of the objective on a batch of `batch_size` copies of the encoded pair."""
     batch = {key: value.expand(batch_size, *value.shape[1:]) for key, value in pair.items()}
-    noise = torch.empty_like(batch["target_latents"])
-    sigmas = torch.full((batch_size,), 0.5, device="meta")
+    noise = torch.randn_like(batch["target_latents"])
+    sigmas = torch.full((batch_size,), 0.5, device=noise.device)
 
     def step():
         with torch.enable_grad():

@@ -1,10 +1,13 @@
-"""The real-size cost scripts check their arguments by the training script's rules before counting anything."""
+"""The real-size cost scripts check their arguments by the training script's rules before counting anything, and
+the GPU check runs its whole code on tiny models on the CPU."""
 
+import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -44,3 +47,21 @@ def test_real_scale_refuses_sizes_and_batches_before_building_anything(argv, mes
 def test_the_training_scripts_sizes_pass():
     assert training_cost.parse_args(["--resolution", "512"]).resolution == 512
     assert real_scale.parse_args(["--sizes", "512", "1024", "--batches", "1"]).sizes == [512, 1024]
+
+
+def test_the_gpu_check_runs_on_tiny_models_and_refuses_to_guess_without_a_gpu(tmp_path, capsys):
+    import gpu_check
+
+    rows = gpu_check.main(["--tiny", "--rounds", "1", "--out", str(tmp_path / "check.json")])
+    assert [(row["backbone"], row["what"]) for row in rows] == [
+        (backbone, what)
+        for backbone in ("klein-4B", "kontext-dev")
+        for what in ("edit (2 steps)", "adaptation step", "training step, batch 2, checkpointing")
+    ]
+    assert all(row["seconds"] > 0 and row["tflop"] > 0 and row["utilisation"] > 0 for row in rows)
+    assert json.loads((tmp_path / "check.json").read_text()) == rows
+    assert "training step" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args([])
+        assert "No CUDA device here" in capsys.readouterr().err
