@@ -273,8 +273,9 @@ def test_the_image_encoder_pretrains_without_edit_labels(tmp_path):
     assert SiglipImageProcessorPil.from_pretrained(tmp_path / "siglip").size == {"height": 64, "width": 64}
 
 
+# --base_reuse 1: a 1-step base would otherwise encode a whole pool of 64 batches first (reuse is tested on its own)
 BUILD_ARGV = ["--vae_steps", "1", "--base_steps", "1", "--pairs_per_family", "2", "--adapter_steps", "1",
-              "--base_layers", "1", "--base_heads", "2"]  # fmt: skip
+              "--base_layers", "1", "--base_heads", "2", "--base_reuse", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
