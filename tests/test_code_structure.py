@@ -19,13 +19,22 @@ def _modules() -> dict[str, Path]:
     return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _import_statements(tree: ast.AST):
+    """Every import of a module, inside functions too (a deferred import that dodges a circle is still one), but not
+    under `if TYPE_CHECKING:`, which never runs."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _import_statements(node)
+
+
 def _imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package's modules that `name` imports when it is imported (module level, not inside functions)."""
+    """The package's modules that `name` imports, at import time or later."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:  # the module's own statements: what runs at import
-        if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks never run
-            continue
+    for node in _import_statements(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
