@@ -165,11 +165,10 @@ def flux3_pipeline(backbone: str, parts: dict, embeds: dict):
 
 def run_edit(pipe, image: PIL.Image.Image, scale: float, steps: int):
     """One edit of `image` by the exemplar (image, image) through the pipeline's own call (classic or modular)."""
-    if isinstance(pipe, ModularPipeline):
-        kwargs = {"image": image, "output": "images"}
-    else:
-        kwargs = {"image": image}
-    return pipe(**kwargs, exemplar=(image, image), delta_scale=scale, num_inference_steps=steps, output_type="pt")
+    modular = {"output": "images"} if isinstance(pipe, ModularPipeline) else {}  # which of the state to return
+    return pipe(
+        image=image, exemplar=(image, image), delta_scale=scale, num_inference_steps=steps, output_type="pt", **modular
+    )
 
 
 def count(work) -> tuple[float, dict[str, float]]:

@@ -50,10 +50,12 @@ class DeltaBranch:
         return query, key, value.unflatten(-1, (-1, attn.head_dim))
 
     def _self_attention(self, query, key, value, image_rotary_emb, attention_mask) -> torch.Tensor:
-        """Upstream's attention with RoPE: (B, S, H, D) each -> (B, S, H * D)."""
+        """Upstream's attention with RoPE: (B, S, H, D) each -> (B, S, H * D). Queries and keys are cast to the
+        values' dtype after RoPE: FLUX.3 normalises them in float32 (on FLUX.1 and FLUX.2 they already agree)."""
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key = query.to(value.dtype), key.to(value.dtype)
         out = dispatch_attention_fn(
             query,
             key,

@@ -3,8 +3,8 @@ code.
 
 No download and no imitation: these are `Flux2Transformer2DModel`, `AutoencoderKLFlux2`, `SiglipVisionModel`,
 `Qwen3ForCausalLM` and a Qwen2 tokenizer (klein), `FluxTransformer2DModel`, `AutoencoderKL`, `CLIPTextModel`,
-`T5EncoderModel` and their tokenizers (Kontext) at toy sizes, so tests and CPU benchmarks run the real code paths
-offline.
+`T5EncoderModel` and their tokenizers (Kontext), and `Flux3Transformer2DModel` (FLUX.3) at toy sizes, so tests and
+CPU benchmarks run the real code paths offline.
 Two sizes exist: `TINY` (the test suite: milliseconds per call) and `SMALL` (CPU benchmarks: big enough that
 attention and matmuls, not Python, dominate the time).
 """
@@ -140,19 +140,8 @@ def tiny_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> Qwen3ForCaus
 def tiny_transformer(sizes: ModelSizes = TINY) -> Flux2Transformer2DModel:
     """A FLUX.2 transformer over 4 latent channels patchified 2x2 (16 input channels)."""
     torch.manual_seed(0)
-    axis = sizes.head_dim // 4
     return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=sizes.double_blocks,
-        num_single_layers=sizes.single_blocks,
-        attention_head_dim=sizes.head_dim,
-        num_attention_heads=sizes.heads,
-        joint_attention_dim=3 * sizes.qwen_hidden,
-        timestep_guidance_channels=32,
-        mlp_ratio=2.0,
-        axes_dims_rope=(axis, axis, axis, axis),
-        guidance_embeds=False,
+        patch_size=1, timestep_guidance_channels=32, guidance_embeds=False, **_four_axis_transformer(sizes)
     ).eval()
 
 
@@ -160,20 +149,25 @@ def tiny_flux3_transformer(sizes: ModelSizes = TINY, flow_map: bool = False) -> 
     """A FLUX.3 transformer over `tiny_vae`'s 4 latent channels patchified 2x2 (16 input channels), with
     `sizes.double_blocks` early blocks per mode; `flow_map` for the distilled variant."""
     torch.manual_seed(0)
-    axis = sizes.head_dim // 4
     return Flux3Transformer2DModel(
-        in_channels=16,
-        cond_in_channels=16,
-        num_layers=sizes.double_blocks,
-        num_single_layers=sizes.single_blocks,
-        attention_head_dim=sizes.head_dim,
-        num_attention_heads=sizes.heads,
-        joint_attention_dim=3 * sizes.qwen_hidden,
-        timestep_channels=32,
-        mlp_ratio=2.0,
-        axes_dims_rope=(axis, axis, axis, axis),
-        flow_map=flow_map,
+        cond_in_channels=16, timestep_channels=32, flow_map=flow_map, **_four_axis_transformer(sizes)
     ).eval()
+
+
+def _four_axis_transformer(sizes: ModelSizes) -> dict:
+    """What the tiny FLUX.2 and FLUX.3 transformers share: 16 input channels (4 latent channels patchified 2x2),
+    `sizes`' blocks and heads, klein's text width, and four-axis RoPE."""
+    axis = sizes.head_dim // 4
+    return {
+        "in_channels": 16,
+        "num_layers": sizes.double_blocks,
+        "num_single_layers": sizes.single_blocks,
+        "attention_head_dim": sizes.head_dim,
+        "num_attention_heads": sizes.heads,
+        "joint_attention_dim": 3 * sizes.qwen_hidden,
+        "mlp_ratio": 2.0,
+        "axes_dims_rope": (axis, axis, axis, axis),
+    }
 
 
 def tiny_vae(sizes: ModelSizes = TINY) -> AutoencoderKLFlux2:

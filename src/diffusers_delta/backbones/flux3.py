@@ -20,15 +20,16 @@ from __future__ import annotations
 import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, Flux3Transformer2DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux3 import Flux3Attention, _get_qkv_projections
 from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
 from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
 
 from ..attention_processor import BlockPlace, DeltaBranch, delta_processors_for
 from ..models.delta_adapter import DeltaAdapterModel
-from . import flux2
+
+# FLUX.3's latents are FLUX.2's (the same VAE, patchified and normalised with its batch-norm statistics): these are
+# this backbone's names too.
+from .flux2 import decode_tokens, encode_latents, latent_statistics, pack_latents  # noqa: F401
 
 
 #: The name adapter configs record for this backbone, and how messages name it.
@@ -51,12 +52,6 @@ PIPELINE_CLASS = None
 IMAGE_ROPE_SCALE = 0.5
 #: The keys of `attention_kwargs` that carry the edit, which the pre-hook takes out before upstream's forward.
 EDIT_KWARGS = ("delta_hidden_states", "delta_scale")
-
-# FLUX.3's latents are FLUX.2's: the same VAE, patchified and normalised with its batch-norm statistics.
-latent_statistics = flux2.latent_statistics
-encode_latents = flux2.encode_latents
-pack_latents = flux2.pack_latents
-decode_tokens = flux2.decode_tokens
 
 
 class DeltaCall:
@@ -106,21 +101,8 @@ class Flux3DeltaAttnProcessor(DeltaBranch):
         key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)).float())
         value = value.unflatten(-1, (attn.heads, -1))
         branch_query = query.to(value.dtype)  # edit tokens have no position: the query before RoPE
-
-        # upstream's FLUX.3 order (RoPE on float32 queries and keys, then the cast), not DeltaBranch._self_attention's
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        query, key = query.to(value.dtype), key.to(value.dtype)
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)  # (B, S, H * D)
+        # RoPE on the float32 queries and keys, then the cast to the values' dtype, as upstream's FLUX.3 does
+        hidden_states = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
 
         strength = self._strength(self.call.tokens, self.call.scale)
         if strength != 0.0:
