@@ -15,13 +15,13 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_delta import compute_empty_prompt_embeds, toyworld
+from diffusers_delta import FluxDeltaInpaintPipeline, compute_empty_prompt_embeds, toyworld
 from diffusers_delta.testing import TEXT_KWARGS, free_port, random_image, tiny_delta_pipeline
 from diffusers_delta.toyworld import showcase
 
 
 gradio_client = pytest.importorskip("gradio_client")
-from diffusers_delta.app import ExemplarEditor, build_app  # noqa: E402
+from diffusers_delta.app import ExemplarEditor, build_app, mask_of  # noqa: E402
 
 
 def connect(url: str, server: subprocess.Popen | None = None, timeout: float = 120.0):
@@ -241,3 +241,26 @@ def test_the_app_command_says_where_it_serves_and_names_its_own_flag(served_app)
     started = served_app.log.read_text()
     assert re.search(r"Serving the app at http://127.0.0.1:\d+/? \(Ctrl\+C stops it\)\.", started)
     assert "--share also opens a public gradio.live link." in started and "launch()" not in started
+
+
+def test_a_painted_or_uploaded_mask_limits_the_edit_to_its_area():
+    pipe = text_free_pipeline()
+    editor = ExemplarEditor(pipe)
+    source, target, query = random_image(1), random_image(2), random_image(3)
+    painted = PIL.Image.new("RGBA", (64, 64))
+    painted.paste((255, 0, 0, 255), (0, 0, 32, 64))  # a stroke over the left half
+    mask = mask_of({"background": query, "layers": [painted], "composite": None})
+    assert mask.mode == "L" and mask.getbbox() == (0, 0, 32, 64)
+    uploaded = PIL.Image.new("RGB", (64, 64))
+    uploaded.paste((255, 255, 255), (0, 0, 32, 64))
+    empty_layer = PIL.Image.new("RGBA", (64, 64))
+    assert mask_of({"background": uploaded, "layers": [empty_layer], "composite": None}).getbbox() == (0, 0, 32, 64)
+    assert mask_of(None) is None
+    edited = editor.edit(source, target, [query], seed=1, mask=mask)[0]
+    expected = FluxDeltaInpaintPipeline.from_pipe(pipe)(
+        query, mask_image=mask, exemplar=(source, target), generator=torch.Generator().manual_seed(1)
+    ).images[0]
+    assert np.array_equal(np.asarray(edited), np.asarray(expected))
+    kontext = ExemplarEditor(tiny_delta_pipeline(backbone="flux1"))
+    with pytest.raises(ValueError, match="FLUX.2 \\[klein\\] base"):
+        kontext.edit(source, target, [query], mask=mask)

@@ -235,3 +235,23 @@ def test_every_flag_of_every_command_is_explained_in_its_help():
     for name, command in commands.choices.items():
         unexplained = [action.dest for action in command._actions if not action.help and action.dest != "help"]
         assert unexplained == [], f"{name}: {unexplained}"
+
+
+def test_mask_edits_only_inside_it_and_mistakes_are_named(run_cli, model_dir, images, tmp_path):
+    exemplar = ["--exemplar", images["source"], images["target"]]
+    models = ["--base", model_dir / "base", "--adapter", model_dir / "adapter"]
+    mask = np.zeros((80, 96), dtype=np.uint8)  # the query's 96x80
+    mask[:, :48] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "edited.png"
+    code, _, err = run_cli(["edit", *exemplar, "--query", images["query"], "--mask", tmp_path / "mask.png",
+                            "--out", out, *models])  # fmt: skip
+    assert code == 0, err
+    assert PIL.Image.open(out).size == (96, 80)
+    PIL.Image.fromarray(mask[:40]).save(tmp_path / "small_mask.png")
+    code, _, err = run_cli(["edit", *exemplar, "--query", images["query"], "--mask", tmp_path / "small_mask.png",
+                            "--out", out, *models])  # fmt: skip
+    assert code == 2 and "--mask is 96x40 and --query 96x80" in err
+    code, _, err = run_cli(["edit", *exemplar, "--queries", tmp_path, "--mask", tmp_path / "mask.png",
+                            "--out", tmp_path / "outs", *models])  # fmt: skip
+    assert code == 2 and "--mask goes with --query" in err

@@ -6,7 +6,13 @@ from .backbones.flux1 import FluxDeltaAttnProcessor
 from .backbones.flux2 import Flux2DeltaAttnProcessor, Flux2DeltaParallelSelfAttnProcessor
 from .loaders import DeltaAdapterMixin
 from .models import DeltaAdapterModel
-from .pipelines import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline, compute_empty_prompt_embeds
+from .pipelines import (
+    FluxDeltaEditPipeline,
+    FluxDeltaInpaintPipeline,
+    FluxDeltaKVEditPipeline,
+    FluxKontextDeltaEditPipeline,
+    compute_empty_prompt_embeds,
+)
 from .semantic_delta import SiglipPreprocessor, semantic_delta
 
 
@@ -19,6 +25,8 @@ __all__ = [
     "Flux2DeltaParallelSelfAttnProcessor",
     "FluxDeltaAttnProcessor",
     "FluxDeltaEditPipeline",
+    "FluxDeltaInpaintPipeline",
+    "FluxDeltaKVEditPipeline",
     "FluxKontextDeltaEditPipeline",
     "SiglipPreprocessor",
     "compute_empty_prompt_embeds",

@@ -5,7 +5,9 @@
 
 The same `build_app` serves a Hugging Face Space (`space/app.py`). Edits run one at a time (the pipeline is one
 model in memory); the exemplar's encoding is cached, so that editing more queries with the same pair encodes it
-once. Input mistakes show as the library's one-line messages in the page, never as a traceback.
+once. A mask (painted over an image, or uploaded: white edits, black keeps) limits the edit to its area on FLUX.2
+[klein] (`FluxDeltaInpaintPipeline`). Input mistakes show as the library's one-line messages in the page, never as a
+traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import PIL.Image
+import PIL.ImageChops
 import torch
 
 from .atomic_folder import atomic_folder
@@ -75,6 +78,7 @@ class ExemplarEditor:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self._masked_pipe = None  # a FluxDeltaInpaintPipeline sharing pipe's models, made for the first mask
         self._delta_embeds: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.encodings = 0  # exemplar encodings computed (not taken from the cache)
 
@@ -100,6 +104,7 @@ class ExemplarEditor:
         steps: int = 4,
         seed: int = 0,
         adapt_steps: int = 0,
+        mask: PIL.Image.Image | None = None,
     ) -> list[PIL.Image.Image]:
         """The queries edited as the exemplar shows, each at its own size, with noise seeded by `seed`.
 
@@ -111,6 +116,7 @@ class ExemplarEditor:
             steps: denoising steps.
             seed: seeds every query's noise (the same query and seed give the same output).
             adapt_steps: test-time adaptation steps on the exemplar first (0: none); the adapter is restored after.
+            mask: edit only inside it (white edits, black keeps; resized to each query): FLUX.2 [klein] only.
         """
         image_size = self.pipe.config.get("image_size")
         source, target = fit_to_model_size(image_size, [source, target], ["exemplar source", "exemplar target"])
@@ -118,20 +124,35 @@ class ExemplarEditor:
             generator = torch.Generator().manual_seed(seed)
             with self.pipe.adapted_to_exemplar(source, target, num_steps=int(adapt_steps), generator=generator):
                 delta_embeds = self.pipe.encode_exemplar((source, target))  # of the adapted adapter: not cached
-                return self._edit_queries(delta_embeds, queries, strength, steps, seed)
-        return self._edit_queries(self.encode(source, target), queries, strength, steps, seed)
+                return self._edit_queries(delta_embeds, queries, strength, steps, seed, mask)
+        return self._edit_queries(self.encode(source, target), queries, strength, steps, seed, mask)
 
-    def _edit_queries(self, delta_embeds, queries, strength, steps, seed) -> list[PIL.Image.Image]:
+    def _masked(self):
+        """The pipeline of masked edits, sharing the pipeline's models and adapter (made once)."""
+        from .pipelines import FluxDeltaInpaintPipeline
+
+        if backbone_of(self.pipe.transformer).NAME != FluxDeltaInpaintPipeline.backbone:
+            raise ValueError("Masked edits need a FLUX.2 [klein] base (they use klein's inpainting): clear the mask.")
+        if self._masked_pipe is None:
+            self._masked_pipe = FluxDeltaInpaintPipeline.from_pipe(self.pipe)
+            self._masked_pipe.set_progress_bar_config(disable=True)
+        return self._masked_pipe
+
+    def _edit_queries(self, delta_embeds, queries, strength, steps, seed, mask=None) -> list[PIL.Image.Image]:
         outputs = []
         for query in queries:
             (fitted,) = fit_to_model_size(self.pipe.config.get("image_size"), [query], ["query"])
-            output = self.pipe(
-                fitted,
-                delta_embeds=delta_embeds,
-                delta_scale=strength,
-                num_inference_steps=int(steps),
-                generator=torch.Generator().manual_seed(int(seed)),
-            ).images[0]
+            call = {
+                "delta_embeds": delta_embeds,
+                "delta_scale": strength,
+                "num_inference_steps": int(steps),
+                "generator": torch.Generator().manual_seed(int(seed)),
+            }
+            if mask is None:
+                output = self.pipe(fitted, **call).images[0]
+            else:
+                fitted_mask = mask.convert("L").resize(fitted.size, PIL.Image.Resampling.NEAREST)
+                output = self._masked()(fitted, mask_image=fitted_mask, **call).images[0]
             outputs.append(output if output.size == query.size else output.resize(query.size))
         return outputs
 
@@ -212,6 +233,25 @@ def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
     )
 
 
+def mask_of(editor_value: dict | None) -> PIL.Image.Image | None:
+    """The mask of the app's mask editor: what was painted (any stroke edits), or else the uploaded image itself
+    as a black-and-white mask; None when it is empty.
+
+    Args:
+        editor_value: `gr.ImageMask`'s value, `{"background", "layers", "composite"}` of PIL images, or None.
+    """
+    if not editor_value:
+        return None
+    painted = None
+    for layer in editor_value.get("layers") or []:
+        alpha = layer.convert("RGBA").getchannel("A").point(lambda value: 255 if value else 0)
+        painted = alpha if painted is None else PIL.ImageChops.lighter(painted, alpha)
+    if painted is not None and painted.getbbox() is not None:
+        return painted
+    background = editor_value.get("background")
+    return None if background is None else background.convert("L")
+
+
 def build_app(
     pipe, title: str = "Delta-Adapter: edit by example", toy_examples: bool = False, about: str | None = None
 ) -> gr.Blocks:
@@ -228,14 +268,18 @@ def build_app(
     """
     editor = ExemplarEditor(pipe)
 
-    def edit(source, target, queries, strength, steps, seed, adapt_steps, progress=gr.Progress(track_tqdm=True)):
+    def edit(
+        source, target, queries, strength, steps, seed, adapt_steps, mask=None, progress=gr.Progress(track_tqdm=True)
+    ):
         if source is None or target is None:
             raise gr.Error("Give the exemplar pair: the source image and the same image edited (target).")
         if not queries:
             raise gr.Error("Give at least one query image to edit.")
         images = [image for image, _ in queries]
         try:
-            outputs = editor.edit(source, target, images, float(strength), int(steps), int(seed), int(adapt_steps))
+            outputs = editor.edit(
+                source, target, images, float(strength), int(steps), int(seed), int(adapt_steps), mask_of(mask)
+            )
         except (ValueError, OSError) as error:  # the library's messages name the fix
             raise gr.Error(str(error)) from None
         exemplar = [(source, "exemplar source"), (target, "exemplar target")]
@@ -260,11 +304,15 @@ def build_app(
             steps = gr.Slider(1, 50, value=default_steps(pipe), step=1, label="Denoising steps")
             seed = gr.Number(value=0, precision=0, label="Seed")
             adapt_steps = gr.Slider(0, 100, value=0, step=1, label="Adaptation steps (0: none)")
+        with gr.Accordion("Mask (optional): edit only part of the queries", open=False):
+            mask = gr.ImageMask(label="Upload a query and paint where to edit, or upload a black-and-white mask "
+                                "(white: edit). Resized to each query.", type="pil", format="png",
+                                elem_id="mask")  # fmt: skip
         button = gr.Button("Edit", variant="primary", elem_id="edit")
         results = gr.Gallery(label="Exemplar and edited queries", format="png", columns=4, height=320,
                              elem_id="results")  # fmt: skip
         inputs = [source, target, queries, strength, steps, seed, adapt_steps]
-        button.click(edit, inputs=inputs, outputs=results, api_name="edit", concurrency_limit=1)
+        button.click(edit, inputs=[*inputs, mask], outputs=results, api_name="edit", concurrency_limit=1)
         if toy_examples:
             from . import toyworld
 

@@ -10,17 +10,48 @@ RoPE (edit tokens have no position) and K_Δ, V_Δ come from the edit tokens thr
 `DeltaBlockProjection` (which owns λ). Edit tokens arrive as the named kwarg `delta_hidden_states` through the
 transformer's `joint_attention_kwargs`, with an optional per-call strength `delta_scale` (`scale` is taken by LoRA).
 With no edit tokens, or a strength of 0, the output is exactly upstream's.
+
+The edit tokens do not change across a call's denoising steps, so each processor keeps the K_Δ, V_Δ of the last
+tokens it saw (`EditKeyValues`) and projects them again only for new tokens or changed weights: one projection per
+block per edit instead of one per step.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .models.delta_adapter import DeltaAdapterModel, DeltaBlockProjection
+
+
+#: Upstream's attention over a joint sequence after RoPE, (B, S, H, D) each -> (B, S, H, D): a backbone's variant
+#: (FLUX.2's KV-cached reference tokens) in place of plain attention.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class EditKeyValues(NamedTuple):
+    """A block's K_Δ, V_Δ for one set of edit tokens, with what they were computed from: valid while the tokens and
+    the block's weights are the very tensors they were, unchanged in place (each tensor's version counter)."""
+
+    sources: tuple[tuple[weakref.ref, int], ...]
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @staticmethod
+    def sources_of(edit_tokens: torch.Tensor, block_projection: DeltaBlockProjection) -> list[torch.Tensor]:
+        """What a block's K_Δ, V_Δ are computed from: the edit tokens and the block's weights."""
+        return [edit_tokens, *block_projection.parameters()]
+
+    def fits(self, sources: list[torch.Tensor]) -> bool:
+        """Whether these K/V were computed from exactly `sources`, none of them changed since."""
+        return len(sources) == len(self.sources) and all(
+            ref() is tensor and version == tensor._version for (ref, version), tensor in zip(self.sources, sources)
+        )
 
 
 class DeltaBranch:
@@ -36,6 +67,7 @@ class DeltaBranch:
     def __init__(self, block_projection: DeltaBlockProjection, scale: float = 1.0):
         self.block_projection = block_projection
         self.scale = float(scale)
+        self._edit_key_values: EditKeyValues | None = None
 
     def _strength(self, delta_hidden_states: torch.Tensor | None, delta_scale: float | None) -> float:
         if delta_hidden_states is None:
@@ -49,24 +81,30 @@ class DeltaBranch:
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         return query, key, value.unflatten(-1, (-1, attn.head_dim))
 
-    def _self_attention(self, query, key, value, image_rotary_emb, attention_mask) -> torch.Tensor:
+    def _self_attention(
+        self, query, key, value, image_rotary_emb, attention_mask, attend: Attend | None = None
+    ) -> torch.Tensor:
         """Upstream's attention with RoPE: (B, S, H, D) each -> (B, S, H * D). Queries and keys are cast to the
-        values' dtype after RoPE: FLUX.3 normalises them in float32 (on FLUX.1 and FLUX.2 they already agree)."""
+        values' dtype after RoPE: FLUX.3 normalises them in float32 (on FLUX.1 and FLUX.2 they already agree).
+        `attend`, when given, replaces the plain attention after RoPE (FLUX.2's KV-cached reference tokens)."""
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         query, key = query.to(value.dtype), key.to(value.dtype)
-        out = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        if attend is not None:
+            out = attend(query, key, value)
+        else:
+            out = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
         return out.flatten(2, 3).to(query.dtype)
 
-    def _joint_attention(self, attn, projections, image_rotary_emb, attention_mask):
+    def _joint_attention(self, attn, projections, image_rotary_emb, attention_mask, attend: Attend | None = None):
         """Upstream's attention of a FLUX block (FLUX.1's `FluxAttention` or FLUX.2's `Flux2Attention`) from its
         Q/K/V projections `(query, key, value, encoder_query, encoder_key, encoder_value)`: the text stream's joined
         in front when the block has one.
@@ -86,11 +124,27 @@ class DeltaBranch:
             query = torch.cat([encoder_query, query], dim=1)  # (B, S_txt + S_img, H, D)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
-        return self._self_attention(query, key, value, image_rotary_emb, attention_mask), branch_query
+        return self._self_attention(query, key, value, image_rotary_emb, attention_mask, attend), branch_query
+
+    def _edit_keys_and_values(self, delta_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_Δ, V_Δ (B, N, H, D) each of edit tokens (B, N, D_edit): the stored ones while the tokens and this
+        block's weights are unchanged, else projected anew (and stored, outside autograd and compilation)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.block_projection(delta_hidden_states)
+        sources = EditKeyValues.sources_of(delta_hidden_states, self.block_projection)
+        if any(tensor.is_inference() for tensor in sources):  # no version counters to tell a change by
+            return self.block_projection(delta_hidden_states)
+        stored = self._edit_key_values  # read once: a processor shared between threads may store others meanwhile
+        if stored is not None and stored.fits(sources):
+            return stored.key, stored.value
+        key, value = self.block_projection(delta_hidden_states)
+        refs = tuple((weakref.ref(tensor), tensor._version) for tensor in sources)
+        self._edit_key_values = EditKeyValues(refs, key, value)
+        return key, value
 
     def _branch(self, query: torch.Tensor, delta_hidden_states: torch.Tensor, strength: float) -> torch.Tensor:
         """query (B, S, H, D) after norm_q, edit tokens (B, N, D_edit) -> branch output (B, S, H * D)."""
-        key, value = self.block_projection(delta_hidden_states)  # (B, N, H, D) each
+        key, value = self._edit_keys_and_values(delta_hidden_states)  # (B, N, H, D) each
         # The strength scales the N values rather than the S outputs: the same result, far fewer multiplications.
         value = strength * value
         # The edit tokens are whole on every rank, so the branch is a local attention even under context

@@ -239,6 +239,14 @@ def _edit(args: argparse.Namespace) -> None:
     else:
         query = _read_image(args.query, "query")
         out = _output_path(args.out, " (--queries edits a folder of images into a folder)")
+    mask = None
+    if args.mask is not None:
+        if args.queries is not None:
+            raise UsageError("--mask goes with --query: a mask is drawn for one image.")
+        mask = _read_image(args.mask, "mask")
+        if mask.size != query.size:
+            raise UsageError(f"--mask is {mask.width}x{mask.height} and --query {query.width}x{query.height}: give "
+                             "the mask at the query's size (white: edit, black: keep).")  # fmt: skip
     _check_model_sources(args)
 
     # 2-4 run in this process's share of the work; the process group goes at the end, whatever happens
@@ -248,15 +256,16 @@ def _edit(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        _edit_as_one_of(state, args, source, target, query if args.queries is None else None, out)
+        _edit_as_one_of(state, args, source, target, query if args.queries is None else None, out, mask)
     except BaseException:
         release_process_group(state, clean=False)
         raise
     release_process_group(state, clean=True)
 
 
-def _edit_as_one_of(state, args: argparse.Namespace, source, target, query, out: Path) -> None:
-    """Steps 2-4 of `_edit` in one of the processes of `state` (one, or one of `accelerate launch`'s)."""
+def _edit_as_one_of(state, args: argparse.Namespace, source, target, query, out: Path, mask=None) -> None:
+    """Steps 2-4 of `_edit` in one of the processes of `state` (one, or one of `accelerate launch`'s); `mask`, the
+    `--mask` image of one query."""
     from accelerate.utils import gather_object
 
     from .folder_edit import display_name, edit_folder
@@ -312,11 +321,28 @@ def _edit_as_one_of(state, args: argparse.Namespace, source, target, query, out:
             )
         return
     generator = torch.Generator().manual_seed(args.seed)
-    edited = pipe(fitted_query, delta_embeds=delta_embeds, generator=generator).images[0]
+    if mask is not None:
+        edited = _masked_edit(pipe, fitted_query, mask, delta_embeds, generator)
+    else:
+        edited = pipe(fitted_query, delta_embeds=delta_embeds, generator=generator).images[0]
     if edited.size != query.size:
         edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
     write_image_atomically(edited, out)
     print(f"Wrote {out}")
+
+
+def _masked_edit(pipe, query: PIL.Image.Image, mask: PIL.Image.Image, delta_embeds, generator) -> PIL.Image.Image:
+    """`--mask`: the edit inside the mask only (`FluxDeltaInpaintPipeline` sharing `pipe`'s models), the mask at the
+    (fitted) query's size."""
+    from .pipelines import FluxDeltaInpaintPipeline
+
+    if pipe.backbone != FluxDeltaInpaintPipeline.backbone:
+        raise UsageError("--mask needs a FLUX.2 [klein] base (masked edits use klein's inpainting).")
+    if mask.size != query.size:  # the query was fitted to a one-size model
+        mask = mask.resize(query.size, PIL.Image.Resampling.NEAREST)
+    masked = FluxDeltaInpaintPipeline.from_pipe(pipe)
+    masked.set_progress_bar_config(disable=True)
+    return masked(query, mask_image=mask, delta_embeds=delta_embeds, generator=generator).images[0]
 
 
 def _app(args: argparse.Namespace) -> None:
@@ -361,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--out", required=True, help="The edited image (.png, .jpg, ...); with --queries, the folder of outputs."
     )
+    edit.add_argument("--mask", default=None,
+                      help="With --query: edit only inside this mask (white: edit, black: keep; the query's size; "
+                           "FLUX.2 [klein] bases).")  # fmt: skip
     edit.add_argument("--batch-size", type=int, default=1, help="With --queries: queries of one size per batch.")
     edit.add_argument("--strict", action="store_true",
                       help="With --queries: stop before editing when a query is not a readable image (default: "

@@ -5,6 +5,11 @@
 - Its latents: VAE latents are 2x2-patchified and normalised with the VAE's batch-norm running statistics before the
   transformer sees them, then packed into token sequences; the objective noises the patchified grid (B, 4C, h, w).
 - One prediction with a reference image, laid out as `Flux2KleinPipeline` lays it out.
+
+Both processors also take the arguments of upstream's KV-cached processors (`Flux2KVAttnProcessor`,
+`Flux2KVParallelSelfAttnProcessor`), so `Flux2KleinKVPipeline`'s loop runs through them: the reference tokens' keys
+and values are extracted on the first step and reused after it exactly as upstream does, and the edit is added to
+the queries that are there (with the reference tokens on the first step, without them after).
 """
 
 from __future__ import annotations
@@ -14,12 +19,18 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2Attention,
+    Flux2AttnProcessor,
+    Flux2KVAttnProcessor,
+    Flux2KVLayerCache,
+    Flux2KVParallelSelfAttnProcessor,
     Flux2ParallelSelfAttention,
+    Flux2ParallelSelfAttnProcessor,
+    _flux2_kv_causal_attention,
     _get_qkv_projections,
 )
 from transformers import Qwen3ForCausalLM
 
-from ..attention_processor import DeltaBranch, delta_processors_for
+from ..attention_processor import Attend, DeltaBranch, delta_processors_for
 from ..models.delta_adapter import DeltaAdapterModel
 
 
@@ -34,7 +45,7 @@ FAMILY = "FLUX.2 [klein]"
 DELTA_PIPELINE = "FluxDeltaEditPipeline"
 DEFAULT_BASE = "black-forest-labs/FLUX.2-klein-4B"
 #: The diffusers pipelines (`model_index.json`'s `_class_name`) whose folders hold this backbone, and its VAE class.
-BASE_PIPELINES = ("Flux2KleinPipeline", "FluxDeltaEditPipeline")
+BASE_PIPELINES = ("Flux2KleinPipeline", "FluxDeltaEditPipeline", "Flux2KleinKVPipeline", "FluxDeltaKVEditPipeline")
 VAE_CLASS = AutoencoderKLFlux2
 #: The diffusers pipeline the text-only part of a base is built as, and its text encoders' classes by component.
 PIPELINE_CLASS = Flux2KleinPipeline
@@ -43,8 +54,42 @@ TEXT_ENCODERS = {"text_encoder": Qwen3ForCausalLM}
 MAX_QUERY_AREA = 1024 * 1024
 
 
+def kv_cached_attention(
+    kv_cache: Flux2KVLayerCache | None, kv_cache_mode: str | None, num_txt_tokens: int, num_ref_tokens: int, backend
+) -> Attend | None:
+    """Upstream's KV-cached attention for one layer and step, as `Flux2KVAttnProcessor` dispatches it, or None
+    where it attends plainly (no KV caching asked for).
+
+    Args:
+        kv_cache: the layer's cache (filled on the "extract" step, read on the "cached" ones).
+        kv_cache_mode: `"extract"` (the joint sequence is [text, reference, image]; the reference tokens' keys and
+            values are stored and they attend only to themselves), `"cached"` ([text, image]; the stored reference
+            keys and values are put back between them) or None.
+        num_txt_tokens: the text tokens in front of the sequence.
+        num_ref_tokens: the reference tokens after them ("extract" only).
+        backend: the layer's attention backend.
+    """
+    if kv_cache_mode == "extract" and num_ref_tokens > 0:
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            if kv_cache is not None:
+                reference = slice(num_txt_tokens, num_txt_tokens + num_ref_tokens)
+                kv_cache.store(key[:, reference].clone(), value[:, reference].clone())
+            return _flux2_kv_causal_attention(query, key, value, num_txt_tokens, num_ref_tokens, backend=backend)
+
+        return attend
+    if kv_cache_mode == "cached" and kv_cache is not None:
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            return _flux2_kv_causal_attention(query, key, value, num_txt_tokens, 0, kv_cache=kv_cache, backend=backend)
+
+        return attend
+    return None
+
+
 class Flux2DeltaAttnProcessor(DeltaBranch):
-    """Processor for the double-stream `Flux2Attention`: the image stream's queries read the edit tokens.
+    """Processor for the double-stream `Flux2Attention`: the image stream's queries read the edit tokens. The
+    `kv_cache*` and `num_ref_tokens` arguments are `Flux2KVAttnProcessor`'s (see `kv_cached_attention`).
 
     Args:
         block_projection: this block's `DeltaBlockProjection` (owned by the `DeltaAdapterModel`).
@@ -60,9 +105,14 @@ class Flux2DeltaAttnProcessor(DeltaBranch):
         image_rotary_emb: torch.Tensor | None = None,
         delta_hidden_states: torch.Tensor | None = None,
         delta_scale: float | None = None,
+        kv_cache: Flux2KVLayerCache | None = None,
+        kv_cache_mode: str | None = None,
+        num_ref_tokens: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        num_txt_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        attend = kv_cached_attention(kv_cache, kv_cache_mode, num_txt_tokens, num_ref_tokens, self._attention_backend)
         projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        hidden_states, image_query = self._joint_attention(attn, projections, image_rotary_emb, attention_mask)
+        hidden_states, image_query = self._joint_attention(attn, projections, image_rotary_emb, attention_mask, attend)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -83,7 +133,8 @@ class Flux2DeltaAttnProcessor(DeltaBranch):
 
 class Flux2DeltaParallelSelfAttnProcessor(DeltaBranch):
     """Processor for the single-stream `Flux2ParallelSelfAttention`: every token of the joint sequence reads the
-    edit tokens, and the branch joins the attention half before the fused output projection.
+    edit tokens, and the branch joins the attention half before the fused output projection. The `kv_cache*` and
+    `num_*_tokens` arguments are `Flux2KVParallelSelfAttnProcessor`'s (see `kv_cached_attention`).
 
     Args:
         block_projection: this block's `DeltaBlockProjection` (owned by the `DeltaAdapterModel`).
@@ -98,7 +149,12 @@ class Flux2DeltaParallelSelfAttnProcessor(DeltaBranch):
         image_rotary_emb: torch.Tensor | None = None,
         delta_hidden_states: torch.Tensor | None = None,
         delta_scale: float | None = None,
+        kv_cache: Flux2KVLayerCache | None = None,
+        kv_cache_mode: str | None = None,
+        num_txt_tokens: int = 0,
+        num_ref_tokens: int = 0,
     ) -> torch.Tensor:
+        attend = kv_cached_attention(kv_cache, kv_cache_mode, num_txt_tokens, num_ref_tokens, self._attention_backend)
         projected = attn.to_qkv_mlp_proj(hidden_states)  # (B, S, 3 * inner + mlp)
         # Split by the global QKV:MLP ratio, as upstream does, so column-sharded (tensor-parallel) weights work too.
         qkv_dim = 3 * attn.inner_dim
@@ -107,7 +163,9 @@ class Flux2DeltaParallelSelfAttnProcessor(DeltaBranch):
         qkv, mlp_hidden_states = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
 
         query, key, value = self._heads(attn, *qkv.chunk(3, dim=-1))  # (B, S, H, D) each
-        attn_output = self._self_attention(query, key, value, image_rotary_emb, attention_mask)  # (B, S, H * D)
+        attn_output = self._self_attention(
+            query, key, value, image_rotary_emb, attention_mask, attend
+        )  # (B, S, H * D)
 
         strength = self._strength(delta_hidden_states, delta_scale)
         if strength != 0.0:
@@ -124,6 +182,18 @@ def block_counts(config) -> tuple[int, int]:
 
 def release(transformer) -> None:
     """Nothing to take off: the edit tokens reach the processors through `joint_attention_kwargs`."""
+
+
+def use_kv_cached_processors(transformer: Flux2Transformer2DModel) -> None:
+    """Upstream's KV-cached processors where the transformer has upstream's plain ones (as `Flux2KleinKVPipeline`
+    sets them up; they attend as the plain ones when no KV caching is asked for); any other processor (a loaded
+    Delta-Adapter's, a user's) is kept."""
+    for block in transformer.transformer_blocks:
+        if type(block.attn.processor) is Flux2AttnProcessor:
+            block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in transformer.single_transformer_blocks:
+        if type(block.attn.processor) is Flux2ParallelSelfAttnProcessor:
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
 
 
 def processors_for(transformer: Flux2Transformer2DModel, adapter: DeltaAdapterModel) -> dict[str, DeltaBranch]:

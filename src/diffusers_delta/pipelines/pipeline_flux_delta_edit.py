@@ -125,7 +125,46 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             transformer=transformer,
             is_distilled=is_distilled,
         )
+        self._install_base_processors()
         self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
+
+    def _install_base_processors(self) -> None:
+        """The base pipeline's own attention processors, set before an adapter's replace them (and restored by
+        `unload_delta_adapter`): klein's are the transformer's defaults."""
+
+    def _velocity_predictor(
+        self, latent_ids: torch.Tensor, image_latents: torch.Tensor, image_latent_ids: torch.Tensor
+    ) -> Callable[..., torch.Tensor]:
+        """How one call predicts: the query's latents ride as the reference image, after the noisy ones, as
+        `Flux2KleinPipeline` lays them out.
+
+        Args:
+            latent_ids: (B, hw, 4) the noisy tokens' position ids.
+            image_latents: (B, hw, C) the packed reference (query) latents.
+            image_latent_ids: (B, hw, 4) their position ids.
+
+        Returns:
+            `predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs)` -> the velocity of
+            the noisy tokens (B, hw, C); `cache_name` (`"cond"`, `"uncond"`) names the pass for caching hooks.
+        """
+        model_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)  # (B, 2hw, 4)
+
+        def predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs):
+            model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B, 2hw, C)
+            with self.transformer.cache_context(cache_name):
+                prediction = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    guidance=None,
+                    encoder_hidden_states=prompt_embeds,
+                    txt_ids=text_ids,
+                    img_ids=model_image_ids,
+                    joint_attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+            return prediction[:, : latents.size(1)]  # predictions for the noisy tokens only
+
+        return predict
 
     # ------------------------------------------------------------------ call
 
@@ -277,34 +316,19 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             self.scheduler.set_begin_index(0)
 
         # 8. Denoising loop
-        model_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)  # (B * n, 2 * h * w, 4)
-
-        def predict_velocity(model_input, timestep, cache_name, attention_kwargs):
-            with self.transformer.cache_context(cache_name):
-                prediction = self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    guidance=None,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=model_image_ids,
-                    joint_attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                )[0]
-            return prediction[:, : latents.size(1)]  # predictions for the noisy tokens only
-
+        predict_velocity = self._velocity_predictor(latent_ids, image_latents, image_latent_ids)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B*n, 2hw, C)
+                conditioning = (latents, prompt_embeds, text_ids, timestep)
 
-                noise_pred = predict_velocity(model_input, timestep, "cond", self._attention_kwargs)
+                noise_pred = predict_velocity(*conditioning, "cond", self._attention_kwargs)
                 if self.do_classifier_free_guidance:
                     unedited_kwargs = {**self._attention_kwargs, "delta_scale": 0.0}
-                    unedited_pred = predict_velocity(model_input, timestep, "uncond", unedited_kwargs)
+                    unedited_pred = predict_velocity(*conditioning, "uncond", unedited_kwargs)
                     noise_pred = unedited_pred + guidance_scale * (noise_pred - unedited_pred)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -318,6 +342,7 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
                 progress_bar.update()
 
         self._current_timestep = None
+        del predict_velocity  # and what it holds (the KV pipeline's reference keys and values) before decoding
 
         # 9. Decode
         patch = self.vae_scale_factor * 2
