@@ -144,14 +144,15 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             image_latent_ids: (B, hw, 4) their position ids.
 
         Returns:
-            `predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs)` -> the velocity of
-            the noisy tokens (B, hw, C); `cache_name` (`"cond"`, `"uncond"`) names the pass for caching hooks.
+            `predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs, step)` -> the
+            velocity of the noisy tokens (B, hw, C); `cache_name` (`"cond"`, `"uncond"`) names the pass and `step`
+            (`step_index`, `sigma`, `num_inference_steps`, `timestep`) the step, for caching hooks.
         """
         model_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)  # (B, 2hw, 4)
 
-        def predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs):
+        def predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs, step=None):
             model_input = torch.cat([latents, image_latents], dim=1).to(self.transformer.dtype)  # (B, 2hw, C)
-            with self.transformer.cache_context(cache_name):
+            with self.transformer.cache_context(cache_name, **(step or {})):
                 prediction = self.transformer(
                     hidden_states=model_input,
                     timestep=timestep / 1000,
@@ -324,11 +325,14 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
                 conditioning = (latents, prompt_embeds, text_ids, timestep)
+                # where the loop is, for caching hooks that need it (SeaCache)
+                step = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "timestep": t,
+                        "num_inference_steps": len(timesteps)}  # fmt: skip
 
-                noise_pred = predict_velocity(*conditioning, "cond", self._attention_kwargs)
+                noise_pred = predict_velocity(*conditioning, "cond", self._attention_kwargs, step)
                 if self.do_classifier_free_guidance:
                     unedited_kwargs = {**self._attention_kwargs, "delta_scale": 0.0}
-                    unedited_pred = predict_velocity(*conditioning, "uncond", unedited_kwargs)
+                    unedited_pred = predict_velocity(*conditioning, "uncond", unedited_kwargs, step)
                     noise_pred = unedited_pred + guidance_scale * (noise_pred - unedited_pred)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

@@ -40,7 +40,7 @@ class FluxDeltaKVEditPipeline(FluxDeltaEditPipeline):
         caches: dict[str, Flux2KVCache] = {}
         extract_ids = torch.cat([image_latent_ids, latent_ids], dim=1)  # (B, 2hw, 4): reference first
 
-        def predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs):
+        def predict(latents, prompt_embeds, text_ids, timestep, cache_name, attention_kwargs, step=None):
             common = {
                 "timestep": timestep / 1000,
                 "guidance": None,
@@ -49,7 +49,7 @@ class FluxDeltaKVEditPipeline(FluxDeltaEditPipeline):
                 "joint_attention_kwargs": attention_kwargs,
                 "return_dict": False,
             }
-            with self.transformer.cache_context(cache_name):
+            with self.transformer.cache_context(cache_name, **(step or {})):
                 if cache_name not in caches:
                     model_input = torch.cat([image_latents, latents], dim=1).to(self.transformer.dtype)
                     prediction, caches[cache_name] = self.transformer(
