@@ -318,6 +318,8 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
 
         # 8. Denoising loop
         predict_velocity = self._velocity_predictor(latent_ids, image_latents, image_latent_ids)
+        # the steps' noise levels for caching hooks, read once (none on the meta device, where FLOPs are counted)
+        step_sigmas = None if self.scheduler.sigmas.is_meta else self.scheduler.sigmas.tolist()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -326,7 +328,7 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
                 conditioning = (latents, prompt_embeds, text_ids, timestep)
                 # where the loop is, for caching hooks that need it (SeaCache)
-                step = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "timestep": t,
+                step = {"step_index": i, "sigma": None if step_sigmas is None else step_sigmas[i], "timestep": t,
                         "num_inference_steps": len(timesteps)}  # fmt: skip
 
                 noise_pred = predict_velocity(*conditioning, "cond", self._attention_kwargs, step)
