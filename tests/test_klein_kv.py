@@ -197,3 +197,7 @@ def test_edit_keys_and_values_follow_a_new_exemplar_a_scale_and_new_weights(delt
     tokens.mul_(2.0)  # the same tensor, changed in place
     doubled = edit(delta_pipe, exemplar=None, delta_embeds=tokens)
     assert abs(doubled - changed).max() > 1e-3
+    for parameter in delta_pipe.delta_adapter.parameters():  # new memory through `.data` (as `.to()` moves
+        parameter.data = parameter.data * 1.5  # weights): no version change, yet other weights
+    rescaled = edit(delta_pipe, exemplar=None, delta_embeds=tokens)
+    assert abs(rescaled - doubled).max() > 1e-3

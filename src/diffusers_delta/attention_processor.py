@@ -36,9 +36,10 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class EditKeyValues(NamedTuple):
     """A block's K_Δ, V_Δ for one set of edit tokens, with what they were computed from: valid while the tokens and
-    the block's weights are the very tensors they were, unchanged in place (each tensor's version counter)."""
+    the block's weights are the very tensors they were, unchanged in place (each tensor's version counter) and in
+    the same memory (a move to another device or dtype, even through `.data`, changes it)."""
 
-    sources: tuple[tuple[weakref.ref, int], ...]
+    sources: tuple[tuple[weakref.ref, int, int], ...]
     key: torch.Tensor
     value: torch.Tensor
 
@@ -50,7 +51,8 @@ class EditKeyValues(NamedTuple):
     def fits(self, sources: list[torch.Tensor]) -> bool:
         """Whether these K/V were computed from exactly `sources`, none of them changed since."""
         return len(sources) == len(self.sources) and all(
-            ref() is tensor and version == tensor._version for (ref, version), tensor in zip(self.sources, sources)
+            ref() is tensor and version == tensor._version and pointer == tensor.data_ptr()
+            for (ref, version, pointer), tensor in zip(self.sources, sources)
         )
 
 
@@ -138,7 +140,7 @@ class DeltaBranch:
         if stored is not None and stored.fits(sources):
             return stored.key, stored.value
         key, value = self.block_projection(delta_hidden_states)
-        refs = tuple((weakref.ref(tensor), tensor._version) for tensor in sources)
+        refs = tuple((weakref.ref(tensor), tensor._version, tensor.data_ptr()) for tensor in sources)
         self._edit_key_values = EditKeyValues(refs, key, value)
         return key, value
 
