@@ -13,9 +13,10 @@ Beside Kontext, RelationAdapter's edit (FLUX.1-dev, 24 steps, the source's token
 reference, SigLIP and a decoupled branch like ours; its unmerged LoRA not counted) is estimated from the same counts.
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention;
 elementwise work is not counted). Memory: weights and the adapter's optimizer state are counted from the parameters;
-activations are counted as the tensors autograd saves for backward (`saved_tensors_hooks`), plus, with gradient
-checkpointing, the inputs each checkpointed block keeps and the largest block's recomputation. Not counted, and to be
-added from experience: the CUDA context and allocator slack (about 2-4 GB), and transient buffers inside kernels.
+activations are the peak of a training step on `meta`, every tensor followed from its creation to its release
+(`TensorMemory`: recomputation inside checkpointed regions included, and the gradients made; the suite checks the
+count against peaks measured on the CPU). Not counted, and to be added from experience: the CUDA context and
+allocator slack (about 2-4 GB), and transient buffers inside fused kernels.
 
     python benchmarks/real_scale.py [--backbones klein-4B klein-9B kontext-dev flux3 flux3-distilled]
         [--sizes 512 1024] [--batches 1 4 16]
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import weakref
 from contextlib import contextmanager
 
 import PIL.Image
@@ -40,6 +42,8 @@ from diffusers import (
 from diffusers.modular_pipelines import ModularPipeline
 from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
 from param_count import KLEIN_CONFIGS, KONTEXT_TRANSFORMER, SIGLIP_SO400M_HIDDEN
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -204,39 +208,28 @@ def edit_parts(pipe, size: int, steps: int) -> dict[str, float]:
 
 
 @contextmanager
-def flash_attention():
-    """Routes `scaled_dot_product_attention` to the flash-attention kernel, as CUDA's dispatcher does for bfloat16
-    without a mask. On the `meta` device SDPA would otherwise decompose into the float32 math path, which keeps the
-    whole (S, S) attention matrix for backward, a cost no CUDA run pays."""
+def flash_attention(device: str = "cuda"):
+    """Routes `scaled_dot_product_attention` to the flash-attention kernel `device`'s dispatcher picks: CUDA's for
+    bfloat16 or float16 without a mask, the CPU's for any float without one (what `peak_memory` is checked against).
+    On the `meta` device SDPA would otherwise decompose into the float32 math path, which keeps the whole (S, S)
+    attention matrix for backward, a cost neither pays."""
     original = torch.nn.functional.scaled_dot_product_attention
+    dtypes = (torch.bfloat16, torch.float16) if device == "cuda" else (torch.bfloat16, torch.float16, torch.float32)
 
     def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if attn_mask is not None or query.dtype not in (torch.bfloat16, torch.float16) or enable_gqa:
+        if attn_mask is not None or query.dtype not in dtypes or enable_gqa:
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        kernel = torch.ops.aten._scaled_dot_product_flash_attention
-        return kernel(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if device == "cuda":
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                      scale=scale)[0]  # fmt: skip
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                          scale=scale)[0]  # fmt: skip
 
     torch.nn.functional.scaled_dot_product_attention = flash
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
-
-
-@contextmanager
-def saved_activation_bytes(params: set[int]):
-    """Counts the bytes of the tensors autograd saves for backward (each storage once, weights left out)."""
-    seen, total = {}, [0]
-
-    def pack(tensor):
-        base = tensor if tensor._base is None else tensor._base
-        if id(base) not in params and id(tensor) not in params and id(base) not in seen:
-            seen[id(base)] = base  # kept alive, so that ids stay unique while counting
-            total[0] += base.numel() * base.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield total
 
 
 def objective_for(pipe, frozen: bool, checkpointing: str, lambda_delta: float = 1.0) -> DeltaAdapterObjective:
@@ -281,68 +274,54 @@ def training_step(objective: DeltaAdapterObjective, pair: dict, batch_size: int)
     return step
 
 
-def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_size: int, checkpointing: str):
-    """Bytes of activations of one training step: saved for backward, plus under checkpointing the block inputs
-    kept for recomputation and the largest block's recomputed activations."""
-    params = {id(p) for model in (pipe.transformer, pipe.vae, pipe.image_encoder, pipe.delta_adapter)
-              for p in model.parameters()}  # fmt: skip
-    blocks = [block for kind in block_lists(pipe.transformer) for block in kind]
-    inputs, handles = {}, []
-    if checkpointing == "all":
+class TensorMemory(TorchDispatchMode):
+    """The bytes of tensor storage alive at once while it is active, and their peak: every storage an operation
+    creates is counted from its creation until it is released (weights and anything made before are not), so the
+    activations a checkpointed region recomputes in backward count as they will be spent. On `meta` it counts what
+    a device would hold, allocator slack aside (the suite checks it against peaks measured on the CPU)."""
 
-        def keep_inputs(module, args, kwargs):  # noqa: E306
-            for value in list(args) + list(kwargs.values()):
-                if isinstance(value, torch.Tensor):  # held (meta: no storage), so no freed tensor's id is reused
-                    inputs[id(value)] = value
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, weakref.ref] = {}
 
-        handles = [block.register_forward_pre_hook(keep_inputs, with_kwargs=True) for block in blocks]
-    with saved_activation_bytes(params) as saved:
-        training_step(objective, pair, batch_size)()
-    for handle in handles:
-        handle.remove()
-    if checkpointing != "all":  # the transformer keeps all it saves: nothing more to add
-        return saved[0]
-    # The largest block's activations, saved once while it is recomputed in backward: counted without checkpointing.
-    block_peak = max(_block_activation_bytes(pipe, objective, pair, batch_size, params, kind) for kind in (0, 1))
-    return saved[0] + sum(t.numel() * t.element_size() for t in inputs.values()) + block_peak
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        return out
 
+    def _track(self, storage) -> None:
+        key = id(storage)
+        if key in self._storages and self._storages[key]() is storage:
+            return  # a view or an in-place result: its storage is counted already
+        size = storage.nbytes()
+        self._storages[key] = weakref.ref(storage, lambda _, key=key, size=size: self._release(key, size))
+        self.live += size
+        self.peak = max(self.peak, self.live)
 
-def block_lists(transformer) -> tuple[list, list]:
-    """(the early or double-stream blocks, the single-stream blocks) of a FLUX transformer (FLUX.3's early blocks:
-    the text's, then each image mode's)."""
-    if hasattr(transformer, "mode_blocks"):
-        early = list(transformer.txt_mode_blocks) + [
-            block for mode in transformer.mode_blocks.values() for block in mode
-        ]
-    else:
-        early = list(transformer.transformer_blocks)
-    return early, list(transformer.single_transformer_blocks)
+    def _release(self, key: int, size: int) -> None:
+        self.live -= size
+        self._storages.pop(key, None)
 
 
-def _block_activation_bytes(pipe, objective, pair, batch_size, params, kind: int) -> int:
-    """Saved-for-backward bytes of the first double (kind 0) or single (kind 1) block, without checkpointing."""
-    block = block_lists(pipe.transformer)[kind][0]
-    totals = []
+def peak_memory(step) -> int:
+    """Bytes of the peak of `step` (a training step's forward and backward) beyond what existed before it:
+    activations saved and recomputed, temporaries and the gradients made (`TensorMemory`)."""
+    with TensorMemory() as memory:
+        step()
+    return memory.peak
 
-    def start(module, args):
-        totals.append(saved_now[0])
 
-    def stop(module, args, output):
-        totals.append(saved_now[0])
-
-    pipe.transformer.disable_gradient_checkpointing()
-    handles = [block.register_forward_pre_hook(start), block.register_forward_hook(stop)]
-    with saved_activation_bytes(params) as saved_now:
-        training_step(objective, pair, batch_size)()
-    for handle in handles:
-        handle.remove()
-    pipe.transformer.enable_gradient_checkpointing()
-    return totals[1] - totals[0]
+def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_size: int) -> int:
+    """Bytes at the peak of one training step beyond the weights (`peak_memory`), whatever is checkpointed."""
+    return peak_memory(training_step(objective, pair, batch_size))
 
 
 def adaptation(pipe, size: int, edit_flops: float) -> dict[str, float]:
     """20 adaptation steps, with the pair's encoding, in units of edits: as implemented on CUDA (frozen backbone, the
-    image-space models checkpointed), and the alternatives; and the activations of a step (GB)."""
+    image-space models checkpointed), and the alternatives; and the peak of a step beyond the weights (GB)."""
     image = PIL.Image.new("RGB", (size, size))
     encoding, _ = count(lambda: pipe._encode_pair_for_training(image, image, torch.device("meta")))
     pair = pipe._encode_pair_for_training(image, image, torch.device("meta"))
@@ -355,20 +334,20 @@ def adaptation(pipe, size: int, edit_flops: float) -> dict[str, float]:
         results[label] = (encoding + ADAPTATION_STEPS * step) / edit_flops
         if label == "default":
             results["step"] = step / edit_flops
-            results["activations"] = activation_memory(pipe, objective, pair, 1, checkpointing="image") / 1e9
+            results["activations"] = activation_memory(pipe, objective, pair, 1) / 1e9
     return results
 
 
 def training_memory(pipe, size: int, batch_size: int, checkpointing: str) -> dict[str, float]:
     """GB per GPU of one training step at `batch_size`: bf16 frozen weights, the adapter's float32 weights,
-    gradients and Adam states, and activations (see `activation_memory`)."""
+    Adam states, and the step's peak beyond the weights (activations and the gradients made: `activation_memory`)."""
     image = PIL.Image.new("RGB", (size, size))
     pair = pipe._encode_pair_for_training(image, image, torch.device("meta"))
     objective = objective_for(pipe, frozen=True, checkpointing=checkpointing)
     frozen = sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.vae, pipe.image_encoder)
                  for p in m.parameters())  # fmt: skip
-    adapter = sum(p.numel() for p in pipe.delta_adapter.parameters()) * 4 * 4  # weights, gradients, Adam m and v
-    activations = activation_memory(pipe, objective, pair, batch_size, checkpointing)
+    adapter = sum(p.numel() for p in pipe.delta_adapter.parameters()) * 4 * 3  # weights, Adam m and v
+    activations = activation_memory(pipe, objective, pair, batch_size)
     return {"weights": frozen / 1e9, "adapter state": adapter / 1e9, "activations": activations / 1e9}
 
 
@@ -450,10 +429,10 @@ def main() -> None:
     flops_header = [
         "backbone", "size", "steps", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
         "+ branch", "branch / step", "adapter / edit", "adapt step (edits)", "20 steps (edits)",
-        "adapt activations GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen",
+        "adapt step peak GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen",
     ]  # fmt: skip
     memory_header = [
-        "backbone", "size", "batch", "checkpointing", "frozen weights GB", "adapter + Adam GB", "activations GB",
+        "backbone", "size", "batch", "checkpointing", "frozen weights GB", "adapter + Adam GB", "step peak GB",
         "total GB", "fits 80 GB",
     ]  # fmt: skip
     relation_header = ["size", "RelationAdapter edit TFLOP (24 steps)", "edit TFLOP", "edit / RelationAdapter's"]

@@ -6,7 +6,8 @@ device in bfloat16 (as `real_scale.py` builds them) and one step runs through th
 encoding (`_encode_pair_for_training`: the VAE encoder and SigLIP on source and target) and one forward and backward
 of `DeltaAdapterObjective` at the per-GPU batch, with the training script's gradient checkpointing when asked
 (its recomputation counted). Memory per GPU is `real_scale.training_memory` (frozen bf16 weights, the adapter's
-float32 weights, gradients and Adam states, the activations autograd keeps; add 2-4 GB of CUDA context and slack).
+float32 weights and Adam states, a training step's peak beyond them: activations, recomputation and gradients; add 2-4
+GB of CUDA context and slack).
 GPU-hours assume a stated utilisation of each GPU's dense bf16 peak (40% by default: a measured run will differ).
 
 The defaults are the paper's run (Delta-Adapter, section 5.1): klein-4B, 4 GPUs, batch 16 per GPU, 100K steps,
@@ -95,7 +96,7 @@ def main() -> None:
           f"{total / 1e15:,.0f} PFLOP in all")  # fmt: skip
     gigabytes = sum(memory.values())
     parts = f"frozen weights {memory['weights']:.1f}, adapter + Adam {memory['adapter state']:.1f}"
-    print(f"Memory per GPU: {gigabytes:.1f} GB ({parts}, activations {memory['activations']:.1f}; add 2-4 GB of CUDA "
+    print(f"Memory per GPU: {gigabytes:.1f} GB ({parts}, step peak {memory['activations']:.1f}; add 2-4 GB of CUDA "
           "context)")  # fmt: skip
     print()
     header = ["GPU", "peak TFLOP/s", "utilisation", "fits", "seconds / step", "wall-clock hours", "GPU-hours"]

@@ -1,13 +1,19 @@
-"""The real-size cost scripts check their arguments by the training script's rules before counting anything, and
-the GPU check runs its whole code on tiny models on the CPU."""
+"""The real-size cost scripts check their arguments by the training script's rules before counting anything, their
+memory counter agrees with peaks measured on the CPU, and the GPU check runs its whole code on tiny models on the
+CPU."""
 
 import json
 import re
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from diffusers_delta import compute_empty_prompt_embeds
+from diffusers_delta.testing import TEXT_KWARGS, tiny_delta_pipeline
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -65,3 +71,44 @@ def test_the_gpu_check_runs_on_tiny_models_and_refuses_to_guess_without_a_gpu(tm
         with pytest.raises(SystemExit):
             gpu_check.parse_args([])
         assert "No CUDA device here" in capsys.readouterr().err
+
+
+def measured_peak(step) -> int:
+    """The most bytes of CPU tensors `step` holds at once beyond what existed before it, from the allocator's own
+    allocation and release events (the profiler's memory events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    events = sorted(
+        (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+        key=lambda event: event.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "image", "all"])
+def test_the_memory_counter_on_meta_agrees_with_the_peak_measured_on_the_cpu(checkpointing):
+    """What `real_scale` counts on `meta` (recomputation inside checkpointed regions included) against what the same
+    training step holds on the CPU, within 10%."""
+    cpu, meta = (tiny_delta_pipeline(adapter_std=0.05) for _ in range(2))  # seeded: the same models
+    for pipe in (cpu, meta):
+        pipe.empty_prompt_embeds = compute_empty_prompt_embeds(pipe, **TEXT_KWARGS)
+    for model in (meta.transformer, meta.vae, meta.image_encoder, meta.delta_adapter):
+        model.to("meta")
+    meta.empty_prompt_embeds = meta.empty_prompt_embeds.to("meta")
+    image = PIL.Image.new("RGB", (64, 64))
+    peaks = {}
+    for name, pipe in (("counted", meta), ("measured", cpu)):
+        pair = pipe._encode_pair_for_training(image, image, pipe.transformer.device)
+        objective = real_scale.objective_for(pipe, frozen=True, checkpointing=checkpointing)
+        step = real_scale.training_step(objective, pair, batch_size=4)
+        if name == "counted":
+            with real_scale.flash_attention("cpu"):  # the attention kernel the CPU run picks
+                peaks[name] = real_scale.peak_memory(step)
+        else:
+            peaks[name] = measured_peak(step)
+    assert peaks["measured"] > 1e6
+    assert abs(peaks["counted"] - peaks["measured"]) <= 0.1 * peaks["measured"], peaks
