@@ -42,6 +42,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import load_image
 from huggingface_hub import create_repo
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,6 +50,7 @@ from transformers import AutoTokenizer, SiglipImageProcessorPil, SiglipVisionMod
 
 from diffusers_delta import DeltaAdapterModel
 from diffusers_delta.adapter_files import default_feature_extractor, read_empty_prompt_embeds, write_adapter_folder
+from diffusers_delta.atomic_folder import atomic_folder
 from diffusers_delta.backbones import adapter_for, backbone_of, backbone_of_pipeline
 from diffusers_delta.data import (
     HubPairDataset,
@@ -208,6 +210,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Encode every pair's latents and SigLIP features once before training.",
     )
+    data.add_argument(
+        "--cache_latents_dir",
+        default=None,
+        help="With --cache_latents: keep the encoded pairs in this folder and read them from it on later runs (a "
+        "resume) instead of encoding again. It records what they were encoded from (data, resolution, models, "
+        "precision) and is encoded anew when that differs.",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes loading data (0: the main).")
 
     train = parser.add_argument_group("training")
@@ -335,6 +344,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "--streaming needs --dataset_name (or a --data_mix of hub: sources) and --max_train_steps, and cannot "
             "--cache_latents."
         )
+    if args.cache_latents_dir is not None and not args.cache_latents:
+        parser.error("--cache_latents_dir keeps the pairs --cache_latents encodes: add --cache_latents.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error(
             "--hub_token with --report_to wandb would log the token with the run's arguments: log in with "
@@ -509,6 +520,64 @@ def encode_batch(batch: dict, backbone, vae, image_encoder, device) -> dict:
         "source_features": source_features,
         "target_features": target_features,
     }
+
+
+ENCODED_PAIRS_NAME = "encoded_pairs.safetensors"
+ENCODED_PAIRS_INDEX = "encoded_pairs.json"
+
+
+def encoding_fingerprint(args, num_pairs: int, weight_dtype: torch.dtype) -> dict:
+    """What encoded pairs are a function of: the data and resolution flags, the models (a local folder's weight files
+    by size and modification time), the precision and the number of pairs."""
+    flags = run_flags(args, num_processes=1)
+    names = (
+        "pretrained_model_name_or_path", "revision", "variant", "image_encoder", "dataset_name", "dataset_split",
+        "source_column", "target_column", "train_data_dir", "side_by_side_data_dir", "hold_out_relation_evaluation",
+        "max_train_pairs", "split_seed", "data_mix", "allow_paths_outside_dataset", "resolution", "seed",
+    )  # fmt: skip
+    weights = {}
+    for name in ("pretrained_model_name_or_path", "image_encoder"):
+        folder = Path(flags[name])
+        if folder.is_dir():
+            for file in sorted(folder.rglob("*.safetensors")):
+                stat = file.stat()
+                weights[f"{name}/{file.relative_to(folder).as_posix()}"] = [stat.st_size, stat.st_mtime_ns]
+    return {
+        "flags": {name: flags[name] for name in names},
+        "center_crop": args.center_crop,
+        "weight_dtype": str(weight_dtype),
+        "weights": weights,
+        "pairs": num_pairs,
+    }
+
+
+def read_encoded_pairs(folder: str, fingerprint: dict) -> EncodedPairs | None:
+    """The pairs `save_encoded_pairs` kept in `folder`, or None where there are none, or they were encoded from
+    anything else than `fingerprint` says."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / ENCODED_PAIRS_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict) or index.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    tensors = load_file(folder / ENCODED_PAIRS_NAME)
+    skipped, names = tensors.pop("skipped").tolist(), index["skipped_names"]
+    return EncodedPairs([
+        {**{key: value[i] for key, value in tensors.items()}, "skipped": skipped[i], "skipped_names": names[i]}
+        for i in range(len(skipped))
+    ])  # fmt: skip
+
+
+def save_encoded_pairs(folder: str, pairs: EncodedPairs, fingerprint: dict) -> None:
+    """Writes the encoded pairs to `folder` at once (a failed write leaves it as it was)."""
+    keys = [key for key in pairs.items[0] if key not in ("skipped", "skipped_names")]
+    tensors = {key: torch.stack([item[key] for item in pairs.items]).contiguous() for key in keys}
+    tensors["skipped"] = torch.tensor([item["skipped"] for item in pairs.items])
+    index = {"fingerprint": fingerprint, "skipped_names": [item["skipped_names"] for item in pairs.items]}
+    with atomic_folder(folder, owned={ENCODED_PAIRS_NAME, ENCODED_PAIRS_INDEX}) as staging:
+        save_file(tensors, staging / ENCODED_PAIRS_NAME)
+        (staging / ENCODED_PAIRS_INDEX).write_text(json.dumps(index), encoding="utf-8")
 
 
 def cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator: Accelerator) -> EncodedPairs:
@@ -950,7 +1019,15 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     load_skips = skipped_at_load(pairs)
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
     if args.cache_latents:
-        pairs = cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator)
+        fingerprint = encoding_fingerprint(args, len(pairs), weight_dtype) if args.cache_latents_dir else None
+        kept = read_encoded_pairs(args.cache_latents_dir, fingerprint) if fingerprint else None
+        if kept is not None:
+            logger.info(f"Read {len(kept)} encoded pairs from {args.cache_latents_dir}")
+            pairs = kept
+        else:
+            pairs = cache_encoded_pairs(pairs, backbone, vae, image_encoder, accelerator)
+            if fingerprint and accelerator.is_main_process:
+                save_encoded_pairs(args.cache_latents_dir, pairs, fingerprint)
     if streaming:
         batches_per_epoch = None
     else:

@@ -251,6 +251,33 @@ def test_hub_dataset_with_cached_latents(folders, tmp_path):
     assert run["global_step"] == 2 and all(step["delta_consistency"] == 0 for step in run["losses"].values())
 
 
+def test_cached_latents_kept_in_a_folder_are_read_back_by_a_later_run_and_train_the_same(
+    folders, tmp_path, monkeypatch
+):
+    encodings = []
+    encode = train_delta_adapter.cache_encoded_pairs
+    monkeypatch.setattr(train_delta_adapter, "cache_encoded_pairs", lambda *a: encodings.append(1) or encode(*a))
+    cache = tmp_path / "encoded"
+
+    def train(output, *extra):
+        train_delta_adapter.main(train_delta_adapter.parse_args(
+            arguments(folders, tmp_path / output, "--train_data_dir", str(folders / "pairs"), "--cache_latents",
+                      "--max_train_steps", "2", "--checkpointing_steps", "100", *extra)
+        ))  # fmt: skip
+        return adapter_weights(tmp_path / output)
+
+    plain = train("plain")
+    first = train("first", "--cache_latents_dir", str(cache))
+    assert len(encodings) == 2 and (cache / "encoded_pairs.safetensors").is_file()
+    second = train("second", "--cache_latents_dir", str(cache))
+    assert len(encodings) == 2  # read back, not encoded again
+    assert all(torch.equal(plain[name], first[name]) and torch.equal(first[name], second[name]) for name in plain)
+    train("third", "--cache_latents_dir", str(cache), "--seed", "1")  # another crop and data order: encoded anew
+    assert len(encodings) == 3
+    with pytest.raises(SystemExit):
+        train_delta_adapter.parse_args(arguments(folders, tmp_path, "--cache_latents_dir", str(cache)))
+
+
 def test_two_processes_keep_identical_weights(folders, tmp_path):
     """ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 (gloo), on Relation252K's layout."""
     os.environ["ACCELERATE_USE_CPU"] = "true"

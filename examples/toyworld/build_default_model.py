@@ -85,6 +85,7 @@ def adapter_arguments(args, work: Path, output: Path, lambda_delta: float, proje
         "--pretrained_model_name_or_path", str(work / "base"), "--image_encoder", str(work / "siglip"),
         "--empty_prompt_embeds", str(work / "base" / "empty_prompt_embeds.safetensors"),
         "--train_data_dir", str(work / "pairs"), "--cache_latents", "--resolution", str(toyworld.IMAGE_SIZE),
+        "--cache_latents_dir", str(work / "encoded_pairs"),  # a resumed build reads its pairs back, not encodes them
         "--num_edit_tokens", "16", "--resampler_dim", "128", "--resampler_depth", "2", "--resampler_heads", "4",
         "--train_batch_size", "16", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50",
         "--max_train_steps", str(args.adapter_steps), "--checkpointing_steps", "500", "--checkpoints_total_limit", "1",
