@@ -7,20 +7,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
-from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
 from ..backbones.flux2 import unpack_to_vae_latents
 from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
 from ..exemplar_encoding import ExemplarPair
 from ..image_inputs import ImageInput
-from ..models.delta_adapter import DeltaAdapterModel
-from .delta_edit_pipeline import DeltaEditPipelineMixin
+from .klein_delta_pipeline import KleinDeltaPipelineMixin
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -73,7 +71,7 @@ def compute_empty_prompt_embeds(
     return prompt_embeds.to("cpu")
 
 
-class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
+class FluxDeltaEditPipeline(KleinDeltaPipelineMixin, Flux2KleinPipeline):
     r"""Exemplar-based image editing with Delta-Adapter on FLUX.2 [klein].
 
     The query image rides as FLUX.2's reference image; the exemplar pair's semantic delta, turned into edit tokens by
@@ -95,42 +93,6 @@ class FluxDeltaEditPipeline(DeltaEditPipelineMixin, Flux2KleinPipeline):
             one size (the toy-world model: 64); queries of another size are then refused. `None` (FLUX.2 [klein]):
             any size.
     """
-
-    #: The backbone it runs on (`backbones`), as adapter configs name it.
-    backbone = "flux2"
-    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
-    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "feature_extractor", "delta_adapter"]
-    # The processors call the adapter's per-block weights inside the transformer's forward, so the (small) adapter
-    # stays on the accelerator instead of being offloaded as a model of its own.
-    _exclude_from_cpu_offload = ["delta_adapter"]
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLFlux2,
-        text_encoder: Qwen3ForCausalLM | None,
-        tokenizer: Qwen2TokenizerFast | None,
-        transformer: Flux2Transformer2DModel,
-        image_encoder: SiglipVisionModel | None = None,
-        feature_extractor: SiglipImageProcessorPil | None = None,
-        delta_adapter: DeltaAdapterModel | None = None,
-        is_distilled: bool = False,
-        image_size: int | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-            is_distilled=is_distilled,
-        )
-        self._install_base_processors()
-        self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
-
-    def _install_base_processors(self) -> None:
-        """The base pipeline's own attention processors, set before an adapter's replace them (and restored by
-        `unload_delta_adapter`): klein's are the transformer's defaults."""
 
     def _velocity_predictor(
         self, latent_ids: torch.Tensor, image_latents: torch.Tensor, image_latent_ids: torch.Tensor

@@ -8,21 +8,16 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
     Flux2KleinInpaintPipeline,
-    Flux2Transformer2DModel,
 )
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM, SiglipImageProcessorPil, SiglipVisionModel
 
 from ..checks import as_tensor, finite_float, positive_int
 from ..concurrency import one_call_at_a_time
 from ..exemplar_encoding import ExemplarPair
 from ..image_inputs import ImageInput, to_rgb_image
-from ..models.delta_adapter import DeltaAdapterModel
-from .delta_edit_pipeline import DeltaEditPipelineMixin
+from .klein_delta_pipeline import KleinDeltaPipelineMixin
 
 
 EXAMPLE_DOC_STRING = """
@@ -44,54 +39,15 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class FluxDeltaInpaintPipeline(DeltaEditPipelineMixin, Flux2KleinInpaintPipeline):
+class FluxDeltaInpaintPipeline(KleinDeltaPipelineMixin, Flux2KleinInpaintPipeline):
     r"""Masked exemplar edits with Delta-Adapter on FLUX.2 [klein]: inside the mask the query is edited the way the
     exemplar pair shows, outside it stays as `Flux2KleinInpaintPipeline` keeps it (the query's latents, put back at
     every step). This is upstream's inpainting loop with the empty prompt and the edit tokens in the attention
     kwargs, so with `delta_scale=0` it is `Flux2KleinInpaintPipeline` exactly, and its `strength`,
     `padding_mask_crop` and `image_reference` work as there.
 
-    Args:
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the flow-matching scheduler.
-        vae ([`AutoencoderKLFlux2`]): FLUX.2's VAE.
-        text_encoder ([`Qwen3ForCausalLM`], *optional*): only for a prompt, or an adapter without stored empty-prompt
-            embeddings.
-        tokenizer (`Qwen2TokenizerFast`, *optional*): the text encoder's tokenizer.
-        transformer ([`Flux2Transformer2DModel`]): the frozen FLUX.2 transformer.
-        image_encoder ([`SiglipVisionModel`], *optional*): the exemplar encoder, set by `load_delta_adapter`.
-        feature_extractor ([`SiglipImageProcessorPil`], *optional*): the encoder's preprocessing settings.
-        delta_adapter ([`DeltaAdapterModel`], *optional*): the adapter, set by `load_delta_adapter`.
-        is_distilled (`bool`): whether the transformer is step-distilled (guidance is then ignored).
-        image_size (`int`, *optional*): the one image side a one-size model (the toy-world model) takes.
+    Components and constructor: `FluxDeltaEditPipeline`'s (`KleinDeltaPipelineMixin`).
     """
-
-    backbone = "flux2"
-    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
-    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "feature_extractor", "delta_adapter"]
-    _exclude_from_cpu_offload = ["delta_adapter"]
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLFlux2,
-        text_encoder: Qwen3ForCausalLM | None,
-        tokenizer: Qwen2TokenizerFast | None,
-        transformer: Flux2Transformer2DModel,
-        image_encoder: SiglipVisionModel | None = None,
-        feature_extractor: SiglipImageProcessorPil | None = None,
-        delta_adapter: DeltaAdapterModel | None = None,
-        is_distilled: bool = False,
-        image_size: int | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-            is_distilled=is_distilled,
-        )
-        self._register_delta_components(image_encoder, feature_extractor, delta_adapter, image_size)
 
     @one_call_at_a_time
     @torch.no_grad()
