@@ -7,7 +7,7 @@ import torch
 from diffusers import Flux2KleinInpaintPipeline
 
 from diffusers_delta import FluxDeltaInpaintPipeline
-from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_klein_components
+from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_delta_pipeline, tiny_klein_components
 
 
 QUERY, SOURCE, TARGET = random_image(0), random_image(1), random_image(2)
@@ -80,3 +80,9 @@ def test_guidance_without_a_prompt_is_refused_on_a_base_model(inpaint_pipe):
     inpaint_pipe.register_to_config(is_distilled=False)
     with pytest.raises(ValueError, match="no prompt"):
         masked(inpaint_pipe, half_mask(), guidance_scale=4.0)
+
+
+def test_from_pipe_refuses_another_backbones_pipeline_naming_the_one_to_use():
+    kontext = tiny_delta_pipeline(backbone="flux1")
+    with pytest.raises(ValueError, match=r"runs on FLUX.2 \[klein\] bases.*use FluxKontextDeltaEditPipeline"):
+        FluxDeltaInpaintPipeline.from_pipe(kontext)

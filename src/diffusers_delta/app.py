@@ -128,11 +128,10 @@ class ExemplarEditor:
         return self._edit_queries(self.encode(source, target), queries, strength, steps, seed, mask)
 
     def _masked(self):
-        """The pipeline of masked edits, sharing the pipeline's models and adapter (made once)."""
+        """The pipeline of masked edits, sharing the pipeline's models and adapter (made once; `from_pipe` refuses
+        another backbone's pipeline)."""
         from .pipelines import FluxDeltaInpaintPipeline
 
-        if backbone_of(self.pipe.transformer).NAME != FluxDeltaInpaintPipeline.backbone:
-            raise ValueError("Masked edits need a FLUX.2 [klein] base (they use klein's inpainting): clear the mask.")
         if self._masked_pipe is None:
             self._masked_pipe = FluxDeltaInpaintPipeline.from_pipe(self.pipe)
             self._masked_pipe.set_progress_bar_config(disable=True)

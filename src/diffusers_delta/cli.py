@@ -336,11 +336,12 @@ def _masked_edit(pipe, query: PIL.Image.Image, mask: PIL.Image.Image, delta_embe
     (fitted) query's size."""
     from .pipelines import FluxDeltaInpaintPipeline
 
-    if pipe.backbone != FluxDeltaInpaintPipeline.backbone:
-        raise UsageError("--mask needs a FLUX.2 [klein] base (masked edits use klein's inpainting).")
+    try:
+        masked = FluxDeltaInpaintPipeline.from_pipe(pipe)  # refuses another backbone's pipeline
+    except ValueError as error:
+        raise UsageError(f"--mask: {error}") from None
     if mask.size != query.size:  # the query was fitted to a one-size model
         mask = mask.resize(query.size, PIL.Image.Resampling.NEAREST)
-    masked = FluxDeltaInpaintPipeline.from_pipe(pipe)
     masked.set_progress_bar_config(disable=True)
     return masked(query, mask_image=mask, delta_embeds=delta_embeds, generator=generator).images[0]
 

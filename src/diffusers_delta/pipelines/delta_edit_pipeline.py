@@ -25,6 +25,7 @@ from ..adapter_files import (
     write_empty_prompt_embeds,
 )
 from ..atomic_folder import atomic_folder, check_save_directory
+from ..backbones import BACKBONES, backbone_of
 from ..checks import finite_float, positive_int
 from ..hub import push_folder
 from ..loaders import DeltaAdapterMixin
@@ -106,7 +107,17 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
         Args:
             pipeline: the pipeline whose models to share.
             kwargs: components or config values to replace, as diffusers' `from_pipe` takes them.
+
+        Raises:
+            ValueError: a pipeline whose transformer is another backbone's (its models cannot serve this pipeline).
         """
+        transformer = kwargs.get("transformer", getattr(pipeline, "transformer", None))
+        if transformer is not None and backbone_of(transformer).NAME != cls.backbone:
+            ours, theirs = BACKBONES[cls.backbone], backbone_of(transformer)
+            raise ValueError(
+                f"{cls.__name__} runs on {ours.FAMILY} bases, and this pipeline's transformer is "
+                f"{theirs.DISPLAY_NAME}: use {theirs.DELTA_PIPELINE} with it."
+            )
         scheduler = getattr(pipeline, "scheduler", None)
         if scheduler is not None and "scheduler" not in kwargs:
             kwargs["scheduler"] = type(scheduler).from_config(scheduler.config)

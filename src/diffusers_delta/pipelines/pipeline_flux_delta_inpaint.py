@@ -7,9 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import (
-    Flux2KleinInpaintPipeline,
-)
+from diffusers import Flux2KleinInpaintPipeline
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 from diffusers.utils import replace_example_docstring
 
