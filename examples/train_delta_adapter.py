@@ -42,6 +42,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, free_memory
 from diffusers.utils import load_image
 from huggingface_hub import create_repo
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -552,8 +553,8 @@ def encoding_fingerprint(args, num_pairs: int, weight_dtype: torch.dtype) -> dic
 
 
 def read_encoded_pairs(folder: str, fingerprint: dict) -> EncodedPairs | None:
-    """The pairs `save_encoded_pairs` kept in `folder`, or None where there are none, or they were encoded from
-    anything else than `fingerprint` says."""
+    """The pairs `save_encoded_pairs` kept in `folder`, or None where there are none, they cannot be read, or they
+    were encoded from anything else than `fingerprint` says."""
     folder = Path(folder)
     try:
         index = json.loads((folder / ENCODED_PAIRS_INDEX).read_text(encoding="utf-8"))
@@ -561,7 +562,10 @@ def read_encoded_pairs(folder: str, fingerprint: dict) -> EncodedPairs | None:
         return None
     if not isinstance(index, dict) or index.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
-    tensors = load_file(folder / ENCODED_PAIRS_NAME)
+    try:
+        tensors = load_file(folder / ENCODED_PAIRS_NAME)
+    except (OSError, SafetensorError):  # gone or damaged since it was written: encoded anew
+        return None
     skipped, names = tensors.pop("skipped").tolist(), index["skipped_names"]
     return EncodedPairs([
         {**{key: value[i] for key, value in tensors.items()}, "skipped": skipped[i], "skipped_names": names[i]}

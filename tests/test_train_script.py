@@ -274,6 +274,9 @@ def test_cached_latents_kept_in_a_folder_are_read_back_by_a_later_run_and_train_
     assert all(torch.equal(plain[name], first[name]) and torch.equal(first[name], second[name]) for name in plain)
     train("third", "--cache_latents_dir", str(cache), "--seed", "1")  # another crop and data order: encoded anew
     assert len(encodings) == 3
+    (cache / "encoded_pairs.safetensors").write_bytes(b"damaged")
+    train("fourth", "--cache_latents_dir", str(cache), "--seed", "1")  # unreadable: encoded anew
+    assert len(encodings) == 4
     with pytest.raises(SystemExit):
         train_delta_adapter.parse_args(arguments(folders, tmp_path, "--cache_latents_dir", str(cache)))
 
