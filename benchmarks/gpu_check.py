@@ -35,6 +35,7 @@ from real_scale import (
     training_step,
 )
 
+from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.atomic_folder import write_text_atomically
 from diffusers_delta.testing import TINY, tiny_delta_pipeline
 
@@ -89,14 +90,17 @@ def check(backbone: str, size: int, device: torch.device, tiny: bool, rounds: in
         seconds = median_seconds(lambda: run_edit(pipe, image, 1.0, steps), now, rounds)
     rows.append({"backbone": backbone, "size": size, "what": f"edit ({steps} steps)", "seconds": seconds,
                  "tflop": flops / 1e12})  # fmt: skip
-    pair = predicted._encode_pair_for_training(image, image, predicted._execution_device)
+    resolution = AdaptationConfig().resolution  # adaptation scales a larger pair down to it
+    pair = predicted._encode_pair_for_training(image, image, predicted._execution_device, resolution)
     flops, _ = count(training_step(objective_for(predicted, frozen=True, checkpointing="image"), pair, 1))
-    measured_pair = pipe._encode_pair_for_training(image, image, device)
+    measured_pair = pipe._encode_pair_for_training(image, image, device, resolution)
     step = training_step(objective_for(pipe, frozen=True, checkpointing="image"), measured_pair, 1)
     seconds = median_seconds(step, now, rounds)
     rows.append({"backbone": backbone, "size": size, "what": "adaptation step", "seconds": seconds,
                  "tflop": flops / 1e12})  # fmt: skip
     if size == (TINY.image_size if tiny else TRAINING["size"]):
+        pair = predicted._encode_pair_for_training(image, image, predicted._execution_device)
+        measured_pair = pipe._encode_pair_for_training(image, image, device)
         batch = TRAINING["batch"] if not tiny else 2
         memory = None if tiny else sum(training_memory(predicted, size, batch, "all").values())
         flops, _ = count(training_step(objective_for(predicted, frozen=True, checkpointing="all"), pair, batch))

@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from diffusers_delta import FluxDeltaEditPipeline, FluxKontextDeltaEditPipeline
+from diffusers_delta.adaptation import AdaptationConfig
 from diffusers_delta.adapter_files import default_feature_extractor
 from diffusers_delta.attention_processor import delta_processors_for
 from diffusers_delta.backbones import adapter_for, flux3
@@ -321,21 +322,27 @@ def activation_memory(pipe, objective: DeltaAdapterObjective, pair: dict, batch_
 
 
 def adaptation(pipe, size: int, edit_flops: float) -> dict[str, float]:
-    """20 adaptation steps, with the pair's encoding, in units of edits: as implemented on CUDA (frozen backbone, the
-    image-space models checkpointed), and the alternatives; and the peak of a step beyond the weights (GB)."""
+    """20 adaptation steps, with the pair's encoding, in units of edits of `size`: as implemented on CUDA (frozen
+    backbone, the image-space models checkpointed, the pair scaled down to `AdaptationConfig.resolution`), the
+    alternatives, and the same at the pair's own size; and the peak of a step beyond the weights (GB)."""
     image = PIL.Image.new("RGB", (size, size))
-    encoding, _ = count(lambda: pipe._encode_pair_for_training(image, image, torch.device("meta")))
-    pair = pipe._encode_pair_for_training(image, image, torch.device("meta"))
+    resolution = AdaptationConfig().resolution
     results = {}
-    for label, frozen, checkpointing in (
-        ("default", True, "image"), ("all", True, "all"), ("none", True, "none"), ("not frozen", False, "image")
+    for label, frozen, checkpointing, scaled in (
+        ("default", True, "image", True), ("all", True, "all", True), ("none", True, "none", True),
+        ("not frozen", False, "image", True), ("full size", True, "image", False),
     ):  # fmt: skip
+        def encode(scaled=scaled):
+            return pipe._encode_pair_for_training(image, image, torch.device("meta"), resolution if scaled else None)
+
+        encoding, _ = count(encode)
+        pair = encode()
         objective = objective_for(pipe, frozen, checkpointing)
         step, _ = count(training_step(objective, pair, 1))
         results[label] = (encoding + ADAPTATION_STEPS * step) / edit_flops
-        if label == "default":
-            results["step"] = step / edit_flops
-            results["activations"] = activation_memory(pipe, objective, pair, 1) / 1e9
+        if label in ("default", "full size"):
+            results[f"{label} step"] = step / edit_flops
+            results[f"{label} peak"] = activation_memory(pipe, objective, pair, 1) / 1e9
     return results
 
 
@@ -430,7 +437,8 @@ def main() -> None:
     flops_header = [
         "backbone", "size", "steps", "edit TFLOP", "VAE enc", "VAE dec", "SigLIP", "projection", "transformer step",
         "+ branch", "branch / step", "adapter / edit", "adapt step (edits)", "20 steps (edits)",
-        "adapt step peak GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen",
+        "adapt step peak GB", "20, all ckpt", "20, no ckpt", "20, backbone not frozen", "20 at full size (edits)",
+        "full-size step peak GB",
     ]  # fmt: skip
     memory_header = [
         "backbone", "size", "batch", "checkpointing", "frozen weights GB", "adapter + Adam GB", "step peak GB",
@@ -446,7 +454,7 @@ def main() -> None:
         print_table(header, rows, args.markdown)
         print()
     print("Adaptation: 20 steps with the pair's encoding; the default checkpoints the VAE decoder and SigLIP on CUDA.")
-    print("Goals (klein-4B, 1024²): adapter <= 1% of an edit; 20 adaptation steps <= 15 edits; training at batch 16")
+    print("Goals (klein-4B, 1024²): adapter <= 1% of an edit; 20 adaptation steps <= 12 edits; training at batch 16")
     print("per GPU within 80 GB with checkpointing (at the training script's default 512²; counted: add 2-4 GB of")
     print("CUDA context and allocator slack). Kontext [dev], 1024²: the branch <= 0.2% of a step; 20 adaptation")
     print("steps <= 2.5 edits; FLUX.3 the same. RelationAdapter's edit: FLUX.1-dev with the source in context")
@@ -478,8 +486,9 @@ def run(args, flops_rows: list, memory_rows: list, relation_rows: list, placemen
                 f"{tera['transformer step'] + tera['branch step']:.2f}",
                 f"{100 * parts['branch step'] / parts['transformer step']:.2f}%",
                 f"{100 * (parts['edit'] - parts['base edit']) / parts['base edit']:.2f}%",
-                f"{adapt['step']:.2f}", f"{adapt['default']:.1f}", f"{adapt['activations']:.1f}",
+                f"{adapt['default step']:.2f}", f"{adapt['default']:.1f}", f"{adapt['default peak']:.1f}",
                 f"{adapt['all']:.1f}", f"{adapt['none']:.1f}", f"{adapt['not frozen']:.1f}",
+                f"{adapt['full size']:.1f}", f"{adapt['full size peak']:.1f}",
             ])  # fmt: skip
         for size, batch_size in itertools.product(args.sizes, args.batches):
             pipe = build(backbone, size)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusers_delta import FluxDeltaEditPipeline
-from diffusers_delta.adaptation import AdaptationConfig
+from diffusers_delta.adaptation import AdaptationConfig, parse_setting
 from diffusers_delta.semantic_delta import SiglipPreprocessor
 from diffusers_delta.testing import TEXT_KWARGS, random_image, randomize_, tiny_klein_components
 from diffusers_delta.training import DeltaAdapterObjective
@@ -232,3 +232,25 @@ def test_early_stopping_keeps_the_weights_of_its_best_held_out_measurement(pipe)
 def test_bad_guard_settings_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         AdaptationConfig(**setting)
+
+
+def test_a_large_exemplar_is_adapted_at_the_resolution_asked_for_with_the_same_delta(pipe):
+    full = pipe._encode_pair_for_training(SOURCE, TARGET, "cpu")
+    scaled = pipe._encode_pair_for_training(SOURCE, TARGET, "cpu", resolution=32)  # 64² -> 32²
+    assert [side // 2 for side in full["target_latents"].shape[-2:]] == list(scaled["target_latents"].shape[-2:])
+    for name in ("source_features", "target_features"):
+        assert torch.equal(full[name], scaled[name])
+    wide = pipe._encode_pair_for_training(random_image(3, (128, 64)), random_image(4, (128, 64)), "cpu", 32)
+    height, width = wide["source_latents"].shape[-2:]
+    pixels_per_latent = 64 // full["source_latents"].shape[-1]
+    assert width > height and (height * width) * pixels_per_latent**2 <= 32**2  # aspect kept, to multiples
+    assert torch.equal(pipe._encode_pair_for_training(SOURCE, TARGET, "cpu", 64)["target_latents"],
+                       full["target_latents"])  # fmt: skip  # not larger: as it is
+
+    at_full_size = adapt(pipe, config=AdaptationConfig(resolution=None)).losses
+    at_32 = adapt(pipe, config=AdaptationConfig(resolution=32)).losses
+    assert at_full_size != at_32 and all(np.isfinite(at_32))
+    assert pipe._delta_adaptation["resolution"] == 32
+    assert parse_setting("resolution=none").resolution is None and parse_setting("resolution=256").resolution == 256
+    with pytest.raises(ValueError, match="resolution"):
+        AdaptationConfig(resolution=0)

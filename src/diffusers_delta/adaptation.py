@@ -138,6 +138,17 @@ class AdaptationConfig:
         },
     )
     eval_every: int = field(default=5, metadata={"help": "Steps between two early-stopping measurements."})
+    resolution: int | None = field(
+        default=512,
+        metadata={
+            "help": "Adapt at most at this resolution: an exemplar of more than resolution² pixels is scaled down "
+            "(aspect kept, to multiples of 16) for the latents adaptation trains on, as the training script's "
+            "--resolution (512 by default) sizes its pairs; the semantic delta is SigLIP's at its own 384² either "
+            "way, and the adapter then edits at any size, as after training. None: at the size the pipeline would "
+            "edit the source at. At klein-4B 1024², 20 steps cost 2.9 edits at 512 against 13.4 at full size "
+            "(benchmarks/real_scale.py)."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (none: the pair is all we have)."})
     gradient_checkpointing: bool | None = field(
@@ -146,9 +157,9 @@ class AdaptationConfig:
             "help": "Recompute activations in backward instead of keeping them: True for the transformer, VAE "
             "decoder and SigLIP (least memory), False for none (least time). None: on CUDA, the VAE decoder and "
             "SigLIP only, whose full-resolution feature maps hold most of the activations, and not the transformer, "
-            "whose recomputation would cost a quarter of an edit per step (benchmarks/real_scale.py: klein-4B at "
-            "1024², 20 steps = 13.4 edits and about 31 GB of activations, against 18.2 edits and 7 GB with True); "
-            "off elsewhere."
+            "whose recomputation would cost a third more (benchmarks/real_scale.py: klein-4B, a 1024² exemplar "
+            "adapted at the default resolution, 512: 20 steps = 2.9 edits with a 21.5 GB step peak, against 4.0 "
+            "edits with True and 2.8 with False); off elsewhere."
         },
     )
 
@@ -171,6 +182,8 @@ class AdaptationConfig:
         if not isinstance(self.early_stopping, bool):
             raise TypeError(f"early_stopping must be True or False, got {self.early_stopping!r}.")
         self.eval_every = positive_int(self.eval_every, "eval_every")
+        if self.resolution is not None:
+            self.resolution = positive_int(self.resolution, "resolution")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}.")
         if self.gradient_checkpointing not in (None, True, False):
@@ -186,6 +199,7 @@ class AdaptationConfig:
 def parse_setting(text: str) -> AdaptationConfig:
     """`"num_steps=20,learning_rate=1e-3"` -> the `AdaptationConfig` with those fields (the rest as defaults)."""
     types = {field.name: type(field.default) for field in dataclasses.fields(AdaptationConfig)}
+    optional = {field.name for field in dataclasses.fields(AdaptationConfig) if "None" in str(field.type)}
     flags = {"true": True, "false": False, "none": None}  # gradient_checkpointing
     values = {}
     for part in filter(None, text.split(",")):
@@ -193,7 +207,9 @@ def parse_setting(text: str) -> AdaptationConfig:
         if name not in types or not value:
             raise ValueError(f"Setting {text!r}: expected FIELD=VALUE pairs, FIELD one of {', '.join(types)}.")
         kind = types[name]
-        if kind in (int, float, str):
+        if name in optional and value.lower() == "none":
+            values[name] = None
+        elif kind in (int, float, str):
             values[name] = kind(value)
         elif value.lower() in flags:
             values[name] = flags[value.lower()]
@@ -383,7 +399,8 @@ class DeltaAdaptationMixin:
         device = self._execution_device
         views = pair_views(to_rgb_image(source, name="exemplar source"), to_rgb_image(target, name="exemplar target"),
                            config.augment)  # fmt: skip
-        pair = [self._encode_pair_for_training(view_source, view_target, device) for view_source, view_target in views]
+        pair = [self._encode_pair_for_training(view_source, view_target, device, config.resolution)
+                for view_source, view_target in views]  # fmt: skip
         with torch.no_grad():
             text_conditioning = self._text_conditioning("", max_sequence_length, text_encoder_out_layers)
             text_conditioning = {name: tensor.to(device) for name, tensor in text_conditioning.items()}
@@ -443,20 +460,25 @@ class DeltaAdaptationMixin:
             "learning_rate": config.learning_rate,
             "lambda_delta": config.lambda_delta,
             "trainable": config.trainable,
-            **{name: getattr(config, name) for name in ("augment", "anchor_weight", "early_stopping")
+            **{name: getattr(config, name) for name in ("augment", "anchor_weight", "early_stopping", "resolution")
                if getattr(config, name) != getattr(AdaptationConfig, name)},
         }  # fmt: skip
         return result
 
     @torch.no_grad()
-    def _encode_pair_for_training(self, source: ImageInput, target: ImageInput, device) -> dict[str, torch.Tensor]:
+    def _encode_pair_for_training(
+        self, source: ImageInput, target: ImageInput, device, resolution: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """The exemplar as the objective reads it: latents of both images at the source's size (as the pipeline
-        sizes a query), and SigLIP features as `encode_exemplar` computes them."""
+        sizes a query), scaled down to at most `resolution`² pixels when given, and SigLIP features as
+        `encode_exemplar` computes them."""
         source_pixels = self._preprocess_queries(source)  # (1, 3, H, W) in [-1, 1]
         height, width = source_pixels.shape[-2:]
         target_rgb = to_rgb_image(target, name="exemplar target")
         target_pixels = self._preprocess_at_size(target_rgb, height, width, resize_mode="crop")
-        pixels = torch.cat([source_pixels, target_pixels]).to(device)
+        pixels = torch.cat([source_pixels, target_pixels]).to(device)  # (2, 3, H, W)
+        if resolution is not None and height * width > resolution**2 and self.config.get("image_size") is None:
+            pixels = self._scaled_down(pixels, resolution)  # (a model that knows one size adapts at that size)
         latents = backbone_of(self.transformer).encode_latents(self.vae, pixels)  # (2, C', h, w)
         preprocessor = SiglipPreprocessor.from_feature_extractor(self.feature_extractor)
         siglip = images_to_siglip_pixels([source, target_rgb], preprocessor, "exemplar image")
@@ -467,6 +489,15 @@ class DeltaAdaptationMixin:
             "source_features": features[:1],
             "target_features": features[1:],
         }
+
+    def _scaled_down(self, pixels: torch.Tensor, resolution: int) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, h, w): the largest multiples of 16 with the same aspect and h * w <= resolution²
+        (antialiased bilinear), for `AdaptationConfig.resolution`."""
+        height, width = pixels.shape[-2:]
+        multiple_of = self.vae_scale_factor * 2
+        scale = (resolution**2 / (height * width)) ** 0.5
+        size = [max(multiple_of, int(side * scale) // multiple_of * multiple_of) for side in (height, width)]
+        return torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True).clamp(-1, 1)
 
     @changes_the_adapter
     def reset_delta_adapter(self) -> None:
