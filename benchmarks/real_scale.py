@@ -160,10 +160,7 @@ def flux3_pipeline(backbone: str, parts: dict, embeds: dict):
     """FLUX.3's Delta-Adapter modular pipeline around the meta-device models, the adapter attached as
     `load_delta_adapter` attaches it."""
     pipe = (Flux3DistilledDeltaModularPipeline if backbone == "flux3-distilled" else Flux3DeltaModularPipeline)()
-    pipe.update_components(transformer=parts.pop("transformer"), vae=parts.pop("vae"))
-    pipe.register_components(**parts)
-    pipe._delta_original_processors = dict(pipe.transformer.attn_processors)
-    pipe._attach_delta_processors(pipe.delta_adapter)
+    pipe.update_components(**parts)
     pipe._restore_empty_prompt(embeds)
     pipe.set_progress_bar_config(disable=True)
     return pipe

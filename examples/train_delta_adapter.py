@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a Delta-Adapter on FLUX.2 [klein] or FLUX.1 Kontext [dev] from single exemplar pairs.
+"""Train a Delta-Adapter on FLUX.2 [klein], FLUX.1 Kontext [dev] or FLUX.3 from single exemplar pairs.
 
 Each (source, target) pair supervises itself: the source is the query, the semantic delta of the pair conditions the
 frozen transformer through the adapter, and the target is reconstructed with flow matching, plus the semantic-delta
@@ -11,7 +11,9 @@ the transformer). Runs under accelerate on one or many GPUs (or CPU processes):
         --train_data_dir pairs/ --output_dir delta-adapter --max_train_steps 10000
 
 The base's backbone is read from its `model_index.json` (`Flux2KleinPipeline`: FLUX.2; `FluxKontextPipeline`: FLUX.1
-Kontext, trained under Kontext's default distilled guidance, 3.5).
+Kontext, trained under Kontext's default distilled guidance, 3.5), or, for FLUX.3, which has only modular pipelines,
+its `modular_model_index.json` (`Flux3ModularPipeline`, `Flux3DistilledModularPipeline`: its components load through
+the Delta-Adapter's modular pipeline).
 
 See docs/training.md for data layouts, multi-GPU runs, resuming and publishing.
 """
@@ -52,7 +54,7 @@ from transformers import AutoTokenizer, SiglipImageProcessorPil, SiglipVisionMod
 from diffusers_delta import DeltaAdapterModel
 from diffusers_delta.adapter_files import default_feature_extractor, read_empty_prompt_embeds, write_adapter_folder
 from diffusers_delta.atomic_folder import atomic_folder
-from diffusers_delta.backbones import adapter_for, backbone_of, backbone_of_pipeline
+from diffusers_delta.backbones import adapter_for, backbone_of, backbone_of_pipeline, pipeline_class_name
 from diffusers_delta.data import (
     HubPairDataset,
     LocalPairDataset,
@@ -71,7 +73,7 @@ from diffusers_delta.data import (
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.losses import loss_weighting, sample_sigmas
-from diffusers_delta.pipelines import DELTA_PIPELINES
+from diffusers_delta.pipelines import DELTA_PIPELINES, delta_pipeline_for
 from diffusers_delta.semantic_delta import SiglipPreprocessor, patch_features
 from diffusers_delta.training import DeltaAdapterObjective, enable_image_encoder_checkpointing
 
@@ -88,13 +90,14 @@ LORA_TARGETS = (
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train a Delta-Adapter on FLUX.2 [klein] or FLUX.1 Kontext [dev] from single pairs."
+        description="Train a Delta-Adapter on FLUX.2 [klein], FLUX.1 Kontext [dev] or FLUX.3 from single pairs."
     )
     models = parser.add_argument_group("models")
     models.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="The base: a FLUX.2 [klein] or FLUX.1 Kontext [dev] Hub id or folder (its model_index.json names it).",
+        help="The base: a FLUX.2 [klein], FLUX.1 Kontext [dev] or FLUX.3 Hub id or folder (its model_index.json, or "
+        "FLUX.3's modular_model_index.json, names it).",
     )
     models.add_argument("--revision", default=None, help="Revision of the base model.")
     models.add_argument("--variant", default=None, help="Weight variant of the base model (e.g. 'bf16').")
@@ -610,33 +613,58 @@ def empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_d
             transformer.config.joint_attention_dim,
             transformer.config.get("pooled_projection_dim"),
         )
-    encoders = {
-        name: model_class.from_pretrained(base, subfolder=name, variant=args.variant, **hub).to(device, weight_dtype)
-        for name, model_class in backbone.TEXT_ENCODERS.items()
-    }
-    tokenizers = {
-        name: AutoTokenizer.from_pretrained(base, subfolder=name, **hub)
-        for name in backbone.TEXT_COMPONENTS
-        if name not in encoders
-    }
-    text_pipe = backbone.PIPELINE_CLASS(scheduler=scheduler, vae=None, transformer=None, **encoders, **tokenizers)
+    if backbone.PIPELINE_CLASS is None:  # modular only (FLUX.3): its text components load through its index
+        text_pipe = delta_pipeline_for(base, **hub).from_pretrained(base, text_free=False, **hub)
+        text_pipe.load_components(names=list(backbone.TEXT_COMPONENTS), variant=args.variant)
+        text_pipe.text_encoder.to(device, weight_dtype)
+    else:
+        encoders = {
+            name: model_class.from_pretrained(base, subfolder=name, variant=args.variant, **hub).to(
+                device, weight_dtype
+            )
+            for name, model_class in backbone.TEXT_ENCODERS.items()
+        }
+        tokenizers = {
+            name: AutoTokenizer.from_pretrained(base, subfolder=name, **hub)
+            for name in backbone.TEXT_COMPONENTS
+            if name not in encoders
+        }
+        text_pipe = backbone.PIPELINE_CLASS(scheduler=scheduler, vae=None, transformer=None, **encoders, **tokenizers)
     embeds = backbone.encode_prompt(text_pipe, "", args.max_sequence_length, tuple(args.text_encoder_out_layers))
     embeds = {name: tensor.to("cpu") for name, tensor in embeds.items()}
-    del text_pipe, encoders
+    del text_pipe
     free_memory()  # the text encoders leave the GPU before the transformer arrives
     return embeds
 
 
 def base_backbone(base: str, hub: dict):
-    """The backbone module of a base pipeline folder or repo, from its `model_index.json`."""
+    """The backbone module of a base pipeline folder or repo, from its `model_index.json` (or FLUX.3's
+    `modular_model_index.json`)."""
     try:
-        class_name = DiffusionPipeline.load_config(base, **hub)["_class_name"]
+        class_name = pipeline_class_name(base, **hub)
     except (OSError, KeyError) as error:
         raise ValueError(
-            f"--pretrained_model_name_or_path {base} is not a diffusers pipeline with a model_index.json ({error}). "
-            "Pass a FLUX.2 [klein] or FLUX.1 Kontext [dev] pipeline folder or Hub id."
+            f"--pretrained_model_name_or_path {base} is not a diffusers pipeline with a model_index.json or a "
+            f"modular_model_index.json ({error}). Pass a FLUX.2 [klein], FLUX.1 Kontext [dev] or FLUX.3 pipeline "
+            "folder or Hub id."
         ) from None
     return backbone_of_pipeline(class_name)
+
+
+def load_base(args, backbone, base: str, hub: dict) -> tuple:
+    """The base's scheduler, VAE and transformer: from its subfolders, as a classic pipeline lays them out, or, for a
+    backbone with only modular pipelines (FLUX.3), through its Delta-Adapter modular pipeline's `load_components`
+    (its index may point at other repos; its scheduler is made from the blocks' config)."""
+    if backbone.PIPELINE_CLASS is not None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+        vae = backbone.VAE_CLASS.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+        transformer = backbone.TRANSFORMER_CLASS.from_pretrained(
+            base, subfolder="transformer", variant=args.variant, **hub
+        )
+        return scheduler, vae, transformer
+    pipe = delta_pipeline_for(base, **hub).from_pretrained(base, **hub)
+    pipe.load_components(names=["transformer", "vae"], variant=args.variant)
+    return pipe.scheduler, pipe.vae, pipe.transformer
 
 
 def make_optimizer(args, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -793,19 +821,22 @@ def render_validation(args, accelerator, objective, scheduler, feature_extractor
     """Edits each validation query by its exemplar and returns the grid (exemplar src → tgt | query | output)."""
     model = accelerator.unwrap_model(objective)
     backbone = backbone_of(model.transformer)
-    pipe = DELTA_PIPELINES[backbone.NAME](
-        scheduler=scheduler,
-        vae=model.vae,
-        transformer=model.transformer,
-        image_encoder=model.image_encoder,
-        feature_extractor=feature_extractor,
-        delta_adapter=model.adapter,
-        **dict.fromkeys(backbone.TEXT_COMPONENTS),
-    )
+    components = {
+        "scheduler": scheduler, "vae": model.vae, "transformer": model.transformer,
+        "image_encoder": model.image_encoder, "feature_extractor": feature_extractor, "delta_adapter": model.adapter,
+    }  # fmt: skip
+    if backbone.PIPELINE_CLASS is None:  # modular only (FLUX.3): the base's Delta-Adapter modular pipeline
+        hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+        pipe = delta_pipeline_for(args.pretrained_model_name_or_path, **hub)()
+        pipe.update_components(**components)
+        call = {"output": "images"}  # the state's images
+    else:
+        pipe = DELTA_PIPELINES[backbone.NAME](**components, **dict.fromkeys(backbone.TEXT_COMPONENTS))
+        call = {"max_sequence_length": args.max_sequence_length}
+    if backbone.NAME == "flux1":  # Kontext would give the query its preferred resolution (about 1024²)
+        call.update(max_area=args.resolution**2, _auto_resize=False)  # validate at the training resolution
     pipe._restore_empty_prompt(empty_prompt)
     pipe.set_progress_bar_config(disable=True)
-    # Kontext would give the query its preferred resolution (about 1024²): validate at the training resolution
-    sizing = {"max_area": args.resolution**2, "_auto_resize": False} if backbone.NAME == "flux1" else {}
     rows = []
     for source, target, query in args.validation_exemplar:
         source, target, query = load_image(source), load_image(target), load_image(query)
@@ -814,14 +845,14 @@ def render_validation(args, accelerator, objective, scheduler, feature_extractor
         ]
         with accelerator.autocast():
             edited = pipe(
-                query.resize((args.resolution, args.resolution)),
+                image=query.resize((args.resolution, args.resolution)),
                 exemplar=(source, target),
                 generator=generators,
                 num_images_per_prompt=args.num_validation_images,
                 num_inference_steps=args.validation_inference_steps,
-                max_sequence_length=args.max_sequence_length,
-                **sizing,
-            ).images
+                **call,
+            )
+        edited = edited if isinstance(edited, list) else edited.images
         rows.append([source, target, query, *edited])
     outputs = ["output"] if args.num_validation_images == 1 else [f"output {i + 1}" for i in range(len(edited))]
     grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", *outputs])
@@ -924,12 +955,13 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # 1. Frozen components, and the empty prompt's embeddings (then the text encoder goes)
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     base = args.pretrained_model_name_or_path
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
     backbone = base_backbone(base, hub)
-    vae = backbone.VAE_CLASS.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
-    transformer = backbone.TRANSFORMER_CLASS.from_pretrained(
-        base, subfolder="transformer", variant=args.variant, **hub
-    )
+    if args.lora_rank and backbone.PIPELINE_CLASS is None:
+        raise ValueError(
+            f"--lora_rank: a LoRA beside the adapter is trained on FLUX.2 [klein] and FLUX.1 Kontext bases, not yet "
+            f"on {backbone.FAMILY} ({base}). Train the adapter alone (leave out --lora_rank)."
+        )
+    scheduler, vae, transformer = load_base(args, backbone, base, hub)
     image_encoder = SiglipVisionModel.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     try:
         feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
@@ -1275,8 +1307,6 @@ def load_lora(transformer, folder: str) -> None:
 
 def edits_one_image_size(args) -> bool:
     """Whether the base pipeline knows one image size only (its `image_size`): the toy world's base editor."""
-    from diffusers import DiffusionPipeline
-
     try:
         config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     except (OSError, ValueError):

@@ -4,6 +4,8 @@ under `torch.compile(fullgraph=True)`, trains only the adapter, and refuses othe
 its modular pipelines (FLUX.3 and the distilled one): text-free edits, upstream's output at scale 0 and unloaded,
 adaptation that moves only the adapter."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
@@ -215,3 +217,64 @@ def test_a_flux3_modular_pipeline_edits_text_free_and_gives_upstream_s_output_at
     pipe.unload_delta_adapter()
     assert pipe.delta_processors == {} and len(pipe.transformer._forward_pre_hooks) == 0
     assert torch.equal(run(pipe, prompt_embeds=PROMPT), reference)  # the step passes everything through
+
+
+def test_an_adapter_in_memory_goes_in_with_update_components_as_it_is_and_edits_as_a_loaded_one(flux3_folders):
+    from transformers import SiglipVisionModel
+
+    from diffusers_delta import DeltaAdapterModel
+
+    base, adapter_folder, _, delta_class = flux3_folders
+    loaded = delta_class.from_pretrained(base)
+    loaded.load_components(dtype=torch.float32)
+    loaded.load_delta_adapter(adapter_folder)
+    in_memory = delta_class.from_pretrained(base)
+    in_memory.load_components(dtype=torch.float32)
+    adapter = DeltaAdapterModel.from_pretrained(adapter_folder).train()  # as a training run holds it
+    with pytest.raises(ValueError, match="needs its image_encoder"):
+        in_memory.update_components(delta_adapter=adapter)
+    in_memory.update_components(image_encoder=SiglipVisionModel.from_pretrained(adapter_folder / "image_encoder"),
+                                delta_adapter=adapter)  # fmt: skip
+    in_memory._restore_empty_prompt(loaded._empty_prompt())
+    assert in_memory.delta_adapter is adapter and adapter.training
+    assert all(p.requires_grad for p in adapter.parameters())  # not frozen, unlike a loaded one
+
+    def run(pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(image=QUERY, exemplar=EXEMPLAR, generator=torch.Generator().manual_seed(0), **STEPS)
+
+    with torch.no_grad():
+        assert torch.equal(run(in_memory), run(loaded))
+
+
+def test_the_cli_edits_with_a_flux3_base_a_query_and_a_folder_as_the_pipeline_does(flux3_folders, tmp_path, run_cli):
+    from diffusers_delta.editing import edited_images
+
+    base, adapter_folder, _, delta_class = flux3_folders
+    (tmp_path / "queries").mkdir()
+    for name, image in (("source", EXEMPLAR[0]), ("target", EXEMPLAR[1]), ("queries/a", QUERY),
+                        ("queries/b", random_image(4))):  # fmt: skip
+        image.save(tmp_path / f"{name}.png")
+    edit = ["edit", "--exemplar", tmp_path / "source.png", tmp_path / "target.png", "--base", base,
+            "--adapter", adapter_folder]  # fmt: skip
+    code, _, err = run_cli([*edit, "--query", tmp_path / "queries" / "a.png", "--out", tmp_path / "edited.png"])
+    assert code == 0, err
+    code, _, err = run_cli([*edit, "--queries", tmp_path / "queries", "--out", tmp_path / "out", "--batch-size", "2"])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+
+    pipe = delta_class.from_pretrained(base)
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(adapter_folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = edited_images(pipe, QUERY, exemplar=EXEMPLAR, generator=torch.Generator().manual_seed(0))[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "edited.png")), np.asarray(expected))
+    from diffusers_delta.app import ExemplarEditor
+
+    editor = ExemplarEditor(pipe)  # the app's editing, on a FLUX.3 pipeline
+    (output,) = editor.edit(*EXEMPLAR, [QUERY], steps=STEPS["num_inference_steps"])
+    reference = edited_images(pipe, QUERY, delta_embeds=pipe.encode_exemplar(EXEMPLAR), num_inference_steps=4,
+                              generator=torch.Generator().manual_seed(0))[0]  # fmt: skip
+    assert output.size == QUERY.size and np.array_equal(np.asarray(output), np.asarray(reference))
+    with pytest.raises(ValueError, match="use Flux3DeltaModularPipeline with it"):
+        editor.edit(*EXEMPLAR, [QUERY], mask=PIL.Image.new("L", QUERY.size, 255))

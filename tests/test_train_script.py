@@ -681,3 +681,87 @@ def test_hub_streams_mix_by_weight(folders, tmp_path):
     with pytest.raises(SystemExit):  # a stream mixes Hub datasets only
         train_delta_adapter.parse_args(arguments(folders, tmp_path, "--data_mix", f"folder:{folders / 'pairs'}",
                                                  "--streaming", "--max_train_steps", "2"))  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["flux3", "flux3-distilled"])
+def flux3_base(request, tmp_path_factory):
+    """A tiny FLUX.3 base as upstream's modular pipeline saves it (`modular_model_index.json`, no scheduler folder),
+    and the empty prompt's embeddings (Qwen3-VL's stand-in) in a file."""
+    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+    from safetensors.torch import save_file
+
+    from diffusers_delta.testing import tiny_flux3_transformer, tiny_vae
+
+    root = tmp_path_factory.mktemp("flux3_base")
+    blocks = (Flux3DistilledAutoBlocks if request.param else Flux3AutoBlocks)()
+    upstream = blocks.init_pipeline(None)
+    upstream.update_components(transformer=tiny_flux3_transformer(flow_map=request.param), vae=tiny_vae())
+    upstream.save_pretrained(str(root / "base"), overwrite_modular_index=True)
+    width = upstream.transformer.config.joint_attention_dim
+    save_file({"prompt_embeds": torch.randn(1, 8, width, generator=torch.Generator().manual_seed(0))},
+              root / "empty_prompt_embeds.safetensors")  # fmt: skip
+    return root, request.param
+
+
+def test_a_flux3_base_trains_releases_an_adapter_that_edits_text_free_and_resumes_exactly(
+    folders, flux3_base, tmp_path, monkeypatch
+):
+    from diffusers_delta.modular import Flux3DeltaModularPipeline, Flux3DistilledDeltaModularPipeline
+
+    root, distilled = flux3_base
+    flux3 = ["--pretrained_model_name_or_path", str(root / "base"),
+             "--empty_prompt_embeds", str(root / "empty_prompt_embeds.safetensors")]  # fmt: skip
+    pair = [str(folders / "pairs" / name / "0.png") for name in ("source", "target", "source")]
+    common = [*flux3, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "4", "--checkpointing_steps",
+              "2", "--validation_exemplar", *pair, "--validation_steps", "4", "--validation_inference_steps", "2"]
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["backbone"] == "flux3"
+    assert PIL.Image.open(tmp_path / "whole" / "validation.png").size[1] >= 64  # edited by the modular pipeline
+    card = ModelCard.load(tmp_path / "whole" / "README.md").text
+    assert "Flux3DeltaModularPipeline" in card
+
+    pipeline_class = Flux3DistilledDeltaModularPipeline if distilled else Flux3DeltaModularPipeline
+    pipe = pipeline_class.from_pretrained(root / "base")
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(tmp_path / "whole")  # adapter, SigLIP and the empty prompt: no text encoder
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kwargs):
+        return pipe(image=random_image(7), exemplar=(random_image(1), random_image(2)), num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", output="images", **kwargs)
+
+    edited, base = run(), run(delta_scale=0.0)
+    assert edited.shape == base.shape and not torch.equal(edited, base)
+
+    crash_after_checkpoint(folders, tmp_path / "resumed", common, 2, monkeypatch)
+    train_delta_adapter.main(train_delta_adapter.parse_args(
+        arguments(folders, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    ))  # fmt: skip
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    with pytest.raises(ValueError, match="--lora_rank: .* not yet on FLUX.3"):
+        train_delta_adapter.main(train_delta_adapter.parse_args(
+            arguments(folders, tmp_path / "lora", *common, "--lora_rank", "2")
+        ))  # fmt: skip
+
+
+def test_a_flux3_run_without_empty_prompt_embeds_computes_them_with_the_base_s_qwen3_vl(folders, tmp_path):
+    pytest.importorskip("torchvision", reason="transformers builds Qwen3-VL's processor only beside torchvision")
+    from diffusers.modular_pipelines import Flux3AutoBlocks
+
+    from diffusers_delta.backbones import flux3
+    from diffusers_delta.testing import tiny_flux3_transformer, tiny_qwen3_vl_components, tiny_vae
+
+    text = tiny_qwen3_vl_components()
+    upstream = Flux3AutoBlocks().init_pipeline(None)
+    upstream.update_components(transformer=tiny_flux3_transformer(), vae=tiny_vae(), **text)
+    upstream.save_pretrained(str(tmp_path / "base"), overwrite_modular_index=True)
+    train_delta_adapter.main(train_delta_adapter.parse_args(arguments(
+        folders, tmp_path / "run", "--pretrained_model_name_or_path", str(tmp_path / "base"), "--train_data_dir",
+        str(folders / "pairs"), "--max_train_steps", "1",
+    )))  # fmt: skip
+    stored = load_file(tmp_path / "run" / "empty_prompt_embeds.safetensors")
+    upstream.text_encoder, upstream.tokenizer = text["text_encoder"], text["tokenizer"]
+    expected = flux3.encode_prompt(upstream, "", 16, (1, 2, 3))  # the script's --max_sequence_length and layers
+    assert stored.keys() == {"prompt_embeds"} and torch.equal(stored["prompt_embeds"], expected["prompt_embeds"])

@@ -25,6 +25,7 @@ import torch
 
 from .atomic_folder import atomic_folder
 from .backbones import backbone_of
+from .editing import edited_images
 from .image_inputs import fit_to_model_size
 
 
@@ -148,7 +149,7 @@ class ExemplarEditor:
                 "generator": torch.Generator().manual_seed(int(seed)),
             }
             if mask is None:
-                output = self.pipe(fitted, **call).images[0]
+                output = edited_images(self.pipe, fitted, **call)[0]
             else:
                 fitted_mask = mask.convert("L").resize(fitted.size, PIL.Image.Resampling.NEAREST)
                 output = self._masked()(fitted, mask_image=fitted_mask, **call).images[0]

@@ -28,6 +28,7 @@ import torch
 from . import toyworld
 from .adapter_files import AdapterLocation
 from .atomic_folder import write_image_atomically
+from .editing import edited_images
 from .evaluation import mean_absolute_error
 from .grids import make_edit_grid
 from .image_inputs import fit_to_model_size, read_image_file
@@ -88,10 +89,11 @@ def check_base_source(base: str) -> str:
         )
     if path.exists() and not path.is_dir():
         raise UsageError(f"--base {base} is a file: pass a pipeline folder (with model_index.json) or a Hub id.")
-    if path.is_dir() and not (path / "model_index.json").is_file():
+    indexes = ("model_index.json", "modular_model_index.json")  # FLUX.3's pipelines are modular only
+    if path.is_dir() and not any((path / index).is_file() for index in indexes):
         raise UsageError(
             f"--base {base} holds no model_index.json: pass a diffusers pipeline folder of FLUX.2 [klein] or "
-            "FLUX.1 Kontext, or its Hub id."
+            "FLUX.1 Kontext (or FLUX.3's, with its modular_model_index.json), or its Hub id."
         )
     return _model_source(base, "--base")
 
@@ -171,15 +173,17 @@ def _fit_to_model(pipe, images: list[PIL.Image.Image], names: list[str], back_to
 
 
 def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.device | str | None = None):
-    """The pipeline of `--base` (FLUX.2 [klein] or FLUX.1 Kontext [dev], as its model index says, without its text
-    encoders: the adapter brings the empty prompt's embeddings; bfloat16 on CUDA) and `--adapter`, or the embedded
-    toy model (with `adapter` instead of its own, if given).
+    """The pipeline of `--base` (FLUX.2 [klein], FLUX.1 Kontext [dev] or FLUX.3, as its model index says, without its
+    text encoders: the adapter brings the empty prompt's embeddings; bfloat16 on CUDA) and `--adapter`, or the
+    embedded toy model (with `adapter` instead of its own, if given). FLUX.3's is a modular pipeline.
 
     Args:
-        base: a Hub id or folder of a FLUX.2 [klein] or FLUX.1 Kontext pipeline, or None for the toy model.
+        base: a Hub id or folder of a FLUX.2 [klein], FLUX.1 Kontext or FLUX.3 pipeline, or None for the toy model.
         adapter: a Hub id or folder of a Delta-Adapter (required with `base`).
         device: where to move the pipeline (default: where it loads, the CPU).
     """
+    from diffusers.modular_pipelines import ModularPipeline
+
     from .backbones import BACKBONES
     from .pipelines import delta_pipeline_for
 
@@ -200,8 +204,12 @@ def load_edit_pipeline(base: str | None, adapter: str | None, device: torch.devi
         except ValueError as error:
             raise UsageError(f"--base: {error}") from None
         # no text encoders: the adapter brings the empty prompt's embeddings
-        text_free = dict.fromkeys(BACKBONES[pipeline_class.backbone].TEXT_COMPONENTS)
-        pipe = pipeline_class.from_pretrained(base, **text_free, dtype=dtype)
+        if issubclass(pipeline_class, ModularPipeline):  # FLUX.3: blocks without the text encoder step
+            pipe = pipeline_class.from_pretrained(base)
+            pipe.load_components(dtype=dtype)
+        else:
+            text_free = dict.fromkeys(BACKBONES[pipeline_class.backbone].TEXT_COMPONENTS)
+            pipe = pipeline_class.from_pretrained(base, **text_free, dtype=dtype)
         pipe.load_delta_adapter(adapter)
     return pipe if device is None else pipe.to(device)
 
@@ -324,7 +332,7 @@ def _edit_as_one_of(state, args: argparse.Namespace, source, target, query, out:
     if mask is not None:
         edited = _masked_edit(pipe, fitted_query, mask, delta_embeds, generator)
     else:
-        edited = pipe(fitted_query, delta_embeds=delta_embeds, generator=generator).images[0]
+        edited = edited_images(pipe, fitted_query, delta_embeds=delta_embeds, generator=generator)[0]
     if edited.size != query.size:
         edited = edited.resize(query.size, PIL.Image.Resampling.BICUBIC)
     write_image_atomically(edited, out)
@@ -396,14 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="With --queries: stop before editing when a query is not a readable image (default: "
                            "edit every other one, name it, and exit with an error at the end).")  # fmt: skip
     edit.add_argument(
-        "--base", default=None, help="FLUX.2 [klein] or FLUX.1 Kontext Hub id or folder (default: the toy model)."
+        "--base", default=None, help="FLUX.2 [klein], FLUX.1 Kontext or FLUX.3 Hub id or folder (default: the toy "
+        "model)."
     )
     edit.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     edit.add_argument("--adapt-steps", type=int, default=0, help="Test-time adaptation steps first (0: none).")
     edit.add_argument("--seed", type=int, default=0, help="Seeds the noise of every edit (and the adaptation).")
     app = commands.add_parser("app", parents=[common], help="Serve the Gradio app (needs the [app] extra).")
     app.add_argument(
-        "--base", default=None, help="FLUX.2 [klein] or FLUX.1 Kontext Hub id or folder (default: the toy model)."
+        "--base", default=None, help="FLUX.2 [klein], FLUX.1 Kontext or FLUX.3 Hub id or folder (default: the toy "
+        "model)."
     )
     app.add_argument("--adapter", default=None, help="Delta-Adapter Hub id or folder.")
     app.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")

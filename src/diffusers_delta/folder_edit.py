@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .atomic_folder import remove_stale_temporaries, write_image_atomically
 from .checks import positive_int
+from .editing import edited_images
 from .image_inputs import read_image_file, read_image_size
 
 
@@ -192,7 +193,7 @@ def edit_folder(
                 continue
             inputs = fit(images) if fit is not None else images
             generators = [query_generator(seed, name, pipe._execution_device) for name in names]
-            outputs = pipe(inputs, delta_embeds=delta_embeds, generator=generators, **call_kwargs).images
+            outputs = edited_images(pipe, inputs, delta_embeds=delta_embeds, generator=generators, **call_kwargs)
             for name, image, output in zip(names, images, outputs):
                 if output.size != image.size:
                     output = output.resize(image.size, PIL.Image.Resampling.BICUBIC)

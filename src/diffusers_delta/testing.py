@@ -137,6 +137,37 @@ def tiny_text_encoder(vocab_size: int, sizes: ModelSizes = TINY) -> Qwen3ForCaus
     return Qwen3ForCausalLM(config).eval()
 
 
+def tiny_qwen3_vl_components(sizes: ModelSizes = TINY) -> dict:
+    """FLUX.3's text components, small: a seeded `Qwen3VLForConditionalGeneration` (3 layers of `sizes.qwen_hidden`,
+    so that 3 stacked layers give the tiny FLUX.3 transformer's text width) as `text_encoder`, and a `Qwen3VLProcessor`
+    around `tiny_tokenizer` as `tokenizer`. Transformers builds Qwen3-VL's processor only beside torchvision."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = tiny_tokenizer()
+    head_dim = sizes.qwen_hidden // 2
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": sizes.qwen_hidden, "intermediate_size": 2 * sizes.qwen_hidden,
+            "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": head_dim,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+            "out_hidden_size": sizes.qwen_hidden, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "deepstack_visual_indexes": [0],
+        },
+    )  # fmt: skip
+    torch.manual_seed(0)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        video_processor=Qwen3VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    return {"text_encoder": Qwen3VLForConditionalGeneration(config).eval(), "tokenizer": processor}
+
+
 def tiny_transformer(sizes: ModelSizes = TINY) -> Flux2Transformer2DModel:
     """A FLUX.2 transformer over 4 latent channels patchified 2x2 (16 input channels)."""
     torch.manual_seed(0)

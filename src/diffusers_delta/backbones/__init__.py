@@ -45,6 +45,26 @@ def backbone_of(transformer) -> ModuleType:
     raise TypeError(f"Delta-Adapter runs on {known}, not on a {cls.__name__}.")
 
 
+def pipeline_class_name(base, **hub_kwargs) -> str:
+    """The `_class_name` of a base pipeline folder or Hub repo: its `model_index.json`'s, else its
+    `modular_model_index.json`'s (FLUX.3 has only modular pipelines).
+
+    Args:
+        base: a folder or Hub id.
+        hub_kwargs: `revision`, `cache_dir`, ... as `load_config` takes them.
+
+    Raises:
+        OSError: neither index could be read; KeyError: the index names no class.
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.modular_pipelines import ModularPipeline
+
+    try:
+        return DiffusionPipeline.load_config(base, **hub_kwargs)["_class_name"]
+    except (OSError, KeyError):
+        return ModularPipeline.load_config(base, **hub_kwargs)["_class_name"]
+
+
 def backbone_of_pipeline(class_name: str) -> ModuleType:
     """The backbone module of a pipeline folder, by its `model_index.json`'s `_class_name`.
 

@@ -19,6 +19,7 @@ from diffusers.modular_pipelines import (
 )
 from tqdm.auto import tqdm
 
+from ..adapter_files import default_feature_extractor
 from ..backbones import flux1, flux2, flux3
 from ..loaders import DeltaAdapterMixin
 from .blocks import delta_blocks
@@ -88,6 +89,33 @@ class DeltaModularPipelineMixin(DeltaAdapterMixin):
                 and getattr(self, name, None) is None
             ]
         super().load_components(names=names, workflow=workflow, **kwargs)
+
+    def update_components(self, **components) -> None:
+        """Upstream's `update_components`; a `delta_adapter` among them is put in place as a classic Delta pipeline's
+        `__init__` takes one: as it is (an adapter in training stays trainable, in its dtype), checked against the
+        transformer and the `image_encoder` (given here or before), the transformer routed through it. A saved
+        adapter loads with `load_delta_adapter`.
+
+        Args:
+            components: the components by name, as upstream's (`transformer=...`, `delta_adapter=...`, ...).
+        """
+        adapter = components.pop("delta_adapter", None)
+        if adapter is not None:
+            image_encoder = components.get("image_encoder", getattr(self, "image_encoder", None))
+            if image_encoder is None:
+                raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
+            if components.get("feature_extractor", getattr(self, "feature_extractor", None)) is None:
+                components["feature_extractor"] = default_feature_extractor(image_encoder)  # as loading does
+        if components:
+            super().update_components(**components)
+        if adapter is not None:
+            self._check_adapter_fits(adapter.config, self.image_encoder)
+            if self._delta_original_processors is None:
+                self._delta_original_processors = dict(self.transformer.attn_processors)
+                self._delta_original_empty_prompt = self._empty_prompt()
+            self._set_delta_components(delta_adapter=adapter)
+            self._attach_delta_processors(adapter)
+            self._remember_loaded_adapter(adapter, getattr(adapter.config, "_name_or_path", "delta_adapter"))
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Sets the progress bars' tqdm arguments (e.g. `disable=True`): the denoise loop's, wherever it sits among

@@ -1,0 +1,37 @@
+"""One way to call any Delta-Adapter pipeline, classic or modular, on a query or a batch of queries."""
+
+from __future__ import annotations
+
+import PIL.Image
+import torch
+from diffusers.modular_pipelines import ModularPipeline
+
+
+def edited_images(
+    pipe,
+    images: PIL.Image.Image | list[PIL.Image.Image],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    **kwargs,
+) -> list[PIL.Image.Image]:
+    """The edits of one query or a list of queries (one output each), whatever the pipeline's kind.
+
+    A classic pipeline (`FluxDeltaEditPipeline`, ...) edits the list as one batch and gives its `.images`; a modular
+    one (`Flux3DeltaModularPipeline`, ...) is called once per query, since its `image` holds the references of one
+    output, not a batch, and gives its `images` output.
+
+    Args:
+        pipe: a Delta-Adapter pipeline with an adapter loaded.
+        images: the queries.
+        generator: one generator, or one per query.
+        kwargs: the rest of the call (`exemplar` or `delta_embeds`, `num_inference_steps`, ...).
+    """
+    if not isinstance(pipe, ModularPipeline):
+        return pipe(images, generator=generator, **kwargs).images
+    queries = images if isinstance(images, list) else [images]
+    generators = generator if isinstance(generator, list) else [generator] * len(queries)
+    if len(generators) != len(queries):
+        raise ValueError(f"{len(generators)} generators for {len(queries)} queries: give one per query, or one.")
+    edited = []
+    for query, query_generator in zip(queries, generators):
+        edited.extend(pipe(image=query, generator=query_generator, output="images", **kwargs))
+    return edited
