@@ -278,3 +278,30 @@ def test_the_cli_edits_with_a_flux3_base_a_query_and_a_folder_as_the_pipeline_do
     assert output.size == QUERY.size and np.array_equal(np.asarray(output), np.asarray(reference))
     with pytest.raises(ValueError, match="use Flux3DeltaModularPipeline with it"):
         editor.edit(*EXEMPLAR, [QUERY], mask=PIL.Image.new("L", QUERY.size, 255))
+
+
+def test_guidance_runs_from_no_edit_towards_the_edit(flux3_folders):
+    from diffusers_delta.modular.guidance import NoEditGuidance
+
+    base, adapter_folder, _, delta_class = flux3_folders
+    if delta_class is not Flux3DeltaModularPipeline:
+        pytest.skip("the distilled FLUX.3 takes no guidance")
+    pipe = delta_class.from_pretrained(base)
+    pipe.load_components(dtype=torch.float32)
+    pipe.load_delta_adapter(adapter_folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.guider, NoEditGuidance) and not pipe.guider._enabled and pipe.guider.guidance_scale > 1
+
+    def run(**kwargs):
+        return pipe(image=QUERY, exemplar=EXEMPLAR, generator=torch.Generator().manual_seed(0), **STEPS, **kwargs)
+
+    unedited, edited = run(delta_scale=0.0), run()
+    pipe.guider.enable()
+    strengths = []  # the edit's strength in each transformer pass, as the processors read it
+    hook = pipe.transformer.register_forward_hook(lambda module, *_: strengths.append(module._delta_call.scale))
+    guided = run()
+    hook.remove()
+    assert strengths == [None, 0.0] * STEPS["num_inference_steps"]  # the edit (default strength), then none
+    assert torch.equal(run(delta_scale=0.0), unedited)  # nothing to guide towards: the unedited output
+    assert (guided - unedited).abs().mean() > (edited - unedited).abs().mean()  # the edit, amplified
+    assert not pipe.transformer._delta_call.edit_off  # the flag goes with the pass

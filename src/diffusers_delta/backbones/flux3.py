@@ -62,12 +62,13 @@ class DeltaCall:
         self.tokens: torch.Tensor | None = None  # (B, N, D_edit)
         self.scale: float | None = None
         self.handle = None  # the pre-hook's handle
+        self.edit_off = False  # set around a guider's unconditional pass (`NoEditGuidance`): the edit is left out
 
     def take(self, module, args, kwargs):
         """The forward pre-hook: moves the edit's keys of `attention_kwargs` here (None when the call has none)."""
         attention_kwargs = kwargs.get("attention_kwargs") or {}
         self.tokens = attention_kwargs.get("delta_hidden_states")
-        self.scale = attention_kwargs.get("delta_scale")
+        self.scale = 0.0 if self.edit_off else attention_kwargs.get("delta_scale")
         if not any(key in attention_kwargs for key in EDIT_KWARGS):
             return None
         rest = {key: value for key, value in attention_kwargs.items() if key not in EDIT_KWARGS}

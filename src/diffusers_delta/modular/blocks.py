@@ -212,6 +212,13 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
                 description="(1, L, D_txt) the empty prompt's embeddings",
             ),
             OutputParam("pooled_prompt_embeds", type_hint=torch.Tensor, description="(1, D_pooled), or None"),
+            OutputParam(
+                "negative_prompt_embeds",
+                kwargs_type="denoiser_input_fields",
+                type_hint=torch.Tensor,
+                description="the same empty prompt's, when the pipeline's guider wants an unconditional pass "
+                "(FLUX.3's `NoEditGuidance`: the pass without the edit); else None",
+            ),
         ]
 
     @torch.no_grad()
@@ -219,6 +226,7 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
         """Puts the empty prompt's embeddings into the state."""
         _require_delta_loader(components)
         block_state = self.get_block_state(state)
+        block_state.negative_prompt_embeds = None
         if block_state.prompt_embeds is not None:  # given for this call
             self.set_block_state(state, block_state)
             return components, state
@@ -229,6 +237,8 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
         block_state.prompt_embeds = conditioning["prompt_embeds"].to(device)
         pooled = conditioning.get("pooled_prompt_embeds")
         block_state.pooled_prompt_embeds = None if pooled is None else pooled.to(device)
+        if getattr(components, "requires_unconditional_embeds", False):  # a guider's pass without the edit
+            block_state.negative_prompt_embeds = block_state.prompt_embeds
         self.set_block_state(state, block_state)
         return components, state
 

@@ -23,6 +23,7 @@ from ..adapter_files import default_feature_extractor
 from ..backbones import flux1, flux2, flux3
 from ..loaders import DeltaAdapterMixin
 from .blocks import delta_blocks
+from .guidance import NoEditGuidance
 
 
 #: The components `load_delta_adapter` brings, which `load_components` leaves alone.
@@ -163,9 +164,9 @@ class Flux3DeltaModularPipeline(DeltaModularPipelineMixin, Flux3ModularPipeline)
     """A `Flux3ModularPipeline` that edits by example: `pipe(image=query, exemplar=(source, target))`.
 
     Its default blocks are `Flux3AutoBlocks` with the Delta-Adapter step and the stored empty prompt (Qwen3-VL's), the
-    prompt upsampler dropped. Text-free, its classifier-free guidance would run between two empty prompts, which
-    changes nothing at twice the cost, so its guider starts disabled (`pipe.guider.enable()` turns it back on, with a
-    `negative_prompt_embeds` given).
+    prompt upsampler dropped. Text-free, classifier-free guidance between two empty prompts would change nothing at
+    twice the cost, so its guider is a `NoEditGuidance` (from "no edit" towards the exemplar's edit, at upstream's
+    scale), disabled: `pipe.guider.enable()` turns it on.
     """
 
     backbone = flux3.NAME
@@ -173,8 +174,11 @@ class Flux3DeltaModularPipeline(DeltaModularPipelineMixin, Flux3ModularPipeline)
 
     def __init__(self, blocks: SequentialPipelineBlocks | None = None, pretrained_model_name_or_path=None, **kwargs):
         super().__init__(blocks, pretrained_model_name_or_path, **kwargs)
-        if getattr(self, "guider", None) is not None and "text_encoder" not in self._component_specs:
-            self.guider.disable()
+        guider = getattr(self, "guider", None)
+        if guider is not None and "text_encoder" not in self._component_specs:
+            guidance = NoEditGuidance.from_config(guider.config)  # upstream's settings, the scale among them
+            guidance.disable()
+            self.update_components(guider=guidance)
 
 
 class Flux3DistilledDeltaModularPipeline(DeltaModularPipelineMixin, Flux3DistilledModularPipeline):
