@@ -324,16 +324,22 @@ def adaptation(pipe, size: int, edit_flops: float) -> dict[str, float]:
     alternatives, and the same at the pair's own size; and the peak of a step beyond the weights (GB)."""
     image = PIL.Image.new("RGB", (size, size))
     resolution = AdaptationConfig().resolution
+    one_size = pipe.config.get("image_size")  # fixed here for Kontext's edits; a user's pipeline knows no one size
+
+    def encode(scaled: bool) -> dict:
+        pipe.register_to_config(image_size=None if scaled else one_size)  # so that adaptation may scale it down
+        try:
+            return pipe._encode_pair_for_training(image, image, torch.device("meta"), resolution if scaled else None)
+        finally:
+            pipe.register_to_config(image_size=one_size)
+
     results = {}
     for label, frozen, checkpointing, scaled in (
         ("default", True, "image", True), ("all", True, "all", True), ("none", True, "none", True),
         ("not frozen", False, "image", True), ("full size", True, "image", False),
     ):  # fmt: skip
-        def encode(scaled=scaled):
-            return pipe._encode_pair_for_training(image, image, torch.device("meta"), resolution if scaled else None)
-
-        encoding, _ = count(encode)
-        pair = encode()
+        encoding, _ = count(lambda scaled=scaled: encode(scaled))
+        pair = encode(scaled)
         objective = objective_for(pipe, frozen, checkpointing)
         step, _ = count(training_step(objective, pair, 1))
         results[label] = (encoding + ADAPTATION_STEPS * step) / edit_flops
