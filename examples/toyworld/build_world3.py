@@ -56,10 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter_steps", type=int, default=16000, help="Adapter training steps.")
     parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
     parser.add_argument("--pooled", action="store_true", help="Also train the pooled-MLP ablation adapter.")
+    parser.add_argument("--pooled_steps", type=int, default=None,
+                        help="Its training steps (default: --adapter_steps). Fewer is compared with the adapter's "
+                        "checkpoint of the same step (world3_quality.py --adapter), as the dense-against-pooled "
+                        "comparison at equal training.")  # fmt: skip
     parser.add_argument("--export", action="store_true", help="Replace the shipped model with this build's.")
     parser.add_argument("--export_dir", default=str(build_default_model.PACKAGE_MODEL_DIR),
                         help="Where --export puts the model (default: the package's, which ships).")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def adapter_steps(args: argparse.Namespace) -> dict[str, int]:
+    """The adapters the build trains, with their training steps: the adapter, and with `--pooled` the ablation."""
+    pooled = {"adapter_pooled_mlp": args.pooled_steps or args.adapter_steps} if args.pooled else {}
+    return {"adapter": args.adapter_steps} | pooled
 
 
 def report_progress(args: argparse.Namespace, work: Path) -> None:
@@ -72,16 +82,16 @@ def report_progress(args: argparse.Namespace, work: Path) -> None:
         state = work / f"{stage}_checkpoint" / train_base_editor.CHECKPOINT_STATE_NAME
         return torch.load(state, weights_only=True)["step"] if state.is_file() else 0
 
-    def adapter_done(folder: Path) -> int:
+    def adapter_done(folder: Path, steps: int) -> int:
         if (folder / "diffusion_pytorch_model.safetensors").is_file():
-            return args.adapter_steps
+            return steps
         saved = train_delta_adapter.checkpoint_steps(str(folder))
         return saved[-1] if saved else 0
 
     parts = [("VAE", stage_done("vae", args.vae_steps), args.vae_steps, "vae"),
              ("base editor", stage_done("base", args.base_steps), args.base_steps, "base")]  # fmt: skip
-    for name in ["adapter"] + (["adapter_pooled_mlp"] if args.pooled else []):
-        parts.append((name, adapter_done(work / name), args.adapter_steps, "adapter"))
+    for name, steps in adapter_steps(args).items():
+        parts.append((name, adapter_done(work / name, steps), steps, "adapter"))
     left = sum((total - done) * SECONDS_PER_STEP[key] for _, done, total, key in parts)
     states = ", ".join(f"{n} {'done' if d >= t else f'{d}/{t} steps'}" for n, d, t, _ in parts)
     print(f"build in {work}: {states}; about {left / 3600:.1f} h of training left on 2 CPU cores", flush=True)
@@ -137,12 +147,13 @@ def build(args: argparse.Namespace, work: Path) -> None:
         print(f"stage 5/6: {args.pairs} training pairs, each its own edit")
         with atomic_folder(work / "pairs") as staging:
             toyworld.write_space_pairs(staging, args.pairs, seed=args.seed)
-    adapters = {"adapter": "perceiver"} | ({"adapter_pooled_mlp": "pooled_mlp"} if args.pooled else {})
-    for name, projection in adapters.items():
+    projections = {"adapter": "perceiver", "adapter_pooled_mlp": "pooled_mlp"}
+    for name, steps in adapter_steps(args).items():
         if not (work / name / "diffusion_pytorch_model.safetensors").is_file():  # resumes from its checkpoints
             print(f"stage 6/6: {name}")
+            run = argparse.Namespace(**{**vars(args), "adapter_steps": steps})
             train_delta_adapter.main(train_delta_adapter.parse_args(build_default_model.adapter_arguments(
-                args, work, work / name, args.lambda_delta, projection
+                run, work, work / name, args.lambda_delta, projections[name]
             )))  # fmt: skip
     if args.export:
         build_default_model.export(work, Path(args.export_dir), max_bytes=build_world2.MAX_EXPORT_BYTES)
