@@ -17,12 +17,22 @@ class NoEditGuidance(ClassifierFreeGuidance):
     """
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        """Upstream's preparation of a pass, and the edit switched off for the unconditional one.
+
+        Args:
+            denoiser: the transformer the pass runs.
+        """
         super().prepare_models(denoiser)
         call = getattr(denoiser, "_delta_call", None)
         if call is not None:
             call.edit_off = not self.is_conditional
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        """The edit back on after a pass, then upstream's clean-up.
+
+        Args:
+            denoiser: the transformer the pass ran.
+        """
         call = getattr(denoiser, "_delta_call", None)
         if call is not None:
             call.edit_off = False
