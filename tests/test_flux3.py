@@ -233,6 +233,8 @@ def test_an_adapter_in_memory_goes_in_with_update_components_as_it_is_and_edits_
     adapter = DeltaAdapterModel.from_pretrained(adapter_folder).train()  # as a training run holds it
     with pytest.raises(ValueError, match="needs its image_encoder"):
         in_memory.update_components(delta_adapter=adapter)
+    with pytest.raises(ValueError, match="unload_delta_adapter"):
+        loaded.update_components(delta_adapter=None)
     in_memory.update_components(image_encoder=SiglipVisionModel.from_pretrained(adapter_folder / "image_encoder"),
                                 delta_adapter=adapter)  # fmt: skip
     in_memory._restore_empty_prompt(loaded._empty_prompt())

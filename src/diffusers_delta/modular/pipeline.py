@@ -100,6 +100,9 @@ class DeltaModularPipelineMixin(DeltaAdapterMixin):
         Args:
             components: the components by name, as upstream's (`transformer=...`, `delta_adapter=...`, ...).
         """
+        if "delta_adapter" in components and components["delta_adapter"] is None:
+            raise ValueError("update_components(delta_adapter=None) would leave the processors in place: call "
+                             "unload_delta_adapter() to take the adapter off.")  # fmt: skip
         adapter = components.pop("delta_adapter", None)
         if adapter is not None:
             image_encoder = components.get("image_encoder", getattr(self, "image_encoder", None))
