@@ -57,7 +57,8 @@ def test_only_the_chosen_part_of_the_adapter_moves(pipe, trainable, tmp_path):
                      else {"double_blocks", "single_blocks"})  # fmt: skip
     assert all(not p.requires_grad for p in pipe.delta_adapter.parameters())
     pipe.save_delta_adapter(tmp_path)
-    assert f"moving only its `{trainable}` weights" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert f"moving only its `{trainable}` weights" in card and "on the pair at most 512² (scaled down when larger)" in card
     with pytest.raises(ValueError, match="trainable must be one of"):
         AdaptationConfig(trainable="blocks")
 
@@ -205,7 +206,7 @@ def test_an_anchor_keeps_the_adapter_nearer_the_weights_it_started_from(pipe):
     assert moved() < 0.5 * free
 
 
-def test_early_stopping_keeps_the_weights_of_its_best_held_out_measurement(pipe):
+def test_early_stopping_keeps_the_weights_of_its_best_held_out_measurement(pipe, tmp_path):
     """Held-out losses are measured at the start and every `eval_every` steps on a view it does not train on; the
     weights kept are those of the lowest one (the start's, when none beats it)."""
     start = state(pipe.delta_adapter)
@@ -219,6 +220,10 @@ def test_early_stopping_keeps_the_weights_of_its_best_held_out_measurement(pipe)
         assert same(start, state(pipe.delta_adapter))
     again = adapt(pipe, config=config)
     assert again.held_out == result.held_out  # deterministic with a generator
+    pipe.save_delta_adapter(tmp_path)  # the card says how it was adapted, guards included
+    assert "on its `flip_crop` views, keeping the weights of its best held-out measurement" in (
+        tmp_path / "README.md"
+    ).read_text()
     edited = edit(pipe)
     pipe.reset_delta_adapter()
     assert same(start, state(pipe.delta_adapter)) and edited.shape == (1, 64, 64, 3)

@@ -460,7 +460,8 @@ class DeltaAdaptationMixin:
             "learning_rate": config.learning_rate,
             "lambda_delta": config.lambda_delta,
             "trainable": config.trainable,
-            **{name: getattr(config, name) for name in ("augment", "anchor_weight", "early_stopping", "resolution")
+            "resolution": config.resolution,
+            **{name: getattr(config, name) for name in ("augment", "anchor_weight", "early_stopping")
                if getattr(config, name) != getattr(AdaptationConfig, name)},
         }  # fmt: skip
         return result
