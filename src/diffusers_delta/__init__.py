@@ -14,11 +14,11 @@ from .pipelines import (
     compute_empty_prompt_embeds,
 )
 from .semantic_delta import SiglipPreprocessor, semantic_delta
+from .version import __version__
 
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
+    "__version__",
     "DeltaAdapterMixin",
     "DeltaAdapterModel",
     "Flux2DeltaAttnProcessor",

@@ -22,6 +22,7 @@ from ..checks import finite_float, positive_int
 from ..hub import push_folder
 from ..loaders import DeltaAdapterMixin
 from ..models.delta_adapter import DeltaAdapterModel
+from ..version import __version__
 
 
 #: A saved step's module file, and the distribution its `modular_config.json` requires.
@@ -123,8 +124,6 @@ class DeltaAdapterStep(ModularPipelineBlocks):
             token: the Hub token for the upload.
             private: create the repo private.
         """
-        from .. import __version__
-
         self.register_to_config(
             auto_map={"ModularPipelineBlocks": f"{BLOCK_MODULE}.{type(self).__name__}"},
             requirements={DISTRIBUTION: f">={__version__}"},
