@@ -305,5 +305,7 @@ def test_guidance_runs_from_no_edit_towards_the_edit(flux3_folders):
     hook.remove()
     assert strengths == [None, 0.0] * STEPS["num_inference_steps"]  # the edit (default strength), then none
     assert torch.equal(run(delta_scale=0.0), unedited)  # nothing to guide towards: the unedited output
+    other = torch.randn(PROMPT.shape, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(run(negative_prompt_embeds=other), guided)  # a given negative prompt is used, not replaced
     assert (guided - unedited).abs().mean() > (edited - unedited).abs().mean()  # the edit, amplified
     assert not pipe.transformer._delta_call.edit_off  # the flag goes with the pass

@@ -196,6 +196,7 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
         return [
             InputParam("prompt_embeds", type_hint=torch.Tensor, description="Embeddings to use instead."),
             InputParam("pooled_prompt_embeds", type_hint=torch.Tensor, description="Pooled ones (FLUX.1)."),
+            InputParam("negative_prompt_embeds", type_hint=torch.Tensor, description="Unconditional ones to use."),
             InputParam("max_sequence_length", type_hint=int, default=512),
             InputParam("text_encoder_out_layers", type_hint=tuple[int], default=(9, 18, 27)),
         ]
@@ -215,8 +216,8 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
                 "negative_prompt_embeds",
                 kwargs_type="denoiser_input_fields",
                 type_hint=torch.Tensor,
-                description="the same empty prompt's, when the pipeline's guider wants an unconditional pass "
-                "(FLUX.3's `NoEditGuidance`: the pass without the edit); else None",
+                description="those given; else, when the pipeline's guider wants an unconditional pass (FLUX.3's "
+                "`NoEditGuidance`: the pass without the edit), the prompt's own; else None",
             ),
         ]
 
@@ -225,19 +226,16 @@ class DeltaEmptyPromptStep(ModularPipelineBlocks):
         """Puts the empty prompt's embeddings into the state."""
         _require_delta_loader(components)
         block_state = self.get_block_state(state)
-        block_state.negative_prompt_embeds = None
-        if block_state.prompt_embeds is not None:  # given for this call
-            self.set_block_state(state, block_state)
-            return components, state
-        conditioning = components._text_conditioning(
-            "", block_state.max_sequence_length, block_state.text_encoder_out_layers
-        )
-        device = components._execution_device
-        block_state.prompt_embeds = conditioning["prompt_embeds"].to(device)
-        pooled = conditioning.get("pooled_prompt_embeds")
-        block_state.pooled_prompt_embeds = None if pooled is None else pooled.to(device)
-        if getattr(components, "requires_unconditional_embeds", False):  # a guider's pass without the edit
-            block_state.negative_prompt_embeds = block_state.prompt_embeds
+        if block_state.prompt_embeds is None:  # none given for this call
+            conditioning = components._text_conditioning(
+                "", block_state.max_sequence_length, block_state.text_encoder_out_layers
+            )
+            device = components._execution_device
+            block_state.prompt_embeds = conditioning["prompt_embeds"].to(device)
+            pooled = conditioning.get("pooled_prompt_embeds")
+            block_state.pooled_prompt_embeds = None if pooled is None else pooled.to(device)
+        if block_state.negative_prompt_embeds is None and getattr(components, "requires_unconditional_embeds", False):
+            block_state.negative_prompt_embeds = block_state.prompt_embeds  # a guider's pass without the edit
         self.set_block_state(state, block_state)
         return components, state
 
