@@ -70,6 +70,7 @@ from diffusers_delta.data import (
     collate_pairs,
     relation_split,
 )
+from diffusers_delta.editing import edited_images
 from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.hub import EXAMPLE_FILES, push_folder, render_model_card
 from diffusers_delta.losses import loss_weighting, sample_sigmas
@@ -604,7 +605,9 @@ def step_generator(args, step: int, micro_step: int, accelerator: Accelerator) -
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
 
-def empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_dtype, scheduler) -> dict:
+def empty_prompt_embeds(
+    args, backbone, pipeline_class, transformer, base, hub, device, weight_dtype, scheduler
+) -> dict:
     """The empty prompt's embeddings by name: from --empty_prompt_embeds, or computed once with the base's text
     encoders (which are then dropped: the adapter folder carries the result, so its users never load them)."""
     if args.empty_prompt_embeds:
@@ -614,7 +617,7 @@ def empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_d
             transformer.config.get("pooled_projection_dim"),
         )
     if backbone.PIPELINE_CLASS is None:  # modular only (FLUX.3): its text components load through its index
-        text_pipe = delta_pipeline_for(base, **hub).from_pretrained(base, text_free=False, **hub)
+        text_pipe = pipeline_class.from_pretrained(base, text_free=False, **hub)
         text_pipe.load_components(names=list(backbone.TEXT_COMPONENTS), variant=args.variant)
         text_pipe.text_encoder.to(device, weight_dtype)
     else:
@@ -651,7 +654,7 @@ def base_backbone(base: str, hub: dict):
     return backbone_of_pipeline(class_name)
 
 
-def load_base(args, backbone, base: str, hub: dict) -> tuple:
+def load_base(args, backbone, pipeline_class, base: str, hub: dict) -> tuple:
     """The base's scheduler, VAE and transformer: from its subfolders, as a classic pipeline lays them out, or, for a
     backbone with only modular pipelines (FLUX.3), through its Delta-Adapter modular pipeline's `load_components`
     (its index may point at other repos; its scheduler is made from the blocks' config)."""
@@ -662,7 +665,7 @@ def load_base(args, backbone, base: str, hub: dict) -> tuple:
             base, subfolder="transformer", variant=args.variant, **hub
         )
         return scheduler, vae, transformer
-    pipe = delta_pipeline_for(base, **hub).from_pretrained(base, **hub)
+    pipe = pipeline_class.from_pretrained(base, **hub)
     pipe.load_components(names=["transformer", "vae"], variant=args.variant)
     return pipe.scheduler, pipe.vae, pipe.transformer
 
@@ -817,21 +820,21 @@ def resolve_resume(args) -> str | None:
 
 
 @torch.no_grad()
-def render_validation(args, accelerator, objective, scheduler, feature_extractor, empty_prompt, step):
-    """Edits each validation query by its exemplar and returns the grid (exemplar src → tgt | query | output)."""
+def render_validation(args, accelerator, objective, pipeline_class, scheduler, feature_extractor, empty_prompt, step):
+    """Edits each validation query by its exemplar with `pipeline_class` around the models in training, and returns
+    the grid (exemplar src → tgt | query | output)."""
     model = accelerator.unwrap_model(objective)
     backbone = backbone_of(model.transformer)
     components = {
         "scheduler": scheduler, "vae": model.vae, "transformer": model.transformer,
         "image_encoder": model.image_encoder, "feature_extractor": feature_extractor, "delta_adapter": model.adapter,
     }  # fmt: skip
-    if backbone.PIPELINE_CLASS is None:  # modular only (FLUX.3): the base's Delta-Adapter modular pipeline
-        hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-        pipe = delta_pipeline_for(args.pretrained_model_name_or_path, **hub)()
+    if backbone.PIPELINE_CLASS is None:  # modular only (FLUX.3)
+        pipe = pipeline_class()
         pipe.update_components(**components)
-        call = {"output": "images"}  # the state's images
+        call = {}
     else:
-        pipe = DELTA_PIPELINES[backbone.NAME](**components, **dict.fromkeys(backbone.TEXT_COMPONENTS))
+        pipe = pipeline_class(**components, **dict.fromkeys(backbone.TEXT_COMPONENTS))
         call = {"max_sequence_length": args.max_sequence_length}
     if backbone.NAME == "flux1":  # Kontext would give the query its preferred resolution (about 1024²)
         call.update(max_area=args.resolution**2, _auto_resize=False)  # validate at the training resolution
@@ -844,15 +847,15 @@ def render_validation(args, accelerator, objective, scheduler, feature_extractor
             torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(args.num_validation_images)
         ]
         with accelerator.autocast():
-            edited = pipe(
-                image=query.resize((args.resolution, args.resolution)),
+            edited = edited_images(
+                pipe,
+                query.resize((args.resolution, args.resolution)),
                 exemplar=(source, target),
                 generator=generators,
                 num_images_per_prompt=args.num_validation_images,
                 num_inference_steps=args.validation_inference_steps,
                 **call,
             )
-        edited = edited if isinstance(edited, list) else edited.images
         rows.append([source, target, query, *edited])
     outputs = ["output"] if args.num_validation_images == 1 else [f"output {i + 1}" for i in range(len(edited))]
     grid = make_edit_grid(rows, ["exemplar source", "exemplar target", "query", *outputs])
@@ -961,13 +964,17 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
             f"--lora_rank: a LoRA beside the adapter is trained on FLUX.2 [klein] and FLUX.1 Kontext bases, not yet "
             f"on {backbone.FAMILY} ({base}). Train the adapter alone (leave out --lora_rank)."
         )
-    scheduler, vae, transformer = load_base(args, backbone, base, hub)
+    # The Delta-Adapter pipeline that validates (and, for a backbone with only modular pipelines, loads) the base
+    pipeline_class = DELTA_PIPELINES.get(backbone.NAME) or delta_pipeline_for(base, **hub)
+    scheduler, vae, transformer = load_base(args, backbone, pipeline_class, base, hub)
     image_encoder = SiglipVisionModel.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     try:
         feature_extractor = SiglipImageProcessorPil.from_pretrained(args.image_encoder, cache_dir=args.cache_dir)
     except OSError:
         feature_extractor = default_feature_extractor(image_encoder)
-    empty_prompt = empty_prompt_embeds(args, backbone, transformer, base, hub, device, weight_dtype, scheduler)
+    empty_prompt = empty_prompt_embeds(
+        args, backbone, pipeline_class, transformer, base, hub, device, weight_dtype, scheduler
+    )
 
     for model in (vae, transformer, image_encoder):
         model.requires_grad_(False)
@@ -1195,7 +1202,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
                     and accelerator.is_main_process
                 ):
                     render_validation(
-                        args, accelerator, objective, scheduler, feature_extractor, empty_prompt, global_step
+                        args, accelerator, objective, pipeline_class, scheduler, feature_extractor, empty_prompt,
+                        global_step,
                     )
                 if global_step >= args.max_train_steps:
                     break
@@ -1213,7 +1221,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> None:
         grid = None
         if args.validation_exemplar:
             grid = render_validation(
-                args, accelerator, objective, scheduler, feature_extractor, empty_prompt, global_step
+                args, accelerator, objective, pipeline_class, scheduler, feature_extractor, empty_prompt, global_step
             )
         save_release(args, model, feature_extractor, empty_prompt, grid, global_step, accelerator.num_processes)
         summary["rank_fingerprints"] = fingerprints.tolist()

@@ -270,6 +270,11 @@ def test_the_cli_edits_with_a_flux3_base_a_query_and_a_folder_as_the_pipeline_do
     pipe.load_delta_adapter(adapter_folder)
     pipe.set_progress_bar_config(disable=True)
     expected = edited_images(pipe, QUERY, exemplar=EXEMPLAR, generator=torch.Generator().manual_seed(0))[0]
+    two = edited_images(pipe, QUERY, exemplar=EXEMPLAR, num_images_per_prompt=2,
+                        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)])  # fmt: skip
+    first, second = (np.asarray(image, dtype=np.int16) for image in two)
+    assert np.abs(first - np.asarray(expected, dtype=np.int16)).max() <= 2  # the same seed (batched: within rounding)
+    assert np.abs(first - second).max() > 2  # each image its own generator
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "edited.png")), np.asarray(expected))
     from diffusers_delta.app import ExemplarEditor
 

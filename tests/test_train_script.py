@@ -713,7 +713,8 @@ def test_a_flux3_base_trains_releases_an_adapter_that_edits_text_free_and_resume
              "--empty_prompt_embeds", str(root / "empty_prompt_embeds.safetensors")]  # fmt: skip
     pair = [str(folders / "pairs" / name / "0.png") for name in ("source", "target", "source")]
     common = [*flux3, "--train_data_dir", str(folders / "pairs"), "--max_train_steps", "4", "--checkpointing_steps",
-              "2", "--validation_exemplar", *pair, "--validation_steps", "4", "--validation_inference_steps", "2"]
+              "2", "--validation_exemplar", *pair, "--validation_steps", "4", "--validation_inference_steps", "2",
+              "--num_validation_images", "2"]
     train_delta_adapter.main(train_delta_adapter.parse_args(arguments(folders, tmp_path / "whole", *common)))
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["backbone"] == "flux3"
     assert PIL.Image.open(tmp_path / "whole" / "validation.png").size[1] >= 64  # edited by the modular pipeline

@@ -13,25 +13,27 @@ def edited_images(
     generator: torch.Generator | list[torch.Generator] | None = None,
     **kwargs,
 ) -> list[PIL.Image.Image]:
-    """The edits of one query or a list of queries (one output each), whatever the pipeline's kind.
+    """The edits of one query or a list of queries, whatever the pipeline's kind.
 
     A classic pipeline (`FluxDeltaEditPipeline`, ...) edits the list as one batch and gives its `.images`; a modular
-    one (`Flux3DeltaModularPipeline`, ...) is called once per query, since its `image` holds the references of one
-    output, not a batch, and gives its `images` output.
+    one (`Flux3DeltaModularPipeline`, ...) gives its `images` output, called once per query of a list, since its
+    `image` holds the references of one output, not a batch.
 
     Args:
         pipe: a Delta-Adapter pipeline with an adapter loaded.
-        images: the queries.
-        generator: one generator, or one per query.
+        images: the query, or a list of queries.
+        generator: as the pipeline takes it for one query (one, or one per image of `num_images_per_prompt`); for a
+            list of queries, one, or one per query.
         kwargs: the rest of the call (`exemplar` or `delta_embeds`, `num_inference_steps`, ...).
     """
     if not isinstance(pipe, ModularPipeline):
         return pipe(images, generator=generator, **kwargs).images
-    queries = images if isinstance(images, list) else [images]
-    generators = generator if isinstance(generator, list) else [generator] * len(queries)
-    if len(generators) != len(queries):
-        raise ValueError(f"{len(generators)} generators for {len(queries)} queries: give one per query, or one.")
+    if not isinstance(images, list):
+        return pipe(image=images, generator=generator, output="images", **kwargs)
+    generators = generator if isinstance(generator, list) else [generator] * len(images)
+    if len(generators) != len(images):
+        raise ValueError(f"{len(generators)} generators for {len(images)} queries: give one per query, or one.")
     edited = []
-    for query, query_generator in zip(queries, generators):
+    for query, query_generator in zip(images, generators):
         edited.extend(pipe(image=query, generator=query_generator, output="images", **kwargs))
     return edited
