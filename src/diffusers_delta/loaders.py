@@ -275,9 +275,7 @@ class DeltaAdapterMixin(
             lora_name = self._inject_delta_lora(*incoming.lora, incoming.source_name) if incoming.lora else None
             self._delete_delta_lora()
             self._delta_lora_name = lora_name
-            if self._delta_original_processors is None:
-                self._delta_original_processors = dict(self.transformer.attn_processors)
-                self._delta_original_empty_prompt = self._empty_prompt()
+            self._keep_base_state()
             self._set_delta_components(
                 delta_adapter=incoming.adapter,
                 image_encoder=incoming.image_encoder,
@@ -293,6 +291,21 @@ class DeltaAdapterMixin(
                 self.enable_model_cpu_offload(device=offloaded_to)
             elif sequential_offload:
                 self.enable_sequential_cpu_offload(device=offloaded_to)
+
+    def _adopt_delta_adapter(self, adapter: DeltaAdapterModel) -> None:
+        """Puts an adapter given as a component in place as it is (not cast, not frozen: a classic pipeline's
+        `__init__` and a modular one's `update_components` take one): checked against the transformer and the image
+        encoder, the transformer routed through it, remembered as the loaded one."""
+        self._check_adapter_fits(adapter.config, self.image_encoder)
+        self._keep_base_state()
+        self._attach_delta_processors(adapter)
+        self._remember_loaded_adapter(adapter, getattr(adapter.config, "_name_or_path", "delta_adapter"))
+
+    def _keep_base_state(self) -> None:
+        """What unloading restores, kept as the first adapter goes in: the processors and the empty prompt."""
+        if self._delta_original_processors is None:
+            self._delta_original_processors = dict(self.transformer.attn_processors)
+            self._delta_original_empty_prompt = self._empty_prompt()
 
     def _remember_loaded_adapter(self, adapter: DeltaAdapterModel, source: str) -> None:
         self._delta_loaded_state = copy_state(adapter)

@@ -113,13 +113,8 @@ class DeltaModularPipelineMixin(DeltaAdapterMixin):
         if components:
             super().update_components(**components)
         if adapter is not None:
-            self._check_adapter_fits(adapter.config, self.image_encoder)
-            if self._delta_original_processors is None:
-                self._delta_original_processors = dict(self.transformer.attn_processors)
-                self._delta_original_empty_prompt = self._empty_prompt()
+            self._adopt_delta_adapter(adapter)  # checked first: one that does not fit is not registered
             self._set_delta_components(delta_adapter=adapter)
-            self._attach_delta_processors(adapter)
-            self._remember_loaded_adapter(adapter, getattr(adapter.config, "_name_or_path", "delta_adapter"))
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Sets the progress bars' tqdm arguments (e.g. `disable=True`): the denoise loop's, wherever it sits among

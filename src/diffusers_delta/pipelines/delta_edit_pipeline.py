@@ -68,12 +68,7 @@ class DeltaEditPipelineMixin(DeltaAdapterMixin):
         if delta_adapter is not None:
             if image_encoder is None:
                 raise ValueError("A delta_adapter needs its image_encoder: pass both, or use load_delta_adapter.")
-            self._check_adapter_fits(delta_adapter.config, image_encoder)
-            self._delta_original_processors = dict(self.transformer.attn_processors)
-            self._attach_delta_processors(delta_adapter)
-            self._remember_loaded_adapter(
-                delta_adapter, getattr(delta_adapter.config, "_name_or_path", "delta_adapter")
-            )
+            self._adopt_delta_adapter(delta_adapter)
         self.register_to_config(image_size=None if image_size is None else positive_int(image_size, "image_size"))
 
     def _check_edit_request(
