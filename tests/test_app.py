@@ -177,6 +177,8 @@ def test_the_page_says_which_model_it_serves_and_what_it_knows(model_dir):
     assert "toy-world model" in toy and "64x64" in toy and "photos come out as noise" in toy
     if toyworld.model_world() == showcase.WORLD_1:
         assert all(edit in toy for edit in (*toyworld.SEEN_EDITS, *toyworld.UNSEEN_EDITS))
+    elif toyworld.model_world() == showcase.WORLD_3:
+        assert all(edit in toy for edit in toyworld.edit_space.HELD_OUT_EDITS)
     else:
         assert all(family in toy for family in (*toyworld.SEEN_FAMILIES, *toyworld.HELD_OUT_FAMILIES))
     real = describe_model("black-forest-labs/FLUX.2-klein-4B", "me/my-adapter")

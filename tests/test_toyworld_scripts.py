@@ -26,6 +26,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path[:0] = [str(EXAMPLES / "toyworld"), str(EXAMPLES)]
 import build_default_model  # noqa: E402
 import build_world2  # noqa: E402
+import build_world3  # noqa: E402
 import pretrain_image_encoder  # noqa: E402
 import train_base_editor  # noqa: E402
 import train_delta_adapter  # noqa: E402
@@ -306,6 +307,32 @@ def test_the_world_2_build_runs_its_stages_and_resumes(world2_build, capsys):
     assert not (world2_build / "base_checkpoint").exists()  # spent once base/ is complete
 
 
+def test_the_world_3_build_starts_from_a_world_2_build_runs_its_stages_exports_and_resumes(
+    world2_build, tmp_path, capsys
+):
+    """build_world3.py from a world-2 build's folder: every stage, then an exported world-3 model; run again, it
+    trains nothing; and it refuses to start from a folder whose model is not world 2's (the package's, since world 3
+    ships), naming how to build one."""
+    from diffusers_delta.toyworld import showcase
+
+    work, shipped = tmp_path / "toy3", tmp_path / "shipped"
+    argv = ["--work_dir", str(work), "--world2_dir", str(world2_build), "--vae_steps", "1", "--base_steps", "1",
+            "--base_reuse", "1", "--pairs", "16", "--adapter_steps", "1",
+            "--export", "--export_dir", str(shipped)]  # fmt: skip
+    build_world3.main(build_world3.parse_args(argv))
+    assert "stage 6/6: adapter" in capsys.readouterr().out
+    assert toyworld.model_world(shipped) == showcase.WORLD_3
+    pipe = toyworld.load_pipeline(shipped)
+    pipe.set_progress_bar_config(disable=True)
+    source, target = toyworld.make_pair("sepia", seed=1)
+    assert pipe(source, exemplar=(source, target), output_type="np").images.shape == (1, 64, 64, 3)
+    build_world3.main(build_world3.parse_args(argv))
+    assert "stage " not in capsys.readouterr().out  # every stage complete: nothing trains again
+    with pytest.raises(SystemExit, match=r"holds no world-2 model; build one \(python examples/toyworld/build_world2"):
+        build_world3.main(build_world3.parse_args(["--work_dir", str(tmp_path / "again"), "--world2_dir",
+                                                   str(shipped)]))  # fmt: skip
+
+
 def test_the_world_2_build_says_where_it_stands(tmp_path, capsys):
     work = tmp_path / "build"
     (work / "vae").mkdir(parents=True)
@@ -538,6 +565,41 @@ def test_a_world_2_model_shows_world_2_in_the_demo_the_app_and_its_card(world2_b
     name, seed, *_ = showcase.APP_EXAMPLES[showcase.WORLD_2][-1]
     drawn = PIL.Image.open(examples[-1][1])  # the exemplar target of the adapted example
     assert np.array_equal(np.asarray(drawn), np.asarray(toyworld.make_pair(name, seed)[1]))
+
+
+def test_a_world_3_model_shows_held_out_edits_in_the_demo_the_app_and_its_card(toy3, tmp_path, monkeypatch, capsys):
+    """An exported world-3 model is shown as what it is: the demo's rows are held-out edits labelled as such, one
+    adapted beside its zero-shot row; the app's page and examples and the card's snippet are world 3's."""
+    from diffusers_delta import cli
+    from diffusers_delta.app import _toy_examples, describe_model
+    from diffusers_delta.toyworld import showcase
+
+    shipped = tmp_path / "default_model"
+    build_default_model.export(toy3, shipped)
+    assert toyworld.model_world(shipped) == showcase.WORLD_3
+    out = tmp_path / "demo.png"
+    cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
+    rows = showcase.DEMO_ROWS[showcase.WORLD_3]
+    assert PIL.Image.open(out).size == (170 + 5 * 128, 20 + len(rows) * 128)
+    printed = capsys.readouterr().out.split(" verdict\n")[1].splitlines()[:-1]  # the table's rows
+    assert len(printed) == len(rows) and all("held out: never trained" in line for line in printed)
+    assert all(name in toyworld.edit_space.HELD_OUT_EDITS for name, _ in rows)
+    assert any(steps for _, steps in rows) and any(not steps for _, steps in rows)
+    card = (shipped / "adapter" / "README.md").read_text()
+    assert f'toyworld.make_pair("{rows[0][0]}", seed=0)' in card
+    first = showcase.find_example(showcase.WORLD_3, rows[0][0])
+    assert [np.asarray(i).tobytes() for i in toyworld.make_pair(rows[0][0], 0)] == [
+        np.asarray(i).tobytes() for i in first.pair(0)
+    ]  # the snippet's pair is the demo's
+
+    monkeypatch.setattr(toyworld, "DEFAULT_MODEL_DIR", shipped)
+    assert "sepia" in describe_model(None, None) and "never trained on" in describe_model(None, None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gradio"))
+    (tmp_path / "gradio").mkdir()
+    examples = _toy_examples(toyworld.model_world())
+    name, seed, *_ = showcase.APP_EXAMPLES[showcase.WORLD_3][0]
+    drawn = PIL.Image.open(examples[0][0])  # the first example's exemplar source
+    assert np.array_equal(np.asarray(drawn), np.asarray(toyworld.make_pair(name, seed)[0]))
 
 
 def test_the_demo_refuses_an_edit_its_model_does_not_know_before_loading_it(world2_build, tmp_path, capsys):

@@ -140,3 +140,36 @@ def test_invalid_edits_are_refused_and_unknown_finishes_named():
         Operation("frame", (4.0, 0.0, 0.0, 0.0), "shapes")
     with pytest.raises(ValueError, match="Unknown finish"):
         render(replace(_scene(), finishes=(("emboss", ()),)))
+
+
+def test_make_pair_draws_world_3s_held_out_edits_by_name_and_any_point_of_the_space():
+    source, target = toyworld.make_pair("vignette", seed=2)
+    scene, edited = edit_space.evaluation_pair(edit_space.HELD_OUT_EDITS["vignette"], 2)
+    assert np.array_equal(np.asarray(source), render(scene)) and np.array_equal(np.asarray(target), render(edited))
+    spec = edit_space.sample_edit(np.random.default_rng(5))
+    source, target = toyworld.make_pair(spec, seed=3)
+    assert np.abs(np.asarray(target, dtype=float) - np.asarray(source)).mean() / 255 >= edit_space.MIN_VISIBLE_CHANGE
+    # a world-2 value that world 3 holds out under the same name stays world 2's pair
+    assert [np.asarray(i).tobytes() for i in toyworld.make_pair("grey(0.75)", 1)] == [
+        np.asarray(i).tobytes() for i in toyworld.showcase.find_example("families", "grey(0.75)").pair(1)
+    ]
+    with pytest.raises(ValueError, match="World 3's: sepia, warm"):
+        toyworld.make_pair("sepiaa", seed=0)
+
+
+def test_model_world_reads_what_the_base_editor_reads(tmp_path):
+    from diffusers_delta.toyworld import showcase
+    from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    assert toyworld.model_world(tmp_path) == showcase.WORLD_1  # a learned prompt per edit
+    InstructionEncoder(instruction_width=edit_space.INSTRUCTION_WIDTH).save_pretrained(
+        tmp_path / "base" / "instruction_encoder"
+    )
+    assert toyworld.model_world(tmp_path) == showcase.WORLD_3
+    InstructionEncoder().save_pretrained(tmp_path / "base" / "instruction_encoder")  # world 2's width
+    assert toyworld.model_world(tmp_path) == showcase.WORLD_2
+    (tmp_path / "base" / "instruction_encoder" / "config.json").write_text("[not json")
+    with pytest.raises(ValueError, match="is not an instruction encoder's config"):
+        toyworld.model_world(tmp_path)

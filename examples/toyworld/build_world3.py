@@ -47,11 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True, help="Where every stage's folder goes.")
     parser.add_argument("--world2_dir", default=str(build_default_model.PACKAGE_MODEL_DIR),
-                        help="World 2's model folder (base/, adapter/) the build starts from (default: the "
-                        "package's, while it is world 2's).")  # fmt: skip
+                        help="World 2's model folder (base/, adapter/) the build starts from: the package's while it "
+                        "was world 2's; since world 3 ships, a world-2 build's folder (build_world2.py --work_dir "
+                        "toy2, then --world2_dir toy2).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="Seeds every stage.")
     parser.add_argument("--vae_steps", type=int, default=600, help="Fine-tuning steps of world 2's VAE.")
     parser.add_argument("--base_steps", type=int, default=12000, help="Base editor training steps.")
+    parser.add_argument("--base_reuse", type=int, default=4,
+                        help="Uses of each encoded example by the base editor (its --reuse).")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=24000, help="Training pairs, each its own edit.")
     parser.add_argument("--adapter_steps", type=int, default=16000, help="Adapter training steps.")
     parser.add_argument("--lambda_delta", type=float, default=1.0, help="Weight of the consistency loss.")
@@ -112,7 +115,10 @@ def build(args: argparse.Namespace, work: Path) -> None:
     if not (work / "world2").is_dir():
         source = Path(args.world2_dir)
         if toyworld.model_world(source) != showcase.WORLD_2:
-            raise SystemExit(f"error: {source} holds no world-2 model; pass --world2_dir with one.")
+            raise SystemExit(
+                f"error: {source} holds no world-2 model; build one (python examples/toyworld/build_world2.py "
+                "--work_dir toy2) and pass --world2_dir toy2."
+            )
         print("stage 1/6: world 2's model")
         with atomic_folder(work / "world2") as staging:
             for part in ("base", "adapter"):
@@ -136,7 +142,7 @@ def build(args: argparse.Namespace, work: Path) -> None:
                 "--init_transformer", str(world2 / "base" / "transformer"), "--max_steps", str(args.base_steps),
                 "--minutes", "1e9", "--seed", seed, "--edited_fraction", "0.5", "--instruction_fraction", "0.7",
                 "--lr_scheduler", "cosine", "--checkpoint_dir", str(work / "base_checkpoint"),
-                "--checkpointing_steps", "500", "--reuse", "4",
+                "--checkpointing_steps", "500", "--reuse", str(args.base_reuse),
             ]))  # fmt: skip
     shutil.rmtree(work / "base_checkpoint", ignore_errors=True)
     if not (work / "siglip").is_dir():

@@ -207,10 +207,18 @@ def describe_model(base: str | None, adapter: str | None, pipe=None) -> str:
         from . import toyworld
 
         served = "the embedded toy-world model" + (f", with the adapter `{adapter}`" if adapter else "")
-        if toyworld.model_world() == toyworld.showcase.WORLD_1:
+        world = toyworld.model_world()
+        if world == toyworld.showcase.WORLD_1:
             knows = (
                 f"Its adapter trained on the edits {', '.join(toyworld.SEEN_EDITS)}; "
                 f"{', '.join(toyworld.UNSEEN_EDITS)} it never saw"
+            )
+        elif world == toyworld.showcase.WORLD_3:
+            knows = (
+                "Its adapter trained on edits drawn from a continuous space (colour matrices, tone curves, blurs, "
+                "sharpens and frames, acting everywhere or through a ramp, a disc, the shapes or the background), no "
+                "two pairs sharing an edit; the examples are photo edits it never trained on "
+                f"({', '.join(toyworld.edit_space.HELD_OUT_EDITS)})"
             )
         else:
             knows = (

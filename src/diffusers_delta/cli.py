@@ -143,7 +143,7 @@ def _demo(args: argparse.Namespace) -> None:
         ["exemplar source", "exemplar target", "query", "output", "truth"],
         cell_size=128,
         row_labels=row_labels,
-        row_label_width=110 if world == showcase.WORLD_1 else 150,
+        row_label_width=110 if world == showcase.WORLD_1 else 170,
     )
     write_image_atomically(grid, out)
     width = max(len("edit"), *(len(line[0]) for line in lines))

@@ -6,6 +6,7 @@ source, target = toyworld.make_pair("recolor", seed=0)      # an exemplar pair o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,19 @@ def load_pipeline(model_dir: str | Path | None = None):
 
 
 def model_world(model_dir: str | Path | None = None) -> str:
-    """Which world a toy-world model folder (default: the embedded one) was built in: `showcase.WORLD_2` where its
-    base editor reads structured instructions (`base/instruction_encoder/`), else `showcase.WORLD_1` (a learned
-    prompt per edit)."""
+    """Which world a toy-world model folder (default: the embedded one) was built in, from what its base editor
+    reads: `showcase.WORLD_3` an edit space's parameter vector (`base/instruction_encoder/` of
+    `edit_space.INSTRUCTION_WIDTH` numbers), `showcase.WORLD_2` world 2's structured instruction, `showcase.WORLD_1`
+    a learned prompt per edit (no instruction encoder)."""
     model_dir = _model_folder(model_dir)
-    return showcase.WORLD_2 if (model_dir / "base" / "instruction_encoder").is_dir() else showcase.WORLD_1
+    config = model_dir / "base" / "instruction_encoder" / "config.json"
+    if not config.is_file():
+        return showcase.WORLD_1
+    try:
+        width = json.loads(config.read_text(encoding="utf-8")).get("instruction_width")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{config} is not an instruction encoder's config ({error}).") from None
+    return showcase.WORLD_3 if width == edit_space.INSTRUCTION_WIDTH else showcase.WORLD_2
 
 
 def _model_folder(model_dir: str | Path | None) -> Path:
@@ -67,21 +76,41 @@ def _model_folder(model_dir: str | Path | None) -> Path:
     return model_dir
 
 
-def make_pair(edit: str | Edit, seed: int, size: int = IMAGE_SIZE) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+def make_pair(
+    edit: str | Edit | edit_space.EditSpec, seed: int, size: int = IMAGE_SIZE
+) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """A random scene and its exactly edited version, as PIL images; a function of (edit, seed, size).
 
     Args:
-        edit: a world-1 edit or its name (`EDITS`: "grayscale"), or the name of a world-2 edit ("grey(0.50)") or
-            family ("grey": its first edit), whose scene is then one the edit visibly changes.
+        edit: a world-1 edit or its name (`EDITS`: "grayscale"); the name of a world-2 edit ("grey(0.50)") or
+            family ("grey": its first edit); or a world-3 edit, held out by name ("sepia": `edit_space.HELD_OUT_EDITS`)
+            or any point of its space (an `edit_space.EditSpec`, such as `edit_space.sample_edit(rng)`). The scene of
+            a world-2 or world-3 edit is one the edit visibly changes.
         seed: draws the scene.
         size: image side.
     """
+    if isinstance(edit, edit_space.EditSpec):
+        return showcase.draw_pair(showcase.WORLD_3, edit, seed, size)
+    if isinstance(edit, str) and edit in edit_space.HELD_OUT_EDITS and not _names_world_2_edit(edit):
+        return showcase.find_example(showcase.WORLD_3, edit).pair(seed, size)
     if isinstance(edit, str) and edit not in EDITS:
         try:
             return showcase.find_example(showcase.WORLD_2, edit).pair(seed, size)
         except ValueError as error:
-            raise ValueError(f"{error} World 1's edits: {', '.join(EDITS)}.") from None
+            raise ValueError(
+                f"{error} World 1's edits: {', '.join(EDITS)}. World 3's: {', '.join(edit_space.HELD_OUT_EDITS)}."
+            ) from None
     return showcase.draw_pair(showcase.WORLD_1, EDITS[edit] if isinstance(edit, str) else edit, seed, size)
+
+
+def _names_world_2_edit(name: str) -> bool:
+    """Whether a name is a world-2 edit's or family's (world 3 holds out some of world 2's values under their names:
+    they stay world 2's pairs here)."""
+    try:
+        showcase.find_example(showcase.WORLD_2, name)
+    except ValueError:
+        return False
+    return True
 
 
 def _random_scenes(rng: np.random.Generator, batch_size: int, size: int, edited_fraction: float) -> list[Scene]:

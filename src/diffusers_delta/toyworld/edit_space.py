@@ -145,13 +145,13 @@ class Operation:
         """The operation in a few words (kind, values and where it acts), as tables and grids label it."""
         p = self.params
         if self.kind == "blur":
-            what = f"blur σ{p[0]:.2f}"
+            what = f"blur {p[0]:.1f}px"
         elif self.kind == "sharpen":
-            what = f"sharpen ×{p[0]:.2f} σ{p[1]:.2f}"
+            what = f"sharpen ×{p[0]:.2f} at {p[1]:.1f}px"
         elif self.kind == "frame":
             what = f"frame {int(p[0])}px ({', '.join(str(int(c)) for c in p[1:])})"
         else:
-            what = self.kind
+            what = "colour matrix" if self.kind == "matrix" else "tone curves"
         if self.region == "global":
             return what
         if self.region == "ramp":
