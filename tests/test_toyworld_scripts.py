@@ -170,6 +170,31 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
     assert json.loads((tmp_path / "r.json").read_text())["distances"]["sepia"] > 0
 
 
+def test_world_3s_benchmark_cut_off_goes_on_from_its_record_and_refuses_another_runs(toy3, tmp_path, monkeypatch):
+    """With --record, a benchmark run again measures only the queries its record lacks (a line cut off mid-write
+    among them) and reports what one uninterrupted run reports; a record of another adapter is refused."""
+    record = tmp_path / "record.jsonl"
+    argv = ["--work_dir", str(toy3), "--queries", "2", "--bank", "4", "--no_sampled", "--record", str(record)]
+    whole = world3_quality.main([*argv[:-2], "--edits", "sepia", "vignette"])  # no record
+    world3_quality.main([*argv, "--edits", "sepia"])  # a first session: one row
+    lines = record.read_text().splitlines()
+    assert len(lines) == 1 + 2 * 5  # the run, then each query's 5 columns
+    record.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # the last one cut off mid-write
+    measured = []
+    original = world3_quality.case_measures
+    monkeypatch.setattr(world3_quality, "case_measures", lambda *a: measured.append(1) or original(*a))
+    again = world3_quality.main([*argv, "--edits", "sepia", "vignette"])
+    assert len(measured) == 1 + 2 * 5  # the cut-off query of sepia, and vignette's row
+    assert json.dumps(again["results"]) == json.dumps(whole["results"])  # (nan where the miniature has no gap)
+    other = tmp_path / "other_adapter"
+    shutil.copytree(toy3 / "adapter", other)
+    weights = other / "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v + 1 for k, v in state.items()}, weights)
+    with pytest.raises(SystemExit, match="records another run"):
+        world3_quality.main([*argv, "--adapter", str(other)])
+
+
 def test_the_nearest_training_edit_baseline_finds_an_edit_it_holds():
     """The baseline a perfect recogniser of seen edits would be: given an exemplar of a bank edit, it applies that
     very edit to the query, exactly."""

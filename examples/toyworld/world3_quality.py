@@ -23,21 +23,24 @@ wins on the first measure alone is not a success. The distance of each held-out 
 
     python examples/toyworld/world3_quality.py --work_dir toy3 [--adapter toy3/adapter/checkpoint-3000] [--queries 16]
         [--bank 1000] [--adapt_steps 20]
-        [--edits sepia vignette] [--markdown] [--json results.json]
+        [--edits sepia vignette] [--markdown] [--json results.json] [--record record.jsonl]
 
 Prints the table, then issue 30's goals for the shipped model, each met or not. With `--arithmetic`, also edit
 arithmetic: compositions of two operations of the training distribution, edited from the composition's own exemplar,
-and from one exemplar of each operation, their semantic deltas added (`combine="sum"`) or averaged.
+and from one exemplar of each operation, their semantic deltas added (`combine="sum"`) or averaged. With `--record`,
+each query's measures are kept as they are taken, and the same command run again (after a session's end) measures
+only what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,7 @@ from diffusers_delta.toyworld.scenes import Scene, shape_coverage
 
 
 SAMPLED = "sampled"
+ARITHMETIC = "arithmetic"
 #: Where exemplars' scenes start in the evaluation stream, apart from the queries' (0, 1, ...).
 EXEMPLAR_OFFSET = 10_000
 
@@ -149,6 +153,15 @@ def reconstruction(pipe, image: np.ndarray) -> np.ndarray:
     return ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
 
 
+def case_measures(output: np.ndarray, case: Case) -> tuple[float, float, float]:
+    """One output's (error, error on the shape pixels, 1.0 if it beats the exact edit with the shapes erased)."""
+    truth = case.images["truth"].astype(np.float64)
+    difference = np.abs(output.astype(np.float64) - truth).mean(axis=-1)  # (H, W)
+    error = float(difference.mean() / 255)
+    erased = float(np.abs(case.erased_truth.astype(np.float64) - truth).mean() / 255)
+    return error, float(difference[case.shape_mask].mean() / 255), float(error < erased)
+
+
 class Measures:
     """The three measures of one column over the cases of one row."""
 
@@ -156,12 +169,12 @@ class Measures:
         self.errors, self.shape_errors, self.beats_erased = [], [], []
 
     def add(self, output: np.ndarray, case: Case) -> None:
-        truth = case.images["truth"].astype(np.float64)
-        difference = np.abs(output.astype(np.float64) - truth).mean(axis=-1)  # (H, W)
-        self.errors.append(float(difference.mean() / 255))
-        self.shape_errors.append(float(difference[case.shape_mask].mean() / 255))
-        erased = float(np.abs(case.erased_truth.astype(np.float64) - truth).mean() / 255)
-        self.beats_erased.append(float(self.errors[-1] < erased))
+        self.append(case_measures(output, case))
+
+    def append(self, values: tuple[float, float, float]) -> None:
+        """One case's measures, as `case_measures` gives them."""
+        for values_of_measure, value in zip((self.errors, self.shape_errors, self.beats_erased), values):
+            values_of_measure.append(value)
 
     def summary(self, identity: "Measures", floor: "Measures") -> dict:
         def gap(values, identities, floors):
@@ -174,6 +187,59 @@ class Measures:
             "shape_gap": gap(self.shape_errors, identity.shape_errors, floor.shape_errors),
             "beats_erased": statistics.mean(self.beats_erased),
         }
+
+
+class Record:
+    """The measures of every (row, column, query) done so far, one JSON line each, appended as each is measured, so
+    that a benchmark cut off (a session's end: 16 queries with adaptation take hours of one core) goes on where it
+    stopped when run again with the same `--record`. Its first line says what was measured (the adapters' weights,
+    the bank); a record of another run is refused rather than mixed in. A line cut off by a crash is measured again.
+
+    Args:
+        path: the record file, or None to keep nothing.
+        run: what identifies the run (`run_identity`).
+    """
+
+    def __init__(self, path: Path | None, run: dict):
+        self.path, self.done = path, {}
+        if path is None:
+            return
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            header = json.loads(lines[0]) if lines else None
+            if header is not None and header != {"run": run}:
+                raise SystemExit(f"error: {path} records another run ({header.get('run')}); pass another --record.")
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run cut off mid-write
+                    continue
+                self.done[(entry["row"], entry["column"], entry["index"])] = tuple(entry["values"])
+            if header is not None:
+                return
+        write_text_atomically(json.dumps({"run": run}) + "\n", path)
+
+    def measure(self, row: str, column: str, index: int, compute) -> tuple[float, float, float]:
+        """The recorded measures of a query, or `compute()`'s, recorded."""
+        key = (row, column, index)
+        if key not in self.done:
+            self.done[key] = compute()
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as file:
+                    file.write(json.dumps({"row": row, "column": column, "index": index,
+                                           "values": list(self.done[key])}) + "\n")  # fmt: skip
+        return self.done[key]
+
+
+def run_identity(adapter: Path, work: Path, bank: int) -> dict:
+    """What a record's measures depend on: the adapters' and the base's weights (by hash) and the bank's size."""
+
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+    weights = "diffusion_pytorch_model.safetensors"
+    return {"adapter": digest(adapter / weights), "pooled": digest(work / "adapter_pooled_mlp" / weights),
+            "base": digest(work / "base" / "transformer" / weights), "bank": bank}  # fmt: skip
 
 
 def arithmetic_cases(queries: int) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
@@ -198,20 +264,28 @@ def arithmetic_cases(queries: int) -> list[tuple[Case, tuple[Scene, Scene], tupl
     return cases
 
 
-def measure_arithmetic(pipe, cases) -> dict:
+def measure_arithmetic(pipe, cases, record: Record) -> dict:
     """The composed edit from its own exemplar, and from its parts' exemplars added or averaged."""
     columns = {name: Measures() for name in ("identity", "floor", "composition's exemplar", "parts, sum",
                                                "parts, mean")}  # fmt: skip
+
+    @torch.no_grad()
+    def from_parts(case, index, parts, combine) -> np.ndarray:
+        generator = torch.Generator().manual_seed(index)
+        output = pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
+        return as_array(output.images[0])
+
     for index, (case, first, second) in enumerate(cases):
-        columns["identity"].add(case.images["query"], case)
-        columns["floor"].add(reconstruction(pipe, case.images["truth"]), case)
-        columns["composition's exemplar"].add(edit(pipe, case, index), case)
         parts = [tuple(to_pil(render(scene)) for scene in pair) for pair in (first, second)]
-        for combine in ("sum", "mean"):
-            generator = torch.Generator().manual_seed(index)
-            with torch.no_grad():
-                output = pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
-            columns[f"parts, {combine}"].add(as_array(output.images[0]), case)
+        outputs = {
+            "identity": lambda: case.images["query"],
+            "floor": lambda: reconstruction(pipe, case.images["truth"]),
+            "composition's exemplar": lambda: edit(pipe, case, index),
+            "parts, sum": lambda: from_parts(case, index, parts, "sum"),
+            "parts, mean": lambda: from_parts(case, index, parts, "mean"),
+        }
+        for name, output in outputs.items():
+            columns[name].append(record.measure(ARITHMETIC, name, index, lambda: case_measures(output(), case)))
     identity, floor = columns.pop("identity"), columns.pop("floor")
     return {name: m.summary(identity, floor) for name, m in columns.items()} | {
         "identity": statistics.mean(identity.errors), "floor": statistics.mean(floor.errors),
@@ -252,25 +326,33 @@ def adaptation_columns(adapt_steps: int, settings: list[str]) -> dict[str, Adapt
     return columns
 
 
-def measure_row(pipe, encoder, pooled, cases: list[Case], bank: list[EditSpec], adaptations: dict) -> dict:
+def measure_row(
+    pipe, encoder, pooled, row: str, cases: list[Case], bank: list[EditSpec], adaptations: dict, record: Record
+) -> dict:
+    """The row's columns over its cases, each query's measures taken from `record` when it holds them."""
+
+    def adapted(case: Case, index: int, config: AdaptationConfig) -> np.ndarray:
+        adapting = pipe.adapted_to_exemplar(*case.exemplar_images, config=config,
+                                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        with torch.enable_grad(), adapting:
+            return edit(pipe, case, index)
+
     columns = ["identity", "floor", "told base", "nearest exactly", "adapter"]
     columns += ["pooled"] if pooled is not None else []
     columns += list(adaptations)
     measures = {name: Measures() for name in columns}
     for index, case in enumerate(cases):
-        measures["identity"].add(case.images["query"], case)
-        measures["floor"].add(reconstruction(pipe, case.images["truth"]), case)
-        prompt = encoder(torch.from_numpy(case.spec.vector())[None])
-        measures["told base"].add(edit(pipe, case, index, delta_scale=0.0, prompt_embeds=prompt), case)
-        measures["nearest exactly"].add(nearest_exactly(case, bank), case)
-        measures["adapter"].add(edit(pipe, case, index), case)
-        if pooled is not None:
-            measures["pooled"].add(edit(pooled, case, index), case)
-        for name, config in adaptations.items():
-            adapting = pipe.adapted_to_exemplar(*case.exemplar_images, config=config,
-                                                generator=torch.Generator().manual_seed(0))  # fmt: skip
-            with torch.enable_grad(), adapting:
-                measures[name].add(edit(pipe, case, index), case)
+        outputs = {
+            "identity": lambda: case.images["query"],
+            "floor": lambda: reconstruction(pipe, case.images["truth"]),
+            "told base": lambda: edit(pipe, case, index, delta_scale=0.0,
+                                      prompt_embeds=encoder(torch.from_numpy(case.spec.vector())[None])),
+            "nearest exactly": lambda: nearest_exactly(case, bank),
+            "adapter": lambda: edit(pipe, case, index),
+            "pooled": lambda: edit(pooled, case, index),
+        } | {name: partial(adapted, case, index, config) for name, config in adaptations.items()}  # fmt: skip
+        for name in columns:
+            measures[name].append(record.measure(row, name, index, lambda: case_measures(outputs[name](), case)))
     identity, floor = measures.pop("identity"), measures.pop("floor")
     return {name: m.summary(identity, floor) for name, m in measures.items()} | {
         "identity": statistics.mean(identity.errors), "floor": statistics.mean(floor.errors),
@@ -350,6 +432,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Also measure edit arithmetic on compositions of two operations.")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="Print the table as markdown.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--record", default=None,
+                        help="Record each query's measures in this file as they are taken; run again with the same "
+                        "file, a benchmark cut off goes on where it stopped.")  # fmt: skip
     args = parser.parse_args(argv)
     for flag in ("queries", "bank"):
         if getattr(args, flag) < 1:
@@ -364,7 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     work = Path(args.work_dir)
-    pipe, encoder, pooled = load_pipelines(work, args.adapter and Path(args.adapter))
+    adapter = Path(args.adapter) if args.adapter else work / "adapter"
+    pipe, encoder, pooled = load_pipelines(work, adapter)
+    record = Record(args.record and Path(args.record), run_identity(adapter, work, args.bank))
     bank = training_bank(work, args.bank)
     probes = edit_space.probe_scenes(2)
     names = args.edits or list(edit_space.HELD_OUT_EDITS)
@@ -372,16 +459,18 @@ def main(argv=None) -> dict:
     for name in names:
         spec = edit_space.HELD_OUT_EDITS[name]
         distances[name] = distance_to_bank(spec, bank, probes)
-        results[name] = measure_row(pipe, encoder, pooled, held_out_cases(spec, args.queries), bank, args.adaptations)
+        cases = held_out_cases(spec, args.queries)
+        results[name] = measure_row(pipe, encoder, pooled, name, cases, bank, args.adaptations, record)
         print(f"{name}: adapter gap {results[name]['adapter']['gap']:+.2f}", flush=True)
     if not args.no_sampled:
-        results[SAMPLED] = measure_row(pipe, encoder, pooled, sampled_cases(args.queries), bank, args.adaptations)
+        cases = sampled_cases(args.queries)
+        results[SAMPLED] = measure_row(pipe, encoder, pooled, SAMPLED, cases, bank, args.adaptations, record)
     print(format_table(results, distances, args.markdown))
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
     report = {"results": results, "distances": distances}
     if args.arithmetic:
-        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries))
+        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries), record)
         print("\nEdit arithmetic (compositions of two operations):")
         print(format_table({"composition": report["arithmetic"]}, {}, args.markdown))
     if args.json:
