@@ -195,6 +195,14 @@ def test_world_3s_benchmark_cut_off_goes_on_from_its_record_and_refuses_another_
         world3_quality.main([*argv, "--adapter", str(other)])
 
 
+def test_another_benchmark_seed_draws_other_queries_and_exemplars():
+    spec = toyworld.edit_space.HELD_OUT_EDITS["vignette"]
+    draws = [world3_quality.held_out_cases(spec, 2, seed * world3_quality.SEED_STRIDE) for seed in (0, 1)]
+    scenes = [toyworld.render(scene).tobytes() for cases in draws for case in cases
+              for scene in (case.query, *case.exemplar)]  # fmt: skip
+    assert len(set(scenes)) == len(scenes)  # no scene twice, within a draw or across the two
+
+
 def test_the_nearest_training_edit_baseline_finds_an_edit_it_holds():
     """The baseline a perfect recogniser of seen edits would be: given an exemplar of a bank edit, it applies that
     very edit to the query, exactly."""

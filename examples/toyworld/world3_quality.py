@@ -60,6 +60,8 @@ SAMPLED = "sampled"
 ARITHMETIC = "arithmetic"
 #: Where exemplars' scenes start in the evaluation stream, apart from the queries' (0, 1, ...).
 EXEMPLAR_OFFSET = 10_000
+#: How far apart in the evaluation stream two `--seed`s' draws start (queries and exemplars of one stay apart).
+SEED_STRIDE = 100_000
 
 
 @dataclass
@@ -92,18 +94,19 @@ class Case:
         return render(self.spec.edit()(self.query.with_shapes(())))
 
 
-def held_out_cases(spec: EditSpec, queries: int) -> list[Case]:
+def held_out_cases(spec: EditSpec, queries: int, first: int = 0) -> list[Case]:
+    """`queries` cases of a held-out edit, from the `first`-th evaluation scene on (its exemplars' apart)."""
     cases = []
-    for index in range(queries):
+    for index in range(first, first + queries):
         query, truth = edit_space.evaluation_pair(spec, index)
         cases.append(Case(spec, query, truth, edit_space.evaluation_pair(spec, EXEMPLAR_OFFSET + index)))
     return cases
 
 
-def sampled_cases(queries: int) -> list[Case]:
+def sampled_cases(queries: int, first: int = 0) -> list[Case]:
     """Fresh edits of the training distribution, each on an evaluation query and its own exemplar scene."""
     cases = []
-    for index in range(queries):
+    for index in range(first, first + queries):
         rng = np.random.default_rng([edit_space.EVALUATION_SEED, 5, index])
         spec, query = edit_space.sample_pair(rng)
         exemplar = next(
@@ -242,11 +245,11 @@ def run_identity(adapter: Path, work: Path, bank: int) -> dict:
             "base": digest(work / "base" / "transformer" / weights), "bank": bank}  # fmt: skip
 
 
-def arithmetic_cases(queries: int) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
+def arithmetic_cases(queries: int, first: int = 0) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
     """Compositions of two operations drawn from the training distribution: each a case of the composed edit (with
     its own exemplar) and one exemplar of each operation alone, all on different evaluation scenes."""
     cases = []
-    for index in range(queries):
+    for index in range(first, first + queries):
         rng = np.random.default_rng([edit_space.EVALUATION_SEED, 6, index])
         spec = edit_space.sample_edit(rng, geometry_share=0.0)
         while len(spec.operations) < 2:
@@ -264,7 +267,7 @@ def arithmetic_cases(queries: int) -> list[tuple[Case, tuple[Scene, Scene], tupl
     return cases
 
 
-def measure_arithmetic(pipe, cases, record: Record) -> dict:
+def measure_arithmetic(pipe, cases, record: Record, first: int = 0) -> dict:
     """The composed edit from its own exemplar, and from its parts' exemplars added or averaged."""
     columns = {name: Measures() for name in ("identity", "floor", "composition's exemplar", "parts, sum",
                                                "parts, mean")}  # fmt: skip
@@ -275,8 +278,8 @@ def measure_arithmetic(pipe, cases, record: Record) -> dict:
         output = pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
         return as_array(output.images[0])
 
-    for index, (case, first, second) in enumerate(cases):
-        parts = [tuple(to_pil(render(scene)) for scene in pair) for pair in (first, second)]
+    for index, (case, *part_pairs) in enumerate(cases, start=first):
+        parts = [tuple(to_pil(render(scene)) for scene in pair) for pair in part_pairs]
         outputs = {
             "identity": lambda: case.images["query"],
             "floor": lambda: reconstruction(pipe, case.images["truth"]),
@@ -327,9 +330,18 @@ def adaptation_columns(adapt_steps: int, settings: list[str]) -> dict[str, Adapt
 
 
 def measure_row(
-    pipe, encoder, pooled, row: str, cases: list[Case], bank: list[EditSpec], adaptations: dict, record: Record
+    pipe,
+    encoder,
+    pooled,
+    row: str,
+    cases: list[Case],
+    bank: list[EditSpec],
+    adaptations: dict,
+    record: Record,
+    first: int = 0,
 ) -> dict:
-    """The row's columns over its cases, each query's measures taken from `record` when it holds them."""
+    """The row's columns over its cases (the `first`-th evaluation draw on), each query's measures taken from
+    `record` when it holds them."""
 
     def adapted(case: Case, index: int, config: AdaptationConfig) -> np.ndarray:
         adapting = pipe.adapted_to_exemplar(*case.exemplar_images, config=config,
@@ -341,7 +353,7 @@ def measure_row(
     columns += ["pooled"] if pooled is not None else []
     columns += list(adaptations)
     measures = {name: Measures() for name in columns}
-    for index, case in enumerate(cases):
+    for index, case in enumerate(cases, start=first):
         outputs = {
             "identity": lambda: case.images["query"],
             "floor": lambda: reconstruction(pipe, case.images["truth"]),
@@ -421,6 +433,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", default=None,
                         help="Measure this adapter folder instead of the build's (e.g. adapter/checkpoint-3000).")
     parser.add_argument("--queries", type=int, default=16, help="Queries per edit, each with its own exemplar.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Which evaluation draw: another seed measures other scenes and noise (the spread between "
+                        "two seeds is the run-to-run spread a difference must exceed).")  # fmt: skip
     parser.add_argument("--bank", type=int, default=1000, help="Training edits the nearest-edit baseline searches.")
     parser.add_argument("--adapt_steps", type=int, default=0, help="Also adapt to each exemplar this many steps.")
     parser.add_argument("--adapt_setting", action="append", default=[],
@@ -453,24 +468,25 @@ def main(argv=None) -> dict:
     pipe, encoder, pooled = load_pipelines(work, adapter)
     record = Record(args.record and Path(args.record), run_identity(adapter, work, args.bank))
     bank = training_bank(work, args.bank)
+    first = args.seed * SEED_STRIDE  # the evaluation draw's first index
     probes = edit_space.probe_scenes(2)
     names = args.edits or list(edit_space.HELD_OUT_EDITS)
     results, distances = {}, {}
     for name in names:
         spec = edit_space.HELD_OUT_EDITS[name]
         distances[name] = distance_to_bank(spec, bank, probes)
-        cases = held_out_cases(spec, args.queries)
-        results[name] = measure_row(pipe, encoder, pooled, name, cases, bank, args.adaptations, record)
+        cases = held_out_cases(spec, args.queries, first)
+        results[name] = measure_row(pipe, encoder, pooled, name, cases, bank, args.adaptations, record, first)
         print(f"{name}: adapter gap {results[name]['adapter']['gap']:+.2f}", flush=True)
     if not args.no_sampled:
-        cases = sampled_cases(args.queries)
-        results[SAMPLED] = measure_row(pipe, encoder, pooled, SAMPLED, cases, bank, args.adaptations, record)
+        cases = sampled_cases(args.queries, first)
+        results[SAMPLED] = measure_row(pipe, encoder, pooled, SAMPLED, cases, bank, args.adaptations, record, first)
     print(format_table(results, distances, args.markdown))
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
     report = {"results": results, "distances": distances}
     if args.arithmetic:
-        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries), record)
+        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries, first), record, first)
         print("\nEdit arithmetic (compositions of two operations):")
         print(format_table({"composition": report["arithmetic"]}, {}, args.markdown))
     if args.json:
