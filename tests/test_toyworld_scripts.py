@@ -203,6 +203,17 @@ def test_another_benchmark_seed_draws_other_queries_and_exemplars():
     assert len(set(scenes)) == len(scenes)  # no scene twice, within a draw or across the two
 
 
+def test_edit_arithmetic_draws_compositions_whose_every_part_shows():
+    """The 13th composition first drawn had a part no scene shows (a faint blur in a small disc): drawing its
+    exemplar never ended. Such a composition is drawn again; every exemplar changes its scene visibly."""
+    space = toyworld.edit_space
+    [(case, *parts)] = world3_quality.arithmetic_cases(1, first=12)
+    assert len(case.spec.operations) == 2
+    specs = [case.spec, *(space.EditSpec((operation,)) for operation in case.spec.operations)]
+    for (scene, _), spec in zip([case.exemplar, *parts], specs):
+        assert space.visible_change(spec, scene) >= space.MIN_VISIBLE_CHANGE / 2
+
+
 def test_the_nearest_training_edit_baseline_finds_an_edit_it_holds():
     """The baseline a perfect recogniser of seen edits would be: given an exemplar of a bank edit, it applies that
     very edit to the query, exactly."""

@@ -247,24 +247,36 @@ def run_identity(adapter: Path, work: Path, bank: int) -> dict:
 
 def arithmetic_cases(queries: int, first: int = 0) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
     """Compositions of two operations drawn from the training distribution: each a case of the composed edit (with
-    its own exemplar) and one exemplar of each operation alone, all on different evaluation scenes."""
+    its own exemplar) and one exemplar of each operation alone, all on different evaluation scenes. A composition
+    one of whose parts changes no scene visibly (a faint blur inside a small disc) is drawn again."""
     cases = []
     for index in range(first, first + queries):
         rng = np.random.default_rng([edit_space.EVALUATION_SEED, 6, index])
-        spec = edit_space.sample_edit(rng, geometry_share=0.0)
-        while len(spec.operations) < 2:
+        scenes = None
+        while scenes is None:
             spec = edit_space.sample_edit(rng, geometry_share=0.0)
-        composed = EditSpec(spec.operations[:2])
-        parts = [EditSpec(spec.operations[:1]), EditSpec(spec.operations[1:2])]
-        scenes = []
-        for edit_spec in (composed, composed, *parts):  # the query, the composition's exemplar, each part's
-            scene = edit_space.generate_family_scene(rng)
-            while edit_space.visible_change(edit_spec, scene) < edit_space.MIN_VISIBLE_CHANGE / 2:
-                scene = edit_space.generate_family_scene(rng)
-            scenes.append((scene, edit_spec.edit()(scene)))
-        case = Case(composed, *scenes[0], scenes[1])
-        cases.append((case, scenes[2], scenes[3]))
+            if len(spec.operations) < 2:
+                continue
+            composed = EditSpec(spec.operations[:2])
+            parts = [EditSpec(spec.operations[:1]), EditSpec(spec.operations[1:2])]
+            # the query, the composition's exemplar, each part's exemplar
+            scenes = visible_pairs((composed, composed, *parts), rng)
+        cases.append((Case(composed, *scenes[0], scenes[1]), scenes[2], scenes[3]))
     return cases
+
+
+def visible_pairs(specs, rng: np.random.Generator, attempts: int = 100) -> list[tuple[Scene, Scene]] | None:
+    """A scene each spec changes visibly (half `MIN_VISIBLE_CHANGE` at least), with its edit, or None when one of
+    them changes none of `attempts` scenes so."""
+    pairs = []
+    for spec in specs:
+        scenes = (edit_space.generate_family_scene(rng) for _ in range(attempts))
+        scene = next((s for s in scenes if edit_space.visible_change(spec, s) >= edit_space.MIN_VISIBLE_CHANGE / 2),
+                     None)  # fmt: skip
+        if scene is None:
+            return None
+        pairs.append((scene, spec.edit()(scene)))
+    return pairs
 
 
 def measure_arithmetic(pipe, cases, record: Record, first: int = 0) -> dict:
