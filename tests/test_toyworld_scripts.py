@@ -167,6 +167,9 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
             assert set(row[column]) == {"error", "gap", "shape_gap", "beats_erased"}
             assert 0 <= row[column]["error"] <= 1 and row[column]["beats_erased"] in (0.0, 1.0)
     assert "held-out ratio adapter / told base" in printed and "gap / shapes / beats erased" in printed
+    chosen = world3_quality.format_table(results, report["distances"], True, ["adapter", "told base"])
+    assert chosen.splitlines()[0] == ("| edit | distance | identity | floor | adapter (gap / shapes / beats erased) | "
+                                      "told base (gap / shapes / beats erased) |")  # fmt: skip
     assert json.loads((tmp_path / "r.json").read_text())["distances"]["sepia"] > 0
 
 

@@ -423,8 +423,17 @@ def goals(results: dict) -> list[tuple[str, bool]]:
     return listed
 
 
-def format_table(results: dict, distances: dict, markdown: bool) -> str:
+def format_table(results: dict, distances: dict, markdown: bool, only: list[str] | None = None) -> str:
+    """The results as a table (markdown or aligned text): a row per edit, each column's three measures.
+
+    Args:
+        results: row -> column -> measures, as `measure_row` gives them.
+        distances: row -> the distance of its edit to the nearest training edit (rows without one: blank).
+        markdown: a markdown table, else aligned text.
+        only: the columns to show, in that order (default: every one measured).
+    """
     columns = [key for key in next(iter(results.values())) if key not in ("identity", "floor")]
+    columns = [column for column in only if column in columns] if only else columns
     header = ["edit", "distance", "identity", "floor"] + [f"{c} (gap / shapes / beats erased)" for c in columns]
     rows = []
     for name, row in results.items():
@@ -458,6 +467,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arithmetic", action="store_true",
                         help="Also measure edit arithmetic on compositions of two operations.")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="Print the table as markdown.")
+    parser.add_argument("--table_columns", nargs="+", default=None,
+                        help="The columns the table shows, in order (default: all; the JSON keeps all), e.g. "
+                        "'told base' 'nearest exactly' adapter 'adapted(20)' for the README's.")  # fmt: skip
     parser.add_argument("--json", default=None, help="Also write the results here.")
     parser.add_argument("--record", default=None,
                         help="Record each query's measures in this file as they are taken; run again with the same "
@@ -493,7 +505,7 @@ def main(argv=None) -> dict:
     if not args.no_sampled:
         cases = sampled_cases(args.queries, first)
         results[SAMPLED] = measure_row(pipe, encoder, pooled, SAMPLED, cases, bank, args.adaptations, record, first)
-    print(format_table(results, distances, args.markdown))
+    print(format_table(results, distances, args.markdown, args.table_columns))
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
     report = {"results": results, "distances": distances}
