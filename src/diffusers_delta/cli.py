@@ -143,7 +143,7 @@ def _demo(args: argparse.Namespace) -> None:
         ["exemplar source", "exemplar target", "query", "output", "truth"],
         cell_size=128,
         row_labels=row_labels,
-        row_label_width=110 if world == showcase.WORLD_1 else 170,
+        row_label_width={showcase.WORLD_1: 110, showcase.WORLD_2: 150, showcase.WORLD_3: 170}[world],
     )
     write_image_atomically(grid, out)
     width = max(len("edit"), *(len(line[0]) for line in lines))
