@@ -575,22 +575,30 @@ def test_an_export_over_the_size_limit_is_refused_and_keeps_the_shipped_model(wo
     assert tree(tmp_path / "other") == before  # --export writes where --export_dir says
 
 
+def _exported_demo(build: Path, world: str, label_width: int, tmp_path: Path, capsys):
+    """Exports a build's model as the package would ship it, checks its world, runs the demo on it and checks the
+    grid's size -> (the exported folder, the world's demo rows, the lines of the demo's table)."""
+    from diffusers_delta import cli
+    from diffusers_delta.toyworld import showcase
+
+    shipped = tmp_path / "default_model"
+    build_default_model.export(build, shipped)
+    assert toyworld.model_world(shipped) == world
+    out = tmp_path / "demo.png"
+    cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
+    rows = showcase.DEMO_ROWS[world]
+    assert PIL.Image.open(out).size == (label_width + 5 * 128, 20 + len(rows) * 128)
+    return shipped, rows, capsys.readouterr().out.split(" verdict\n")[1].splitlines()[:-1]
+
+
 def test_a_world_2_model_shows_world_2_in_the_demo_the_app_and_its_card(world2_build, tmp_path, monkeypatch, capsys):
     """An exported world-2 model (`build_world2.py --export`) is shown as what it is: the demo's rows come from S1, S2
     and S3 with one adapted beside its zero-shot row, the app's examples and page name world 2's edits, and the
     card's snippet draws a world-2 exemplar."""
-    from diffusers_delta import cli
     from diffusers_delta.app import _toy_examples, describe_model
     from diffusers_delta.toyworld import showcase
 
-    shipped = tmp_path / "default_model"
-    build_default_model.export(world2_build, shipped)
-    assert toyworld.model_world(shipped) == showcase.WORLD_2
-    out = tmp_path / "demo.png"
-    cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
-    rows = showcase.DEMO_ROWS[showcase.WORLD_2]
-    assert PIL.Image.open(out).size == (150 + 5 * 128, 20 + len(rows) * 128)
-    printed = capsys.readouterr().out.split(" verdict\n")[1].splitlines()[:-1]  # the table's rows
+    shipped, rows, printed = _exported_demo(world2_build, showcase.WORLD_2, 150, tmp_path, capsys)
     splits = [split for split in ("S1: seen", "S2: held-out value", "S3: unseen family") if any(split in line
               for line in printed)]  # fmt: skip
     assert len(printed) == len(rows) and len(splits) == 3
@@ -617,18 +625,10 @@ def test_a_world_2_model_shows_world_2_in_the_demo_the_app_and_its_card(world2_b
 def test_a_world_3_model_shows_held_out_edits_in_the_demo_the_app_and_its_card(toy3, tmp_path, monkeypatch, capsys):
     """An exported world-3 model is shown as what it is: the demo's rows are held-out edits labelled as such, one
     adapted beside its zero-shot row; the app's page and examples and the card's snippet are world 3's."""
-    from diffusers_delta import cli
     from diffusers_delta.app import _toy_examples, describe_model
     from diffusers_delta.toyworld import showcase
 
-    shipped = tmp_path / "default_model"
-    build_default_model.export(toy3, shipped)
-    assert toyworld.model_world(shipped) == showcase.WORLD_3
-    out = tmp_path / "demo.png"
-    cli.main(["demo", "--out", str(out), "--model-dir", str(shipped)])
-    rows = showcase.DEMO_ROWS[showcase.WORLD_3]
-    assert PIL.Image.open(out).size == (170 + 5 * 128, 20 + len(rows) * 128)
-    printed = capsys.readouterr().out.split(" verdict\n")[1].splitlines()[:-1]  # the table's rows
+    shipped, rows, printed = _exported_demo(toy3, showcase.WORLD_3, 170, tmp_path, capsys)
     assert len(printed) == len(rows) and all("held out: never trained" in line for line in printed)
     assert all(name in toyworld.edit_space.HELD_OUT_EDITS for name, _ in rows)
     assert any(steps for _, steps in rows) and any(not steps for _, steps in rows)
