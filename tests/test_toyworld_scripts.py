@@ -153,7 +153,7 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
     report = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
                                   "vignette", "--adapt_steps", "1", "--adapt_setting",
                                   "num_steps=2,augment=flip_crop,early_stopping=true,eval_every=1", "--arithmetic",
-                                  "--json", str(tmp_path / "r.json")])  # fmt: skip
+                                  "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")])  # fmt: skip
     results = report["results"]
     printed = capsys.readouterr().out
     assert set(report["arithmetic"]) == {"identity", "floor", "composition's exemplar", "parts, sum", "parts, mean"}
@@ -171,6 +171,8 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
     assert chosen.splitlines()[0] == ("| edit | distance | identity | floor | adapter (gap / shapes / beats erased) | "
                                       "told base (gap / shapes / beats erased) |")  # fmt: skip
     assert json.loads((tmp_path / "r.json").read_text())["distances"]["sepia"] > 0
+    # the grid: a row per edit (and the sampled one), the exemplar, query and truth, then each column's output
+    assert PIL.Image.open(tmp_path / "g.png").size == (150 + (4 + 5) * 96, 20 + 3 * 96)
 
 
 def test_world_3s_benchmark_cut_off_goes_on_from_its_record_and_refuses_another_runs(toy3, tmp_path, monkeypatch):

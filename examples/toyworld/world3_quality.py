@@ -23,7 +23,7 @@ wins on the first measure alone is not a success. The distance of each held-out 
 
     python examples/toyworld/world3_quality.py --work_dir toy3 [--adapter toy3/adapter/checkpoint-3000] [--queries 16]
         [--bank 1000] [--adapt_steps 20]
-        [--edits sepia vignette] [--markdown] [--json results.json] [--record record.jsonl]
+        [--edits sepia vignette] [--markdown] [--json results.json] [--record record.jsonl] [--grid world3.png]
 
 Prints the table, then issue 30's goals for the shipped model, each met or not. With `--arithmetic`, also edit
 arithmetic: compositions of two operations of the training distribution, edited from the composition's own exemplar,
@@ -40,7 +40,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ import torch
 
 from diffusers_delta import FluxDeltaEditPipeline
 from diffusers_delta.adaptation import AdaptationConfig, parse_setting, setting_name
-from diffusers_delta.atomic_folder import write_text_atomically
+from diffusers_delta.atomic_folder import write_image_atomically, write_text_atomically
+from diffusers_delta.grids import make_edit_grid
 from diffusers_delta.toyworld import edit_space, render
 from diffusers_delta.toyworld.edit_space import EditSpec
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
@@ -341,46 +342,62 @@ def adaptation_columns(adapt_steps: int, settings: list[str]) -> dict[str, Adapt
     return columns
 
 
-def measure_row(
-    pipe,
-    encoder,
-    pooled,
-    row: str,
-    cases: list[Case],
-    bank: list[EditSpec],
-    adaptations: dict,
-    record: Record,
-    first: int = 0,
-) -> dict:
+@dataclass
+class Editors:
+    """What makes each column's output of a case: the adapter's pipeline, the told base's instruction encoder, the
+    pooled-MLP ablation's pipeline (or None), the nearest-edit baseline's bank and the adaptation settings."""
+
+    pipe: FluxDeltaEditPipeline
+    encoder: InstructionEncoder
+    pooled: FluxDeltaEditPipeline | None
+    bank: list[EditSpec]
+    adaptations: dict[str, AdaptationConfig]
+
+    @property
+    def columns(self) -> list[str]:
+        pooled = ["pooled"] if self.pooled is not None else []
+        return ["identity", "floor", "told base", "nearest exactly", "adapter", *pooled, *self.adaptations]
+
+    def output(self, column: str, case: Case, index: int) -> np.ndarray:
+        """The column's (H, W, 3) output for the case; `index` seeds the noise."""
+        if column == "identity":
+            return case.images["query"]
+        if column == "floor":
+            return reconstruction(self.pipe, case.images["truth"])
+        if column == "told base":
+            prompt = self.encoder(torch.from_numpy(case.spec.vector())[None])
+            return edit(self.pipe, case, index, delta_scale=0.0, prompt_embeds=prompt)
+        if column == "nearest exactly":
+            return nearest_exactly(case, self.bank)
+        if column == "adapter":
+            return edit(self.pipe, case, index)
+        if column == "pooled":
+            return edit(self.pooled, case, index)
+        adapting = self.pipe.adapted_to_exemplar(*case.exemplar_images, config=self.adaptations[column],
+                                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        with torch.enable_grad(), adapting:
+            return edit(self.pipe, case, index)
+
+
+def measure_row(editors: Editors, row: str, cases: list[Case], record: Record, first: int = 0) -> dict:
     """The row's columns over its cases (the `first`-th evaluation draw on), each query's measures taken from
     `record` when it holds them."""
-
-    def adapted(case: Case, index: int, config: AdaptationConfig) -> np.ndarray:
-        adapting = pipe.adapted_to_exemplar(*case.exemplar_images, config=config,
-                                            generator=torch.Generator().manual_seed(0))  # fmt: skip
-        with torch.enable_grad(), adapting:
-            return edit(pipe, case, index)
-
-    columns = ["identity", "floor", "told base", "nearest exactly", "adapter"]
-    columns += ["pooled"] if pooled is not None else []
-    columns += list(adaptations)
-    measures = {name: Measures() for name in columns}
+    measures = {name: Measures() for name in editors.columns}
     for index, case in enumerate(cases, start=first):
-        outputs = {
-            "identity": lambda: case.images["query"],
-            "floor": lambda: reconstruction(pipe, case.images["truth"]),
-            "told base": lambda: edit(pipe, case, index, delta_scale=0.0,
-                                      prompt_embeds=encoder(torch.from_numpy(case.spec.vector())[None])),
-            "nearest exactly": lambda: nearest_exactly(case, bank),
-            "adapter": lambda: edit(pipe, case, index),
-            "pooled": lambda: edit(pooled, case, index),
-        } | {name: partial(adapted, case, index, config) for name, config in adaptations.items()}  # fmt: skip
-        for name in columns:
-            measures[name].append(record.measure(row, name, index, lambda: case_measures(outputs[name](), case)))
+        for name in editors.columns:
+            compute = lambda: case_measures(editors.output(name, case, index), case)  # noqa: E731 (called at once)
+            measures[name].append(record.measure(row, name, index, compute))
     identity, floor = measures.pop("identity"), measures.pop("floor")
     return {name: m.summary(identity, floor) for name, m in measures.items()} | {
         "identity": statistics.mean(identity.errors), "floor": statistics.mean(floor.errors),
     }  # fmt: skip
+
+
+def grid_row(editors: Editors, case: Case, index: int) -> list[PIL.Image.Image]:
+    """One case as the grid shows it: the exemplar pair, the query, its truth, then each column's output."""
+    shown = [column for column in editors.columns if column not in ("identity", "floor")]
+    images = [*case.exemplar_images, to_pil(case.images["query"]), to_pil(case.images["truth"])]
+    return images + [to_pil(editors.output(column, case, index).astype(np.uint8)) for column in shown]
 
 
 def goals(results: dict) -> list[tuple[str, bool]]:
@@ -471,6 +488,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="The columns the table shows, in order (default: all; the JSON keeps all), e.g. "
                         "'told base' 'nearest exactly' adapter 'adapted(20)' for the README's.")  # fmt: skip
     parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--grid", default=None,
+                        help="Also write a PNG: each row's first query, its exemplar and truth, and every column's "
+                        "output.")  # fmt: skip
     parser.add_argument("--record", default=None,
                         help="Record each query's measures in this file as they are taken; run again with the same "
                         "file, a benchmark cut off goes on where it stopped.")  # fmt: skip
@@ -495,17 +515,23 @@ def main(argv=None) -> dict:
     first = args.seed * SEED_STRIDE  # the evaluation draw's first index
     probes = edit_space.probe_scenes(2)
     names = args.edits or list(edit_space.HELD_OUT_EDITS)
+    editors = Editors(pipe, encoder, pooled, bank, args.adaptations)
+    rows = {name: held_out_cases(edit_space.HELD_OUT_EDITS[name], args.queries, first) for name in names}
+    rows |= {} if args.no_sampled else {SAMPLED: sampled_cases(args.queries, first)}
     results, distances = {}, {}
-    for name in names:
-        spec = edit_space.HELD_OUT_EDITS[name]
-        distances[name] = distance_to_bank(spec, bank, probes)
-        cases = held_out_cases(spec, args.queries, first)
-        results[name] = measure_row(pipe, encoder, pooled, name, cases, bank, args.adaptations, record, first)
+    for name, cases in rows.items():
+        if name != SAMPLED:
+            distances[name] = distance_to_bank(edit_space.HELD_OUT_EDITS[name], bank, probes)
+        results[name] = measure_row(editors, name, cases, record, first)
         print(f"{name}: adapter gap {results[name]['adapter']['gap']:+.2f}", flush=True)
-    if not args.no_sampled:
-        cases = sampled_cases(args.queries, first)
-        results[SAMPLED] = measure_row(pipe, encoder, pooled, SAMPLED, cases, bank, args.adaptations, record, first)
     print(format_table(results, distances, args.markdown, args.table_columns))
+    if args.grid:
+        shown = [column for column in editors.columns if column not in ("identity", "floor")]
+        titles = ["exemplar source", "exemplar target", "query", "truth", *shown]
+        grid = make_edit_grid([grid_row(editors, cases[0], first) for cases in rows.values()], titles, cell_size=96,
+                              row_labels=list(rows), row_label_width=150)  # fmt: skip
+        write_image_atomically(grid, Path(args.grid))
+        print(f"Wrote {args.grid}")
     for line, met in goals(results):
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
     report = {"results": results, "distances": distances}
