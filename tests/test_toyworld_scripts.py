@@ -151,19 +151,22 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
     """world3_quality.py on the miniature build: each row's columns with the three measures, the distance of each
     held-out edit to the training edits, the goals, and a JSON of it all."""
     report = world3_quality.main(["--work_dir", str(toy3), "--queries", "1", "--bank", "4", "--edits", "sepia",
-                                  "vignette", "--adapt_steps", "1", "--adapt_setting",
+                                  "vignette", "--compare", str(toyworld.DEFAULT_MODEL_DIR), "--adapt_steps", "1",
+                                  "--adapt_setting",
                                   "num_steps=2,augment=flip_crop,early_stopping=true,eval_every=1", "--arithmetic",
                                   "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")])  # fmt: skip
     results = report["results"]
+    compared = f"world {toyworld.showcase.WORLD_NUMBERS[toyworld.model_world()]}'s model"  # --compare's column
     printed = capsys.readouterr().out
     assert set(report["arithmetic"]) == {"identity", "floor", "composition's exemplar", "parts, sum", "parts, mean"}
     assert "Edit arithmetic" in printed
     assert set(results) == {"sepia", "vignette", world3_quality.SAMPLED}
     for row in results.values():
         guarded = "adapt num_steps 2, augment flip_crop, early_stopping True, eval_every 1"
-        assert set(row) == {"identity", "floor", "told base", "nearest exactly", "adapter", "adapted(1)", guarded}
+        assert set(row) == {"identity", "floor", "told base", "nearest exactly", "adapter", compared, "adapted(1)",
+                            guarded}  # fmt: skip
         assert row["floor"] > 0 and row["identity"] > 0  # (the miniature VAE's floor is above identity)
-        for column in ("told base", "nearest exactly", "adapter", "adapted(1)", guarded):
+        for column in ("told base", "nearest exactly", "adapter", compared, "adapted(1)", guarded):
             assert set(row[column]) == {"error", "gap", "shape_gap", "beats_erased"}
             assert 0 <= row[column]["error"] <= 1 and row[column]["beats_erased"] in (0.0, 1.0)
     assert "held-out ratio adapter / told base" in printed and "gap / shapes / beats erased" in printed
@@ -172,7 +175,7 @@ def test_world_3s_benchmark_measures_every_column_three_ways(toy3, tmp_path, cap
                                       "told base (gap / shapes / beats erased) |")  # fmt: skip
     assert json.loads((tmp_path / "r.json").read_text())["distances"]["sepia"] > 0
     # the grid: a row per edit (and the sampled one), the exemplar, query and truth, then each column's output
-    assert PIL.Image.open(tmp_path / "g.png").size == (150 + (4 + 5) * 96, 20 + 3 * 96)
+    assert PIL.Image.open(tmp_path / "g.png").size == (150 + (4 + 6) * 96, 20 + 3 * 96)
 
 
 def test_world_3s_benchmark_cut_off_goes_on_from_its_record_and_refuses_another_runs(toy3, tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ held-out edits are held to). Each query has its own exemplar, on another scene. 
                      perfect recogniser of seen edits with a perfect renderer achieves
     adapter          zero-shot, from one exemplar
     pooled           the pooled-MLP ablation (`adapter_pooled_mlp/` of the build, when there)
+    world N's model  another toy-world model folder (`--compare`, such as world 2's shipped model), zero-shot on the
+                     same cases: whether world 3 beats it, on world 2's held-out values among the rest
     adapted(N)       the adapter after `adapt_to_exemplar(N)` on the exemplar (with --adapt_steps N)
     adapt ...        the same with other settings (each --adapt_setting FIELD=VALUE,... of AdaptationConfig: the
                      guards against overfitting one pair, augment=flip_crop, anchor_weight=..., early_stopping=true)
@@ -39,7 +41,7 @@ import hashlib
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -47,11 +49,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from diffusers_delta import FluxDeltaEditPipeline
+from diffusers_delta import FluxDeltaEditPipeline, toyworld
 from diffusers_delta.adaptation import AdaptationConfig, parse_setting, setting_name
 from diffusers_delta.atomic_folder import write_image_atomically, write_text_atomically
 from diffusers_delta.grids import make_edit_grid
-from diffusers_delta.toyworld import edit_space, render
+from diffusers_delta.toyworld import edit_space, render, showcase
 from diffusers_delta.toyworld.edit_space import EditSpec
 from diffusers_delta.toyworld.instruction_encoder import InstructionEncoder
 from diffusers_delta.toyworld.scenes import Scene, shape_coverage
@@ -246,6 +248,13 @@ def run_identity(adapter: Path, work: Path, bank: int) -> dict:
             "base": digest(work / "base" / "transformer" / weights), "bank": bank}  # fmt: skip
 
 
+def compared_identity(compare: Path) -> dict:
+    """What a compared model's column depends on: its adapter's and transformer's weights (by hash)."""
+    weights = "diffusion_pytorch_model.safetensors"
+    return {"compare": [hashlib.sha256((compare / part / weights).read_bytes()).hexdigest()[:16]
+                        for part in ("adapter", "base/transformer")]}  # fmt: skip
+
+
 def arithmetic_cases(queries: int, first: int = 0) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
     """Compositions of two operations drawn from the training distribution: each a case of the composed edit (with
     its own exemplar) and one exemplar of each operation alone, all on different evaluation scenes. A composition
@@ -352,11 +361,13 @@ class Editors:
     pooled: FluxDeltaEditPipeline | None
     bank: list[EditSpec]
     adaptations: dict[str, AdaptationConfig]
+    compared: dict[str, FluxDeltaEditPipeline] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
         pooled = ["pooled"] if self.pooled is not None else []
-        return ["identity", "floor", "told base", "nearest exactly", "adapter", *pooled, *self.adaptations]
+        return ["identity", "floor", "told base", "nearest exactly", "adapter", *pooled, *self.compared,
+                *self.adaptations]  # fmt: skip
 
     def output(self, column: str, case: Case, index: int) -> np.ndarray:
         """The column's (H, W, 3) output for the case; `index` seeds the noise."""
@@ -373,6 +384,8 @@ class Editors:
             return edit(self.pipe, case, index)
         if column == "pooled":
             return edit(self.pooled, case, index)
+        if column in self.compared:
+            return edit(self.compared[column], case, index)
         adapting = self.pipe.adapted_to_exemplar(*case.exemplar_images, config=self.adaptations[column],
                                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
         with torch.enable_grad(), adapting:
@@ -488,6 +501,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="The columns the table shows, in order (default: all; the JSON keeps all), e.g. "
                         "'told base' 'nearest exactly' adapter 'adapted(20)' for the README's.")  # fmt: skip
     parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--compare", default=None,
+                        help="Also edit every case with this toy-world model folder (base/, adapter/: world 2's "
+                        "shipped model, say), zero-shot, as a column of its own.")  # fmt: skip
     parser.add_argument("--grid", default=None,
                         help="Also write a PNG: each row's first query, its exemplar and truth, and every column's "
                         "output.")  # fmt: skip
@@ -510,12 +526,18 @@ def main(argv=None) -> dict:
     work = Path(args.work_dir)
     adapter = Path(args.adapter) if args.adapter else work / "adapter"
     pipe, encoder, pooled = load_pipelines(work, adapter)
-    record = Record(args.record and Path(args.record), run_identity(adapter, work, args.bank))
+    compared = {}
+    if args.compare:
+        world = showcase.WORLD_NUMBERS[toyworld.model_world(args.compare)]
+        compared[f"world {world}'s model"] = toyworld.load_pipeline(args.compare)
+        compared[f"world {world}'s model"].set_progress_bar_config(disable=True)
+    run = run_identity(adapter, work, args.bank) | (compared_identity(Path(args.compare)) if args.compare else {})
+    record = Record(args.record and Path(args.record), run)
     bank = training_bank(work, args.bank)
     first = args.seed * SEED_STRIDE  # the evaluation draw's first index
     probes = edit_space.probe_scenes(2)
     names = args.edits or list(edit_space.HELD_OUT_EDITS)
-    editors = Editors(pipe, encoder, pooled, bank, args.adaptations)
+    editors = Editors(pipe, encoder, pooled, bank, args.adaptations, compared)
     rows = {name: held_out_cases(edit_space.HELD_OUT_EDITS[name], args.queries, first) for name in names}
     rows |= {} if args.no_sampled else {SAMPLED: sampled_cases(args.queries, first)}
     results, distances = {}, {}
