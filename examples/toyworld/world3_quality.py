@@ -174,9 +174,6 @@ class Measures:
     def __init__(self):
         self.errors, self.shape_errors, self.beats_erased = [], [], []
 
-    def add(self, output: np.ndarray, case: Case) -> None:
-        self.append(case_measures(output, case))
-
     def append(self, values: tuple[float, float, float]) -> None:
         """One case's measures, as `case_measures` gives them."""
         for values_of_measure, value in zip((self.errors, self.shape_errors, self.beats_erased), values):
@@ -237,22 +234,19 @@ class Record:
         return self.done[key]
 
 
-def run_identity(adapter: Path, work: Path, bank: int) -> dict:
-    """What a record's measures depend on: the adapters' and the base's weights (by hash) and the bank's size."""
+def run_identity(adapter: Path, work: Path, bank: int, compare: Path | None = None) -> dict:
+    """What a record's measures depend on: the adapters' and the base's weights (by hash), the bank's size, and the
+    compared model's adapter and transformer weights when there is one."""
 
-    def digest(path: Path) -> str | None:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    def digest(folder: Path) -> str | None:
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None
 
-    weights = "diffusion_pytorch_model.safetensors"
-    return {"adapter": digest(adapter / weights), "pooled": digest(work / "adapter_pooled_mlp" / weights),
-            "base": digest(work / "base" / "transformer" / weights), "bank": bank}  # fmt: skip
-
-
-def compared_identity(compare: Path) -> dict:
-    """What a compared model's column depends on: its adapter's and transformer's weights (by hash)."""
-    weights = "diffusion_pytorch_model.safetensors"
-    return {"compare": [hashlib.sha256((compare / part / weights).read_bytes()).hexdigest()[:16]
-                        for part in ("adapter", "base/transformer")]}  # fmt: skip
+    run = {"adapter": digest(adapter), "pooled": digest(work / "adapter_pooled_mlp"),
+           "base": digest(work / "base" / "transformer"), "bank": bank}  # fmt: skip
+    if compare is not None:
+        run["compare"] = [digest(compare / "adapter"), digest(compare / "base" / "transformer")]
+    return run
 
 
 def arithmetic_cases(queries: int, first: int = 0) -> list[tuple[Case, tuple[Scene, Scene], tuple[Scene, Scene]]]:
@@ -289,23 +283,24 @@ def visible_pairs(specs, rng: np.random.Generator, attempts: int = 100) -> list[
     return pairs
 
 
-def measure_arithmetic(pipe, cases, record: Record, first: int = 0) -> dict:
-    """The composed edit from its own exemplar, and from its parts' exemplars added or averaged."""
+def measure_arithmetic(editors: "Editors", cases, record: Record, first: int = 0) -> dict:
+    """The composed edit from its own exemplar (the adapter column's edit), and from its parts' exemplars added or
+    averaged."""
     columns = {name: Measures() for name in ("identity", "floor", "composition's exemplar", "parts, sum",
                                                "parts, mean")}  # fmt: skip
 
     @torch.no_grad()
     def from_parts(case, index, parts, combine) -> np.ndarray:
         generator = torch.Generator().manual_seed(index)
-        output = pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
+        output = editors.pipe(to_pil(case.images["query"]), exemplar=parts, combine=combine, generator=generator)
         return as_array(output.images[0])
 
     for index, (case, *part_pairs) in enumerate(cases, start=first):
         parts = [tuple(to_pil(render(scene)) for scene in pair) for pair in part_pairs]
         outputs = {
-            "identity": lambda: case.images["query"],
-            "floor": lambda: reconstruction(pipe, case.images["truth"]),
-            "composition's exemplar": lambda: edit(pipe, case, index),
+            "identity": lambda: editors.output("identity", case, index),
+            "floor": lambda: editors.output("floor", case, index),
+            "composition's exemplar": lambda: editors.output("adapter", case, index),
             "parts, sum": lambda: from_parts(case, index, parts, "sum"),
             "parts, mean": lambda: from_parts(case, index, parts, "mean"),
         }
@@ -365,9 +360,14 @@ class Editors:
 
     @property
     def columns(self) -> list[str]:
+        """Every column measured: the two references (identity, floor), then `shown`."""
+        return ["identity", "floor", *self.shown]
+
+    @property
+    def shown(self) -> list[str]:
+        """The columns of outputs (tables and the grid show these)."""
         pooled = ["pooled"] if self.pooled is not None else []
-        return ["identity", "floor", "told base", "nearest exactly", "adapter", *pooled, *self.compared,
-                *self.adaptations]  # fmt: skip
+        return ["told base", "nearest exactly", "adapter", *pooled, *self.compared, *self.adaptations]
 
     def output(self, column: str, case: Case, index: int) -> np.ndarray:
         """The column's (H, W, 3) output for the case; `index` seeds the noise."""
@@ -408,9 +408,8 @@ def measure_row(editors: Editors, row: str, cases: list[Case], record: Record, f
 
 def grid_row(editors: Editors, case: Case, index: int) -> list[PIL.Image.Image]:
     """One case as the grid shows it: the exemplar pair, the query, its truth, then each column's output."""
-    shown = [column for column in editors.columns if column not in ("identity", "floor")]
     images = [*case.exemplar_images, to_pil(case.images["query"]), to_pil(case.images["truth"])]
-    return images + [to_pil(editors.output(column, case, index).astype(np.uint8)) for column in shown]
+    return images + [to_pil(editors.output(column, case, index).astype(np.uint8)) for column in editors.shown]
 
 
 def goals(results: dict) -> list[tuple[str, bool]]:
@@ -528,10 +527,10 @@ def main(argv=None) -> dict:
     pipe, encoder, pooled = load_pipelines(work, adapter)
     compared = {}
     if args.compare:
-        world = showcase.WORLD_NUMBERS[toyworld.model_world(args.compare)]
-        compared[f"world {world}'s model"] = toyworld.load_pipeline(args.compare)
-        compared[f"world {world}'s model"].set_progress_bar_config(disable=True)
-    run = run_identity(adapter, work, args.bank) | (compared_identity(Path(args.compare)) if args.compare else {})
+        other = toyworld.load_pipeline(args.compare)
+        other.set_progress_bar_config(disable=True)
+        compared[f"world {showcase.WORLD_NUMBERS[toyworld.model_world(args.compare)]}'s model"] = other
+    run = run_identity(adapter, work, args.bank, args.compare and Path(args.compare))
     record = Record(args.record and Path(args.record), run)
     bank = training_bank(work, args.bank)
     first = args.seed * SEED_STRIDE  # the evaluation draw's first index
@@ -548,8 +547,7 @@ def main(argv=None) -> dict:
         print(f"{name}: adapter gap {results[name]['adapter']['gap']:+.2f}", flush=True)
     print(format_table(results, distances, args.markdown, args.table_columns))
     if args.grid:
-        shown = [column for column in editors.columns if column not in ("identity", "floor")]
-        titles = ["exemplar source", "exemplar target", "query", "truth", *shown]
+        titles = ["exemplar source", "exemplar target", "query", "truth", *editors.shown]
         grid = make_edit_grid([grid_row(editors, cases[0], first) for cases in rows.values()], titles, cell_size=96,
                               row_labels=list(rows), row_label_width=150)  # fmt: skip
         write_image_atomically(grid, Path(args.grid))
@@ -558,7 +556,7 @@ def main(argv=None) -> dict:
         print(f"{'met    ' if met else 'NOT MET'}  {line}")
     report = {"results": results, "distances": distances}
     if args.arithmetic:
-        report["arithmetic"] = measure_arithmetic(pipe, arithmetic_cases(args.queries, first), record, first)
+        report["arithmetic"] = measure_arithmetic(editors, arithmetic_cases(args.queries, first), record, first)
         print("\nEdit arithmetic (compositions of two operations):")
         print(format_table({"composition": report["arithmetic"]}, {}, args.markdown))
     if args.json:
